@@ -1,0 +1,655 @@
+"""The dcp broker: forwards data frames by topology number, or by a topic table.
+
+Data path (``BrokerConnection.data_received``): one read is copied once into a
+bytearray, fixed headers are parsed in place with ``struct``, each frame's out
+bitmap is ``(X mod key) & attached & ~ingress`` (stateless) or a table lookup
+(stateful), the hop limit byte is patched in place, and each run of consecutive
+frames with the same out bitmap goes to each target port as one ``write`` of a
+memoryview slice.  Payloads are never decoded.  A frame larger than one read is
+kept as the list of the reads that carry it and forwarded without a copy.
+
+Nothing is buffered without a bound: a connection holds at most one incomplete
+frame (its declared length checked first), and a port whose output buffer is past
+``out_buffer_bytes`` either loses the frames meant for it (``drop``, counted) or
+stops the publishers that feed it until it drains (``pause``).
+
+Bad input closes only the connection that sent it, after an error frame, when the
+stream can no longer be trusted (bad version, length over a limit, malformed
+control frame); a well-delimited frame that cannot be forwarded (hop limit 0, X over
+``max_x_bits``, unknown type) is dropped and counted, and the sender gets a
+rate-limited error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .config import BrokerConfig
+from .errors import ProtocolError, RemoteProtocolError, RouteTooLarge
+from .routing import allocate_keys, int_to_bytes
+from .wire import (
+    CONTROL,
+    DATA,
+    HEADER,
+    HEADER_SIZE,
+    Limits,
+    decode_control,
+    encode_control,
+)
+
+__all__ = ["Broker", "BrokerConnection", "DROP_REASONS"]
+
+log = logging.getLogger(__name__)
+
+#: Why a frame (or one copy of it) was not delivered; each is a counter in ``stats``.
+DROP_REASONS = (
+    "no_route",  # the out bitmap named no attached port but the ingress
+    "unattached_port",  # one copy per bit naming a port with nothing attached
+    "slow_consumer",  # one copy per frame a full output buffer could not take
+    "hop_limit",  # the frame arrived with a hop limit of 0
+    "route_too_large",  # X over max_x_bits
+    "rejected",  # unknown frame type, data before hello, ...
+    "truncated",  # the sender's stream ended inside a frame
+)
+
+# Frames up to this size that span reads are joined and forwarded like the rest;
+# larger ones go out as the reads that carry them, with no copy.
+_JOIN_LIMIT = 64 * 1024
+# The out-bitmap -> target ports cache is cleared when it grows past this, so a
+# publisher cycling through bitmaps cannot grow the broker's memory.
+_TARGET_CACHE_LIMIT = 4096
+# At most one non-fatal error frame per error code per connection per interval.
+_ERROR_INTERVAL_S = 1.0
+
+_unpack_header = HEADER.unpack_from
+
+
+class Broker:
+    """One broker: a listening socket, its ports and counters.
+
+    Use ``await start()``, then ``await serve_forever()`` or ``await close()``.
+    """
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.key: int = self.config.key or allocate_keys(1, self.config.ports)[0]
+        self.stateless = self.config.mode == "stateless"
+        self.limits: Limits = self.config.limits
+        self.drop_slow = self.config.slow_consumer == "drop"
+        self.attached = 0  # bitmap of attached ports
+        self.table: dict[bytes, int] = {}  # stateful mode: topic -> bitmap of ports
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+        self._ports: list[BrokerConnection | None] = [None] * self.config.ports
+        self._next_port = 0
+        self._targets: dict[int, tuple[BrokerConnection, ...]] = {}
+        self._connections: set[BrokerConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._started_at = 0.0
+        self._closing = False
+        self._closed: asyncio.Event | None = None
+        self._no_connections: asyncio.Event | None = None
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen; log one line saying where."""
+        loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
+        host, port = self.config.address
+        self._server = await loop.create_server(
+            lambda: BrokerConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._started_at = time.monotonic()
+        host, port = self.address
+        log.info(
+            "dcp broker listening on %s:%d mode=%s key=%d ports=%d",
+            host, port, self.config.mode, self.key, self.config.ports,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound."""
+        if self._server is None:
+            raise RuntimeError("broker not started")
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def serve_forever(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Serve until ``shutdown_trigger()`` returns (or ``close()`` is called), then close."""
+        if self._server is None:
+            await self.start()
+        assert self._closed is not None
+        if shutdown_trigger is None:
+            await self._closed.wait()
+        else:
+            trigger = asyncio.ensure_future(shutdown_trigger())
+            closed = asyncio.ensure_future(self._closed.wait())
+            await asyncio.wait({trigger, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for fut in (trigger, closed):
+                fut.cancel()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop accepting, tell every peer we go away, flush, close; idempotent."""
+        if self._closed is None:
+            return
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        assert self._server is not None and self._no_connections is not None
+        self._server.close()
+        going_away = encode_control({"op": "going_away"})
+        for conn in list(self._connections):
+            conn.close(going_away)
+        try:
+            await asyncio.wait_for(self._no_connections.wait(), self.config.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%d connection(s) did not flush in time; aborting them", len(self._connections))
+            for conn in list(self._connections):
+                conn.abort()
+        log.info("dcp broker stopped: %s", self.summary())
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await self._closed.wait()
+
+    # -- ports --------------------------------------------------------------
+
+    def attach(self, conn: BrokerConnection) -> int | None:
+        """Give ``conn`` a free port, or None if every port is taken.
+
+        Ports are handed out round-robin, so a port freed by a departed agent is
+        the last to be reused and frames still addressed to it drain first.
+        """
+        size = len(self._ports)
+        for step in range(size):
+            port = (self._next_port + step) % size
+            if self._ports[port] is None:
+                self._ports[port] = conn
+                self._next_port = (port + 1) % size
+                self.attached |= 1 << port
+                self._targets.clear()
+                return port
+        return None
+
+    def detach(self, conn: BrokerConnection) -> None:
+        port = conn.port
+        if port < 0 or self._ports[port] is not conn:
+            return
+        self._ports[port] = None
+        self.attached &= ~(1 << port)
+        self._targets.clear()
+        for topic in conn.topics:
+            self.unsubscribe(conn, topic)
+
+    def targets(self, mask: int) -> tuple[BrokerConnection, ...]:
+        """The connections on the ports of ``mask`` (cached per bitmap)."""
+        found = self._targets.get(mask)
+        if found is None:
+            if len(self._targets) >= _TARGET_CACHE_LIMIT:
+                self._targets.clear()
+            found = tuple(conn for port, conn in enumerate(self._ports) if conn is not None and mask >> port & 1)
+            self._targets[mask] = found
+        return found
+
+    def subscribe(self, conn: BrokerConnection, topic: bytes) -> None:
+        self.table[topic] = self.table.get(topic, 0) | conn.bit
+        conn.topics.add(topic)
+
+    def unsubscribe(self, conn: BrokerConnection, topic: bytes) -> None:
+        ports = self.table.get(topic, 0) & ~conn.bit
+        if ports:
+            self.table[topic] = ports
+        else:
+            self.table.pop(topic, None)
+
+    # -- counters -----------------------------------------------------------
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in self.drops.items() if v)
+        return (
+            f"frames in={self.frames_in} out={self.frames_out}, "
+            f"bytes in={self.bytes_in} out={self.bytes_out}, drops: {drops or 'none'}"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        host, port = self.address
+        return {
+            "address": f"{host}:{port}",
+            "mode": self.config.mode,
+            "key": int_to_bytes(self.key),
+            "ports": self.config.ports,
+            "slow_consumer": self.config.slow_consumer,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "frames_in": self.frames_in,
+            "bytes_in": self.bytes_in,
+            "frames_out": self.frames_out,
+            "bytes_out": self.bytes_out,
+            "drops": dict(self.drops),
+            "topics": len(self.table),
+            "connections": [conn.stats() for conn in sorted(self._connections, key=lambda c: c.port)],
+        }
+
+    # -- bookkeeping from connections -----------------------------------------
+
+    def _connected(self, conn: BrokerConnection) -> None:
+        self._connections.add(conn)
+        assert self._no_connections is not None
+        self._no_connections.clear()
+
+    def _disconnected(self, conn: BrokerConnection) -> None:
+        self.detach(conn)
+        self._connections.discard(conn)
+        if not self._connections and self._no_connections is not None:
+            self._no_connections.set()
+
+
+class BrokerConnection(asyncio.Protocol):
+    """One TCP connection to the broker: an agent on a port, or an admin client."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.name = ""
+        self.role = ""
+        self.port = -1
+        self.bit = 0
+        self.not_bit = -1  # ~bit, kept to avoid one allocation per frame
+        self.topics: set[bytes] = set()
+        self.paused = False  # our output buffer is past the bound
+        self.reading_paused = False
+        self.blocked: set[BrokerConnection] = set()  # publishers paused because of us
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.dropped = 0
+        self.closing = False
+        self._pending: list[Any] = []  # the reads carrying an incomplete frame
+        self._pending_len = 0
+        self._need = 0  # length of that frame, 0 while its header is incomplete
+        self._x_fast = broker.limits.max_x_bits // 8  # X of up to this many bytes is always in bounds
+        self._error_sent_at: dict[str, float] = {}
+        self._errors_unsent: Counter[str] = Counter()
+
+    # -- asyncio callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        transport.set_write_buffer_limits(high=self.broker.config.out_buffer_bytes)
+        self.broker._connected(self)
+        if self.broker._closing:
+            self.close(encode_control({"op": "going_away"}))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.port >= 0:
+            log.info("port %d detached (%s %s)", self.port, self.name or "-", self.peer)
+        self._release_blocked()
+        self.broker._disconnected(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._release_blocked()
+
+    def eof_received(self) -> bool:
+        if self._pending_len:
+            self.broker.drops["truncated"] += 1
+            log.info("%s ended its stream inside a frame (%d bytes held)", self.peer, self._pending_len)
+            self._pending.clear()
+            self._pending_len = 0
+        return False
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        if self.closing:
+            return
+        size = len(data)
+        self.bytes_in += size
+        self.broker.bytes_in += size
+        try:
+            if self._pending:
+                data = self._complete_pending(data)  # type: ignore[assignment]
+                if not data:
+                    return
+            self._forward_chunk(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    # -- the data path ------------------------------------------------------
+
+    def _forward_chunk(self, data: bytes | bytearray | memoryview) -> None:
+        """Forward every complete frame of ``data``; keep an incomplete tail."""
+        end = len(data)
+        if end < HEADER_SIZE:
+            self._hold(data, 0)
+            return
+        frame_length = self.broker.limits.frame_length
+        header = _unpack_header(data, 0)
+        length = frame_length(header)
+        if length > end:  # a large frame begins: hold the read as it is, no copy
+            self._hold(data, length)
+            return
+        buf = data if type(data) is bytearray else bytearray(data)  # the one copy: hops are patched in place
+        view = memoryview(buf)
+        decide = self._decide
+        emit = self._emit
+        pos = frames = 0
+        run_mask = run_start = run_frames = 0
+        while True:
+            frames += 1
+            if header[1] == DATA and self.port >= 0:
+                mask = decide(buf, pos, header)
+                if mask > 0:
+                    buf[pos + 3] = header[3] - 1
+                    if mask != run_mask:
+                        if run_mask:
+                            emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                        run_mask, run_start, run_frames = mask, pos, 0
+                    run_frames += 1
+                elif run_mask:
+                    emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                    run_mask = 0
+            else:
+                if run_mask:
+                    emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                    run_mask = 0
+                self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
+                if self.closing:
+                    return
+            pos += length
+            if end - pos < HEADER_SIZE:
+                length = 0
+                break
+            header = _unpack_header(buf, pos)
+            length = frame_length(header)
+            if end - pos < length:
+                break
+        if run_mask:
+            emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+        self.frames_in += frames
+        self.broker.frames_in += frames
+        if pos < end:
+            self._hold(view[pos:] if length else bytes(view[pos:]), length)
+
+    def _decide(self, buf: bytearray, pos: int, header: tuple[int, ...]) -> int:
+        """The out bitmap of the data frame at ``buf[pos]``; 0 or -1 (counted) if none."""
+        broker = self.broker
+        hops = header[3]
+        x_len = header[4]
+        start = pos + HEADER_SIZE
+        if hops == 0:
+            self._drop("hop_limit", "frame arrived with a hop limit of 0")
+            return -1
+        if broker.stateless:
+            x = int.from_bytes(buf[start : start + x_len], "big")
+            if x_len > self._x_fast and x.bit_length() > broker.limits.max_x_bits:
+                self._drop("route_too_large", str(broker.limits.rejection(header, x)))
+                return -1
+            out = x % broker.key
+        else:
+            topic_start = start + x_len
+            out = broker.table.get(bytes(buf[topic_start : topic_start + header[5]]), 0)
+        attached = broker.attached
+        mask = out & attached & self.not_bit
+        if mask != out:
+            stray = out & ~attached
+            if stray:
+                broker.drops["unattached_port"] += stray.bit_count()
+        if not mask:
+            broker.drops["no_route"] += 1
+        return mask
+
+    def _emit(self, mask: int, chunks: tuple[Any, ...], size: int, frames: int) -> None:
+        """Write ``chunks`` (``frames`` whole frames, ``size`` bytes) to every port of ``mask``."""
+        broker = self.broker
+        for target in broker.targets(mask):
+            if target.closing:
+                continue
+            if target.paused:
+                if broker.drop_slow:
+                    target.dropped += frames
+                    broker.drops["slow_consumer"] += frames
+                    continue
+                target.blocked.add(self)
+                self._pause_reading()
+            write = target.transport.write  # type: ignore[union-attr]
+            for chunk in chunks:
+                write(chunk)
+            target.frames_out += frames
+            target.bytes_out += size
+            broker.frames_out += frames
+            broker.bytes_out += size
+
+    def _hold(self, tail: Any, need: int) -> None:
+        """Keep the incomplete frame ``tail``; ``need`` is its length once its header is known."""
+        self._pending = [tail]
+        self._pending_len = len(tail)
+        self._need = need
+
+    def _complete_pending(self, data: bytes) -> bytes | bytearray | memoryview | None:
+        """Add a read to the held frame; forward it once whole. Returns what follows it."""
+        self._pending.append(data)
+        self._pending_len += len(data)
+        if not self._need:  # the fixed header itself was cut: join the few bytes held
+            if self._pending_len < HEADER_SIZE:
+                return None
+            joined = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_len = 0
+            return joined
+        if self._pending_len < self._need:
+            return None
+        pieces, need = self._pending, self._need
+        self._pending, self._pending_len, self._need = [], 0, 0
+        if need <= _JOIN_LIMIT:
+            return bytearray().join(pieces)
+        return self._forward_pieces(pieces, need)
+
+    def _forward_pieces(self, pieces: list[Any], need: int) -> memoryview | None:
+        """Forward the large frame spread over ``pieces``; return the bytes after it."""
+        views: list[memoryview] = []
+        rest = None
+        left = need
+        for piece in pieces:
+            view = memoryview(piece)
+            if len(view) >= left:
+                views.append(view[:left])
+                rest = view[left:] if len(view) > left else None
+                break
+            views.append(view)
+            left -= len(view)
+        header = _unpack_header(views[0], 0)
+        head_len = HEADER_SIZE + header[4] + header[5]
+        head = bytearray()
+        while len(head) < head_len:  # X and topic may straddle reads
+            view = views.pop(0)
+            take = head_len - len(head)
+            head += view[:take]
+            if len(view) > take:
+                views.insert(0, view[take:])
+        self.frames_in += 1
+        self.broker.frames_in += 1
+        if header[1] != DATA or self.port < 0:
+            self._other_frame(header, memoryview(b"".join(views)))
+        else:
+            mask = self._decide(head, 0, header)
+            if mask > 0:
+                head[3] = header[3] - 1
+                self._emit(mask, (head, *views), need, 1)
+        return rest
+
+    # -- everything but forwarding -------------------------------------------
+
+    def _other_frame(self, header: tuple[int, ...], body: memoryview) -> None:
+        """A control frame, or a frame we will not forward."""
+        ftype = header[1]
+        if ftype == CONTROL:
+            rejection = self.broker.limits.rejection(header, 0)
+            if rejection is not None:
+                raise rejection
+            self._control(decode_control(body, self.broker.limits).body)
+        elif ftype == DATA:
+            self.broker.drops["rejected"] += 1
+            if self.role == "admin":
+                raise RemoteProtocolError("an admin connection cannot publish")
+            raise RemoteProtocolError("data frame before hello")
+        else:
+            self._drop("rejected", f"unknown frame type {ftype}")
+
+    def _control(self, body: dict[str, Any]) -> None:
+        op = body["op"]
+        request_id = body.get("id")
+        broker = self.broker
+        if op == "hello":
+            self._hello(body, request_id)
+        elif op == "ping":
+            self.send({"op": "pong", "re": request_id})
+        elif op == "stats":
+            self.send({"op": "stats", "re": request_id, "stats": broker.stats()})
+        elif op in ("subscribe", "unsubscribe"):
+            topic = body.get("topic")
+            if broker.stateless:
+                self._reply_error(request_id, "wrong_mode", "subscribe needs a stateful broker; in stateless mode routes come from the orchestrator")
+            elif self.port < 0:
+                self._reply_error(request_id, "not_attached", "send hello before subscribe")
+            elif not isinstance(topic, str) or not 0 < len(topic.encode()) <= broker.limits.max_topic:
+                self._reply_error(request_id, "bad_topic", f"topic must be a non-empty string of at most {broker.limits.max_topic} bytes")
+            else:
+                (broker.subscribe if op == "subscribe" else broker.unsubscribe)(self, topic.encode())
+                if op == "unsubscribe":
+                    self.topics.discard(topic.encode())
+                self.send({"op": "ok", "re": request_id})
+        elif op == "going_away":
+            self.close()
+        else:
+            self._reply_error(request_id, "unknown_op", f"unknown control op {op!r}")
+
+    def _hello(self, body: dict[str, Any], request_id: Any) -> None:
+        if self.role:
+            self._reply_error(request_id, "already_attached", "hello was already sent on this connection")
+            return
+        role = body.get("role", "agent")
+        if role not in ("agent", "admin"):
+            raise RemoteProtocolError(f"unknown role {role!r}")
+        name = body.get("name", "")
+        self.name = name if isinstance(name, str) else ""
+        self.role = role
+        broker = self.broker
+        reply: dict[str, Any] = {
+            "op": "welcome",
+            "re": request_id,
+            "mode": broker.config.mode,
+            "key": int_to_bytes(broker.key),
+            "ports": broker.config.ports,
+            "max_frame": broker.limits.max_frame,
+            "max_topic": broker.limits.max_topic,
+            "max_x_bits": broker.limits.max_x_bits,
+        }
+        if role == "agent":
+            port = broker.attach(self)
+            if port is None:
+                self._fail_with("no_free_port", f"all {broker.config.ports} ports are taken")
+                return
+            self.port, self.bit, self.not_bit = port, 1 << port, ~(1 << port)
+            reply["port"] = port
+            log.info("port %d attached (%s %s)", port, self.name or "-", self.peer)
+        self.send(reply)
+
+    # -- errors and output ------------------------------------------------------
+
+    def send(self, body: dict[str, Any]) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(encode_control(body))
+
+    def _reply_error(self, request_id: Any, code: str, message: str) -> None:
+        self.send({"op": "error", "re": request_id, "code": code, "message": message, "fatal": False})
+
+    def _drop(self, reason: str, message: str) -> None:
+        """Count a dropped frame and tell its sender, at most once a second per reason."""
+        self.broker.drops[reason] += 1
+        self._errors_unsent[reason] += 1
+        now = time.monotonic()
+        if now - self._error_sent_at.get(reason, -_ERROR_INTERVAL_S) >= _ERROR_INTERVAL_S:
+            self._error_sent_at[reason] = now
+            count = self._errors_unsent.pop(reason)
+            self.send({"op": "error", "code": reason, "message": message, "fatal": False, "count": count})
+
+    def _fail(self, exc: ProtocolError) -> None:
+        log.warning("closing %s (port %d): %s", self.peer, self.port, exc)
+        if isinstance(exc, RouteTooLarge):
+            self.broker.drops["route_too_large"] += 1
+        self._fail_with(exc.code, str(exc))
+
+    def _fail_with(self, code: str, message: str) -> None:
+        self.close(encode_control({"op": "error", "code": code, "message": message, "fatal": True}))
+
+    def close(self, last_frame: bytes | None = None) -> None:
+        """Send ``last_frame`` if given, flush, close; nothing more is read or forwarded."""
+        if self.closing or self.transport is None:
+            return
+        if last_frame is not None:
+            self.transport.write(last_frame)
+        self.closing = True
+        self._pending.clear()
+        self._pending_len = 0
+        self.broker.detach(self)
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _release_blocked(self) -> None:
+        blocked, self.blocked = self.blocked, set()
+        for publisher in blocked:
+            if publisher.reading_paused and not publisher.closing and publisher.transport is not None:
+                publisher.reading_paused = False
+                publisher.transport.resume_reading()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "name": self.name,
+            "role": self.role,
+            "peer": self.peer,
+            "frames_in": self.frames_in,
+            "bytes_in": self.bytes_in,
+            "frames_out": self.frames_out,
+            "bytes_out": self.bytes_out,
+            "dropped": self.dropped,
+            "buffered": self.transport.get_write_buffer_size() if self.transport and not self.closing else 0,
+            "paused": self.paused,
+        }

@@ -1,0 +1,514 @@
+"""The dcp client SDK: attach to a broker, publish, receive; reconnects by itself.
+
+::
+
+    async with dcp.connect("dcp://127.0.0.1:7400", name="camera") as conn:
+        await conn.publish("video", frame_bytes, route=x)
+        async for msg in conn.messages():
+            ...
+
+``connect()`` returns an object that is both awaitable and an async context
+manager.  Received frames wait in a bounded queue: when it is full the client stops
+reading from the socket (``overflow="pause"``, the default: nothing is lost here and
+the broker's slow-consumer policy applies) or drops the newest frame and counts it
+(``overflow="drop"``).  Publishes are written at once; the event loop coalesces the
+writes of one iteration into one system call, and a publish waits only while the
+socket's output buffer is over its high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
+from .routing import int_from_bytes
+from .wire import (
+    DEFAULT_HOPS,
+    ControlFrame,
+    DataEncoder,
+    DataFrame,
+    Decoder,
+    Limits,
+    Rejected,
+    encode_control,
+)
+
+__all__ = ["connect", "Connect", "Connection", "Message", "Status", "Backoff", "DEFAULT_URL"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "dcp://127.0.0.1:7400"
+
+#: A received data frame: ``topic``, ``payload``, ``route``, ``hops``, ``msg_id``,
+#: ``timestamp_ns``, ``flags``.
+Message = DataFrame
+
+
+class Status(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between reconnect attempts: exponential, capped, with jitter."""
+
+    initial_s: float = 0.05
+    max_s: float = 5.0
+    factor: float = 2.0
+    jitter: float = 0.1  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+    max_attempts: int | None = None  # None: until close()
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_s
+        attempts = itertools.count() if self.max_attempts is None else range(self.max_attempts)
+        for _ in attempts:
+            yield delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+            delay = min(delay * self.factor, self.max_s)
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``dcp://HOST:PORT`` (or plain ``HOST:PORT``) -> (host, port)."""
+    parts = urlsplit(url if "://" in url else f"dcp://{url}")
+    if parts.scheme != "dcp" or not parts.hostname or parts.port is None:
+        raise ConfigError(f"broker URL must look like dcp://HOST:PORT, got {url!r}")
+    return parts.hostname, parts.port
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """Feeds the socket to the decoder and hands the events to the Connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.decoder = Decoder(conn.limits)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self.conn.write_buffer_bytes)
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        try:
+            events = self.decoder.feed(data)
+        except ProtocolError as exc:
+            log.error("broker sent an invalid stream: %s; closing", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        conn = self.conn
+        for event in events:
+            if type(event) is DataFrame:
+                conn._deliver(event)
+            elif type(event) is ControlFrame:
+                conn._on_control(event.body)
+            elif isinstance(event, Rejected):
+                log.warning("skipped a frame from the broker: %s", event.error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.conn._lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.conn._pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn._resume_writing()
+
+
+class Connection:
+    """An attachment to a broker.  Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        name: str = "",
+        role: str = "agent",
+        reconnect: bool | Backoff = True,
+        max_pending: int = 10_000,
+        overflow: str = "pause",
+        request_timeout_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
+        write_buffer_bytes: int = 1024 * 1024,
+        hops: int = DEFAULT_HOPS,
+        limits: Limits | None = None,
+    ) -> None:
+        if overflow not in ("pause", "drop"):
+            raise ConfigError(f"overflow must be 'pause' or 'drop', got {overflow!r}")
+        if max_pending < 1:
+            raise ConfigError("max_pending must be at least 1")
+        self.url = url
+        self.address = parse_url(url)
+        self.name = name
+        self.role = role
+        self.backoff: Backoff | None = Backoff() if reconnect is True else (reconnect or None)
+        self.max_pending = max_pending
+        self.overflow = overflow
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.write_buffer_bytes = write_buffer_bytes
+        self.hops = hops
+        self.limits = limits or Limits()
+        #: The port this attachment got (it can change after a reconnect).
+        self.port: int | None = None
+        #: The broker's prime key.
+        self.broker_key: int | None = None
+        #: The broker's mode, "stateless" or "stateful".
+        self.broker_mode: str | None = None
+        self.status = Status.CONNECTING
+        self.published = 0
+        self.received = 0
+        #: Frames dropped here because the queue was full (overflow="drop").
+        self.dropped = 0
+        #: Connections made, the first included.
+        self.connects = 0
+        #: The last non-fatal error frame the broker sent without a request.
+        self.last_error: dict[str, Any] | None = None
+        self._encoder = DataEncoder(self.limits)
+        self._protocol: _ClientProtocol | None = None
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[Message] = deque()
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._opened: asyncio.Event | None = None
+        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._request_ids = itertools.count(1)
+        self._msg_ids = itertools.count(1)
+        self._subscriptions: set[str] = set()
+        self._reconnector: asyncio.Task[None] | None = None
+        self._close_reason: BaseException | None = None
+
+    # -- opening and closing -------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and attach (the first time, no retry: a refused connect raises)."""
+        self._opened = asyncio.Event()
+        await self._attach()
+
+    async def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.address
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientProtocol(self), host, port),
+                self.connect_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"no connection to {host}:{port} within {self.connect_timeout_s} s") from None
+        self._transport = transport  # type: ignore[assignment]
+        self._protocol = protocol
+        try:
+            welcome = await self._request({"op": "hello", "name": self.name, "role": self.role})
+        except BaseException:
+            transport.abort()
+            raise
+        self.port = welcome.get("port")
+        self.broker_key = int_from_bytes(welcome["key"])
+        self.broker_mode = welcome.get("mode")
+        self.limits = Limits(
+            max_frame=welcome.get("max_frame", self.limits.max_frame),
+            max_topic=welcome.get("max_topic", self.limits.max_topic),
+            max_x_bits=welcome.get("max_x_bits", self.limits.max_x_bits),
+        )
+        self._encoder = DataEncoder(self.limits)
+        for topic in sorted(self._subscriptions):
+            await self._request({"op": "subscribe", "topic": topic})
+        self.connects += 1
+        self.status = Status.OPEN
+        assert self._opened is not None
+        self._opened.set()
+        log.debug("attached to %s:%d as port %s", host, port, self.port)
+
+    async def close(self) -> None:
+        """Close the connection; idempotent.  Written frames are flushed first."""
+        if self.status is Status.CLOSED:
+            return
+        self.status = Status.CLOSED
+        self._close_reason = None
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        self._wake_all(ConnectionClosed("connection closed"))
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        route: int = 0,
+        *,
+        hops: int | None = None,
+    ) -> int:
+        """Send one data frame; return its message id.
+
+        ``route`` is the topology number X (stateless mode); a stateful broker routes
+        by ``topic``.  Waits only while the connection is reconnecting or its output
+        buffer is full.
+
+        Raises:
+            ConnectionClosed: the connection is closed for good.
+            LocalProtocolError: the frame breaks a limit (topic, size, X bits).
+        """
+        while self.status is not Status.OPEN or self._writable is not None:
+            await self._wait_writable()
+        msg_id = next(self._msg_ids)
+        parts = self._encoder.encode(
+            topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns()
+        )
+        write = self._transport.write  # type: ignore[union-attr]
+        for part in parts:
+            write(part)
+        self.published += 1
+        return msg_id
+
+    async def _wait_writable(self) -> None:
+        if self.status is Status.CLOSED:
+            raise ConnectionClosed("connection closed") from self._close_reason
+        if self.status is not Status.OPEN:
+            assert self._opened is not None
+            await self._opened.wait()
+        elif self._writable is not None:
+            await asyncio.shield(self._writable)
+
+    def _pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def _resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Iterate over received data frames until the connection is closed."""
+        return _Messages(self)
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        """The next received frame.
+
+        Raises:
+            DcpTimeout: none came within ``timeout`` seconds.
+            ConnectionClosed: the connection closed and no frame is left.
+        """
+        try:
+            return await asyncio.wait_for(self._next(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"no message within {timeout} s") from None
+
+    @property
+    def pending(self) -> int:
+        """Frames received and not yet consumed."""
+        return len(self._queue)
+
+    async def _next(self) -> Message:
+        queue = self._queue
+        while not queue:
+            if self.status is Status.CLOSED:
+                raise ConnectionClosed("connection closed") from self._close_reason
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        message = queue.popleft()
+        if self._reading_paused and len(queue) <= self.max_pending // 2:
+            self._reading_paused = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+        return message
+
+    def _deliver(self, frame: Message) -> None:
+        queue = self._queue
+        if len(queue) >= self.max_pending:
+            if self.overflow == "drop":
+                self.dropped += 1
+                return
+            if not self._reading_paused and self._transport is not None:
+                self._reading_paused = True
+                self._transport.pause_reading()
+        queue.append(frame)
+        self.received += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- requests -----------------------------------------------------------------
+
+    async def ping(self) -> float:
+        """Round-trip time to the broker, seconds."""
+        start = time.perf_counter()
+        await self._request({"op": "ping"})
+        return time.perf_counter() - start
+
+    async def subscribe(self, topic: str) -> None:
+        """Stateful mode: ask the broker to send this topic here (kept over reconnects).
+
+        Raises:
+            RemoteError: the broker refused (e.g. ``wrong_mode`` on a stateless broker).
+        """
+        await self._request({"op": "subscribe", "topic": topic})
+        self._subscriptions.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        await self._request({"op": "unsubscribe", "topic": topic})
+        self._subscriptions.discard(topic)
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's counters (see ``dcp stats``)."""
+        reply = await self._request({"op": "stats"})
+        return reply["stats"]
+
+    async def _request(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionClosed("not connected")
+        request_id = next(self._request_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        self._transport.write(encode_control({**body, "id": request_id}))
+        try:
+            return await asyncio.wait_for(future, self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"broker did not answer {body['op']!r} within {self.request_timeout_s} s") from None
+        finally:
+            self._requests.pop(request_id, None)
+
+    def _on_control(self, body: dict[str, Any]) -> None:
+        op = body["op"]
+        future = self._requests.get(body.get("re"))  # type: ignore[arg-type]
+        if future is not None and not future.done():
+            if op == "error":
+                future.set_exception(RemoteError(str(body.get("code")), str(body.get("message"))))
+            else:
+                future.set_result(body)
+        elif op == "error":
+            self.last_error = body
+            level = logging.ERROR if body.get("fatal") else logging.WARNING
+            log.log(level, "broker error %s: %s (x%s)", body.get("code"), body.get("message"), body.get("count", 1))
+        elif op == "going_away":
+            log.info("broker %s:%d is going away", *self.address)
+
+    # -- losing the connection -------------------------------------------------------
+
+    def _lost(self, protocol: _ClientProtocol, exc: Exception | None) -> None:
+        if protocol is not self._protocol:
+            return
+        self._transport = None
+        self._reading_paused = False
+        self._resume_writing()
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ConnectionClosed("connection lost"))
+        if self.status is Status.CLOSED:
+            return
+        if self.backoff is None or self.status is Status.CONNECTING:
+            self.status = Status.CLOSED
+            self._close_reason = exc or ConnectionClosed("broker closed the connection")
+            self._wake_all(self._close_reason)
+            return
+        log.warning("lost %s:%d (%s); reconnecting", *self.address, exc or "closed by broker")
+        self.status = Status.RECONNECTING
+        assert self._opened is not None
+        self._opened.clear()
+        self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        assert self.backoff is not None
+        for delay in self.backoff.delays():
+            await asyncio.sleep(delay)
+            if self.status is Status.CLOSED:
+                return
+            try:
+                await self._attach()
+                log.info("reconnected to %s:%d as port %s", *self.address, self.port)
+                return
+            except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
+                log.debug("reconnect to %s:%d failed: %s", *self.address, exc)
+        self.status = Status.CLOSED
+        self._close_reason = ConnectionClosed(f"gave up reconnecting to {self.url}")
+        self._wake_all(self._close_reason)
+
+    def _wake_all(self, exc: BaseException) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+            self._writable = None
+        if self._opened is not None:
+            self._opened.set()
+
+
+class _Messages:
+    """``async for`` over a connection's frames; ends when the connection closes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._conn._next()
+        except ConnectionClosed:
+            if self._conn._close_reason is None:  # closed by us: the iteration simply ends
+                raise StopAsyncIteration from None
+            raise
+
+
+class Connect:
+    """What :func:`connect` returns: ``await`` it, or ``async with`` it."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.connection = Connection(url, **options)
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._open().__await__()
+
+    async def _open(self) -> Connection:
+        await self.connection.open()
+        return self.connection
+
+    async def __aenter__(self) -> Connection:
+        return await self._open()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.connection.close()
+
+
+def connect(url: str = DEFAULT_URL, **options: Any) -> Connect:
+    """Attach to the broker at ``url`` (``dcp://HOST:PORT``).
+
+    Options (all keyword): ``name``; ``reconnect`` (True, False or a :class:`Backoff`);
+    ``max_pending`` (received frames held, default 10000); ``overflow`` ("pause" or
+    "drop"); ``request_timeout_s``; ``connect_timeout_s``; ``write_buffer_bytes``;
+    ``hops`` (hop limit of published frames); ``limits``.
+    """
+    return Connect(url, **options)

@@ -1,0 +1,126 @@
+"""Broker configuration: one frozen dataclass, read from TOML and overridden by flags.
+
+Every field carries its help text and, where it is not a plain str/int/float, how to
+parse it; the CLI generates its flags from these fields, so a setting exists in one
+place only.  Only flags actually given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .wire import DEFAULT_LIMITS, Limits
+
+__all__ = ["BrokerConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
+
+MODES = ("stateless", "stateful")
+SLOW_CONSUMER_POLICIES = ("drop", "pause")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _opt(help: str, **extra: Any) -> Any:
+    return {"help": help, **extra}
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6, ``:PORT`` for the default host)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"address {text!r} is not HOST:PORT")
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"port in address {text!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"port {number} in address {text!r} is out of range")
+    return host, number
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything a broker needs to run; defaults are safe for one host."""
+
+    listen: str = field(default="127.0.0.1:7400", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
+    key: int | None = field(default=None, metadata=_opt("prime key of this broker (default: the least prime above 2**ports)", type=int))
+    ports: int = field(default=64, metadata=_opt("number of ports (attachments) of this broker", type=int))
+    mode: str = field(default="stateless", metadata=_opt("routing mode", choices=MODES))
+    slow_consumer: str = field(
+        default="drop",
+        metadata=_opt("when a port's output buffer is full: drop its frames (counted) or pause the publishers", choices=SLOW_CONSUMER_POLICIES),
+    )
+    out_buffer_bytes: int = field(default=4 * 1024 * 1024, metadata=_opt("output buffer bound of one port, bytes", type=int))
+    max_frame: int = field(default=DEFAULT_LIMITS.max_frame, metadata=_opt("largest frame accepted, bytes", type=int))
+    max_topic: int = field(default=DEFAULT_LIMITS.max_topic, metadata=_opt("longest topic accepted, bytes", type=int))
+    max_x_bits: int = field(default=DEFAULT_LIMITS.max_x_bits, metadata=_opt("largest topology number accepted, bits", type=int))
+    shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
+    log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        if not 1 <= self.ports <= 4096:
+            raise ConfigError(f"ports must be in [1, 4096], got {self.ports}")
+        if self.key is not None and self.key <= 1 << self.ports:
+            raise ConfigError(f"key {self.key} must be greater than 2**ports = {1 << self.ports}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.slow_consumer not in SLOW_CONSUMER_POLICIES:
+            raise ConfigError(f"slow_consumer must be one of {SLOW_CONSUMER_POLICIES}, got {self.slow_consumer!r}")
+        if self.out_buffer_bytes < 1024:
+            raise ConfigError(f"out_buffer_bytes must be at least 1024, got {self.out_buffer_bytes}")
+        if self.shutdown_timeout_s < 0:
+            raise ConfigError("shutdown_timeout_s must not be negative")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        try:
+            self.limits
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_frame=self.max_frame, max_topic=self.max_topic, max_x_bits=self.max_x_bits)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_address(self.listen)
+
+    @classmethod
+    def from_sources(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> BrokerConfig:
+        """Defaults, then the ``[broker]`` table of a TOML file, then ``overrides``.
+
+        Raises:
+            ConfigError: an unreadable file, an unknown key or an invalid value.
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(_read_toml(Path(file)))
+        values.update(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown broker setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    table = data.get("broker", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [broker] must be a table")
+    return dict(table)

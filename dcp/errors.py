@@ -1,0 +1,110 @@
+"""The one exception tree of dcp.
+
+::
+
+    DcpError
+    ├── ProtocolError                 the byte stream or a frame broke the wire contract
+    │   ├── LocalProtocolError        we were asked to send something invalid
+    │   └── RemoteProtocolError       the peer sent something invalid
+    │       ├── FrameTooLarge         a declared length is over a limit
+    │       ├── RouteTooLarge         a topology number is over max_x_bits
+    │       └── TruncatedFrame        the stream ended inside a frame
+    ├── RemoteError                   the broker answered a request with an error frame
+    ├── ConnectionClosed              the connection is gone (and will not come back)
+    ├── RoutingError (ValueError)     bad keys or bitmaps given to dcp.routing
+    ├── ConfigError (ValueError)      bad configuration
+    └── DcpTimeout (TimeoutError)     a request got no answer in time
+
+Each error that a broker reports to a peer carries a short machine-readable
+``code`` (the ``code`` class attribute), sent in the error frame.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DcpError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "FrameTooLarge",
+    "RouteTooLarge",
+    "TruncatedFrame",
+    "RemoteError",
+    "ConnectionClosed",
+    "RoutingError",
+    "ConfigError",
+    "DcpTimeout",
+]
+
+
+class DcpError(Exception):
+    """Base class of every error raised by dcp."""
+
+    code = "error"
+
+
+class ProtocolError(DcpError):
+    """The wire contract was broken."""
+
+    code = "protocol_error"
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the wire cannot carry."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the wire contract."""
+
+    code = "malformed_frame"
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame, its topic or its topology number declares more bytes than allowed."""
+
+    code = "frame_too_large"
+
+
+class RouteTooLarge(RemoteProtocolError):
+    """A topology number has more bits than ``max_x_bits``."""
+
+    code = "route_too_large"
+
+
+class TruncatedFrame(RemoteProtocolError):
+    """The stream ended in the middle of a frame."""
+
+    code = "truncated_frame"
+
+
+class RemoteError(DcpError):
+    """The broker answered a request with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(DcpError):
+    """The connection is closed and no reconnect will happen."""
+
+    code = "connection_closed"
+
+
+class RoutingError(DcpError, ValueError):
+    """Keys or bitmaps that cannot make a topology number."""
+
+    code = "routing_error"
+
+
+class ConfigError(DcpError, ValueError):
+    """A configuration value is invalid."""
+
+    code = "config_error"
+
+
+class DcpTimeout(DcpError, TimeoutError):
+    """A request to the broker got no answer in time."""
+
+    code = "timeout"

@@ -227,6 +227,7 @@ class Broker:
         )
 
     def stats(self) -> dict[str, Any]:
+        """Counters: frames are data frames; bytes are every byte read or forwarded."""
         host, port = self.address
         return {
             "address": f"{host}:{port}",
@@ -363,8 +364,8 @@ class BrokerConnection(asyncio.Protocol):
         pos = frames = 0
         run_mask = run_start = run_frames = 0
         while True:
-            frames += 1
             if header[1] == DATA and self.port >= 0:
+                frames += 1
                 mask = decide(buf, pos, header)
                 if mask > 0:
                     buf[pos + 3] = header[3] - 1
@@ -494,11 +495,11 @@ class BrokerConnection(asyncio.Protocol):
             head += view[:take]
             if len(view) > take:
                 views.insert(0, view[take:])
-        self.frames_in += 1
-        self.broker.frames_in += 1
         if header[1] != DATA or self.port < 0:
             self._other_frame(header, memoryview(b"".join(views)))
         else:
+            self.frames_in += 1
+            self.broker.frames_in += 1
             mask = self._decide(head, 0, header)
             if mask > 0:
                 head[3] = header[3] - 1

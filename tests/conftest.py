@@ -1,0 +1,123 @@
+"""Fixtures: brokers in this process and in their own processes, on OS-chosen ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import uvloop
+
+from dcp.broker import Broker
+from dcp.config import BrokerConfig
+
+LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
+
+
+def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
+    """Every async test runs on uvloop, the loop dcp runs on."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def make_broker() -> AsyncIterator[Callable[..., "asyncio.Future[Broker]"]]:
+    """``await make_broker(**config)``: a started in-process broker on a free port."""
+    brokers: list[Broker] = []
+
+    async def make(**settings: object) -> Broker:
+        broker = Broker(BrokerConfig(**{"listen": "127.0.0.1:0", **settings}))  # type: ignore[arg-type]
+        await broker.start()
+        brokers.append(broker)
+        return broker
+
+    yield make  # type: ignore[misc]
+    for broker in brokers:
+        await broker.close()
+
+
+@pytest.fixture
+async def broker(make_broker) -> Broker:  # type: ignore[no-untyped-def]
+    return await make_broker()
+
+
+def url_of(broker: Broker) -> str:
+    host, port = broker.address
+    return f"dcp://{host}:{port}"
+
+
+@dataclass
+class BrokerProcess:
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+    mode: str
+    key: int
+    log: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        # Drain stderr all the time, so a chatty broker never blocks on a full pipe.
+        assert self.process.stderr is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:  # type: ignore[no-untyped-def]
+        for line in stream:
+            self.log.append(line)
+
+    @property
+    def url(self) -> str:
+        return f"dcp://{self.host}:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, str]:
+        """Signal the broker; return its exit code and what it logged after the start."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=timeout)
+        assert self._reader is not None
+        self._reader.join(timeout)
+        return self.process.returncode, "".join(self.log)
+
+
+def start_broker_process(*args: str) -> BrokerProcess:
+    """Run ``python -m dcp broker --listen 127.0.0.1:0 ARGS`` and wait for its listening line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:  # ends when the process exits
+        seen.append(line)
+        match = LISTENING.search(line)
+        if match:
+            host, port, mode, key = match.groups()
+            return BrokerProcess(process, host, int(port), mode, int(key), log=seen)
+    process.wait()
+    raise AssertionError(f"broker exited with {process.returncode} before listening:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
+    started: list[BrokerProcess] = []
+
+    def start(*args: str) -> BrokerProcess:
+        proc = start_broker_process(*args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()

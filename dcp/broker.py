@@ -38,6 +38,7 @@ from .wire import (
     DATA,
     HEADER,
     HEADER_SIZE,
+    VERSION,
     Limits,
     decode_control,
     encode_control,
@@ -351,7 +352,8 @@ class BrokerConnection(asyncio.Protocol):
         if end < HEADER_SIZE:
             self._hold(data, 0)
             return
-        frame_length = self.broker.limits.frame_length
+        limits = self.broker.limits
+        frame_length, max_frame, max_topic = limits.frame_length, limits.max_frame, limits.max_topic
         header = _unpack_header(data, 0)
         length = frame_length(header)
         if length > end:  # a large frame begins: hold the read as it is, no copy
@@ -389,7 +391,9 @@ class BrokerConnection(asyncio.Protocol):
                 length = 0
                 break
             header = _unpack_header(buf, pos)
-            length = frame_length(header)
+            length = HEADER_SIZE + header[4] + header[5] + header[6]
+            if header[0] != VERSION or header[5] > max_topic or length > max_frame:
+                frame_length(header)  # raises the error that says which limit
             if end - pos < length:
                 break
         if run_mask:
@@ -576,7 +580,7 @@ class BrokerConnection(asyncio.Protocol):
         if role == "agent":
             port = broker.attach(self)
             if port is None:
-                self._fail_with("no_free_port", f"all {broker.config.ports} ports are taken")
+                self._fail_with("no_free_port", f"all {broker.config.ports} ports are taken", request_id)
                 return
             self.port, self.bit, self.not_bit = port, 1 << port, ~(1 << port)
             reply["port"] = port
@@ -608,8 +612,11 @@ class BrokerConnection(asyncio.Protocol):
             self.broker.drops["route_too_large"] += 1
         self._fail_with(exc.code, str(exc))
 
-    def _fail_with(self, code: str, message: str) -> None:
-        self.close(encode_control({"op": "error", "code": code, "message": message, "fatal": True}))
+    def _fail_with(self, code: str, message: str, request_id: Any = None) -> None:
+        body = {"op": "error", "code": code, "message": message, "fatal": True}
+        if request_id is not None:
+            body["re"] = request_id
+        self.close(encode_control(body))
 
     def close(self, last_frame: bytes | None = None) -> None:
         """Send ``last_frame`` if given, flush, close; nothing more is read or forwarded."""
@@ -653,4 +660,5 @@ class BrokerConnection(asyncio.Protocol):
             "dropped": self.dropped,
             "buffered": self.transport.get_write_buffer_size() if self.transport and not self.closing else 0,
             "paused": self.paused,
+            "reading_paused": self.reading_paused,
         }

@@ -26,7 +26,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,6 +237,25 @@ class Connection:
         self._opened.set()
         log.debug("attached to %s:%d as port %s", host, port, self.port)
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is open (again, after a reconnect).
+
+        Raises:
+            ConnectionClosed: it is closed for good.
+            DcpTimeout: not open within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._until_open(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"not connected to {self.url} within {timeout} s") from None
+
+    async def _until_open(self) -> None:
+        while self.status is not Status.OPEN:
+            if self.status is Status.CLOSED:
+                raise ConnectionClosed("connection closed") from self._close_reason
+            assert self._opened is not None
+            await self._opened.wait()
+
     async def close(self) -> None:
         """Close the connection; idempotent.  Written frames are flushed first."""
         if self.status is Status.CLOSED:
@@ -275,8 +294,12 @@ class Connection:
             ConnectionClosed: the connection is closed for good.
             LocalProtocolError: the frame breaks a limit (topic, size, X bits).
         """
-        while self.status is not Status.OPEN or self._writable is not None:
-            await self._wait_writable()
+        if self.status is not Status.OPEN:
+            await self._until_open()
+        while self._writable is not None:
+            await asyncio.shield(self._writable)
+            if self.status is not Status.OPEN:
+                await self._until_open()
         msg_id = next(self._msg_ids)
         parts = self._encoder.encode(
             topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns()
@@ -286,15 +309,6 @@ class Connection:
             write(part)
         self.published += 1
         return msg_id
-
-    async def _wait_writable(self) -> None:
-        if self.status is Status.CLOSED:
-            raise ConnectionClosed("connection closed") from self._close_reason
-        if self.status is not Status.OPEN:
-            assert self._opened is not None
-            await self._opened.wait()
-        elif self._writable is not None:
-            await asyncio.shield(self._writable)
 
     def _pause_writing(self) -> None:
         if self._writable is None:
@@ -338,12 +352,11 @@ class Connection:
                 await waiter
             finally:
                 self._waiter = None
-        message = queue.popleft()
         if self._reading_paused and len(queue) <= self.max_pending // 2:
             self._reading_paused = False
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
-        return message
+        return queue.popleft()
 
     def _deliver(self, frame: Message) -> None:
         queue = self._queue
@@ -466,7 +479,7 @@ class Connection:
 
 
 class _Messages:
-    """``async for`` over a connection's frames; ends when the connection closes."""
+    """``async for`` over a connection's frames; ends when the connection is closed."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -474,7 +487,15 @@ class _Messages:
     def __aiter__(self) -> _Messages:
         return self
 
-    async def __anext__(self) -> Message:
+    def __anext__(self) -> Awaitable[Message]:
+        conn = self._conn
+        if conn._queue and not conn._reading_paused:  # no coroutine needed
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(conn._queue.popleft())
+            return future
+        return self._wait()
+
+    async def _wait(self) -> Message:
         try:
             return await self._conn._next()
         except ConnectionClosed:

@@ -66,6 +66,7 @@ DEFAULT_HOPS = 32
 HEADER = struct.Struct("!BBBBHHIQQ")
 HEADER_SIZE = HEADER.size  # 28
 HOPS_OFFSET = 3
+_pack = HEADER.pack
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -103,7 +104,8 @@ class Limits:
         """Total length of the frame whose unpacked fixed header is ``header``.
 
         Raises the errors after which the stream cannot be trusted: a bad version,
-        or lengths over the limits (which a well-behaved peer never sends).
+        or lengths over the limits (which a well-behaved peer never sends).  Hot
+        loops test the same three conditions inline and call this to raise.
         """
         version, _type, _flags, _hops, x_len, topic_len, payload_len, _id, _ts = header
         if version != VERSION:
@@ -182,13 +184,13 @@ class DataEncoder:
         self._cache: dict[tuple[str | bytes, int], tuple[int, int, bytes]] = {}
         self._cache_size = cache_size
         self._join_limit = join_limit
+        self._max_payload = limits.max_frame - HEADER_SIZE
 
     def encode(
         self,
         topic: str | bytes,
         payload: bytes | bytearray | memoryview,
         route: int = 0,
-        *,
         hops: int = DEFAULT_HOPS,
         msg_id: int = 0,
         timestamp_ns: int = 0,
@@ -203,19 +205,21 @@ class DataEncoder:
         if cached is None:
             cached = self._route_and_topic(topic, route)
         x_len, topic_len, tail = cached
-        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-        length = HEADER_SIZE + len(tail) + size
-        if length > self.limits.max_frame:
-            raise LocalProtocolError(f"frame of {length} bytes exceeds max_frame={self.limits.max_frame}")
-        if not (0 <= hops <= 255 and 0 <= flags <= 255 and 0 <= msg_id <= _U64 and 0 <= timestamp_ns <= _U64):
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if size > self._max_payload - len(tail):
+            raise LocalProtocolError(
+                f"frame of {HEADER_SIZE + len(tail) + size} bytes exceeds max_frame={self.limits.max_frame}"
+            )
+        try:
+            head = _pack(VERSION, DATA, flags, hops, x_len, topic_len, size, msg_id, timestamp_ns)
+        except struct.error as exc:  # struct does the range checks of the header fields
             raise LocalProtocolError(
                 f"field out of range: hops={hops}, flags={flags} (0..255); "
                 f"msg_id={msg_id}, timestamp_ns={timestamp_ns} (64 bits)"
-            )
-        head = HEADER.pack(VERSION, DATA, flags, hops, x_len, topic_len, size, msg_id, timestamp_ns) + tail
+            ) from exc
         if size <= self._join_limit:
-            return [b"".join((head, payload))]
-        return [head, payload]
+            return [b"".join((head, tail, payload))]
+        return [head + tail, payload]
 
     def _route_and_topic(self, topic: str | bytes, route: int) -> tuple[int, int, bytes]:
         topic_b = topic.encode() if isinstance(topic, str) else bytes(topic)
@@ -248,7 +252,7 @@ def encode_data(
 ) -> bytes:
     """One data frame as bytes (see :class:`DataEncoder` for the uncopied form)."""
     parts = DataEncoder(limits, cache_size=1, join_limit=0).encode(
-        topic, payload, route, hops=hops, msg_id=msg_id, timestamp_ns=timestamp_ns, flags=flags
+        topic, payload, route, hops, msg_id, timestamp_ns, flags
     )
     return b"".join(parts)
 
@@ -298,21 +302,23 @@ def decode_control(payload: bytes | bytearray | memoryview, limits: Limits = DEF
 class Decoder:
     """Incremental decoder: ``feed(bytes) -> list[Event]``; ``feed(b"")`` means EOF.
 
-    Buffers at most one incomplete frame, whose length was checked against
-    ``limits`` before its bytes are kept.  After a :class:`ProtocolError` is raised
-    the stream cannot be trusted and the decoder refuses further input.
+    Frames are parsed straight from each read; only an incomplete frame is copied
+    aside, and only after its declared length passed ``limits``, so the decoder never
+    holds more than one frame.  After a :class:`ProtocolError` the stream cannot be
+    trusted and the decoder refuses further input.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
-        self._buf = bytearray()
+        self._held = bytearray()  # the start of an incomplete frame
+        self._topics: dict[bytes, str] = {}
         self._error: Exception | None = None
         self._eof = False
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._buf)
+        return len(self._held)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._error is not None:
@@ -321,45 +327,86 @@ class Decoder:
             raise LocalProtocolError("data fed after EOF")
         if not data:
             self._eof = True
-            if self._buf:
-                self._error = TruncatedFrame(f"stream ended inside a frame ({len(self._buf)} bytes held)")
+            if self._held:
+                self._error = TruncatedFrame(f"stream ended inside a frame ({len(self._held)} bytes held)")
                 raise self._error
             return []
-        self._buf += data
         try:
-            events, used = self._parse(self._buf)
+            return self._feed(data)
         except RemoteProtocolError as exc:
             self._error = exc
             raise
-        del self._buf[:used]
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        events: list[Event] = []
+        start = 0
+        held = self._held
+        if held:  # complete the held frame with just the bytes it lacks
+            view = memoryview(data)
+            while held and start < len(view):
+                if len(held) < HEADER_SIZE:
+                    want = HEADER_SIZE - len(held)
+                else:
+                    want = self.limits.frame_length(HEADER.unpack_from(held)) - len(held)
+                held += view[start : start + want]
+                start += min(want, len(view) - start)
+                if len(held) >= HEADER_SIZE:
+                    used = self._parse(held, 0, events)
+                    del held[:used]
+        if start < len(data):
+            used = self._parse(data, start, events)
+            if used < len(data):
+                self._held = held = bytearray(memoryview(data)[used:])
+                if len(held) >= HEADER_SIZE:  # check the held frame's length now, not later
+                    self.limits.frame_length(HEADER.unpack_from(held))
         return events
 
-    def _parse(self, buf: bytearray) -> tuple[list[Event], int]:
-        events: list[Event] = []
+    def _parse(self, buf: bytes | bytearray | memoryview, pos: int, events: list[Event]) -> int:
+        """Append the events of the complete frames of ``buf[pos:]``; return where they end."""
         limits = self.limits
-        end = len(buf)
-        pos = 0
+        frame_length = limits.frame_length
+        max_frame = limits.max_frame
+        max_topic = limits.max_topic
+        max_x_bits = limits.max_x_bits
+        x_fast = max_x_bits // 8  # X of up to this many bytes is always within max_x_bits
+        topics = self._topics
+        append = events.append
         unpack = HEADER.unpack_from
+        new = tuple.__new__
+        end = len(buf)
+        view = buf if type(buf) is bytes else memoryview(buf)
         while end - pos >= HEADER_SIZE:
             header = unpack(buf, pos)
-            length = limits.frame_length(header)
-            if end - pos < length:
-                break
-            _v, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
+            version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
             body = pos + HEADER_SIZE
-            x = int.from_bytes(buf[body : body + x_len], "big")
-            rejection = limits.rejection(header, x)
-            if rejection is not None:
-                events.append(Rejected(rejection, msg_id))
-            elif ftype == DATA:
-                topic_end = body + x_len + topic_len
-                try:
-                    topic = buf[body + x_len : topic_end].decode()
-                except UnicodeDecodeError as exc:
-                    raise RemoteProtocolError("topic is not valid UTF-8") from exc
-                payload = bytes(buf[topic_end : pos + length])
-                events.append(DataFrame(topic, payload, x, hops, msg_id, ts, flags))
+            topic_end = body + x_len + topic_len
+            stop = topic_end + payload_len
+            if version != VERSION or topic_len > max_topic or stop - pos > max_frame:
+                frame_length(header)  # raises the error that says which limit
+            if stop > end:
+                break
+            x = int.from_bytes(view[body : body + x_len], "big")
+            if ftype == DATA and (x_len <= x_fast or x.bit_length() <= max_x_bits):
+                topic_b = bytes(view[body + x_len : topic_end])
+                topic = topics.get(topic_b)
+                if topic is None:
+                    topic = self._topic(topic_b)
+                append(new(DataFrame, (topic, bytes(view[topic_end:stop]), x, hops, msg_id, ts, flags)))
             else:
-                events.append(decode_control(buf[body : pos + length], limits))
-            pos += length
-        return events, pos
+                rejection = limits.rejection(header, x)
+                if rejection is not None:
+                    append(Rejected(rejection, msg_id))
+                else:
+                    append(decode_control(view[body:stop], limits))
+            pos = stop
+        return pos
+
+    def _topic(self, topic_b: bytes) -> str:
+        try:
+            topic = topic_b.decode()
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError("topic is not valid UTF-8") from exc
+        if len(self._topics) >= 1024:
+            self._topics.clear()
+        self._topics[topic_b] = topic
+        return topic

@@ -7,9 +7,10 @@ the tree.  A broker forwards a frame that arrived on port ``p`` to the ports nam
 ``(X mod m_b) & ~(1 << p) & attached``.
 
 ``encode`` is Garner's incremental CRT on Python ints and ``is_prime`` a
-Miller-Rabin test; the property tests check them against ``sympy.ntheory.modular.crt``
-and ``sympy.isprime``.  The module imports no sympy, so a broker that allocates its
-own key starts in milliseconds (``import sympy`` alone takes most of a second).
+deterministic Miller-Rabin test; the property tests check them against
+``sympy.ntheory.modular.crt`` and ``sympy.isprime``.  sympy is imported only for
+numbers past Miller-Rabin's exact range, so a broker that allocates its own key
+starts in milliseconds (``import sympy`` alone takes most of a second here).
 """
 
 from __future__ import annotations
@@ -58,14 +59,19 @@ def allocate_keys(n: int, ports: int = 64, exclude: Iterable[int] = ()) -> list[
     return keys
 
 
-# Bases that make Miller-Rabin exact below 3.3e24 (Sorenson and Webster, 2015), which
-# covers keys of brokers with up to 81 ports; above that they are 13 strong rounds
-# (error below 4**-13 for any input, far less for random ones).
+# Bases that make Miller-Rabin exact below 3.3e24 (Sorenson and Webster, 2015): every
+# key of a broker with up to 81 ports.  Above that bound they can be fooled (psi_13 is
+# a strong pseudoprime to all of them), so larger numbers go to sympy.isprime.
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+_MR_EXACT_BELOW = 3_317_044_064_679_887_385_961_981
 
 
 def is_prime(n: int) -> bool:
-    """Whether ``n`` is prime (exact below 3.3e24, Miller-Rabin with 13 bases above)."""
+    """Whether ``n`` is prime: exact Miller-Rabin below 3.3e24, sympy above."""
+    if n >= _MR_EXACT_BELOW:
+        from sympy import isprime  # imported only for keys of brokers with > 81 ports
+
+        return bool(isprime(n))
     if n < 2:
         return False
     for p in _MR_BASES:

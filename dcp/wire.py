@@ -263,7 +263,9 @@ def encode_control(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> byt
         raise LocalProtocolError("a control frame needs a string 'op'")
     packed = msgpack.packb(body, use_bin_type=True)
     if len(packed) > limits.max_control:
-        raise LocalProtocolError(f"control frame of {len(packed)} bytes exceeds max_control")
+        raise LocalProtocolError(f"control frame of {len(packed)} bytes exceeds max_control={limits.max_control}")
+    if HEADER_SIZE + len(packed) > limits.max_frame:
+        raise LocalProtocolError(f"control frame of {HEADER_SIZE + len(packed)} bytes exceeds max_frame={limits.max_frame}")
     return HEADER.pack(VERSION, CONTROL, 0, 0, 0, 0, len(packed), 0, 0) + packed
 
 

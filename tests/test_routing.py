@@ -159,17 +159,15 @@ def test_is_prime_on_next_prime(n: int) -> None:
     assert not is_prime(p * sympy.nextprime(p))
 
 
-# psi_13 = 3317044064679887385961981 is a strong pseudoprime to every one of the 13 bases
-# in _MR_BASES (2..41).  is_prime's docstring promises exactness only below ~3.3e24, but
-# the comment above _MR_BASES claims "error below 4**-13 for any input" above it, which is
-# false for this input: the bases are fixed, so is_prime(psi_13) is deterministically True.
+# psi_13 is a strong pseudoprime to all 13 fixed bases (2..41): the first number past
+# their exact range, where is_prime must hand over to sympy.
 PSI_13 = 3317044064679887385961981
 
 
-@pytest.mark.xfail(strict=True, reason="fixed Miller-Rabin bases 2..41 are fooled by psi_13 (routing.py _MR_BASES)")
-def test_is_prime_psi13() -> None:
+def test_is_prime_is_not_fooled_past_the_exact_range() -> None:
     assert not sympy.isprime(PSI_13)
     assert not is_prime(PSI_13)
+    assert is_prime(sympy.nextprime(PSI_13))
 
 
 # --------------------------------------------------------------------------- allocate_keys

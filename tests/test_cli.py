@@ -1,0 +1,89 @@
+"""The ``dcp`` command and broker configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcp.cli import main
+from dcp.config import BrokerConfig
+from dcp.errors import ConfigError
+
+
+def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["broker", "--mode", "bogus"], ["nonsense"], [], ["broker", "--ports", "many"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["broker", "--help"])
+    text = capsys.readouterr().out
+    for name in BrokerConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_toml_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nmode = "stateful"\nports = 8\nout_buffer_bytes = 65536\n')
+    config = BrokerConfig.from_sources(path, {"ports": 16})
+    assert (config.mode, config.ports, config.out_buffer_bytes) == ("stateful", 16, 65536)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[broker]\nmode = "fast"\n', "mode must be one of"),
+        ("[broker]\nport = 1\n", "unknown broker setting(s): port"),
+        ("[broker]\nports = 8\nkey = 7\n", "must be greater than 2**ports"),
+        ("[broker\n", "not valid TOML"),
+        ('[broker]\nlisten = "nowhere"\n', "is not HOST:PORT"),
+    ],
+)
+def test_bad_config_names_the_setting(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("(", r"\(").replace(")", r"\)")):
+        BrokerConfig.from_sources(path)
+
+
+def test_config_error_exits_1_with_its_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_broker_process_from_toml_and_stats_command(tmp_path: Path, broker_process) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nmode = "stateful"\nports = 8\nkey = 263\n')
+    broker = broker_process("--config", str(path))
+    assert (broker.mode, broker.key) == ("stateful", 263)
+    address = f"{broker.host}:{broker.port}"
+    out = subprocess.run([sys.executable, "-m", "dcp", "stats", address], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "mode=stateful  key=263  ports=8" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "dcp", "stats", address, "--json"], capture_output=True, text=True, timeout=60)
+    stats = json.loads(out.stdout)
+    assert (stats["key"], stats["frames_in"], set(stats["drops"])) == ("263", 0, {
+        "no_route", "unattached_port", "slow_consumer", "hop_limit", "route_too_large", "rejected", "truncated"})
+    code, log = broker.stop()
+    assert code == 0, log
+
+
+def test_stats_of_nothing_is_a_clear_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "dcp", "stats", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("dcp stats:")
+
+
+def test_demo_runs_and_delivers_everything() -> None:
+    out = subprocess.run([sys.executable, "-m", "dcp", "demo", "--interval", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "summary: published 12, delivered left=8 right=8" in out.stdout
+    assert "drops: none" in out.stdout

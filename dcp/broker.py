@@ -365,41 +365,43 @@ class BrokerConnection(asyncio.Protocol):
         emit = self._emit
         pos = frames = 0
         run_mask = run_start = run_frames = 0
-        while True:
-            if header[1] == DATA and self.port >= 0:
-                frames += 1
-                mask = decide(buf, pos, header)
-                if mask > 0:
-                    buf[pos + 3] = header[3] - 1
-                    if mask != run_mask:
-                        if run_mask:
-                            emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                        run_mask, run_start, run_frames = mask, pos, 0
-                    run_frames += 1
-                elif run_mask:
-                    emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                    run_mask = 0
-            else:
-                if run_mask:
-                    emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                    run_mask = 0
-                self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
-                if self.closing:
-                    return
-            pos += length
-            if end - pos < HEADER_SIZE:
-                length = 0
-                break
-            header = _unpack_header(buf, pos)
-            length = HEADER_SIZE + header[4] + header[5] + header[6]
-            if header[0] != VERSION or header[5] > max_topic or length > max_frame:
-                frame_length(header)  # raises the error that says which limit
-            if end - pos < length:
-                break
-        if run_mask:
-            emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-        self.frames_in += frames
-        self.broker.frames_in += frames
+        try:
+            while True:
+                if header[1] == DATA and self.port >= 0:
+                    frames += 1
+                    mask = decide(buf, pos, header)
+                    if mask > 0:
+                        buf[pos + 3] = header[3] - 1
+                        if mask != run_mask:
+                            if run_mask:
+                                emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                            run_mask, run_start, run_frames = mask, pos, 0
+                        run_frames += 1
+                    elif run_mask:
+                        emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                        run_mask = 0
+                else:
+                    if run_mask:
+                        emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+                        run_mask = 0
+                    self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
+                    if self.closing:
+                        return
+                pos += length
+                if end - pos < HEADER_SIZE:
+                    length = 0
+                    break
+                header = _unpack_header(buf, pos)
+                length = HEADER_SIZE + header[4] + header[5] + header[6]
+                if header[0] != VERSION or header[5] > max_topic or length > max_frame:
+                    frame_length(header)  # raises the error that says which limit
+                if end - pos < length:
+                    break
+        finally:  # also when a bad frame raises: the good frames before it still go out
+            if run_mask:
+                emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
+            self.frames_in += frames
+            self.broker.frames_in += frames
         if pos < end:
             self._hold(view[pos:] if length else bytes(view[pos:]), length)
 

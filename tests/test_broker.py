@@ -374,3 +374,13 @@ async def test_connect_refused_raises_at_once() -> None:
         await dcp.connect(f"dcp://127.0.0.1:{port}")
     with pytest.raises(dcp.ConfigError):
         dcp.connect("http://127.0.0.1:1")
+
+
+async def test_good_frames_before_a_bad_one_in_the_same_read_are_delivered(broker: Broker, pair) -> None:  # type: ignore[no-untyped-def]
+    _pub, sub = pair
+    raw = await RawPeer.open(broker)
+    route = encode({broker.key: 1 << sub.port})
+    raw.send(encode_data("t", b"one", route) + encode_data("t", b"two", route) + b"\xff" * 40)
+    assert (await raw.next_control())["code"] == "malformed_frame"
+    await raw.expect_closed()
+    assert [(await sub.next_message(timeout=10)).payload for _ in range(2)] == [b"one", b"two"]

@@ -222,7 +222,10 @@ class DataEncoder:
         return [head + tail, payload]
 
     def _route_and_topic(self, topic: str | bytes, route: int) -> tuple[int, int, bytes]:
-        topic_b = topic.encode() if isinstance(topic, str) else bytes(topic)
+        try:
+            topic_b = topic.encode() if isinstance(topic, str) else bytes(topic)
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"topic {topic!r} is not encodable as UTF-8") from exc
         if len(topic_b) > self.limits.max_topic:
             raise LocalProtocolError(f"topic of {len(topic_b)} bytes exceeds max_topic={self.limits.max_topic}")
         if not isinstance(route, int) or route < 0:
@@ -393,6 +396,10 @@ class Decoder:
                 topic = topics.get(topic_b)
                 if topic is None:
                     topic = self._topic(topic_b)
+                    if topic is None:  # forwarded untouched by brokers; skip it, keep the stream
+                        append(Rejected(RemoteProtocolError("topic is not valid UTF-8"), msg_id))
+                        pos = stop
+                        continue
                 append(new(DataFrame, (topic, bytes(view[topic_end:stop]), x, hops, msg_id, ts, flags)))
             else:
                 rejection = limits.rejection(header, x)
@@ -403,11 +410,11 @@ class Decoder:
             pos = stop
         return pos
 
-    def _topic(self, topic_b: bytes) -> str:
+    def _topic(self, topic_b: bytes) -> str | None:
         try:
             topic = topic_b.decode()
-        except UnicodeDecodeError as exc:
-            raise RemoteProtocolError("topic is not valid UTF-8") from exc
+        except UnicodeDecodeError:
+            return None
         if len(self._topics) >= 1024:
             self._topics.clear()
         self._topics[topic_b] = topic

@@ -188,6 +188,17 @@ def test_data_encoder_cache_is_keyed_by_topic_and_route() -> None:
     assert [(e.topic, e.route) for e in events] == [("t", 5), ("t", 6), ("u", 5)]
 
 
+def test_many_distinct_topics() -> None:
+    """Topics decode right across the decoder's topic cache, however many there are."""
+    names = [f"t/{i}" for i in range(1500)] + ["t/7", "t/1499", "é/ü"] * 3
+    stream = b"".join(encode_data(name, name.encode()[::-1], i) for i, name in enumerate(names))
+    decoder = Decoder()
+    events = feed_chunks(decoder, [stream[i : i + 997] for i in range(0, len(stream), 997)])
+    assert [(e.topic, e.payload, e.route) for e in events] == [
+        (name, name.encode()[::-1], i) for i, name in enumerate(names)
+    ]
+
+
 def test_defaults_round_trip() -> None:
     [event] = Decoder().feed(encode_data("a/b", b"xyz"))
     assert event == DataFrame("a/b", b"xyz", 0, DEFAULT_HOPS, 0, 0, 0)
@@ -262,7 +273,7 @@ def test_feed_accepts_buffers_and_copies_them(frame_list, cuts, kind) -> None:
     for chunk in split(stream, cuts):
         buf = bytearray(chunk)
         events += decoder.feed(kind(buf) if kind is not bytes else bytes(buf))
-        buf[:] = b"\xee" * len(buf)  # raises BufferError if the decoder kept a view
+        buf[:] = b"\xee" * len(buf)  # would corrupt what the decoder holds if it kept a view
     assert events == frame_list
     assert decoder.feed(b"") == []
 
@@ -503,9 +514,11 @@ def test_control_frame_with_trailing_bytes_raises(trailer: bytes) -> None:
         Decoder().feed(_control(payload))
 
 
-def test_control_frame_with_topic_or_route_is_rejected() -> None:
+@pytest.mark.parametrize(("x_len", "topic_len"), [(1, 1), (1, 0), (0, 1)])
+def test_control_frame_with_topic_or_route_is_rejected(x_len: int, topic_len: int) -> None:
     payload = msgpack.packb({"op": "x"})
-    bad = data_header(ftype=CONTROL, x_len=1, topic_len=1, payload_len=len(payload), msg_id=5) + b"\x01t" + payload
+    header = data_header(ftype=CONTROL, x_len=x_len, topic_len=topic_len, payload_len=len(payload), msg_id=5)
+    bad = header + b"\x01" * x_len + b"t" * topic_len + payload
     events = Decoder().feed(bad + encode_control({"op": "ok"}))
     assert isinstance(events[0], Rejected) and events[0].msg_id == 5
     assert type(events[0].error) is RemoteProtocolError
@@ -521,10 +534,13 @@ def test_control_frame_over_max_control_is_rejected() -> None:
     assert events[1] == ControlFrame({"op": "ok"})
 
 
-def test_invalid_utf8_topic_raises() -> None:
+def test_invalid_utf8_topic_is_rejected_and_the_stream_goes_on() -> None:
+    # Brokers forward topics untouched, so one bad publisher must not cost a
+    # subscriber its connection: the frame is skipped, the next one decodes.
     frame = data_header(topic_len=2, payload_len=1) + b"\xff\xfe" + b"p"
-    with pytest.raises(RemoteProtocolError, match="UTF-8"):
-        Decoder().feed(frame)
+    events = Decoder().feed(frame + encode_data("ok", b"next"))
+    assert isinstance(events[0], Rejected) and "UTF-8" in str(events[0].error)
+    assert events[1] == DataFrame("ok", b"next")
 
 
 def test_limits_validation() -> None:
@@ -615,14 +631,12 @@ def test_encode_control_and_decoder_agree_on_limits(max_frame: int, slack: int, 
 
 
 def test_encode_control_frame_over_max_frame_example() -> None:
-    """Minimal case of the property above (fails: wire.py encode_control never checks max_frame)."""
+    """Minimal case of the property above: an 84-byte map fits max_control=100 but the
+    112-byte frame does not fit max_frame=100, so encode_control must refuse it."""
     limits = Limits(max_frame=100, max_control=100)
     body = {"op": "x" * 80}  # 84 packed bytes <= max_control, 112-byte frame > max_frame
-    try:
-        frame = encode_control(body, limits)
-    except LocalProtocolError:
-        return
-    assert Decoder(limits).feed(frame) == [ControlFrame(body)]
+    with pytest.raises(LocalProtocolError, match="max_frame"):
+        encode_control(body, limits)
 
 
 # --------------------------------------------------------------------------- fixed header
@@ -687,3 +701,8 @@ def test_default_join_limit() -> None:
     head, tail = encoder.encode("t", big)
     assert tail is big
     assert not head.endswith(b"b")
+
+
+def test_topic_that_is_not_utf8_encodable_is_a_local_protocol_error() -> None:
+    with pytest.raises(LocalProtocolError, match="not encodable"):
+        encode_data("\ud800", b"")

@@ -70,7 +70,6 @@ _pack = HEADER.pack
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .config import BrokerConfig
-from .errors import ProtocolError, RemoteProtocolError, RouteTooLarge
-from .routing import allocate_keys, int_to_bytes
+from .config import BrokerConfig, parse_address
+from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from .link import Link
+from .routing import allocate_keys, int_from_bytes, int_to_bytes
 from .wire import (
     CONTROL,
     DATA,
@@ -57,6 +58,7 @@ DROP_REASONS = (
     "route_too_large",  # X over max_x_bits
     "rejected",  # unknown frame type, data before hello, ...
     "truncated",  # the sender's stream ended inside a frame
+    "link_down",  # one copy per bit naming the port of a link that is down
 )
 
 # Frames up to this size that span reads are joined and forwarded like the rest;
@@ -71,6 +73,14 @@ _ERROR_INTERVAL_S = 1.0
 _unpack_header = HEADER.unpack_from
 
 
+class LinkRefused(DcpError):
+    """A peer's hello that this broker will not take as a link."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Broker:
     """One broker: a listening socket, its ports and counters.
 
@@ -83,7 +93,12 @@ class Broker:
         self.stateless = self.config.mode == "stateless"
         self.limits: Limits = self.config.limits
         self.drop_slow = self.config.slow_consumer == "drop"
+        self.name = self.config.name
         self.attached = 0  # bitmap of attached ports
+        self.reserved = 0  # bitmap of the ports held by links, up or down
+        self.links: dict[int, Link] = {}  # port -> link
+        self._inbound: dict[tuple[int, int], Link] = {}  # (peer key, peer port) -> link
+        self._tasks: set[asyncio.Task[None]] = set()  # control replies that wait
         self.table: dict[bytes, int] = {}  # stateful mode: topic -> bitmap of ports
         self.frames_in = 0
         self.bytes_in = 0
@@ -114,10 +129,13 @@ class Broker:
         )
         self._started_at = time.monotonic()
         host, port = self.address
+        self.name = self.name or f"{host}:{port}"
         log.info(
             "dcp broker listening on %s:%d mode=%s key=%d ports=%d",
             host, port, self.config.mode, self.key, self.config.ports,
         )
+        for peer in self.config.peers:
+            self.add_link(peer)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -155,6 +173,8 @@ class Broker:
         going_away = encode_control({"op": "going_away"})
         for conn in list(self._connections):
             conn.close(going_away)
+        for link in self.links.values():
+            link.close(notify=False)
         try:
             await asyncio.wait_for(self._no_connections.wait(), self.config.shutdown_timeout_s)
         except asyncio.TimeoutError:
@@ -168,22 +188,37 @@ class Broker:
         if self._closed is not None:
             await self._closed.wait()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def new_connection(self, link: Link | None = None) -> BrokerConnection:
+        return BrokerConnection(self, link)
+
     # -- ports --------------------------------------------------------------
 
-    def attach(self, conn: BrokerConnection) -> int | None:
-        """Give ``conn`` a free port, or None if every port is taken.
+    def attach(self, conn: BrokerConnection, port: int | None = None) -> int | None:
+        """Put ``conn`` on ``port`` (a link's own) or on a free port; None if none is free.
 
         Ports are handed out round-robin, so a port freed by a departed agent is
         the last to be reused and frames still addressed to it drain first.
         """
+        if port is None:
+            port = self._free_port()
+            if port is None:
+                return None
+        self._ports[port] = conn
+        conn.port, conn.bit, conn.not_bit = port, 1 << port, ~(1 << port)
+        self.attached |= 1 << port
+        self._targets.clear()
+        return port
+
+    def _free_port(self) -> int | None:
         size = len(self._ports)
         for step in range(size):
             port = (self._next_port + step) % size
-            if self._ports[port] is None:
-                self._ports[port] = conn
+            if self._ports[port] is None and not self.reserved >> port & 1:
                 self._next_port = (port + 1) % size
-                self.attached |= 1 << port
-                self._targets.clear()
                 return port
         return None
 
@@ -196,6 +231,70 @@ class Broker:
         self._targets.clear()
         for topic in conn.topics:
             self.unsubscribe(conn, topic)
+
+    # -- links --------------------------------------------------------------
+
+    def add_link(self, address: str) -> Link:
+        """Dial ``address`` and keep a link to it on a port of its own.
+
+        Raises:
+            ConfigError: a bad address, or stateful mode (links need topology numbers).
+            RoutingError: no free port.
+        """
+        parse_address(address)
+        if not self.stateless:
+            raise ConfigError("links need stateless mode: a stateful broker routes by its own table only")
+        link = Link(self, self._reserve_port(), address=address)
+        self.links[link.port] = link
+        link.start()
+        return link
+
+    def accept_link(self, conn: BrokerConnection, body: dict[str, Any]) -> Link:
+        """A peer dialled us: its link gets (back) the port reserved for it."""
+        key, peer_port = body.get("key"), body.get("link")
+        if not isinstance(key, bytes) or not isinstance(peer_port, int):
+            raise RemoteProtocolError("a peer hello needs 'key' (bytes) and 'link' (int)")
+        identity = (int_from_bytes(key), peer_port)
+        if identity[0] == self.key:
+            raise LinkRefused("same_key", f"the peer has this broker's key {self.key}; give each broker its own --key")
+        if not self.stateless:
+            raise LinkRefused("wrong_mode", "links need stateless mode: a stateful broker routes by its own table only")
+        link = self._inbound.get(identity)
+        if link is None:
+            link = Link(self, self._reserve_port(), identity=identity)
+            self.links[link.port] = link
+            self._inbound[identity] = link
+        conn.link = link
+        name = body.get("name")
+        link.accepted(conn, name if isinstance(name, str) else "")
+        return link
+
+    def remove_link(self, link: Link, notify: bool) -> None:
+        """Close ``link`` and free its port; ``notify``: tell the peer to free its end too."""
+        if self.links.get(link.port) is not link:
+            return
+        link.close(notify)
+        del self.links[link.port]
+        if link.identity is not None:
+            self._inbound.pop(link.identity, None)
+        self.reserved &= ~(1 << link.port)
+        log.info("link port %d removed (%s)", link.port, link.address or link.remote_name or link.remote_key)
+
+    def _reserve_port(self) -> int:
+        port = self._free_port()
+        if port is None:
+            raise RoutingError(f"no free port for a link: all {self.config.ports} ports are taken")
+        self.reserved |= 1 << port
+        return port
+
+    def _count_link_down(self, ports: int) -> None:
+        self.drops["link_down"] += ports.bit_count()
+        while ports:
+            low = ports & -ports
+            link = self.links.get(low.bit_length() - 1)
+            if link is not None:
+                link.undelivered += 1
+            ports ^= low
 
     def targets(self, mask: int) -> tuple[BrokerConnection, ...]:
         """The connections on the ports of ``mask`` (cached per bitmap)."""
@@ -243,6 +342,8 @@ class Broker:
             "bytes_out": self.bytes_out,
             "drops": dict(self.drops),
             "topics": len(self.table),
+            "name": self.name,
+            "links": [link.stats() for _, link in sorted(self.links.items())],
             "connections": [conn.stats() for conn in sorted(self._connections, key=lambda c: c.port)],
         }
 
@@ -261,10 +362,11 @@ class Broker:
 
 
 class BrokerConnection(asyncio.Protocol):
-    """One TCP connection to the broker: an agent on a port, or an admin client."""
+    """One TCP connection of the broker: an agent or a peer link on a port, or an admin client."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, link: Link | None = None) -> None:
         self.broker = broker
+        self.link = link  # the peer link this connection carries, if any
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.name = ""
@@ -306,6 +408,10 @@ class BrokerConnection(asyncio.Protocol):
         self.broker._connected(self)
         if self.broker._closing:
             self.close(encode_control({"op": "going_away"}))
+        elif self.link is not None:  # we dialled a peer
+            self.role = "peer"
+            self.link.connection_made(self)
+            self.send(self.link.hello())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -313,6 +419,8 @@ class BrokerConnection(asyncio.Protocol):
             log.info("port %d detached (%s %s)", self.port, self.name or "-", self.peer)
         self._release_blocked()
         self.broker._disconnected(self)
+        if self.link is not None:
+            self.link.connection_lost(self)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -428,6 +536,10 @@ class BrokerConnection(asyncio.Protocol):
         if mask != out:
             stray = out & ~attached
             if stray:
+                down = stray & broker.reserved
+                if down:
+                    broker._count_link_down(down)
+                    stray ^= down
                 broker.drops["unattached_port"] += stray.bit_count()
         if not mask:
             broker.drops["no_route"] += 1
@@ -555,6 +667,18 @@ class BrokerConnection(asyncio.Protocol):
                 self.send({"op": "ok", "re": request_id})
         elif op == "going_away":
             self.close()
+        elif op == "error":  # from a peer; never answered, or two brokers would argue forever
+            log.warning("%s (port %d) reports %s: %s", self.peer, self.port, body.get("code"), body.get("message"))
+            if self.link is not None and self.port < 0:
+                self.link.refused(self, body)
+            if body.get("fatal"):
+                self.close()
+        elif op == "welcome" and self.link is not None and self.link.outbound:
+            self.link.welcomed(self, body)
+        elif op == "pong" and self.link is not None:
+            self.link.pong(body.get("re"))
+        elif op in ("link", "unlink"):
+            self._link_op(op, body, request_id)
         else:
             self._reply_error(request_id, "unknown_op", f"unknown control op {op!r}")
 
@@ -563,7 +687,7 @@ class BrokerConnection(asyncio.Protocol):
             self._reply_error(request_id, "already_attached", "hello was already sent on this connection")
             return
         role = body.get("role", "agent")
-        if role not in ("agent", "admin"):
+        if role not in ("agent", "admin", "peer"):
             raise RemoteProtocolError(f"unknown role {role!r}")
         name = body.get("name", "")
         self.name = name if isinstance(name, str) else ""
@@ -578,16 +702,64 @@ class BrokerConnection(asyncio.Protocol):
             "max_frame": broker.limits.max_frame,
             "max_topic": broker.limits.max_topic,
             "max_x_bits": broker.limits.max_x_bits,
+            "name": broker.name,
         }
-        if role == "agent":
+        if role == "peer":
+            try:
+                broker.accept_link(self, body)
+            except (LinkRefused, RoutingError) as exc:
+                log.warning("refusing a link from %s (%s): %s", self.name or "-", self.peer, exc)
+                self._fail_with(getattr(exc, "code", "no_free_port"), str(exc), request_id)
+                return
+            reply["port"] = self.port
+        elif role == "agent":
             port = broker.attach(self)
             if port is None:
                 self._fail_with("no_free_port", f"all {broker.config.ports} ports are taken", request_id)
                 return
-            self.port, self.bit, self.not_bit = port, 1 << port, ~(1 << port)
             reply["port"] = port
             log.info("port %d attached (%s %s)", port, self.name or "-", self.peer)
         self.send(reply)
+
+    def _link_op(self, op: str, body: dict[str, Any], request_id: Any) -> None:
+        """``link``/``unlink`` from an admin client; ``unlink`` from a peer frees its link."""
+        broker = self.broker
+        if op == "unlink" and self.role == "peer" and self.link is not None:
+            broker.remove_link(self.link, notify=False)
+            return
+        if self.role != "admin":
+            self._reply_error(request_id, "not_admin", f"{op} needs an admin connection")
+            return
+        if op == "unlink":
+            link = broker.links.get(body.get("port"))  # type: ignore[arg-type]
+            if link is None:
+                self._reply_error(request_id, "no_link", f"no link on port {body.get('port')!r}")
+                return
+            broker.remove_link(link, notify=True)
+            self.send({"op": "ok", "re": request_id})
+            return
+        peer = body.get("peer")
+        try:
+            link = broker.add_link(peer if isinstance(peer, str) else "")
+        except (ConfigError, RoutingError) as exc:
+            self._reply_error(request_id, "bad_link", str(exc))
+            return
+        wait = body.get("wait")
+        if not wait:
+            self.send({"op": "ok", "re": request_id, "link": link.stats()})
+            return
+        timeout = wait if isinstance(wait, (int, float)) and not isinstance(wait, bool) else broker.config.link_timeout_s
+        task = asyncio.get_running_loop().create_task(self._reply_when_up(link, float(timeout), request_id))
+        broker._tasks.add(task)
+        task.add_done_callback(broker._tasks.discard)
+
+    async def _reply_when_up(self, link: Link, timeout: float, request_id: Any) -> None:
+        try:
+            await link.wait_up(timeout)
+        except DcpError as exc:
+            self._reply_error(request_id, "link_timeout", str(exc))
+        else:
+            self.send({"op": "ok", "re": request_id, "link": link.stats()})
 
     # -- errors and output ------------------------------------------------------
 

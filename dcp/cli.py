@@ -1,4 +1,4 @@
-"""The ``dcp`` command: ``broker``, ``stats``, ``demo``.
+"""The ``dcp`` command: ``broker``, ``stats``, ``cluster``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -42,9 +42,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(BrokerConfig):
         meta = dict(field.metadata)
         help_text = meta.pop("help")
-        default = field.default if field.default is not None else "see help"
+        flag = meta.pop("flag", "--" + field.name.replace("_", "-"))
+        default = field.default if field.default not in (None, ()) else "none" if field.default == () else "see help"
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag,
             dest=field.name,
             default=argparse.SUPPRESS,
             help=f"{help_text} (default: {default})",
@@ -112,14 +113,31 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"{port:>5} {conn['name'][:16]:<16} {conn['role'] or '-':<6} {conn['frames_in']:>10} "
             f"{conn['frames_out']:>10} {conn['bytes_out']:>12} {conn['dropped']:>8} {conn['buffered']:>9}"
         )
+    if stats["links"]:
+        lines.append(
+            f"{'link':>5} {'dir':<3} {'peer':<22} {'state':<5} {'remote':>6} {'rtt_ms':>7} {'connects':>8} "
+            f"{'frames_in':>10} {'frames_out':>10} {'undelivered':>11}"
+        )
+    for link in stats["links"]:
+        peer = link["address"] or link["remote_name"] or str(int_from_bytes(link["remote_key"]))
+        rtt = "-" if link["rtt_ms"] is None else f"{link['rtt_ms']:.2f}"
+        lines.append(
+            f"{link['port']:>5} {link['direction']:<3} {peer[:22]:<22} {link['state']:<5} {link['remote_port']:>6} "
+            f"{rtt:>7} {link['connects']:>8} {link['frames_in']:>10} {link['frames_out']:>10} {link['undelivered']:>11}"
+        )
     return "\n".join(lines)
+
+
+def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
+    """Keys are big integers carried as bytes; JSON gets them as decimal strings."""
+    links = [{**link, "remote_key": str(int.from_bytes(link["remote_key"], "big"))} for link in stats["links"]]
+    return {**stats, "key": str(int.from_bytes(stats["key"], "big")), "links": links}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = run(_fetch_stats(args.address))
     if args.json:
-        stats = {**stats, "key": str(int.from_bytes(stats["key"], "big"))}
-        print(json.dumps(stats, indent=2))
+        print(json.dumps(stats_as_json(stats), indent=2))
     else:
         print(format_stats(stats))
     return 0
@@ -130,6 +148,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level)
     return run(run_demo(count=args.count, interval_s=args.interval))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster import ClusterSpec, run_cluster
+
+    configure_logging(args.log_level)
+    spec = ClusterSpec.from_file(args.overlay) if args.overlay else ClusterSpec.shape(args.topology, args.n)
+    broker_args = [*args.broker_args[1:]] if args.broker_args[:1] == ["--"] else list(args.broker_args)
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        _install_shutdown_signals(stop)
+        return await run_cluster(
+            spec, stop, host=args.host, ports=args.ports, broker_args=broker_args, as_json=args.json, write=args.write
+        )
+
+    return run(serve())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(func=cmd_stats)
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="run N linked broker processes on this host",
+        description="Start N dcp broker processes with keys of their own, link them into an overlay, print "
+        "their addresses, keys and link ports, and stop them all on SIGINT/SIGTERM. "
+        "Arguments after -- go to every broker (e.g. -- --slow-consumer pause).",
+    )
+    cluster.add_argument("-n", type=int, default=3, help="number of brokers (default: 3)")
+    cluster.add_argument("--topology", default="line", choices=("line", "ring", "star", "mesh"), help="overlay shape (default: line)")
+    cluster.add_argument("--overlay", metavar="FILE", help="TOML/JSON file: brokers = [names], links = [[dialer, acceptor], ...]")
+    cluster.add_argument("--host", default="127.0.0.1", help="address the brokers listen on (default: 127.0.0.1)")
+    cluster.add_argument("--ports", type=int, default=64, help="ports of each broker (default: 64)")
+    cluster.add_argument("--json", action="store_true", help="print the overlay as one JSON line")
+    cluster.add_argument("--write", metavar="FILE", help="also write the overlay JSON to FILE")
+    cluster.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    cluster.add_argument("broker_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    cluster.set_defaults(func=cmd_cluster)
 
     demo = commands.add_parser("demo", help="run a broker with a publisher and two subscribers, printing what flows")
     demo.add_argument("--count", type=int, default=12, help="frames to publish (default: 12)")

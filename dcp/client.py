@@ -22,15 +22,14 @@ import asyncio
 import enum
 import itertools
 import logging
-import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
+from .backoff import Backoff
 from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
 from .routing import int_from_bytes
 from .wire import (
@@ -60,24 +59,6 @@ class Status(enum.Enum):
     OPEN = "open"
     RECONNECTING = "reconnecting"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnect attempts: exponential, capped, with jitter."""
-
-    initial_s: float = 0.05
-    max_s: float = 5.0
-    factor: float = 2.0
-    jitter: float = 0.1  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
-    max_attempts: int | None = None  # None: until close()
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial_s
-        attempts = itertools.count() if self.max_attempts is None else range(self.max_attempts)
-        for _ in attempts:
-            yield delay * random.uniform(1 - self.jitter, 1 + self.jitter)
-            delay = min(delay * self.factor, self.max_s)
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -399,17 +380,39 @@ class Connection:
         reply = await self._request({"op": "stats"})
         return reply["stats"]
 
-    async def _request(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def link(self, peer: str, wait: float | None = None) -> dict[str, Any]:
+        """Admin: make the broker link to the broker at ``peer`` (``HOST:PORT``).
+
+        Returns the link's stats (its ``port`` here, and once up its ``remote_port``
+        and ``remote_key``).  With ``wait``, the reply comes once the link is up, or
+        fails after ``wait`` seconds; the request timeout is stretched to match.
+
+        Raises:
+            RemoteError: ``bad_link`` (bad address, no free port, stateful mode),
+                ``link_timeout`` or ``not_admin``.
+        """
+        body: dict[str, Any] = {"op": "link", "peer": peer}
+        if wait is not None:
+            body["wait"] = wait
+        reply = await self._request(body, timeout=None if wait is None else wait + self.request_timeout_s)
+        return reply["link"]
+
+    async def unlink(self, port: int) -> None:
+        """Admin: close the broker's link on ``port`` for good and free both ends."""
+        await self._request({"op": "unlink", "port": port})
+
+    async def _request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         if self._transport is None or self._transport.is_closing():
             raise ConnectionClosed("not connected")
         request_id = next(self._request_ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
         self._transport.write(encode_control({**body, "id": request_id}))
+        timeout = timeout or self.request_timeout_s
         try:
-            return await asyncio.wait_for(future, self.request_timeout_s)
+            return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise DcpTimeout(f"broker did not answer {body['op']!r} within {self.request_timeout_s} s") from None
+            raise DcpTimeout(f"broker did not answer {body['op']!r} within {timeout} s") from None
         finally:
             self._requests.pop(request_id, None)
 

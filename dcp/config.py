@@ -48,6 +48,7 @@ class BrokerConfig:
     """Everything a broker needs to run; defaults are safe for one host."""
 
     listen: str = field(default="127.0.0.1:7400", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
+    name: str = field(default="", metadata=_opt("name of this broker in logs and on its links (default: its address)"))
     key: int | None = field(default=None, metadata=_opt("prime key of this broker (default: the least prime above 2**ports)", type=int))
     ports: int = field(default=64, metadata=_opt("number of ports (attachments) of this broker", type=int))
     mode: str = field(default="stateless", metadata=_opt("routing mode", choices=MODES))
@@ -59,11 +60,32 @@ class BrokerConfig:
     max_frame: int = field(default=DEFAULT_LIMITS.max_frame, metadata=_opt("largest frame accepted, bytes", type=int))
     max_topic: int = field(default=DEFAULT_LIMITS.max_topic, metadata=_opt("longest topic accepted, bytes", type=int))
     max_x_bits: int = field(default=DEFAULT_LIMITS.max_x_bits, metadata=_opt("largest topology number accepted, bits", type=int))
+    peers: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt("HOST:PORT of a broker to link to; repeat for several (a link takes one port at each end)", flag="--peer", action="append", metavar="HOST:PORT"),
+    )
+    link_ping_interval_s: float = field(default=1.0, metadata=_opt("seconds between health pings on a link", type=float))
+    link_timeout_s: float = field(default=5.0, metadata=_opt("a link with no answer for this long is cut and redialled, seconds", type=float))
+    link_retry_max_s: float = field(default=2.0, metadata=_opt("longest delay between redials of a link, seconds", type=float))
+    link_hold_s: float = field(
+        default=30.0,
+        metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
+    )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
+        if isinstance(self.peers, str) or not all(isinstance(peer, str) for peer in self.peers):
+            raise ConfigError(f"peers must be a list of HOST:PORT strings, got {self.peers!r}")
+        object.__setattr__(self, "peers", tuple(self.peers))
+        for peer in self.peers:
+            parse_address(peer)
+        for name in ("link_ping_interval_s", "link_timeout_s", "link_retry_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.link_hold_s < 0:
+            raise ConfigError("link_hold_s must not be negative")
         if not 1 <= self.ports <= 4096:
             raise ConfigError(f"ports must be in [1, 4096], got {self.ports}")
         if self.key is not None and self.key <= 1 << self.ports:

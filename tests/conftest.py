@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -121,3 +122,66 @@ def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
         if proc.process.poll() is None:
             proc.process.kill()
             proc.process.wait()
+
+
+@dataclass
+class ClusterProcess:
+    """A ``dcp cluster`` process and the overlay it printed (see ``dcp.cluster``)."""
+
+    process: subprocess.Popen[str]
+    overlay: dict
+    log: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def url(self, broker: str) -> str:
+        return "dcp://" + self.overlay["brokers"][broker]["address"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        return self.process.returncode, "".join(self.log)
+
+
+def start_cluster_process(*args: str) -> ClusterProcess:
+    """Run ``python -m dcp cluster --json ARGS`` and read the overlay line it prints."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dcp", "cluster", "--json", "--log-level", "info", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log: list[str] = []
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    assert process.stdout is not None
+    line = process.stdout.readline()  # the overlay, or "" if the launcher failed
+    if not line:
+        process.wait()
+        reader.join(5)
+        raise AssertionError(f"dcp cluster exited with {process.returncode}:\n{''.join(log)}")
+    return ClusterProcess(process, json.loads(line), log, reader)
+
+
+@pytest.fixture
+def cluster_process() -> Iterator[Callable[..., ClusterProcess]]:
+    started: list[ClusterProcess] = []
+
+    def start(*args: str) -> ClusterProcess:
+        proc = start_cluster_process(*args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.stop()

@@ -26,8 +26,8 @@ def test_every_config_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         main(["broker", "--help"])
     text = capsys.readouterr().out
-    for name in BrokerConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in text
+    for name, field in BrokerConfig.__dataclass_fields__.items():
+        assert field.metadata.get("flag", "--" + name.replace("_", "-")) in text
 
 
 def test_toml_then_flags(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_broker_process_from_toml_and_stats_command(tmp_path: Path, broker_proce
     out = subprocess.run([sys.executable, "-m", "dcp", "stats", address, "--json"], capture_output=True, text=True, timeout=60)
     stats = json.loads(out.stdout)
     assert (stats["key"], stats["frames_in"], set(stats["drops"])) == ("263", 0, {
-        "no_route", "unattached_port", "slow_consumer", "hop_limit", "route_too_large", "rejected", "truncated"})
+        "no_route", "unattached_port", "slow_consumer", "hop_limit", "route_too_large", "rejected", "truncated", "link_down"})
     code, log = broker.stop()
     assert code == 0, log
 

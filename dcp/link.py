@@ -1,0 +1,259 @@
+"""Peer links: a broker-to-broker connection that holds one port at each end.
+
+For the data path a link is a port like any other: frames arriving on it are
+forwarded by ``X mod key``, frames routed to it are written to it.  What makes it a
+link is its life cycle.  The dialling end redials with backoff after any failure;
+both ends ping to measure the round trip and to cut a link that stopped answering;
+both ends keep the link's port reserved while it is down, so the topology numbers
+that name it stay valid and delivery resumes, with no process restarted, when it
+comes back.  Frames routed to a link that is down are counted (``link_down``), not
+queued.  The accepting end knows a returning peer by (peer key, peer port) and
+frees the port if the peer stays away for ``link_hold_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from .backoff import Backoff
+from .config import parse_address
+from .errors import ConnectionClosed, DcpTimeout, RemoteError
+from .routing import int_to_bytes
+
+if TYPE_CHECKING:
+    from .broker import Broker, BrokerConnection
+
+__all__ = ["Link", "LINK_COUNTERS"]
+
+log = logging.getLogger(__name__)
+
+#: Per-link counters, summed over every connection the link has had.
+LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")
+
+
+class Link:
+    """One link of a broker: outbound (``address`` given, redialled) or inbound."""
+
+    def __init__(
+        self, broker: Broker, port: int, *, address: str | None = None, identity: tuple[int, int] | None = None
+    ) -> None:
+        self.broker = broker
+        self.port = port
+        self.address = address or ""  # what an outbound link dials
+        self.outbound = address is not None
+        self.identity = identity  # inbound: (peer key, peer's port for this link)
+        self.state = "down"
+        self.conn: BrokerConnection | None = None
+        self.remote_key = identity[0] if identity else 0
+        self.remote_port = identity[1] if identity else -1
+        self.remote_name = ""
+        self.rtt_s: float | None = None
+        self.connects = 0
+        self.undelivered = 0  # frames routed here while the link was down
+        self.last_error = ""
+        self._totals: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._welcome: asyncio.Future[None] | None = None
+        self._lost = asyncio.Event()
+        self._up = asyncio.Event()
+        self._pings: dict[int, float] = {}
+        self._ping_ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        direction = f"to {self.address}" if self.outbound else f"from {self.remote_name or self.remote_key}"
+        return f"<Link port {self.port} {direction} {self.state}>"
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Outbound: dial now and redial whenever the link is lost, until ``close()``."""
+        self._task = asyncio.get_running_loop().create_task(self._dial_forever())
+
+    async def wait_up(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"link on port {self.port} not up after {timeout}s: {self.last_error or self.state}") from None
+
+    def close(self, notify: bool) -> None:
+        """Stop the link for good; ``notify``: ask the peer to free its end now."""
+        self.state = "closed"
+        if self._task is not None:
+            self._task.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        conn = self.conn
+        if conn is not None:
+            if notify:
+                conn.send({"op": "unlink"})
+            conn.close()
+
+    async def _dial_forever(self) -> None:
+        host, port = parse_address(self.address)
+        config = self.broker.config
+        delays = None
+        while self.state != "closed":
+            try:
+                await self._dial(host, port)
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError) as exc:
+                reason = str(exc) or type(exc).__name__
+                if reason != self.last_error:
+                    log.warning("link port %d to %s: %s; redialling", self.port, self.address, reason)
+                self.last_error = reason
+                conn = self.conn
+                if conn is not None:
+                    self._connection_gone(conn)
+                    conn.abort()
+                if delays is None:
+                    delays = Backoff(initial_s=0.05, max_s=config.link_retry_max_s).delays()
+                await asyncio.sleep(next(delays))
+                continue
+            delays = None
+            await self._supervise()
+
+    async def _dial(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.broker.config.link_timeout_s
+        self._welcome = loop.create_future()
+        self._lost.clear()
+        await asyncio.wait_for(loop.create_connection(lambda: self.broker.new_connection(self), host, port), timeout)
+        await asyncio.wait_for(self._welcome, timeout)
+
+    def hello(self) -> dict[str, Any]:
+        """What the dialling end says first."""
+        broker = self.broker
+        return {"op": "hello", "id": 0, "role": "peer", "name": broker.name, "key": int_to_bytes(broker.key), "link": self.port}
+
+    def welcomed(self, conn: BrokerConnection, body: dict[str, Any]) -> None:
+        """Outbound: the peer accepted the link and gave it port ``body['port']``."""
+        if self._welcome is None or self._welcome.done() or conn is not self.conn:
+            conn.abort()
+            return
+        self.remote_key = int.from_bytes(body.get("key", b""), "big")
+        self.remote_port = body.get("port", -1)
+        self.remote_name = str(body.get("name", ""))
+        self.broker.attach(conn, self.port)
+        self._set_up(conn)
+        self._welcome.set_result(None)
+
+    def refused(self, conn: BrokerConnection, body: dict[str, Any]) -> None:
+        """Outbound: the peer answered the hello with an error."""
+        if self._welcome is not None and not self._welcome.done() and conn is self.conn:
+            self._welcome.set_exception(RemoteError(body.get("code", "error"), body.get("message", "")))
+
+    def accepted(self, conn: BrokerConnection, name: str) -> None:
+        """Inbound: the peer dialled (again); ``conn`` now carries the link."""
+        old = self.conn
+        if old is not None and old is not conn:
+            log.info("link port %d: %s dialled again; dropping the old connection", self.port, name)
+            self._connection_gone(old)
+            old.abort()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.remote_name = name
+        self.conn = conn
+        self.broker.attach(conn, self.port)
+        self._set_up(conn)
+        self._lost.clear()
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    def connection_made(self, conn: BrokerConnection) -> None:
+        self.conn = conn
+        self.connects += 1
+
+    def connection_lost(self, conn: BrokerConnection) -> None:
+        if conn is not self.conn:
+            return
+        self._connection_gone(conn)
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(ConnectionClosed("connection closed before the peer accepted the link"))
+        if not self.outbound and self.state != "closed" and not self.broker.closing:
+            self._expiry = asyncio.get_running_loop().call_later(
+                self.broker.config.link_hold_s, self.broker.remove_link, self, False
+            )
+
+    def _connection_gone(self, conn: BrokerConnection) -> None:
+        for name in LINK_COUNTERS:
+            self._totals[name] += getattr(conn, name)
+        self.conn = None
+        self._lost.set()
+        self._up.clear()
+        self._pings.clear()
+        if self.state == "up":
+            log.warning("link port %d (%s) down", self.port, self._describe())
+            self.state = "down"
+
+    def _set_up(self, conn: BrokerConnection) -> None:
+        if not self.outbound:
+            self.connects += 1
+        self.state = "up"
+        self.last_error = ""
+        self._up.set()
+        log.info(
+            "link up: port %d <-> %s port %d key=%d%s",
+            self.port, self._describe(), self.remote_port, self.remote_key, "" if self.outbound else " (incoming)",
+        )
+
+    def _describe(self) -> str:
+        return self.address if self.outbound else (self.remote_name or str(self.remote_key))
+
+    # -- health ---------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Ping every interval until the connection is lost; cut it if pings go unanswered."""
+        config = self.broker.config
+        while self.conn is not None:
+            try:
+                await asyncio.wait_for(self._lost.wait(), config.link_ping_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            conn = self.conn
+            if conn is None:
+                return
+            now = time.monotonic()
+            if self._pings and now - min(self._pings.values()) > config.link_timeout_s:
+                self.last_error = f"no answer to pings for {config.link_timeout_s}s"
+                log.warning("link port %d (%s): %s; cutting it", self.port, self._describe(), self.last_error)
+                self._connection_gone(conn)
+                conn.abort()
+                return
+            ping_id = next(self._ping_ids)
+            self._pings[ping_id] = now
+            conn.send({"op": "ping", "id": ping_id})
+
+    def pong(self, ping_id: Any) -> None:
+        sent = self._pings.pop(ping_id, None) if isinstance(ping_id, int) else None
+        if sent is not None:
+            self.rtt_s = time.monotonic() - sent
+            self._pings = {i: t for i, t in self._pings.items() if i > ping_id}
+
+    # -- counters ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        counters = Counter(self._totals)
+        if self.conn is not None:
+            for name in LINK_COUNTERS:
+                counters[name] += getattr(self.conn, name)
+        return {
+            "port": self.port,
+            "direction": "out" if self.outbound else "in",
+            "address": self.address,
+            "peer": self.conn.peer if self.conn is not None else "",
+            "remote_name": self.remote_name,
+            "remote_key": int_to_bytes(self.remote_key),
+            "remote_port": self.remote_port,
+            "state": self.state,
+            "rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000, 3),
+            "connects": self.connects,
+            "undelivered": self.undelivered,
+            **{name: counters[name] for name in LINK_COUNTERS},
+            "last_error": self.last_error,
+        }

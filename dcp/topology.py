@@ -1,0 +1,406 @@
+"""Delivery trees over a broker overlay, and a simulation of the data plane (pure, no I/O).
+
+The orchestrator knows the overlay (brokers, their prime keys, the links between their
+ports) and, per stream, the source endpoint and the subscriber endpoints.
+:func:`build_tree` turns that into a delivery tree and its topology number ``X``
+(:func:`dcp.routing.encode` of the tree's port bitmaps).  :func:`simulate` replays what
+the brokers would do with ``X`` using :func:`dcp.routing.forward` alone, so the routing
+invariants of DESIGN.md section 2 (one copy per subscriber, none elsewhere, nothing
+outside the tree, termination) are checked without sockets.  :func:`shape_edges` names
+the dial pairs of the overlay shapes the cluster launcher builds.
+
+Kept free of asyncio and socket so that the orchestrator, the tests and the benchmarks
+can use it without an event loop.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from math import gcd
+
+from .errors import RoutingError
+from .routing import encode, forward
+
+__all__ = [
+    "Endpoint",
+    "Link",
+    "Overlay",
+    "Tree",
+    "build_tree",
+    "Delivery",
+    "simulate",
+    "shape_edges",
+    "SHAPES",
+]
+
+Endpoint = tuple[str, int]
+"""``(broker name, port)``: one attachment of one broker."""
+
+SHAPES = ("line", "ring", "star", "mesh")
+
+_MAX_SIMULATION_STEPS = 10**6
+
+
+def _port_limit(key: int) -> int:
+    """Ports of a broker with this key are ``0 .. limit-1``: every bitmap then stays below the key."""
+    return key.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class Link:
+    """One overlay link: port a_port of broker a is connected to port b_port of broker b."""
+
+    a: str
+    a_port: int
+    b: str
+    b_port: int
+
+    def reversed(self) -> Link:
+        """The same link seen from b."""
+        return Link(self.b, self.b_port, self.a, self.a_port)
+
+
+class Overlay:
+    """Brokers with their prime keys, and the links between them (an undirected multigraph).
+
+    A broker with key ``k`` has ports ``0 .. k.bit_length()-2`` (so that any bitmap of
+    them is below ``k``; a key from ``allocate_keys(n, P)`` gives ports ``0 .. P-1``).
+    Overlays need not be connected; :func:`build_tree` raises when a subscriber is
+    unreachable.
+
+    Raises:
+        RoutingError: a key below 3, not an int, or sharing a factor with another key;
+            a link naming an unknown broker, joining a broker to itself, using a port
+            out of range, or using a port that another link already uses.
+    """
+
+    def __init__(self, keys: Mapping[str, int], links: Iterable[Link] = ()) -> None:
+        self.keys: dict[str, int] = dict(keys)
+        self.links: tuple[Link, ...] = tuple(links)
+        seen: list[tuple[str, int]] = []
+        for name, key in self.keys.items():
+            if not isinstance(name, str) or not name:
+                raise RoutingError(f"broker names are non-empty strings, got {name!r}")
+            if not isinstance(key, int) or isinstance(key, bool):
+                raise RoutingError(f"key of broker {name!r} is not an int: {key!r}")
+            if key < 3:
+                raise RoutingError(f"key {key} of broker {name!r} is below 3")
+            for other, other_key in seen:
+                if gcd(key, other_key) != 1:
+                    raise RoutingError(
+                        f"keys of brokers {other!r} ({other_key}) and {name!r} ({key}) are not coprime"
+                    )
+            seen.append((name, key))
+
+        self._adjacent: dict[str, list[tuple[int, str, int]]] = {name: [] for name in self.keys}
+        self._link_at: dict[Endpoint, Link] = {}
+        for link in self.links:
+            if not isinstance(link, Link):
+                raise RoutingError(f"not a Link: {link!r}")
+            for name in (link.a, link.b):
+                if name not in self.keys:
+                    raise RoutingError(f"link {link} names unknown broker {name!r}")
+            if link.a == link.b:
+                raise RoutingError(f"link {link} joins broker {link.a!r} to itself")
+            for name, port in ((link.a, link.a_port), (link.b, link.b_port)):
+                self._check_port(name, port, f"link {link}")
+                used = self._link_at.get((name, port))
+                if used is not None:
+                    raise RoutingError(f"port {port} of broker {name!r} is used by two links: {used} and {link}")
+                self._link_at[(name, port)] = link
+            self._adjacent[link.a].append((link.a_port, link.b, link.b_port))
+            self._adjacent[link.b].append((link.b_port, link.a, link.a_port))
+        for neighbours in self._adjacent.values():
+            neighbours.sort()
+        self._link_ports: dict[str, int] = {name: 0 for name in self.keys}
+        for name, port in self._link_at:
+            self._link_ports[name] |= 1 << port
+
+    def _check_port(self, broker: str, port: object, what: str) -> None:
+        limit = _port_limit(self.keys[broker])
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < limit:
+            raise RoutingError(
+                f"{what}: port {port!r} of broker {broker!r} is out of range for its key "
+                f"{self.keys[broker]} (ports 0..{limit - 1})"
+            )
+
+    def _known(self, broker: str, what: str) -> None:
+        if broker not in self.keys:
+            raise RoutingError(f"{what}: unknown broker {broker!r}")
+
+    def neighbours(self, broker: str) -> list[tuple[int, str, int]]:
+        """``(local port, other broker, other port)`` for every link of ``broker``, sorted."""
+        self._known(broker, "neighbours")
+        return list(self._adjacent[broker])
+
+    def link_ports(self, broker: str) -> int:
+        """The bitmap of ``broker``'s ports that links use."""
+        self._known(broker, "link_ports")
+        return self._link_ports[broker]
+
+    def link_at(self, broker: str, port: int) -> Link | None:
+        """The link on that port of that broker, seen from it (``a == broker``), or None."""
+        link = self._link_at.get((broker, port))
+        if link is None:
+            return None
+        return link if (link.a, link.a_port) == (broker, port) else link.reversed()
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Overlay:  # type: ignore[type-arg]
+        """Read ``{"brokers": {name: {"key": int}}, "links": [{"a", "a_port", "b", "b_port"}]}``.
+
+        A key may be an int or a decimal string (JSON has no big ints everywhere);
+        extra fields of a broker are ignored; ``links`` may be left out.
+
+        Raises:
+            RoutingError: a missing or malformed field, or an invalid overlay.
+        """
+        try:
+            brokers = data["brokers"]
+            keys: dict[str, int] = {}
+            for name, entry in brokers.items():
+                key = entry["key"]
+                if isinstance(key, str):
+                    key = int(key, 10)
+                keys[name] = key
+            links = [
+                Link(item["a"], int(item["a_port"]), item["b"], int(item["b_port"]))
+                for item in data.get("links", ())
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RoutingError(f"malformed overlay description: {exc!r}") from None
+        return cls(keys, links)
+
+    def to_dict(self) -> dict:  # type: ignore[type-arg]
+        """The inverse of :meth:`from_dict`; keys written as ints."""
+        return {
+            "brokers": {name: {"key": key} for name, key in self.keys.items()},
+            "links": [
+                {"a": link.a, "a_port": link.a_port, "b": link.b, "b_port": link.b_port} for link in self.links
+            ],
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Overlay):
+            return NotImplemented
+        return self.keys == other.keys and self.links == other.links
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Overlay({len(self.keys)} brokers, {len(self.links)} links)"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A delivery tree and its topology number.
+
+    ``bitmaps`` has one entry per broker that sends something (child links and local
+    subscriber ports); with no subscribers it is empty and ``x == 0``, which routes
+    nowhere (``0 mod key == 0``).  ``brokers`` always contains the source broker.
+    ``links`` are ordered by the child's distance from the source, then parent name
+    and port.
+    """
+
+    source: Endpoint
+    subscribers: frozenset[Endpoint]
+    bitmaps: dict[str, int] = field(hash=False)
+    links: tuple[Link, ...]
+    x: int
+
+    @property
+    def brokers(self) -> frozenset[str]:
+        """The brokers the frame reaches: the source broker and every broker with a bitmap."""
+        return frozenset(self.bitmaps) | {self.source[0]}
+
+    @property
+    def depth(self) -> int:
+        """Brokers on the longest source-to-leaf path (1 for a single broker)."""
+        level = {self.source[0]: 1}
+        for link in self.links:  # parents come before their children
+            level[link.b] = level[link.a] + 1
+        return max(level.values())
+
+
+def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoint]) -> Tree:
+    """The delivery tree from ``source`` to ``subscribers`` over ``overlay``, with its ``X``.
+
+    The frame enters the source broker on the source port.  Each subscriber broker
+    hangs on a shortest path from the source broker: breadth-first distances first,
+    then the subscriber brokers in order of (distance, name), each walked back toward
+    the root, at each step to a predecessor one step closer that is already in the
+    tree if there is one, else the smallest by (name, port), until a broker already in
+    the tree.  Among parallel links the lowest (parent port, child port) is used.  A
+    source port that is a link port is allowed (a frame injected from a link); that
+    link is then never used by the tree, since a broker never sends back on the port
+    the frame came in on.  Deterministic: the same inputs give the same tree.
+
+    Raises:
+        RoutingError: the source or a subscriber names an unknown broker or a port out
+            of range; a subscriber port is a link port, or is the source endpoint; a
+            subscriber broker cannot be reached from the source broker.
+    """
+    src, src_port = source
+    overlay._known(src, f"source {source!r}")
+    overlay._check_port(src, src_port, f"source {source!r}")
+    source = (src, src_port)
+
+    wanted: set[Endpoint] = set()
+    local: dict[str, int] = {}
+    for endpoint in subscribers:
+        broker, port = endpoint
+        overlay._known(broker, f"subscriber {endpoint!r}")
+        overlay._check_port(broker, port, f"subscriber {endpoint!r}")
+        if (broker, port) == source:
+            raise RoutingError(
+                f"subscriber {endpoint!r} is the source endpoint (a broker never sends back on the ingress port)"
+            )
+        if overlay.link_ports(broker) >> port & 1:
+            raise RoutingError(f"subscriber {endpoint!r} is on a link port of broker {broker!r}")
+        wanted.add((broker, port))
+        local[broker] = local.get(broker, 0) | 1 << port
+
+    if not wanted:
+        return Tree(source, frozenset(), {}, (), 0)
+
+    def usable(broker: str) -> list[tuple[int, str, int]]:
+        # The link on the source's ingress port can never carry the frame onward.
+        return [n for n in overlay._adjacent[broker] if not (broker == src and n[0] == src_port)]
+
+    distance = {src: 0}
+    queue = deque([src])
+    while queue:
+        broker = queue.popleft()
+        for _, other, _ in usable(broker):
+            if other not in distance:
+                distance[other] = distance[broker] + 1
+                queue.append(other)
+
+    for broker in sorted(local):
+        if broker not in distance:
+            raise RoutingError(f"subscriber broker {broker!r} is unreachable from source broker {src!r}")
+
+    in_tree = {src}
+    parent_link: dict[str, Link] = {}
+    for target in sorted(local, key=lambda b: (distance[b], b)):
+        child = target
+        while child not in in_tree:
+            closer = [
+                (other, other_port, port)
+                for port, other, other_port in usable(child)
+                if distance.get(other) == distance[child] - 1
+                and not (other == src and other_port == src_port)
+            ]
+            # min over (name, parent port, child port): among parallel links to the
+            # chosen parent, the lowest (parent port, child port)
+            joined = [c for c in closer if c[0] in in_tree]
+            parent, parent_port, child_port = min(joined or closer)
+            parent_link[child] = Link(parent, parent_port, child, child_port)
+            in_tree.add(child)
+            child = parent
+
+    bitmaps = dict(local)
+    for link in parent_link.values():
+        bitmaps[link.a] = bitmaps.get(link.a, 0) | 1 << link.a_port
+    bitmaps = {broker: bitmaps[broker] for broker in sorted(bitmaps)}
+    links = tuple(sorted(parent_link.values(), key=lambda l: (distance[l.b], l.a, l.a_port, l.b_port)))
+    x = encode({overlay.keys[broker]: bitmap for broker, bitmap in bitmaps.items()})
+    return Tree(source, frozenset(wanted), bitmaps, links, x)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the data plane did with one frame (see :func:`simulate`)."""
+
+    endpoints: Counter[Endpoint]
+    """Copies delivered to non-link ports (local attachments)."""
+    visits: Counter[str]
+    """How many times each broker received the frame (dropped copies included)."""
+    dropped_hop_limit: int
+    """Copies dropped because their hop limit had reached 0."""
+
+
+def simulate(
+    overlay: Overlay,
+    x: int,
+    source: Endpoint,
+    attached: Mapping[str, int] | None = None,
+    hops: int = 32,
+) -> Delivery:
+    """Replay the stateless data plane for one frame with topology number ``x``.
+
+    The frame enters broker ``source[0]`` on port ``source[1]`` with hop limit
+    ``hops``.  A broker that receives a copy with hop limit 0 drops it; otherwise it
+    sends one copy on each port of ``forward(x, key, ingress, link ports | attached)``:
+    a copy on a link port enters the broker at the other end with the hop limit minus
+    one, a copy on any other port is delivered to that endpoint.  ``attached`` maps a
+    broker to the bitmap of its attached local ports; a broker left out has every
+    non-link port of its range attached.
+
+    Raises:
+        RoutingError: unknown source broker, negative port, ``x`` or ``hops``.
+        RuntimeError: more than a million receptions (a forged ``x`` on a dense cyclic
+            overlay can multiply copies at every hop).
+    """
+    src, src_port = source
+    overlay._known(src, f"source {source!r}")
+    if hops < 0:
+        raise RoutingError(f"hop limit {hops} is negative")
+    attached = {} if attached is None else attached
+    masks: dict[str, int] = {}
+    endpoints: Counter[Endpoint] = Counter()
+    visits: Counter[str] = Counter()
+    dropped = 0
+    steps = 0
+    queue: deque[tuple[str, int, int]] = deque([(src, src_port, hops)])
+    while queue:
+        broker, ingress, limit = queue.popleft()
+        steps += 1
+        if steps > _MAX_SIMULATION_STEPS:
+            raise RuntimeError(f"simulation passed {_MAX_SIMULATION_STEPS} receptions; x={x} multiplies copies")
+        visits[broker] += 1
+        if limit <= 0:
+            dropped += 1
+            continue
+        key = overlay.keys[broker]
+        mask = masks.get(broker)
+        if mask is None:
+            links = overlay._link_ports[broker]
+            default = ((1 << _port_limit(key)) - 1) & ~links
+            mask = masks[broker] = links | attached.get(broker, default)
+        out = forward(x, key, ingress, mask)
+        while out:
+            low = out & -out
+            out ^= low
+            port = low.bit_length() - 1
+            link = overlay.link_at(broker, port)
+            if link is None:
+                endpoints[(broker, port)] += 1
+            else:
+                queue.append((link.b, link.b_port, limit - 1))
+    return Delivery(endpoints, visits, dropped)
+
+
+def shape_edges(shape: str, n: int) -> list[tuple[int, int]]:
+    """Dial pairs ``(i, j)``, ``i > j``: broker ``i`` dials broker ``j``, for ``n`` brokers.
+
+    ``line``: i -> i-1.  ``ring``: the line plus n-1 -> 0 when n >= 3.  ``star``:
+    i -> 0.  ``mesh``: every i > j.  Ports are not named here: the brokers assign them
+    when the links come up.
+
+    Raises:
+        RoutingError: an unknown shape or ``n < 1``.
+    """
+    if shape not in SHAPES:
+        raise RoutingError(f"unknown overlay shape {shape!r} (known: {', '.join(SHAPES)})")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RoutingError(f"an overlay needs at least one broker, got n={n!r}")
+    if shape == "line":
+        return [(i, i - 1) for i in range(1, n)]
+    if shape == "ring":
+        return [(i, i - 1) for i in range(1, n)] + ([(n - 1, 0)] if n >= 3 else [])
+    if shape == "star":
+        return [(i, 0) for i in range(1, n)]
+    return [(i, j) for i in range(1, n) for j in range(i)]

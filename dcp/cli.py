@@ -1,4 +1,4 @@
-"""The ``dcp`` command: ``broker``, ``stats``, ``cluster``, ``demo``.
+"""The ``dcp`` command: ``broker``, ``stats``, ``link``, ``unlink``, ``cluster``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -150,6 +150,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(count=args.count, interval_s=args.interval))
 
 
+async def _admin_link(address: str, peer: str | None, port: int | None, wait: float) -> dict[str, Any] | None:
+    from .client import connect
+
+    async with connect(address, role="admin", reconnect=False) as conn:
+        if peer is not None:
+            return await conn.link(peer, wait=wait or None)
+        assert port is not None
+        await conn.unlink(port)
+        return None
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    link = run(_admin_link(args.address, args.peer, None, args.wait))
+    assert link is not None
+    remote = f" <-> {args.peer} port {link['remote_port']}" if link["state"] == "up" else f" to {args.peer} ({link['state']})"
+    print(f"link on port {link['port']}{remote}")
+    return 0
+
+
+def cmd_unlink(args: argparse.Namespace) -> int:
+    run(_admin_link(args.address, None, args.port, 0))
+    print(f"link on port {args.port} removed")
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from .cluster import ClusterSpec, run_cluster
 
@@ -181,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(func=cmd_stats)
+
+    link = commands.add_parser("link", help="link a running broker to another one", description="Ask the broker at "
+                               "HOST:PORT to link to PEER; the link takes a port at each end and is redialled after failures.")
+    link.add_argument("address", metavar="HOST:PORT")
+    link.add_argument("peer", metavar="PEER", help="HOST:PORT of the broker to link to")
+    link.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the link to come up; 0: do not wait (default: 5)")
+    link.set_defaults(func=cmd_link)
+
+    unlink = commands.add_parser("unlink", help="remove a broker's link", description="Close the link on PORT of the "
+                                 "broker at HOST:PORT for good; both ends free their port.")
+    unlink.add_argument("address", metavar="HOST:PORT")
+    unlink.add_argument("port", type=int, metavar="PORT", help="the link's port on that broker (see dcp stats)")
+    unlink.set_defaults(func=cmd_unlink)
 
     cluster = commands.add_parser(
         "cluster",

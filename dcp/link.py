@@ -79,7 +79,10 @@ class Link:
         try:
             await asyncio.wait_for(self._up.wait(), timeout)
         except asyncio.TimeoutError:
-            raise DcpTimeout(f"link on port {self.port} not up after {timeout}s: {self.last_error or self.state}") from None
+            raise DcpTimeout(
+                f"link on port {self.port} not up after {timeout}s ({self.last_error or self.state}); "
+                "it keeps redialling until unlinked"
+            ) from None
 
     def close(self, notify: bool) -> None:
         """Stop the link for good; ``notify``: ask the peer to free its end now."""

@@ -87,3 +87,28 @@ def test_demo_runs_and_delivers_everything() -> None:
     assert out.returncode == 0, out.stderr
     assert "summary: published 12, delivered left=8 right=8" in out.stdout
     assert "drops: none" in out.stdout
+
+
+def test_link_and_unlink_commands(broker_process) -> None:
+    from dcp.routing import allocate_keys
+
+    keys = allocate_keys(2, 64)
+    a = broker_process("--key", str(keys[0]), "--name", "a")
+    b = broker_process("--key", str(keys[1]), "--name", "b")
+    dcp_cmd = [sys.executable, "-m", "dcp"]
+    out = subprocess.run([*dcp_cmd, "link", f"{a.host}:{a.port}", f"{b.host}:{b.port}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("link on port 0 <-> ") and out.stdout.strip().endswith("port 0")
+    out = subprocess.run([*dcp_cmd, "stats", f"{b.host}:{b.port}", "--json"], capture_output=True, text=True, timeout=60)
+    (link,) = json.loads(out.stdout)["links"]
+    assert (link["direction"], link["state"], link["remote_name"], link["remote_key"]) == ("in", "up", "a", str(keys[0]))
+    out = subprocess.run([*dcp_cmd, "unlink", f"{a.host}:{a.port}", "9"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no_link" in out.stderr
+    out = subprocess.run([*dcp_cmd, "unlink", f"{a.host}:{a.port}", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*dcp_cmd, "link", f"{a.host}:{a.port}", "127.0.0.1:1", "--wait", "0.3"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "link_timeout" in out.stderr and "unlinked" in out.stderr
+    for proc in (a, b):
+        code, log = proc.stop()
+        assert code == 0, log
+    assert any("link port 0 removed" in line for line in b.log)

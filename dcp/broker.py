@@ -129,7 +129,8 @@ class Broker:
         )
         self._started_at = time.monotonic()
         host, port = self.address
-        self.name = self.name or f"{host}:{port}"
+        if not self.name:  # a wildcard address means nothing to peers: name the host instead
+            self.name = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
         log.info(
             "dcp broker listening on %s:%d mode=%s key=%d ports=%d",
             host, port, self.config.mode, self.key, self.config.ports,

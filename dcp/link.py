@@ -140,7 +140,7 @@ class Link:
             return
         self.remote_key = int.from_bytes(body.get("key", b""), "big")
         self.remote_port = body.get("port", -1)
-        self.remote_name = str(body.get("name", ""))
+        self.remote_name = conn.name = str(body.get("name", ""))
         self.broker.attach(conn, self.port)
         self._set_up(conn)
         self._welcome.set_result(None)
@@ -205,7 +205,9 @@ class Link:
         )
 
     def _describe(self) -> str:
-        return self.address if self.outbound else (self.remote_name or str(self.remote_key))
+        if self.outbound:
+            return f"{self.remote_name} ({self.address})" if self.remote_name else self.address
+        return self.remote_name or str(self.remote_key)
 
     # -- health ---------------------------------------------------------------
 

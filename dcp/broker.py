@@ -710,7 +710,7 @@ class BrokerConnection(asyncio.Protocol):
                 broker.accept_link(self, body)
             except (LinkRefused, RoutingError) as exc:
                 log.warning("refusing a link from %s (%s): %s", self.name or "-", self.peer, exc)
-                self._fail_with(getattr(exc, "code", "no_free_port"), str(exc), request_id)
+                self._fail_with(exc.code if isinstance(exc, LinkRefused) else "no_free_port", str(exc), request_id)
                 return
             reply["port"] = self.port
         elif role == "agent":

@@ -2,9 +2,10 @@
 
 Brokers route every data frame by an in-band topology number X (``X mod key`` names
 the out ports); see :mod:`dcp.routing`, :mod:`dcp.wire`, :mod:`dcp.broker` and
-:mod:`dcp.client`.
+:mod:`dcp.client`; pipelines: :mod:`dcp.orchestrator` and :class:`dcp.DataAgent`.
 """
 
+from .agent import DataAgent
 from .client import Backoff, Connection, Message, Status, connect
 from .errors import (
     ConfigError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect",
+    "DataAgent",
     "Connection",
     "Message",
     "Status",

@@ -99,6 +99,8 @@ class Broker:
         self.links: dict[int, Link] = {}  # port -> link
         self._inbound: dict[tuple[int, int], Link] = {}  # (peer key, peer port) -> link
         self._tasks: set[asyncio.Task[None]] = set()  # control replies that wait
+        self._orchestrator: Any = None  # a client Connection to the DO, with --orchestrator
+        self._report_due = False
         self.table: dict[bytes, int] = {}  # stateful mode: topic -> bitmap of ports
         self.frames_in = 0
         self.bytes_in = 0
@@ -137,6 +139,8 @@ class Broker:
         )
         for peer in self.config.peers:
             self.add_link(peer)
+        if self.config.orchestrator:
+            self._spawn(self._report_to_orchestrator())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -176,6 +180,8 @@ class Broker:
             conn.close(going_away)
         for link in self.links.values():
             link.close(notify=False)
+        if self._orchestrator is not None:
+            await self._orchestrator.close()
         try:
             await asyncio.wait_for(self._no_connections.wait(), self.config.shutdown_timeout_s)
         except asyncio.TimeoutError:
@@ -196,6 +202,55 @@ class Broker:
     def new_connection(self, link: Link | None = None) -> BrokerConnection:
         return BrokerConnection(self, link)
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reporting to the orchestrator ---------------------------------------
+
+    async def _report_to_orchestrator(self) -> None:
+        """Register with the DO (again after every reconnect); it learns keys, ports and links, never topics."""
+        from .client import Connection
+
+        async def register(conn: Connection) -> None:
+            await conn.request(self._state())
+
+        self._orchestrator = Connection(
+            f"dcp://{self.config.orchestrator}", name=self.name, role="broker", on_open=register
+        )
+        try:
+            await self._orchestrator.open(retry=True)
+        except DcpError as exc:
+            log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, exc)
+
+    def state_changed(self) -> None:
+        """A port or link changed: send the DO one fresh snapshot at the end of this loop iteration."""
+        if self._orchestrator is not None and not self._report_due:
+            self._report_due = True
+            asyncio.get_running_loop().call_soon(self._send_state)
+
+    def _send_state(self) -> None:
+        self._report_due = False
+        if self._orchestrator is not None and not self._closing:
+            self._orchestrator.send(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        host, port = self.address
+        return {
+            "op": "broker_state",
+            "key": int_to_bytes(self.key),
+            "address": f"{host}:{port}",
+            "ports": self.config.ports,
+            "links": [
+                {"port": p, "remote_key": int_to_bytes(link.remote_key), "remote_port": link.remote_port, "state": link.state}
+                for p, link in sorted(self.links.items())
+            ],
+            "attached": [
+                {"port": p, "name": conn.name} for p, conn in enumerate(self._ports) if conn is not None and conn.link is None
+            ],
+        }
+
     # -- ports --------------------------------------------------------------
 
     def attach(self, conn: BrokerConnection, port: int | None = None) -> int | None:
@@ -212,6 +267,7 @@ class Broker:
         conn.port, conn.bit, conn.not_bit = port, 1 << port, ~(1 << port)
         self.attached |= 1 << port
         self._targets.clear()
+        self.state_changed()
         return port
 
     def _free_port(self) -> int | None:
@@ -230,6 +286,7 @@ class Broker:
         self._ports[port] = None
         self.attached &= ~(1 << port)
         self._targets.clear()
+        self.state_changed()
         for topic in conn.topics:
             self.unsubscribe(conn, topic)
 
@@ -279,6 +336,7 @@ class Broker:
         if link.identity is not None:
             self._inbound.pop(link.identity, None)
         self.reserved &= ~(1 << link.port)
+        self.state_changed()
         log.info("link port %d removed (%s)", link.port, link.address or link.remote_name or link.remote_key)
 
     def _reserve_port(self) -> int:
@@ -750,9 +808,7 @@ class BrokerConnection(asyncio.Protocol):
             self.send({"op": "ok", "re": request_id, "link": link.stats()})
             return
         timeout = wait if isinstance(wait, (int, float)) and not isinstance(wait, bool) else broker.config.link_timeout_s
-        task = asyncio.get_running_loop().create_task(self._reply_when_up(link, float(timeout), request_id))
-        broker._tasks.add(task)
-        task.add_done_callback(broker._tasks.discard)
+        broker._spawn(self._reply_when_up(link, float(timeout), request_id))
 
     async def _reply_when_up(self, link: Link, timeout: float, request_id: Any) -> None:
         try:

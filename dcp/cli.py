@@ -1,4 +1,5 @@
-"""The ``dcp`` command: ``broker``, ``stats``, ``link``, ``unlink``, ``cluster``, ``demo``.
+"""The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``stats``,
+``link``, ``unlink``, ``cluster``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from ._loop import run
-from .config import BrokerConfig
+from .config import BrokerConfig, OrchestratorConfig
 from .errors import DcpError
 
 __all__ = ["main"]
@@ -37,9 +38,10 @@ def configure_logging(level: str) -> None:
     )
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per BrokerConfig field; only flags given override the config file."""
-    for field in dataclasses.fields(BrokerConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = BrokerConfig) -> None:
+    """One flag per config field; only flags given override the config file."""
+    parser.set_defaults(config_class=config_class)
+    for field in dataclasses.fields(config_class):
         meta = dict(field.metadata)
         help_text = meta.pop("help")
         flag = meta.pop("flag", "--" + field.name.replace("_", "-"))
@@ -53,10 +55,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _config_from_args(args: argparse.Namespace) -> BrokerConfig:
-    names = {field.name for field in dataclasses.fields(BrokerConfig)}
+def _config_from_args(args: argparse.Namespace) -> Any:
+    names = {field.name for field in dataclasses.fields(args.config_class)}
     overrides = {name: value for name, value in vars(args).items() if name in names}
-    return BrokerConfig.from_sources(args.config, overrides)
+    return args.config_class.from_sources(args.config, overrides)
 
 
 def _install_shutdown_signals(stop: asyncio.Event) -> None:
@@ -175,6 +177,71 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_orchestrator(config: Any) -> None:
+    from .orchestrator import Orchestrator
+
+    orchestrator = Orchestrator(config)
+    stop = asyncio.Event()
+    _install_shutdown_signals(stop)
+    await orchestrator.start()
+    await orchestrator.serve_forever(stop.wait)
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    configure_logging(config.log_level)
+    run(_serve_orchestrator(config))
+    return 0
+
+
+async def _orchestrator_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    from .client import connect
+
+    async with connect(url, role="admin", name="dcp-cli", reconnect=False) as conn:
+        return await conn.request(body)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    reply = run(_orchestrator_request(args.orchestrator, {"op": "deploy", "spec": spec.to_dict()}))
+    print(f"deployed {reply['pipeline']}")
+    for element, agents in reply["assignments"].items():
+        print(f"  {element}: {', '.join(agents) or '(waiting for an agent)'}")
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    run(_orchestrator_request(args.orchestrator, {"op": "undeploy", "name": args.name}))
+    print(f"undeployed {args.name}")
+    return 0
+
+
+def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
+    if not pipelines:
+        return "no pipelines deployed"
+    lines = []
+    for pipeline in pipelines:
+        lines.append(f"pipeline {pipeline['name']}")
+        lines.append(f"  {'element':<16} {'kind':<6} {'capability':<20} {'agent':<18} {'in':>8} {'out':>8} {'dropped':>8}")
+        for element in pipeline["elements"]:
+            rows = element["agents"] or [{"agent": "(none)", "online": False}]
+            for row in rows:
+                agent = row["agent"] + ("" if row["online"] else " (off)")
+                lines.append(
+                    f"  {element['name'][:16]:<16} {element['kind']:<6} {str(element['capability'])[:20]:<20} {agent[:18]:<18} "
+                    f"{row.get('in', 0):>8} {row.get('out', 0):>8} {row.get('dropped', 0):>8}"
+                )
+    return "\n".join(lines)
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    reply = run(_orchestrator_request(args.orchestrator, {"op": "pipelines"}))
+    print(json.dumps(reply["pipelines"], indent=2) if args.json else format_pipelines(reply["pipelines"]))
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from .cluster import ClusterSpec, run_cluster
 
@@ -206,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.set_defaults(func=cmd_stats)
+
+    orchestrator = commands.add_parser(
+        "orchestrator", help="run the data orchestrator", description="Run the data orchestrator (DO) until SIGINT/SIGTERM."
+    )
+    orchestrator.add_argument("--config", metavar="FILE", help="TOML file with an [orchestrator] table; flags override it")
+    _add_config_flags(orchestrator, OrchestratorConfig)
+    orchestrator.set_defaults(func=cmd_orchestrator)
+
+    do_url = {"default": "dcp://127.0.0.1:7300", "help": "the orchestrator (default: dcp://127.0.0.1:7300)"}
+    deploy = commands.add_parser("deploy", help="validate and deploy a pipeline spec")
+    deploy.add_argument("spec", metavar="SPEC", help="pipeline spec file (TOML, or JSON)")
+    deploy.add_argument("--orchestrator", **do_url)
+    deploy.set_defaults(func=cmd_deploy)
+
+    undeploy = commands.add_parser("undeploy", help="remove a deployed pipeline")
+    undeploy.add_argument("name", metavar="NAME")
+    undeploy.add_argument("--orchestrator", **do_url)
+    undeploy.set_defaults(func=cmd_undeploy)
+
+    pipelines = commands.add_parser("pipelines", help="list deployed pipelines with live per-element counters")
+    pipelines.add_argument("--orchestrator", **do_url)
+    pipelines.add_argument("--json", action="store_true", help="print JSON")
+    pipelines.set_defaults(func=cmd_pipelines)
 
     link = commands.add_parser("link", help="link a running broker to another one", description="Ask the broker at "
                                "HOST:PORT to link to PEER; the link takes a port at each end and is redialled after failures.")

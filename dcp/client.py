@@ -10,8 +10,8 @@
 ``connect()`` returns an object that is both awaitable and an async context
 manager.  Received frames wait in a bounded queue: when it is full the client stops
 reading from the socket (``overflow="pause"``, the default: nothing is lost here and
-the broker's slow-consumer policy applies) or drops the newest frame and counts it
-(``overflow="drop"``).  Publishes are written at once; the event loop coalesces the
+the broker's slow-consumer policy applies) or drops a frame and counts it: the newest
+(``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).  Publishes are written at once; the event loop coalesces the
 writes of one iteration into one system call, and a publish waits only while the
 socket's output buffer is over its high-water mark.
 """
@@ -25,7 +25,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +48,7 @@ __all__ = ["connect", "Connect", "Connection", "Message", "Status", "Backoff", "
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "dcp://127.0.0.1:7400"
+OVERFLOW_POLICIES = ("pause", "drop-newest", "drop-oldest", "drop")
 
 #: A received data frame: ``topic``, ``payload``, ``route``, ``hops``, ``msg_id``,
 #: ``timestamp_ns``, ``flags``.
@@ -130,9 +131,11 @@ class Connection:
         write_buffer_bytes: int = 1024 * 1024,
         hops: int = DEFAULT_HOPS,
         limits: Limits | None = None,
+        on_open: Callable[[Connection], Awaitable[None]] | None = None,
+        on_push: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        if overflow not in ("pause", "drop"):
-            raise ConfigError(f"overflow must be 'pause' or 'drop', got {overflow!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
         if max_pending < 1:
             raise ConfigError("max_pending must be at least 1")
         self.url = url
@@ -141,7 +144,9 @@ class Connection:
         self.role = role
         self.backoff: Backoff | None = Backoff() if reconnect is True else (reconnect or None)
         self.max_pending = max_pending
-        self.overflow = overflow
+        self.overflow = "drop-newest" if overflow == "drop" else overflow
+        self.on_open = on_open
+        self.on_push = on_push
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.write_buffer_bytes = write_buffer_bytes
@@ -156,7 +161,7 @@ class Connection:
         self.status = Status.CONNECTING
         self.published = 0
         self.received = 0
-        #: Frames dropped here because the queue was full (overflow="drop").
+        #: Frames dropped here because the queue was full (the drop overflow policies).
         self.dropped = 0
         #: Connections made, the first included.
         self.connects = 0
@@ -176,13 +181,31 @@ class Connection:
         self._subscriptions: set[str] = set()
         self._reconnector: asyncio.Task[None] | None = None
         self._close_reason: BaseException | None = None
+        self._user_closed = False
 
     # -- opening and closing -------------------------------------------------
 
-    async def open(self) -> None:
-        """Connect and attach (the first time, no retry: a refused connect raises)."""
+    async def open(self, retry: bool = False) -> None:
+        """Connect and attach.
+
+        The first time, a refused connect raises, unless ``retry``: then the reconnect
+        backoff applies from the start (for a peer that may not be up yet).
+        """
         self._opened = asyncio.Event()
-        await self._attach()
+        delays = self.backoff.delays() if retry and self.backoff is not None else iter(())
+        while True:
+            try:
+                await self._attach()
+                return
+            except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
+                delay = next(delays, None)
+                if delay is None or self._user_closed:
+                    raise
+                log.info("cannot reach %s:%d yet (%s); retrying", *self.address, exc)
+                await asyncio.sleep(delay)
+                if self._user_closed:
+                    raise ConnectionClosed("connection closed") from None
+                self.status = Status.CONNECTING
 
     async def _attach(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,6 +235,8 @@ class Connection:
         self._encoder = DataEncoder(self.limits)
         for topic in sorted(self._subscriptions):
             await self._request({"op": "subscribe", "topic": topic})
+        if self.on_open is not None:
+            await self.on_open(self)
         self.connects += 1
         self.status = Status.OPEN
         assert self._opened is not None
@@ -239,6 +264,7 @@ class Connection:
 
     async def close(self) -> None:
         """Close the connection; idempotent.  Written frames are flushed first."""
+        self._user_closed = True
         if self.status is Status.CLOSED:
             return
         self.status = Status.CLOSED
@@ -342,8 +368,14 @@ class Connection:
     def _deliver(self, frame: Message) -> None:
         queue = self._queue
         if len(queue) >= self.max_pending:
-            if self.overflow == "drop":
+            if self.overflow == "drop-newest":
                 self.dropped += 1
+                return
+            if self.overflow == "drop-oldest":
+                queue.popleft()
+                self.dropped += 1
+                queue.append(frame)
+                self.received += 1
                 return
             if not self._reading_paused and self._transport is not None:
                 self._reading_paused = True
@@ -401,6 +433,21 @@ class Connection:
         """Admin: close the broker's link on ``port`` for good and free both ends."""
         await self._request({"op": "unlink", "port": port})
 
+    async def request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send the control frame ``body`` (an ``op`` and its fields) and return the reply.
+
+        Raises:
+            RemoteError: the peer answered with an error frame.
+            DcpTimeout: no answer within ``timeout`` (default ``request_timeout_s``).
+            ConnectionClosed: not connected, or lost before the answer.
+        """
+        return await self._request(body, timeout)
+
+    def send(self, body: dict[str, Any]) -> None:
+        """Send the control frame ``body`` with no reply expected; dropped if not connected."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(encode_control(body))
+
     async def _request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         if self._transport is None or self._transport.is_closing():
             raise ConnectionClosed("not connected")
@@ -430,6 +477,8 @@ class Connection:
             log.log(level, "broker error %s: %s (x%s)", body.get("code"), body.get("message"), body.get("count", 1))
         elif op == "going_away":
             log.info("broker %s:%d is going away", *self.address)
+        elif self.on_push is not None:
+            self.on_push(body)
 
     # -- losing the connection -------------------------------------------------------
 
@@ -531,8 +580,11 @@ def connect(url: str = DEFAULT_URL, **options: Any) -> Connect:
     """Attach to the broker at ``url`` (``dcp://HOST:PORT``).
 
     Options (all keyword): ``name``; ``reconnect`` (True, False or a :class:`Backoff`);
-    ``max_pending`` (received frames held, default 10000); ``overflow`` ("pause" or
-    "drop"); ``request_timeout_s``; ``connect_timeout_s``; ``write_buffer_bytes``;
-    ``hops`` (hop limit of published frames); ``limits``.
+    ``max_pending`` (received frames held, default 10000); ``overflow`` ("pause",
+    "drop-newest" or "drop-oldest"); ``request_timeout_s``; ``connect_timeout_s``;
+    ``write_buffer_bytes``; ``hops`` (hop limit of published frames); ``limits``;
+    ``on_open`` (awaited after every (re)connect, before the connection counts as
+    open: re-register there); ``on_push`` (called with every control frame that is
+    not a reply, an error or ``going_away``).
     """
     return Connect(url, **options)

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 from .wire import DEFAULT_LIMITS, Limits
 
-__all__ = ["BrokerConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
+__all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
 
 MODES = ("stateless", "stateful")
 SLOW_CONSUMER_POLICIES = ("drop", "pause")
@@ -43,9 +43,37 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     return host, number
 
 
+class _FromSources:
+    """Defaults, then a TOML table (``SECTION``), then overrides: shared by the daemons' configs."""
+
+    SECTION = ""
+
+    @classmethod
+    def from_sources(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
+        """Defaults, then the ``[SECTION]`` table of a TOML file, then ``overrides``.
+
+        Raises:
+            ConfigError: an unreadable file, an unknown key or an invalid value.
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            values.update(_read_toml(Path(file), cls.SECTION))
+        values.update(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 @dataclass(frozen=True)
-class BrokerConfig:
+class BrokerConfig(_FromSources):
     """Everything a broker needs to run; defaults are safe for one host."""
+
+    SECTION = "broker"
 
     listen: str = field(default="127.0.0.1:7400", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
     name: str = field(default="", metadata=_opt("name of this broker in logs and on its links (default: its address)"))
@@ -67,6 +95,10 @@ class BrokerConfig:
     link_ping_interval_s: float = field(default=1.0, metadata=_opt("seconds between health pings on a link", type=float))
     link_timeout_s: float = field(default=5.0, metadata=_opt("a link with no answer for this long is cut and redialled, seconds", type=float))
     link_retry_max_s: float = field(default=2.0, metadata=_opt("longest delay between redials of a link, seconds", type=float))
+    orchestrator: str = field(
+        default="",
+        metadata=_opt("HOST:PORT of the data orchestrator to register with and report links and ports to (default: none)"),
+    )
     link_hold_s: float = field(
         default=30.0,
         metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
@@ -81,6 +113,8 @@ class BrokerConfig:
         object.__setattr__(self, "peers", tuple(self.peers))
         for peer in self.peers:
             parse_address(peer)
+        if self.orchestrator:
+            parse_address(self.orchestrator)
         for name in ("link_ping_interval_s", "link_timeout_s", "link_retry_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -113,28 +147,29 @@ class BrokerConfig:
     def address(self) -> tuple[str, int]:
         return parse_address(self.listen)
 
-    @classmethod
-    def from_sources(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> BrokerConfig:
-        """Defaults, then the ``[broker]`` table of a TOML file, then ``overrides``.
 
-        Raises:
-            ConfigError: an unreadable file, an unknown key or an invalid value.
-        """
-        values: dict[str, Any] = {}
-        if file is not None:
-            values.update(_read_toml(Path(file)))
-        values.update(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown broker setting(s): {', '.join(unknown)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
+@dataclass(frozen=True)
+class OrchestratorConfig(_FromSources):
+    """Everything the data orchestrator needs to run."""
+
+    SECTION = "orchestrator"
+
+    listen: str = field(default="127.0.0.1:7300", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
+    db: str = field(default="dcp-orchestrator.db", metadata=_opt("sqlite file holding the registries and pipelines (:memory: for none)"))
+    policy: str = field(default="", metadata=_opt("TOML/JSON file of publish/consume rules (default: allow everything)"))
+    log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_address(self.listen)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, section: str) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -142,7 +177,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    table = data.get("broker", data)
+    table = data.get(section, data)
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [broker] must be a table")
+        raise ConfigError(f"{path}: [{section}] must be a table")
     return dict(table)

@@ -192,6 +192,7 @@ class Link:
         if self.state == "up":
             log.warning("link port %d (%s) down", self.port, self._describe())
             self.state = "down"
+            self.broker.state_changed()
 
     def _set_up(self, conn: BrokerConnection) -> None:
         if not self.outbound:
@@ -199,6 +200,7 @@ class Link:
         self.state = "up"
         self.last_error = ""
         self._up.set()
+        self.broker.state_changed()
         log.info(
             "link up: port %d <-> %s port %d key=%d%s",
             self.port, self._describe(), self.remote_port, self.remote_key, "" if self.outbound else " (incoming)",

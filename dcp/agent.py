@@ -1,0 +1,463 @@
+"""``dcp.DataAgent``: a data agent (DA) of a pipeline, in any Python program.
+
+An agent attaches to a broker, registers with the orchestrator (its name,
+capabilities, the topics it consumes and produces, and where it is attached) and
+then only handles frames: the orchestrator pushes it the topology number of every
+topic it publishes, and assigns it pipeline elements (a source, a stage or a sink
+running one of its capabilities).  It re-registers by itself after any reconnect,
+to the same broker or to the next one of its list, and gets its routes and elements
+back with no user code.
+
+::
+
+    agent = dcp.DataAgent("face-detector", broker="dcp://127.0.0.1:7400")
+
+    @agent.capability("detect_faces")          # assigned by a deployed pipeline
+    async def detect(msg, params):
+        return find_faces(msg.payload)         # published on the element's topic
+
+    @agent.process("video", emits="thumbs")    # always on, declared at registration
+    async def thumb(msg):
+        return shrink(msg.payload)
+
+    await agent.run()
+
+Handlers run one at a time in arrival order; a handler returns a payload, a list of
+payloads or None.  Received frames wait in a bounded buffer whose overflow policy is
+declared (``pause``: back-pressure to the broker; ``drop-newest``/``drop-oldest``:
+counted drops).  Publishing a topic with no route yet (nobody consumes it) sends
+nothing and is counted as ``unrouted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backoff import Backoff
+from .client import OVERFLOW_POLICIES, Connection, Message
+from .errors import ConfigError, ConnectionClosed, DcpError
+from .patterns import topic_matches, validate_pattern, validate_topic
+from .routing import int_from_bytes, int_to_bytes
+
+__all__ = ["DataAgent", "Element"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORCHESTRATOR = "dcp://127.0.0.1:7300"
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Element:
+    """One thing the agent runs: an assigned pipeline element, or a declared handler."""
+
+    key: str  # "pipeline/element" for assigned ones, "process:topic" for declared ones
+    kind: str  # "source", "stage", "sink"
+    consumes: tuple[str, ...]
+    emits: str | None
+    handler: Handler
+    params: dict[str, Any] | None = None  # assigned elements get their spec params
+    batch: int = 1
+    batch_timeout_s: float = 0.05
+    window_s: float | None = None
+    received: int = 0
+    emitted: int = 0
+    errors: int = 0
+    latency_s: float = 0.0  # sum of publish-to-handle delays, for the mean
+    latency_max_s: float = 0.0
+    pending: list[Message] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    def counters(self) -> dict[str, Any]:
+        mean = self.latency_s / self.received if self.received else 0.0
+        return {
+            "in": self.received, "out": self.emitted, "errors": self.errors,
+            "latency_ms": round(mean * 1000, 3), "latency_max_ms": round(self.latency_max_s * 1000, 3),
+        }
+
+
+class DataAgent:
+    """A data agent; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: str | Sequence[str] = "dcp://127.0.0.1:7400",
+        orchestrator: str = DEFAULT_ORCHESTRATOR,
+        buffer: int = 1000,
+        overflow: str = "pause",
+        report_interval_s: float = 1.0,
+        failover_attempts: int = 3,
+    ) -> None:
+        if not name:
+            raise ConfigError("a data agent needs a name")
+        self.name = name
+        self.brokers = [broker] if isinstance(broker, str) else list(broker)
+        if not self.brokers:
+            raise ConfigError("a data agent needs at least one broker URL")
+        self.orchestrator_url = orchestrator
+        self.buffer = buffer
+        self.overflow = overflow
+        self.report_interval_s = report_interval_s
+        self.failover_attempts = failover_attempts
+        self.capabilities: dict[str, Handler] = {}
+        self.elements: dict[str, Element] = {}
+        self.produces: set[str] = set()
+        self.routes: dict[str, tuple[int, int]] = {}  # topic -> (epoch, X)
+        self.consumers: dict[str, list[str]] = {}  # topic -> who the orchestrator says gets it
+        self.published = 0
+        self.unrouted = 0
+        self.lost = 0  # publishes that failed because the broker connection was gone
+        self.broker: Connection | None = None
+        self.orchestrator: Connection | None = None
+        self.route_changed = asyncio.Event()
+        self._declared: dict[str, Element] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._attached = asyncio.Event()
+        self._running = False
+        self._stopped = asyncio.Event()
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
+        if buffer < 1:
+            raise ConfigError("buffer must be at least 1")
+
+    # -- declaring what the agent does --------------------------------------------------
+
+    def capability(self, name: str) -> Callable[[Handler], Handler]:
+        """Offer a capability: ``async def f(msg, params)`` for stages and sinks (returns
+        what to emit), or an async generator ``async def f(params)`` yielding payloads
+        for sources."""
+
+        def register(handler: Handler) -> Handler:
+            self.capabilities[name] = handler
+            return handler
+
+        return register
+
+    def process(
+        self, consumes: str | Sequence[str], emits: str | None = None, *, batch: int = 1, batch_timeout_s: float = 0.05
+    ) -> Callable[[Handler], Handler]:
+        """Always handle ``consumes`` (topic patterns): ``async def f(msg)``, or ``f(list_of_msgs)``
+        with ``batch > 1`` (called with up to ``batch`` frames, at most ``batch_timeout_s``
+        after the first); what it returns is published on ``emits``."""
+        patterns = (consumes,) if isinstance(consumes, str) else tuple(consumes)
+        for pattern in patterns:
+            validate_pattern(pattern)
+        if emits is not None:
+            validate_topic(emits)
+        if batch < 1:
+            raise ConfigError("batch must be at least 1")
+
+        def register(handler: Handler) -> Handler:
+            element = Element(f"process:{','.join(patterns)}", "stage" if emits else "sink", patterns, emits, handler,
+                              batch=batch, batch_timeout_s=batch_timeout_s)
+            self._declare(element)
+            return handler
+
+        return register
+
+    def consume(self, consumes: str | Sequence[str]) -> Callable[[Handler], Handler]:
+        """A sink: ``async def f(msg)`` for every frame of ``consumes``."""
+        return self.process(consumes)
+
+    def aggregate(self, consumes: str | Sequence[str], *, window_s: float, emits: str | None = None) -> Callable[[Handler], Handler]:
+        """Windowed aggregation: ``async def f(msgs)`` every ``window_s`` with the frames of
+        that window (not called for an empty window)."""
+        if window_s <= 0:
+            raise ConfigError("window_s must be positive")
+
+        declare = self.process(consumes, emits)
+
+        def register(handler: Handler) -> Handler:
+            declare(handler)
+            self._last_declared.window_s = window_s
+            return handler
+
+        return register
+
+    def source(self, emits: str, *, interval_s: float | None = None) -> Callable[[Handler], Handler]:
+        """A source: an async generator ``async def f()`` whose items are published on
+        ``emits``; or a coroutine ``async def f()`` called every ``interval_s``."""
+        validate_topic(emits)
+
+        def register(handler: Handler) -> Handler:
+            if not inspect.isasyncgenfunction(handler) and interval_s is None:
+                raise ConfigError("a source is an async generator, or a coroutine with interval_s")
+            self._declare(Element(f"source:{emits}", "source", (), emits, handler, window_s=interval_s))
+            return handler
+
+        return register
+
+    def _declare(self, element: Element) -> None:
+        if self._running:
+            raise ConfigError("declare handlers before the agent starts")
+        if element.key in self._declared:
+            raise ConfigError(f"{element.key} is declared twice")
+        self._declared[element.key] = element
+        self._last_declared = element
+        self.elements[element.key] = element
+        if element.emits:
+            self.produces.add(element.emits)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> DataAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Attach and register; returns once registered (raises after ``timeout`` s)."""
+        self._running = True
+        self._spawn(self._broker_loop())
+        await asyncio.wait_for(self._attached.wait(), timeout)
+        self.orchestrator = Connection(
+            self.orchestrator_url, name=self.name, role="agent", on_open=self._register, on_push=self._on_push,
+            reconnect=Backoff(initial_s=0.05, max_s=1.0),
+        )
+        await asyncio.wait_for(self.orchestrator.open(retry=True), timeout)
+        for element in self._declared.values():
+            if element.kind == "source":
+                element.task = self._spawn(self._run_source(element))
+        self._spawn(self._report_loop())
+
+    async def run(self) -> None:
+        """Start, then run until ``stop()`` is called."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop sources and handlers, flush what is published, close both connections."""
+        if not self._running:
+            return
+        self._running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in (self.orchestrator, self.broker):
+            if conn is not None:
+                await conn.close()
+        self._stopped.set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- the broker side ------------------------------------------------------------------
+
+    async def _broker_loop(self) -> None:
+        """Stay attached: reconnect to the same broker, or move on to the next one."""
+        single = len(self.brokers) == 1
+        index = 0
+        while self._running:
+            url = self.brokers[index % len(self.brokers)]
+            index += 1
+            backoff = Backoff(initial_s=0.05, max_s=1.0, max_attempts=None if single else self.failover_attempts)
+            conn = Connection(url, name=self.name, reconnect=backoff, max_pending=self.buffer, overflow=self.overflow,
+                              on_open=self._attached_again)
+            try:
+                await conn.open(retry=True)
+            except (DcpError, OSError) as exc:
+                log.warning("%s: broker %s unreachable (%s)", self.name, url, exc)
+                continue
+            self.broker = conn
+            try:
+                async for msg in conn.messages():
+                    await self._dispatch(msg)
+            except ConnectionClosed:
+                log.warning("%s: lost broker %s for good; trying the next one", self.name, url)
+            finally:
+                await conn.close()
+
+    async def _attached_again(self, conn: Connection) -> None:
+        """Every (re)attachment: the port may have changed, so tell the orchestrator."""
+        self.broker = conn
+        self._attached.set()
+        if self.orchestrator is not None and self.orchestrator.status.value == "open":
+            self._spawn(self._reregister())
+
+    async def _reregister(self) -> None:
+        assert self.orchestrator is not None
+        try:
+            await self._register(self.orchestrator)
+        except DcpError as exc:
+            log.warning("%s: could not re-register: %s", self.name, exc)
+
+    async def _register(self, conn: Connection) -> None:
+        broker = self.broker
+        assert broker is not None and broker.port is not None and broker.broker_key is not None
+        consumes = sorted({p for e in self._declared.values() for p in e.consumes})
+        await conn.request({
+            "op": "register", "capabilities": sorted(self.capabilities), "consumes": consumes,
+            "produces": sorted(self.produces), "broker_key": int_to_bytes(broker.broker_key), "port": broker.port,
+        })
+
+    # -- the orchestrator side -------------------------------------------------------------
+
+    def _on_push(self, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        if op == "route":
+            self._route(body)
+        elif op == "assign":
+            self._assign(body)
+        elif op == "unassign":
+            element = self.elements.pop(f"{body.get('pipeline')}/{body.get('element')}", None)
+            if element is not None and element.task is not None:
+                element.task.cancel()
+
+    def _route(self, body: dict[str, Any]) -> None:
+        topic, epoch = body.get("topic"), body.get("epoch", 0)
+        if not isinstance(topic, str) or not isinstance(epoch, int):
+            return
+        current = self.routes.get(topic)
+        if current is not None and current[0] > epoch:
+            return  # an older number arriving late
+        x = int_from_bytes(body.get("x", b""))
+        self.routes[topic] = (epoch, x)
+        self.consumers[topic] = list(body.get("consumers", []))
+        if body.get("refused"):
+            log.warning("%s may not publish %s: %s", self.name, topic, body["refused"])
+        self.route_changed.set()
+        self.route_changed = asyncio.Event()
+
+    def _assign(self, body: dict[str, Any]) -> None:
+        key = f"{body.get('pipeline')}/{body.get('element')}"
+        handler = self.capabilities.get(str(body.get("capability")))
+        if handler is None or key in self.elements:
+            return
+        emits = body.get("emits")
+        element = Element(key, str(body.get("kind")), tuple(body.get("consumes") or ()), emits, handler,
+                          params=dict(body.get("params") or {}))
+        self.elements[key] = element
+        if emits:
+            self.produces.add(emits)
+        if element.kind == "source":
+            element.task = self._spawn(self._run_source(element))
+        log.info("%s runs %s (%s)", self.name, key, body.get("capability"))
+
+    # -- running elements --------------------------------------------------------------
+
+    async def _dispatch(self, msg: Message) -> None:
+        topic = msg.topic
+        for element in list(self.elements.values()):
+            if element.kind == "source" or not any(topic_matches(p, topic) for p in element.consumes):
+                continue
+            element.received += 1
+            delay = max(time.time_ns() - msg.timestamp_ns, 0) / 1e9
+            element.latency_s += delay
+            element.latency_max_s = max(element.latency_max_s, delay)
+            if element.window_s is not None or element.batch > 1:
+                element.pending.append(msg)
+                if element.task is None:
+                    wait = element.window_s if element.window_s is not None else element.batch_timeout_s
+                    element.task = self._spawn(self._flush_later(element, wait))
+                if element.window_s is None and len(element.pending) >= element.batch:
+                    await self._flush(element)
+                continue
+            await self._call(element, msg)
+
+    async def _flush_later(self, element: Element, wait: float) -> None:
+        await asyncio.sleep(wait)
+        element.task = None
+        await self._flush(element)
+
+    async def _flush(self, element: Element) -> None:
+        batch, element.pending = element.pending, []
+        if element.task is not None and element.task is not asyncio.current_task():
+            element.task.cancel()
+            element.task = None
+        if batch:
+            await self._call(element, batch)
+
+    async def _call(self, element: Element, arg: Any) -> None:
+        try:
+            result = await (element.handler(arg, element.params) if element.params is not None else element.handler(arg))
+        except Exception:
+            element.errors += 1
+            log.exception("%s: handler of %s failed", self.name, element.key)
+            return
+        await self._emit(element, result)
+
+    async def _emit(self, element: Element, result: Any) -> None:
+        if result is None or element.emits is None:
+            return
+        for payload in result if isinstance(result, list) else [result]:
+            if await self.publish(element.emits, payload):
+                element.emitted += 1
+
+    async def _run_source(self, element: Element) -> None:
+        try:
+            if inspect.isasyncgenfunction(element.handler):
+                stream: AsyncIterator[Any] = element.handler(element.params) if element.params is not None else element.handler()
+                async for payload in stream:
+                    await self._emit(element, payload)
+            else:
+                while True:
+                    result = await (element.handler(element.params) if element.params is not None else element.handler())
+                    await self._emit(element, result)
+                    await asyncio.sleep(element.window_s or 0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            element.errors += 1
+            log.exception("%s: source %s failed", self.name, element.key)
+
+    # -- publishing and reporting ----------------------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish ``payload`` on ``topic`` with the number the orchestrator gave; False
+        (and counted) when the topic has no route or the broker connection is gone."""
+        route = self.routes.get(topic)
+        if route is None or not route[1]:
+            self.unrouted += 1
+            return False
+        broker = self.broker
+        if broker is None:
+            self.lost += 1
+            return False
+        try:
+            await broker.publish(topic, payload, route=route[1])
+        except ConnectionClosed:
+            self.lost += 1
+            return False
+        self.published += 1
+        return True
+
+    async def wait_route(self, topic: str, consumers: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``topic`` routes to at least ``consumers`` agents."""
+
+        async def until() -> None:
+            while len(self.consumers.get(topic, [])) < consumers or not self.routes.get(topic, (0, 0))[1]:
+                await self.route_changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+    def counters(self) -> dict[str, Any]:
+        broker = self.broker
+        return {
+            "elements": {key: element.counters() for key, element in self.elements.items()},
+            "published": self.published,
+            "unrouted": self.unrouted,
+            "lost": self.lost,
+            "dropped": broker.dropped if broker is not None else 0,
+            "pending": broker.pending if broker is not None else 0,
+        }
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_interval_s)
+            if self.orchestrator is not None:
+                self.orchestrator.send({"op": "report", **self.counters()})
+

@@ -1,0 +1,604 @@
+"""The data orchestrator (DO): registries, pipelines, delivery trees, topology numbers.
+
+It never sits on the data path.  Brokers register and report their key, ports and
+links (``broker_state``); data agents register their capabilities, the topics they
+consume (patterns allowed) and produce, and where they are attached (broker key,
+port).  A deployed pipeline assigns each stage to agents offering its capability.
+For every stream (one producing agent, one topic) the DO builds the delivery tree to
+the agents consuming it, allowed by the policy, and pushes the topology number, with
+an epoch, to the producing agent only.  Brokers are told nothing about topics.
+
+Any event (an agent, broker or link joining or leaving, a deploy) marks the state
+dirty; one recomputation per loop iteration rebuilds the trees (microseconds each)
+and pushes only the numbers that changed.  Everything is kept in sqlite, so a
+restart recovers registries, pipelines, assignments and epochs; agents and brokers
+re-register by themselves when their connection comes back.
+
+Control protocol: msgpack control frames over the dcp codec, on one TCP connection
+per client; ``hello`` with role ``agent``, ``broker`` or ``admin`` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import OrchestratorConfig
+from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
+from .orchestrator_store import Store
+from .patterns import Policy, topic_matches, validate_pattern, validate_topic
+from .routing import int_from_bytes, int_to_bytes
+from .spec import PipelineSpec, SpecError, check_spec, parse_spec
+from .topology import Link, Overlay, build_tree
+from .wire import ControlFrame, Decoder, Limits, encode_control
+
+__all__ = ["Orchestrator"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerRecord:
+    name: str
+    key: int
+    address: str
+    ports: int
+    links: list[dict[str, Any]]  # {"port", "remote_key", "remote_port", "state"}
+    conn: OrchestratorConnection | None = None
+
+
+@dataclass
+class AgentRecord:
+    name: str
+    capabilities: list[str]
+    consumes: list[str]
+    produces: list[str]
+    broker_key: int
+    port: int
+    conn: OrchestratorConnection | None = None
+    counters: dict[str, Any] = field(default_factory=dict)  # the agent's last report
+    registered_at: float = 0.0
+
+
+@dataclass
+class Stream:
+    producer: str
+    topic: str
+    epoch: int
+    x: int
+    consumers: list[str]
+    refused: str = ""  # why the producer may not publish, if it may not
+
+
+class Orchestrator:
+    """The DO daemon: ``await start()``, then ``serve_forever()`` or ``close()``."""
+
+    def __init__(self, config: OrchestratorConfig | None = None) -> None:
+        self.config = config or OrchestratorConfig()
+        self.store = Store(self.config.db)
+        self.file_policy = Policy.load(self.config.policy) if self.config.policy else Policy()
+        self.brokers: dict[str, BrokerRecord] = {}
+        self.agents: dict[str, AgentRecord] = {}
+        self.pipelines: dict[str, PipelineSpec] = {}
+        self.deployed_at: dict[str, float] = {}
+        self.assignments: dict[tuple[str, str], list[str]] = {}  # (pipeline, element) -> agents
+        self.streams: dict[tuple[str, str], Stream] = {}
+        self.recomputations = 0
+        self._dirty = False
+        self._connections: set[OrchestratorConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._closed: asyncio.Event | None = None
+        self._recover()
+
+    # -- life cycle -------------------------------------------------------------
+
+    def _recover(self) -> None:
+        state = self.store.load()
+        for b in state["brokers"]:
+            self.brokers[b["name"]] = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"])
+        for a in state["agents"]:
+            self.agents[a["name"]] = AgentRecord(
+                a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"]
+            )
+        for p in state["pipelines"]:
+            self.pipelines[p["name"]] = parse_spec(p["spec"], f"stored pipeline {p['name']!r}")
+            self.deployed_at[p["name"]] = p["deployed_at"]
+        for pipeline, element, agent in state["assignments"]:
+            self.assignments.setdefault((pipeline, element), []).append(agent)
+        for s in state["streams"]:
+            self.streams[(s["producer"], s["topic"])] = Stream(s["producer"], s["topic"], s["epoch"], s["x"], s["consumers"])
+        if any(state.values()):
+            log.info(
+                "recovered %d broker(s), %d agent(s), %d pipeline(s), %d stream(s) from %s",
+                len(self.brokers), len(self.agents), len(self.pipelines), len(self.streams), self.store.path,
+            )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        host, port = self.config.address
+        self._server = await loop.create_server(lambda: OrchestratorConnection(self), host, port, reuse_address=True)
+        host, port = self.address
+        log.info("dcp orchestrator listening on %s:%d db=%s", host, port, self.store.path)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("orchestrator not started")
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def serve_forever(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._closed is not None
+        if shutdown_trigger is not None:
+            trigger = asyncio.ensure_future(shutdown_trigger())
+            closed = asyncio.ensure_future(self._closed.wait())
+            await asyncio.wait({trigger, closed}, return_when=asyncio.FIRST_COMPLETED)
+            trigger.cancel()
+            closed.cancel()
+        else:
+            await self._closed.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._server is None or self._closed is None or self._closed.is_set():
+            return
+        self._server.close()
+        for conn in list(self._connections):
+            conn.close({"op": "going_away"})
+        self.store.close()
+        log.info("dcp orchestrator stopped")
+        self._closed.set()
+
+    # -- events -------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """Something the trees depend on changed: recompute once, at the end of this loop iteration."""
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self._recompute)
+
+    def register_agent(self, conn: OrchestratorConnection, body: dict[str, Any]) -> dict[str, Any]:
+        name = conn.name
+        if not name:
+            raise ConfigError("an agent registers with a name (hello 'name')")
+        capabilities = _strings(body, "capabilities")
+        consumes = _strings(body, "consumes")
+        produces = _strings(body, "produces")
+        for pattern in consumes:
+            validate_pattern(pattern)
+        for topic in produces:
+            validate_topic(topic)
+        key = body.get("broker_key")
+        port = body.get("port")
+        if not isinstance(key, bytes) or not isinstance(port, int) or port < 0:
+            raise ConfigError("register needs broker_key (bytes) and port (int >= 0): where the agent is attached")
+        old = self.agents.get(name)
+        if old is not None and old.conn is not None and old.conn is not conn:
+            log.info("agent %s registered again from a new connection; dropping the old one", name)
+            old.conn.close({"op": "error", "code": "replaced", "message": "the agent registered again", "fatal": True})
+        record = AgentRecord(name, capabilities, consumes, produces, int_from_bytes(key), port, conn, registered_at=time.time())
+        self.agents[name] = record
+        conn.agent = record
+        self.store.save_agent(name, capabilities, consumes, produces, record.broker_key, port)
+        log.info("agent %s registered at broker %s port %d", name, self._broker_name(record.broker_key) or "?", port)
+        self._assign_all()
+        for (pipeline, element), agents in self.assignments.items():
+            if name in agents:
+                conn.send(self._assign_message(pipeline, element))
+        for stream in self.streams.values():
+            if stream.producer == name:
+                conn.send(self._route_message(stream))
+        self.changed()
+        return {"assignments": sum(name in agents for agents in self.assignments.values())}
+
+    def agent_gone(self, record: AgentRecord) -> None:
+        record.conn = None
+        log.info("agent %s disconnected", record.name)
+        self._assign_all()
+        self.changed()
+
+    def broker_state(self, conn: OrchestratorConnection, body: dict[str, Any]) -> None:
+        name = conn.name
+        key = body.get("key")
+        links = body.get("links")
+        if not name or not isinstance(key, bytes) or not isinstance(links, list):
+            raise ConfigError("broker_state needs a name (hello), key (bytes) and links (list)")
+        key_int = int_from_bytes(key)
+        for other in self.brokers.values():
+            if other.key == key_int and other.name != name and other.conn is not None:
+                raise ConfigError(f"broker {other.name!r} already has key {key_int}; every broker needs its own key")
+        clean = []
+        for link in links:
+            if isinstance(link, dict) and isinstance(link.get("remote_key"), bytes):
+                clean.append({
+                    "port": int(link.get("port", -1)), "remote_key": int_from_bytes(link["remote_key"]),
+                    "remote_port": int(link.get("remote_port", -1)), "state": str(link.get("state", "")),
+                })
+        record = BrokerRecord(name, key_int, str(body.get("address", "")), int(body.get("ports", 0)), clean, conn)
+        self.brokers[name] = record
+        conn.broker = record
+        self.store.save_broker(name, key_int, record.address, record.ports, clean)
+        self.changed()
+
+    def broker_gone(self, record: BrokerRecord) -> None:
+        record.conn = None
+        log.info("broker %s disconnected", record.name)
+        self.changed()
+
+    # -- pipelines ----------------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        rules = [rule for spec in self.pipelines.values() for rule in spec.policy]
+        return self.file_policy.extended(rules)
+
+    def deploy(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise SpecError("spec", "must be a table")
+        spec = parse_spec(data)
+        if spec.name in self.pipelines:
+            raise SpecError("name", f"a pipeline named {spec.name!r} is already deployed; undeploy it first")
+        online = [a for a in self.agents.values() if a.conn is not None]
+        capabilities = {c for a in online for c in a.capabilities}
+        external = {t for a in online for t in a.produces} | {
+            spec_element.emits for other in self.pipelines.values() for spec_element in other.elements if spec_element.emits
+        }
+        policy = self.policy().extended(spec.policy)
+        check_spec(
+            spec,
+            capabilities=capabilities,
+            external_topics=external,
+            agents=[a.name for a in online],
+            policy=policy,
+            agents_with=lambda capability: [a.name for a in online if capability in a.capabilities],
+        )
+        self.pipelines[spec.name] = spec
+        self.deployed_at[spec.name] = time.time()
+        self.store.save_pipeline(spec.name, spec.to_dict(), self.deployed_at[spec.name])
+        self._assign_all()
+        self.changed()
+        log.info("pipeline %s deployed: %d element(s)", spec.name, len(spec.elements))
+        return {"pipeline": spec.name, "assignments": self._assignments_of(spec.name)}
+
+    def undeploy(self, name: Any) -> None:
+        spec = self.pipelines.pop(name, None) if isinstance(name, str) else None
+        if spec is None:
+            raise SpecError("name", f"no pipeline named {name!r} is deployed")
+        for element in spec.elements:
+            for agent in self.assignments.pop((spec.name, element.name), []):
+                self._send_to_agent(agent, {"op": "unassign", "pipeline": spec.name, "element": element.name})
+        self.deployed_at.pop(spec.name, None)
+        self.store.delete_pipeline(spec.name)
+        self.changed()
+        log.info("pipeline %s undeployed", spec.name)
+
+    def _assign_all(self) -> None:
+        """Give every element its replicas among the online agents offering its capability."""
+        policy = self.policy()
+        for spec in self.pipelines.values():
+            for element in spec.elements:
+                if element.external:
+                    continue
+                key = (spec.name, element.name)
+                current = self.assignments.setdefault(key, [])
+                for agent in list(current):
+                    record = self.agents.get(agent)
+                    if record is None or record.conn is None:
+                        candidates = self._candidates(element, policy, exclude=current)
+                        if candidates:  # hand the element to an agent that is here
+                            current.remove(agent)
+                            self.store.delete_assignment(spec.name, element.name, agent)
+                if sum(1 for a in current if self._online(a)) >= element.replicas:
+                    continue
+                for candidate in self._candidates(element, policy, exclude=current):
+                    if len(current) >= element.replicas:
+                        break
+                    current.append(candidate)
+                    self.store.save_assignment(spec.name, element.name, candidate)
+                    self._send_to_agent(candidate, self._assign_message(spec.name, element.name))
+                    log.info("%s/%s assigned to %s", spec.name, element.name, candidate)
+
+    def _candidates(self, element: Any, policy: Policy, exclude: list[str]) -> list[str]:
+        load: dict[str, int] = {}
+        for agents in self.assignments.values():
+            for agent in agents:
+                load[agent] = load.get(agent, 0) + 1
+        found = []
+        for record in self.agents.values():
+            if record.conn is None or record.name in exclude or element.capability not in record.capabilities:
+                continue
+            if element.agent is not None and record.name != element.agent:
+                continue
+            if element.emits and not policy.allows(record.name, "publish", element.emits):
+                continue
+            found.append(record.name)
+        return sorted(found, key=lambda name: (load.get(name, 0), name))
+
+    def _online(self, agent: str) -> bool:
+        record = self.agents.get(agent)
+        return record is not None and record.conn is not None
+
+    def _assign_message(self, pipeline: str, element_name: str) -> dict[str, Any]:
+        element = self.pipelines[pipeline].element(element_name)
+        return {
+            "op": "assign", "pipeline": pipeline, "element": element.name, "kind": element.kind,
+            "capability": element.capability, "params": element.params,
+            "consumes": list(element.consumes), "emits": element.emits,
+        }
+
+    def _assignments_of(self, pipeline: str) -> dict[str, list[str]]:
+        return {element: agents for (p, element), agents in self.assignments.items() if p == pipeline}
+
+    # -- trees and numbers ------------------------------------------------------------
+
+    def _effective(self, record: AgentRecord) -> tuple[list[str], list[str]]:
+        """(consumes, produces) of an agent: its own, plus its assigned elements'."""
+        consumes, produces = list(record.consumes), list(record.produces)
+        for (pipeline, element_name), agents in self.assignments.items():
+            if record.name in agents and pipeline in self.pipelines:
+                element = self.pipelines[pipeline].element(element_name)
+                consumes.extend(element.consumes)
+                if element.emits and not element.external:
+                    produces.append(element.emits)
+        return consumes, produces
+
+    def overlay(self) -> Overlay:
+        """The brokers online and the links both ends report up."""
+        online = {b.name: b for b in self.brokers.values() if b.conn is not None}
+        by_key = {b.key: name for name, b in online.items()}
+        ends = {(name, link["port"]): link for name, b in online.items() for link in b.links}
+        links: dict[frozenset[tuple[str, int]], Link] = {}
+        for (name, port), link in ends.items():
+            other = by_key.get(link["remote_key"])
+            if other is None or link["state"] != "up":
+                continue
+            back = ends.get((other, link["remote_port"]))
+            if back is None or back["state"] != "up" or back["remote_key"] != online[name].key:
+                continue
+            links.setdefault(frozenset({(name, port), (other, link["remote_port"])}), Link(name, port, other, link["remote_port"]))
+        try:
+            return Overlay({name: b.key for name, b in online.items()}, links.values())
+        except RoutingError as exc:
+            log.error("the brokers report an inconsistent overlay (%s); using their brokers without links", exc)
+            return Overlay({name: b.key for name, b in online.items()})
+
+    def _broker_name(self, key: int) -> str | None:
+        for record in self.brokers.values():
+            if record.key == key and record.conn is not None:
+                return record.name
+        return None
+
+    def _recompute(self) -> None:
+        self._dirty = False
+        self.recomputations += 1
+        overlay = self.overlay()
+        policy = self.policy()
+        attached = {}
+        roles = {}
+        for record in self.agents.values():
+            broker = self._broker_name(record.broker_key)
+            if record.conn is not None and broker is not None:
+                attached[record.name] = (broker, record.port)
+                roles[record.name] = self._effective(record)
+        seen = set()
+        for producer, (_, produces) in roles.items():
+            for topic in dict.fromkeys(produces):
+                seen.add((producer, topic))
+                self._update_stream(overlay, policy, attached, roles, producer, topic)
+        for key in [key for key in self.streams if key not in seen]:
+            if key[0] in self.agents and self.agents[key[0]].conn is not None:
+                self._send_to_agent(key[0], {"op": "route", "topic": key[1], "x": b"", "epoch": self.streams[key].epoch + 1, "consumers": []})
+                self.streams.pop(key)
+                self.store.delete_stream(*key)
+
+    def _update_stream(
+        self,
+        overlay: Overlay,
+        policy: Policy,
+        attached: dict[str, tuple[str, int]],
+        roles: dict[str, tuple[list[str], list[str]]],
+        producer: str,
+        topic: str,
+    ) -> None:
+        refused = "" if policy.allows(producer, "publish", topic) else policy.why(producer, "publish", topic)
+        consumers = []
+        if not refused:
+            for agent, (consumes, _) in roles.items():
+                if agent == producer or not any(topic_matches(p, topic) for p in consumes):
+                    continue
+                if not policy.allows(agent, "consume", topic):
+                    log.info("policy keeps %s from consuming %s: %s", agent, topic, policy.why(agent, "consume", topic))
+                    continue
+                consumers.append(agent)
+        x, reached = self._number(overlay, attached[producer], [(a, attached[a]) for a in sorted(consumers)], topic)
+        old = self.streams.get((producer, topic))
+        if old is not None and old.x == x and old.consumers == reached and old.refused == refused:
+            return
+        stream = Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused)
+        self.streams[(producer, topic)] = stream
+        self.store.save_stream(producer, topic, stream.epoch, x, reached)
+        self._send_to_agent(producer, self._route_message(stream))
+        log.info("route %s/%s epoch %d -> %s (%d bytes)", producer, topic, stream.epoch, ", ".join(reached) or "nobody", len(int_to_bytes(x)))
+
+    def _number(
+        self, overlay: Overlay, source: tuple[str, int], consumers: list[tuple[str, tuple[str, int]]], topic: str
+    ) -> tuple[int, list[str]]:
+        """The number reaching every consumer the overlay can reach from ``source``; who it reaches."""
+        reachable = []
+        for agent, endpoint in consumers:
+            try:
+                build_tree(overlay, source, [endpoint])
+            except RoutingError as exc:
+                log.warning("%s cannot get %s: %s", agent, topic, exc)
+                continue
+            reachable.append((agent, endpoint))
+        tree = build_tree(overlay, source, [endpoint for _, endpoint in reachable])
+        return tree.x, [agent for agent, _ in reachable]
+
+    def _route_message(self, stream: Stream) -> dict[str, Any]:
+        body = {"op": "route", "topic": stream.topic, "x": int_to_bytes(stream.x), "epoch": stream.epoch, "consumers": stream.consumers}
+        if stream.refused:
+            body["refused"] = stream.refused
+        return body
+
+    def _send_to_agent(self, name: str, body: dict[str, Any]) -> None:
+        record = self.agents.get(name)
+        if record is not None and record.conn is not None:
+            record.conn.send(body)
+
+    # -- views ------------------------------------------------------------------------
+
+    def pipelines_view(self) -> list[dict[str, Any]]:
+        """Deployed pipelines with each element's agents and their live counters."""
+        view = []
+        for name, spec in self.pipelines.items():
+            elements = []
+            for element in spec.elements:
+                agents = []
+                for agent in self.assignments.get((name, element.name), []):
+                    record = self.agents.get(agent)
+                    counters = (record.counters.get("elements", {}) if record else {}).get(f"{name}/{element.name}", {})
+                    agents.append({"agent": agent, "online": self._online(agent), **counters})
+                elements.append({
+                    "name": element.name, "kind": element.kind, "capability": element.capability,
+                    "consumes": list(element.consumes), "emits": element.emits, "agents": agents,
+                })
+            view.append({"name": name, "deployed_at": self.deployed_at.get(name), "elements": elements})
+        return view
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "brokers": [
+                {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None,
+                 "links": [{**link, "remote_key": str(link["remote_key"])} for link in b.links]}
+                for b in self.brokers.values()
+            ],
+            "agents": [
+                {"name": a.name, "online": a.conn is not None, "broker": self._broker_name(a.broker_key), "port": a.port,
+                 "capabilities": a.capabilities, "consumes": self._effective(a)[0], "produces": self._effective(a)[1]}
+                for a in self.agents.values()
+            ],
+            "streams": [
+                {"producer": s.producer, "topic": s.topic, "epoch": s.epoch, "x_bytes": len(int_to_bytes(s.x)),
+                 "consumers": s.consumers, **({"refused": s.refused} if s.refused else {})}
+                for s in self.streams.values()
+            ],
+            "recomputations": self.recomputations,
+        }
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{name} must be a list of strings")
+    return value
+
+
+class OrchestratorConnection(asyncio.Protocol):
+    """One client of the DO: an agent, a broker or an admin (``dcp deploy`` ...)."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+        self.decoder = Decoder(Limits())
+        self.transport: asyncio.Transport | None = None
+        self.role = ""
+        self.name = ""
+        self.peer = "?"
+        self.agent: AgentRecord | None = None
+        self.broker: BrokerRecord | None = None
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        self.orchestrator._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.orchestrator._connections.discard(self)
+        if self.agent is not None and self.agent.conn is self:
+            self.orchestrator.agent_gone(self.agent)
+        if self.broker is not None and self.broker.conn is self:
+            self.orchestrator.broker_gone(self.broker)
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        try:
+            for event in self.decoder.feed(data):
+                if self.closing:
+                    return
+                if not isinstance(event, ControlFrame):
+                    raise RemoteProtocolError("the orchestrator carries no data frames")
+                self._control(event.body)
+        except ProtocolError as exc:
+            log.warning("closing %s: %s", self.peer, exc)
+            self.close({"op": "error", "code": exc.code, "message": str(exc), "fatal": True})
+
+    def _control(self, body: dict[str, Any]) -> None:
+        op = body["op"]
+        request_id = body.get("id")
+        if op == "hello":
+            role = body.get("role")
+            if role not in ("agent", "broker", "admin"):
+                raise RemoteProtocolError(f"unknown role {role!r} (agent, broker or admin)")
+            name = body.get("name")
+            self.role, self.name = role, name if isinstance(name, str) else ""
+            self.send({"op": "welcome", "re": request_id, "key": b"", "name": "orchestrator", "mode": "orchestrator"})
+            return
+        if not self.role:
+            raise RemoteProtocolError("hello first")
+        if op in ("error", "going_away"):
+            log.info("%s %s says %s: %s", self.role, self.name, op, body.get("message", ""))
+            return
+        try:
+            reply = self._request(op, body)
+        except (DcpError, ConfigError) as exc:
+            code = getattr(exc, "code", "error")
+            self.send({"op": "error", "re": request_id, "code": code, "message": str(exc), "fatal": False})
+            return
+        if reply is not None and request_id is not None:
+            self.send({"op": "ok", "re": request_id, **reply})
+
+    def _request(self, op: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        do = self.orchestrator
+        if op == "ping":
+            return {}
+        if op == "register" and self.role == "agent":
+            return do.register_agent(self, body)
+        if op == "report" and self.agent is not None:
+            self.agent.counters = {k: v for k, v in body.items() if k not in ("op", "id")}
+            return None
+        if op == "broker_state" and self.role == "broker":
+            do.broker_state(self, body)
+            return {}
+        if op == "pipelines":
+            return {"pipelines": do.pipelines_view()}
+        if op == "status":
+            return {"status": do.status()}
+        if op in ("deploy", "undeploy"):
+            if self.role != "admin":
+                raise ConfigError(f"{op} needs an admin connection")
+            if op == "deploy":
+                return do.deploy(body.get("spec"))
+            do.undeploy(body.get("name"))
+            return {}
+        raise ConfigError(f"unknown or misplaced op {op!r} for a {self.role} connection")
+
+    def send(self, body: dict[str, Any]) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(encode_control(body))
+
+    def close(self, last: dict[str, Any] | None = None) -> None:
+        if self.closing or self.transport is None:
+            return
+        if last is not None:
+            self.send(last)
+        self.closing = True
+        self.transport.close()

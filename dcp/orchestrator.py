@@ -463,8 +463,12 @@ class Orchestrator:
                 agents = []
                 for agent in self.assignments.get((name, element.name), []):
                     record = self.agents.get(agent)
-                    counters = (record.counters.get("elements", {}) if record else {}).get(f"{name}/{element.name}", {})
-                    agents.append({"agent": agent, "online": self._online(agent), **counters})
+                    reported = record.counters if record else {}
+                    counters = reported.get("elements", {}).get(f"{name}/{element.name}", {})
+                    agents.append({
+                        "agent": agent, "online": self._online(agent), **counters,
+                        "dropped": reported.get("dropped", 0), "unrouted": reported.get("unrouted", 0),
+                    })
                 elements.append({
                     "name": element.name, "kind": element.kind, "capability": element.capability,
                     "consumes": list(element.consumes), "emits": element.emits, "agents": agents,

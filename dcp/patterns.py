@@ -123,7 +123,7 @@ class Rule:
         if problem:
             raise ConfigError(f"rule.{problem[0]} {problem[1]}")
 
-    def matches(self, agent: str, access: str, topic: str) -> str | None:
+    def _pattern_for(self, agent: str, access: str, topic: str) -> str | None:
         """The first of this rule's ``access`` patterns that covers ``agent`` and ``topic``, if any."""
         if not fnmatch.fnmatchcase(agent, self.agent):
             return None
@@ -220,7 +220,7 @@ class Policy:
         if access not in ACCESS:
             raise ConfigError(f"access must be 'publish' or 'consume', got {access!r}")
         for i, rule in enumerate(self.rules):
-            pattern = rule.matches(agent, access, topic)
+            pattern = rule._pattern_for(agent, access, topic)
             if pattern is not None:
                 return i, rule, pattern
         return None

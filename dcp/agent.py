@@ -57,7 +57,7 @@ Handler = Callable[..., Awaitable[Any]]
 class Element:
     """One thing the agent runs: an assigned pipeline element, or a declared handler."""
 
-    key: str  # "pipeline/element" for assigned ones, "process:topic" for declared ones
+    key: str  # "pipeline/element" for assigned ones, "process:NAME"/"source:NAME" (the handler) for declared ones
     kind: str  # "source", "stage", "sink"
     consumes: tuple[str, ...]
     emits: str | None
@@ -156,7 +156,7 @@ class DataAgent:
             raise ConfigError("batch must be at least 1")
 
         def register(handler: Handler) -> Handler:
-            element = Element(f"process:{','.join(patterns)}", "stage" if emits else "sink", patterns, emits, handler,
+            element = Element(f"process:{handler.__name__}", "stage" if emits else "sink", patterns, emits, handler,
                               batch=batch, batch_timeout_s=batch_timeout_s)
             self._declare(element)
             return handler
@@ -190,7 +190,7 @@ class DataAgent:
         def register(handler: Handler) -> Handler:
             if not inspect.isasyncgenfunction(handler) and interval_s is None:
                 raise ConfigError("a source is an async generator, or a coroutine with interval_s")
-            self._declare(Element(f"source:{emits}", "source", (), emits, handler, window_s=interval_s))
+            self._declare(Element(f"source:{handler.__name__}", "source", (), emits, handler, window_s=interval_s))
             return handler
 
         return register

@@ -222,7 +222,8 @@ class Broker:
         try:
             await self._orchestrator.open(retry=True)
         except DcpError as exc:
-            log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, exc)
+            if not self._closing:
+                log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, exc)
 
     def state_changed(self) -> None:
         """A port or link changed: send the DO one fresh snapshot at the end of this loop iteration."""

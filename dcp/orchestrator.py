@@ -391,11 +391,11 @@ class Orchestrator:
             for topic in dict.fromkeys(produces):
                 seen.add((producer, topic))
                 self._update_stream(overlay, policy, attached, roles, producer, topic)
-        for key in [key for key in self.streams if key not in seen]:
-            if key[0] in self.agents and self.agents[key[0]].conn is not None:
-                self._send_to_agent(key[0], {"op": "route", "topic": key[1], "x": b"", "epoch": self.streams[key].epoch + 1, "consumers": []})
-                self.streams.pop(key)
-                self.store.delete_stream(*key)
+        for key, stream in self.streams.items():
+            if key not in seen and stream.x and self._online(stream.producer):
+                # No longer produced, or its producer is not attached: it routes nowhere now.
+                # The record stays, so the epoch only ever grows.
+                self._set_stream(Stream(stream.producer, stream.topic, stream.epoch + 1, 0, []))
 
     def _update_stream(
         self,
@@ -420,11 +420,16 @@ class Orchestrator:
         old = self.streams.get((producer, topic))
         if old is not None and old.x == x and old.consumers == reached and old.refused == refused:
             return
-        stream = Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused)
-        self.streams[(producer, topic)] = stream
-        self.store.save_stream(producer, topic, stream.epoch, x, reached)
-        self._send_to_agent(producer, self._route_message(stream))
-        log.info("route %s/%s epoch %d -> %s (%d bytes)", producer, topic, stream.epoch, ", ".join(reached) or "nobody", len(int_to_bytes(x)))
+        self._set_stream(Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused))
+
+    def _set_stream(self, stream: Stream) -> None:
+        self.streams[(stream.producer, stream.topic)] = stream
+        self.store.save_stream(stream.producer, stream.topic, stream.epoch, stream.x, stream.consumers)
+        self._send_to_agent(stream.producer, self._route_message(stream))
+        log.info(
+            "route %s/%s epoch %d -> %s (%d bytes)",
+            stream.producer, stream.topic, stream.epoch, ", ".join(stream.consumers) or "nobody", len(int_to_bytes(stream.x)),
+        )
 
     def _number(
         self, overlay: Overlay, source: tuple[str, int], consumers: list[tuple[str, tuple[str, int]]], topic: str

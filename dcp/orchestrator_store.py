@@ -84,9 +84,6 @@ class Store:
             producer, topic, epoch, x.to_bytes((x.bit_length() + 7) // 8, "big"), json.dumps(consumers),
         )
 
-    def delete_stream(self, producer: str, topic: str) -> None:
-        self._write("DELETE FROM streams WHERE producer = ? AND topic = ?", producer, topic)
-
     # -- reads ----------------------------------------------------------------
 
     def load(self) -> dict[str, Any]:

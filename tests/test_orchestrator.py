@@ -1,0 +1,313 @@
+"""The orchestrator and the DataAgent SDK in one process: registries, numbers, recovery.
+
+Brokers and the orchestrator are real servers on OS-chosen loopback ports; agents are
+``dcp.DataAgent``s.  Process-level pipelines are in ``test_pipelines.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dcp
+from dcp.broker import Broker
+from dcp.config import BrokerConfig, OrchestratorConfig
+from dcp.orchestrator import Orchestrator
+from dcp.routing import allocate_keys
+
+SPEC = {
+    "name": "p",
+    "source": [{"name": "cam", "capability": "camera", "emits": "video", "params": {"count": 30}}],
+    "stage": [{"name": "det", "capability": "detect", "consumes": ["video"], "emits": "faces"}],
+    "sink": [{"name": "out", "capability": "collect", "consumes": ["faces"]}],
+}
+
+
+class Plane:
+    """An orchestrator and linked brokers b0 - b1 - ..., all in this process."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.do: Orchestrator | None = None
+        self.brokers: list[Broker] = []
+        self.agents: list[dcp.DataAgent] = []
+
+    async def start_do(self, port: int = 0) -> Orchestrator:
+        self.do = Orchestrator(OrchestratorConfig(listen=f"127.0.0.1:{port}", db=str(self.db)))
+        await self.do.start()
+        return self.do
+
+    @property
+    def do_url(self) -> str:
+        assert self.do is not None
+        return "dcp://%s:%d" % self.do.address
+
+    async def start_brokers(self, n: int) -> list[Broker]:
+        assert self.do is not None
+        keys = allocate_keys(n, 16)
+        for i, key in enumerate(keys):
+            peers = (f"127.0.0.1:{self.brokers[-1].address[1]}",) if self.brokers else ()
+            broker = Broker(BrokerConfig(
+                listen="127.0.0.1:0", key=key, ports=16, name=f"b{i}", peers=peers,
+                orchestrator="%s:%d" % self.do.address, slow_consumer="pause",
+            ))
+            await broker.start()
+            self.brokers.append(broker)
+        for broker in self.brokers:
+            for link in broker.links.values():
+                await link.wait_up(5)
+        return self.brokers
+
+    def url(self, i: int) -> str:
+        return "dcp://%s:%d" % self.brokers[i].address
+
+    def agent(self, name: str, broker: int | list[int] = 0, **options: Any) -> dcp.DataAgent:
+        urls = [self.url(i) for i in ([broker] if isinstance(broker, int) else broker)]
+        agent = dcp.DataAgent(name, broker=urls, orchestrator=self.do_url, report_interval_s=0.05, **options)
+        self.agents.append(agent)
+        return agent
+
+    async def admin(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with dcp.connect(self.do_url, role="admin", name="test", reconnect=False) as admin:
+            return await admin.request(body)
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            await agent.stop()
+        for broker in self.brokers:
+            await broker.close()
+        if self.do is not None:
+            await self.do.close()
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    plane = Plane(tmp_path / "do.db")
+    await plane.start_do()
+    yield plane
+    await plane.close()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Wait for a condition on counters that other tasks move."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def pipeline_agents(plane: Plane, got: list[bytes], count: int = 30) -> tuple[dcp.DataAgent, ...]:
+    cam = plane.agent("camera", 0)
+
+    @cam.capability("camera")
+    async def frames(params: dict[str, Any]) -> Any:
+        await cam.wait_route("video")
+        for i in range(params["count"]):
+            yield i.to_bytes(4, "big")
+
+    det = plane.agent("detector", 1)
+
+    @det.capability("detect")
+    async def detect(msg: dcp.Message, params: dict[str, Any]) -> bytes:
+        return b"face:" + bytes(msg.payload)
+
+    sink = plane.agent("sink", 0)
+
+    @sink.capability("collect")
+    async def collect(msg: dcp.Message, params: dict[str, Any]) -> None:
+        got.append(bytes(msg.payload))
+
+    return cam, det, sink
+
+
+async def test_a_deployed_pipeline_flows_across_brokers_and_routes_go_to_producers_only(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    got: list[bytes] = []
+    agents = pipeline_agents(plane, got)
+    for agent in agents[1:]:
+        await agent.start()
+    await agents[0].start()
+    reply = await plane.admin({"op": "deploy", "spec": SPEC})
+    assert reply["assignments"] == {"cam": ["camera"], "det": ["detector"], "out": ["sink"]}
+    await until(lambda: len(got) == 30, "30 faces at the sink")
+    assert got == [b"face:" + i.to_bytes(4, "big") for i in range(30)]
+    cam, det, sink = agents
+    assert set(cam.routes) == {"video"} and set(det.routes) == {"faces"} and sink.routes == {}
+    assert cam.consumers["video"] == ["detector"] and det.consumers["faces"] == ["sink"]
+    status = (await plane.admin({"op": "status"}))["status"]
+    assert {(s["producer"], s["topic"]) for s in status["streams"]} == {("camera", "video"), ("detector", "faces")}
+    assert {b["name"]: b["online"] for b in status["brokers"]} == {"b0": True, "b1": True}
+    assert plane.do is not None
+
+    def reported(view: list[dict[str, Any]]) -> tuple[int, ...]:
+        (pipeline,) = view
+        counters = {e["name"]: e["agents"][0] for e in pipeline["elements"]}
+        return tuple(counters[e].get(k, 0) for e, k in (("cam", "out"), ("det", "in"), ("det", "out"), ("out", "in")))
+
+    await until(lambda: reported(plane.do.pipelines_view()) == (30, 30, 30, 30), "the agents' reports")
+    assert reported((await plane.admin({"op": "pipelines"}))["pipelines"]) == (30, 30, 30, 30)
+
+
+async def test_an_unrelated_join_pushes_no_new_number_and_a_new_consumer_does(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    producer = plane.agent("producer", 0)
+
+    @producer.source("sensors.a.temp", interval_s=3600)
+    async def never() -> None:
+        return None
+
+    first = plane.agent("first", 1)
+    seen: list[bytes] = []
+
+    @first.consume("sensors.*.temp")
+    async def keep(msg: dcp.Message) -> None:
+        seen.append(bytes(msg.payload))
+
+    await first.start()
+    await producer.start()
+    await producer.wait_route("sensors.a.temp", consumers=1)
+    epoch = producer.routes["sensors.a.temp"][0]
+    bystander = plane.agent("bystander", 0)
+
+    @bystander.consume("other.>")
+    async def ignore(msg: dcp.Message) -> None:
+        pass
+
+    await bystander.start()
+    await plane.admin({"op": "ping"})  # the DO has handled the registration and recomputed
+    assert producer.routes["sensors.a.temp"][0] == epoch
+    second = plane.agent("second", 0)
+
+    @second.consume("sensors.>")
+    async def keep2(msg: dcp.Message) -> None:
+        pass
+
+    await second.start()
+    await producer.wait_route("sensors.a.temp", consumers=2)
+    assert producer.routes["sensors.a.temp"][0] == epoch + 1
+    assert sorted(producer.consumers["sensors.a.temp"]) == ["first", "second"]
+    assert await producer.publish("sensors.a.temp", b"t=21")
+    await until(lambda: seen == [b"t=21"], "the first consumer's frame")
+
+
+async def test_restart_recovers_pipelines_assignments_and_epochs(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    got: list[bytes] = []
+    agents = pipeline_agents(plane, got)
+    for agent in agents:
+        await agent.start()
+    await plane.admin({"op": "deploy", "spec": SPEC})
+    await until(lambda: len(got) == 30, "the first run")
+    assert plane.do is not None
+    epochs = {key: s.epoch for key, s in plane.do.streams.items()}
+    port = plane.do.address[1]
+    await plane.do.close()
+    recovered = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(plane.db)))
+    assert list(recovered.pipelines) == ["p"]
+    assert recovered.assignments == {("p", "cam"): ["camera"], ("p", "det"): ["detector"], ("p", "out"): ["sink"]}
+    assert {key: s.epoch for key, s in recovered.streams.items()} == epochs
+    assert set(recovered.agents) == {"camera", "detector", "sink"} and set(recovered.brokers) == {"b0", "b1"}
+    recovered.store.close()
+    # The same port: brokers and agents come back by themselves.
+    await plane.start_do(port)
+    assert plane.do is not None
+    await until(lambda: all(a.conn is not None for a in plane.do.agents.values()), "agents re-registered")
+    await until(lambda: all(b.conn is not None for b in plane.do.brokers.values()), "brokers re-registered")
+    det = agents[1]
+    assert await det.publish("faces", b"after the restart")
+    await until(lambda: got[-1:] == [b"after the restart"], "a frame routed after the restart")
+    assert len(got) == 31
+
+
+async def test_an_agent_fails_over_to_its_next_broker_and_gets_its_streams_back(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    producer = plane.agent("producer", [0, 1], failover_attempts=2)
+
+    @producer.source("t", interval_s=3600)
+    async def never() -> None:
+        return None
+
+    got: list[bytes] = []
+    consumer = plane.agent("consumer", 1)
+
+    @consumer.consume("t")
+    async def keep(msg: dcp.Message) -> None:
+        got.append(bytes(msg.payload))
+
+    await consumer.start()
+    await producer.start()
+    await producer.wait_route("t")
+    assert producer.broker is not None and producer.broker.url == plane.url(0)
+    await producer.publish("t", b"via b0")
+    await until(lambda: got == [b"via b0"], "the first frame")
+    epoch = producer.routes["t"][0]
+    await plane.brokers[0].close()  # b0 goes away for good
+    await until(lambda: producer.broker is not None and producer.broker.url == plane.url(1) and producer.broker.port is not None, "failover to b1")
+    await until(lambda: producer.routes["t"][0] > epoch, "a new number for the new attachment")
+    assert await producer.publish("t", b"via b1")
+    await until(lambda: got == [b"via b0", b"via b1"], "delivery after the failover")
+
+
+async def test_registration_errors_are_clear(plane: Plane) -> None:
+    await plane.start_brokers(1)
+    async with dcp.connect(plane.do_url, role="agent", name="bad", reconnect=False) as conn:
+        with pytest.raises(dcp.RemoteError, match="pattern 'a\\*'"):
+            await conn.request({"op": "register", "consumes": ["a*"], "produces": [], "capabilities": [], "broker_key": b"\x01", "port": 0})
+        with pytest.raises(dcp.RemoteError, match="broker_key"):
+            await conn.request({"op": "register", "consumes": [], "produces": [], "capabilities": []})
+        with pytest.raises(dcp.RemoteError, match="admin"):
+            await conn.request({"op": "deploy", "spec": SPEC})
+    async with dcp.connect(plane.do_url, role="broker", name="twin", reconnect=False) as conn:
+        with pytest.raises(dcp.RemoteError, match="its own key"):
+            await conn.request({"op": "broker_state", "key": plane.brokers[0].key.to_bytes(3, "big"), "links": []})
+
+
+async def test_deploy_errors_name_the_field(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    got: list[bytes] = []
+    for agent in pipeline_agents(plane, got):
+        await agent.start()
+    bad = {**SPEC, "stage": [{"name": "det", "capability": "nobody-has-it", "consumes": ["video"], "emits": "faces"}]}
+    with pytest.raises(dcp.RemoteError, match=r"stage\[0\]\.capability: no registered data agent offers 'nobody-has-it'"):
+        await plane.admin({"op": "deploy", "spec": bad})
+    await plane.admin({"op": "deploy", "spec": SPEC})
+    with pytest.raises(dcp.RemoteError, match="already deployed"):
+        await plane.admin({"op": "deploy", "spec": SPEC})
+    await plane.admin({"op": "undeploy", "name": "p"})
+    with pytest.raises(dcp.RemoteError, match="no pipeline named 'p'"):
+        await plane.admin({"op": "undeploy", "name": "p"})
+
+
+async def test_batches_and_windows(plane: Plane) -> None:
+    await plane.start_brokers(1)
+    producer = plane.agent("producer")
+
+    @producer.source("n", interval_s=3600)
+    async def never() -> None:
+        return None
+
+    batches: list[list[bytes]] = []
+    windows: list[int] = []
+    consumer = plane.agent("consumer")
+
+    @consumer.process("n", batch=4, batch_timeout_s=0.05)
+    async def batched(msgs: list[dcp.Message]) -> None:
+        batches.append([bytes(m.payload) for m in msgs])
+
+    @consumer.aggregate("n", window_s=0.05, emits="n.count")
+    async def count(msgs: list[dcp.Message]) -> bytes:
+        windows.append(len(msgs))
+        return str(len(msgs)).encode()
+
+    await consumer.start()
+    await producer.start()
+    await producer.wait_route("n")
+    for i in range(10):
+        await producer.publish("n", bytes([i]))
+    await until(lambda: sum(map(len, batches)) == 10 and sum(windows) == 10, "every frame batched and windowed")
+    assert [len(b) for b in batches[:2]] == [4, 4] and batches[2] == [bytes([8]), bytes([9])]  # the last by timeout
+    assert [bytes([i]) for i in range(10)] == [p for b in batches for p in b]
+    assert consumer.unrouted == len(windows)  # nobody consumes n.count: counted, not sent

@@ -342,16 +342,16 @@ async def test_messages_iteration_ends_when_closed_and_close_is_idempotent(broke
     assert await asyncio.wait_for(draining, 10) == []
 
 
-async def test_client_drop_overflow_counts_what_it_drops(broker: Broker) -> None:
-    async with dcp.connect(url_of(broker)) as pub, dcp.connect(url_of(broker), max_pending=10, overflow="drop") as sub:
+@pytest.mark.parametrize(("overflow", "kept"), [("drop", range(10)), ("drop-newest", range(10)), ("drop-oldest", range(41, 51))])
+async def test_client_drop_overflow_counts_what_it_drops(broker: Broker, overflow: str, kept: range) -> None:
+    async with dcp.connect(url_of(broker)) as pub, dcp.connect(url_of(broker), max_pending=10, overflow=overflow) as sub:
         route = encode({broker.key: 1 << sub.port})
-        for i in range(50):
+        for i in range(51):
             await pub.publish("t", b"%d" % i, route=route)
-        await pub.publish("t", b"last", route=route)
         await pub.ping()
         await sub.ping()  # the broker wrote everything before this pong
-        assert (sub.pending, sub.dropped) == (10, 41)
-        assert [(await sub.next_message()).payload for _ in range(10)] == [b"%d" % i for i in range(10)]
+        assert (sub.pending, sub.dropped, sub.received) == (10, 41, 10 if overflow != "drop-oldest" else 51)
+        assert [(await sub.next_message()).payload for _ in range(10)] == [b"%d" % i for i in kept]
 
 
 async def test_publish_checks_limits_locally(broker: Broker) -> None:

@@ -23,7 +23,7 @@ back with no user code.
     await agent.run()
 
 Handlers run one at a time in arrival order; a handler returns a payload, a list of
-payloads or None.  Received frames wait in a bounded buffer whose overflow policy is
+payloads or None.  A source starts once its topic has a route (someone consumes it).  Received frames wait in a bounded buffer whose overflow policy is
 declared (``pause``: back-pressure to the broker; ``drop-newest``/``drop-oldest``:
 counted drops).  Publishing a topic with no route yet (nobody consumes it) sends
 nothing and is counted as ``unrouted``.
@@ -398,7 +398,10 @@ class DataAgent:
                 element.emitted += 1
 
     async def _run_source(self, element: Element) -> None:
+        """Run a source once its topic routes somewhere: before that its frames would go nowhere."""
+        assert element.emits is not None
         try:
+            await self.wait_route(element.emits, timeout=None)
             if inspect.isasyncgenfunction(element.handler):
                 stream: AsyncIterator[Any] = element.handler(element.params) if element.params is not None else element.handler()
                 async for payload in stream:
@@ -435,8 +438,8 @@ class DataAgent:
         self.published += 1
         return True
 
-    async def wait_route(self, topic: str, consumers: int = 1, timeout: float = 10.0) -> None:
-        """Wait until ``topic`` routes to at least ``consumers`` agents."""
+    async def wait_route(self, topic: str, consumers: int = 1, timeout: float | None = 10.0) -> None:
+        """Wait until ``topic`` routes to at least ``consumers`` agents (``timeout`` None: no limit)."""
 
         async def until() -> None:
             while len(self.consumers.get(topic, [])) < consumers or not self.routes.get(topic, (0, 0))[1]:

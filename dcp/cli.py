@@ -148,6 +148,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.count < 0 or args.interval < 0:
+        print("dcp demo: --count and --interval must not be negative", file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
     return run(run_demo(count=args.count, interval_s=args.interval))
 
@@ -328,8 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("broker_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     cluster.set_defaults(func=cmd_cluster)
 
-    demo = commands.add_parser("demo", help="run a broker with a publisher and two subscribers, printing what flows")
-    demo.add_argument("--count", type=int, default=12, help="frames to publish (default: 12)")
+    demo = commands.add_parser(
+        "demo",
+        help="run the faces pipeline (camera, face and dog detectors, age/gender classifier, sink), printing what flows",
+        description="Start a data orchestrator, two linked brokers and five data agents in this process, deploy the "
+        "faces pipeline (examples/faces.toml: camera -> face and dog detectors -> age/gender classifier -> printing "
+        "sink; synthetic frames, deterministic stand-in models), print every detection, then the frames, latency and "
+        "drops of every stage. Exits 0 when everything arrived and nothing was dropped.",
+    )
+    demo.add_argument("--count", type=int, default=12, help="frames the camera emits (default: 12)")
     demo.add_argument("--interval", type=float, default=0.05, help="seconds between frames (default: 0.05)")
     demo.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     demo.set_defaults(func=cmd_demo)

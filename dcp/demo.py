@@ -1,60 +1,426 @@
-"""``dcp demo``: a broker, one publisher and two subscribers in one process.
+"""``dcp demo``: the article's Figure 5 pipeline, end to end, in one process.
 
-The publisher computes each frame's topology number with :func:`dcp.routing.encode`
-from the ports the subscribers got, so each frame reaches exactly the subscribers it
-names; the demo prints every frame as it flows and the broker's counters at the end.
+A camera publishes frames on ``video``; a face detector and a dog detector both
+consume them; an age/gender classifier consumes ``faces`` and emits ``people``; a
+printing sink consumes ``people`` and ``dogs``::
+
+    camera --video--> detect_faces --faces--> classify_age_gender --people--> print
+                  \\--> detect_dogs ----------------------------------dogs-----/
+
+:func:`run_faces` starts a data orchestrator (state in a temporary sqlite file), two
+linked brokers with keys of their own and five data agents spread over them (camera
+and classifier on ``b0``; detectors and sink on ``b1``, so every stream crosses the
+link), deploys :data:`DEMO_SPEC` through an admin connection, waits for the routes,
+lets the camera emit its frames, prints every detection as the sink gets it, then
+the pipeline as the orchestrator sees it and a summary (frames in/out, latency and
+drops per element, the brokers' counters).  ``examples/faces.toml`` holds the same
+spec as a file (``examples/faces.py`` runs it).
+
+Frames and models are synthetic and deterministic, stand-ins for real ones: a frame
+is a small header (frame number, width, height) and a grid of pixel bytes drawn from
+a seeded RNG, below :data:`BACKGROUND_MAX`; some frames hold face or dog patches
+(:data:`PATCH` x :data:`PATCH`, whose top row is :data:`FACE_MARK` or
+:data:`DOG_MARK`, byte values no background pixel has).  The detectors scan for
+those marks and emit one record per patch; the "classifier" buckets a hash of the
+patch bytes into an age range and a gender.  Same frame, same detections; same
+patch, same label.  Records between stages are msgpack maps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
+import random
+import struct
+import tempfile
 import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
+import msgpack
+
+from .agent import DataAgent
 from .broker import Broker
-from .client import Connection, connect
-from .config import BrokerConfig
-from .routing import encode, ports_of
+from .client import connect
+from .config import BrokerConfig, OrchestratorConfig
+from .orchestrator import Orchestrator
+from .routing import allocate_keys
+from .spec import PipelineSpec, parse_spec
 
-__all__ = ["run_demo"]
+__all__ = [
+    "DEMO_SPEC", "PLACEMENT", "PATCH", "FACE_MARK", "DOG_MARK", "BACKGROUND_MAX", "AGE_BUCKETS",
+    "frame_plan", "make_frame", "parse_frame", "detect_faces", "detect_dogs", "classify_age_gender",
+    "expected_counts", "run_faces", "run_demo",
+]
+
+#: The pipeline (``examples/faces.toml`` is this same spec as a TOML file).  The
+#: camera's ``frames`` and ``interval_s`` are replaced by what the demo is asked for.
+DEMO_SPEC: dict[str, Any] = {
+    "name": "faces",
+    "source": [
+        {"name": "camera", "capability": "camera", "emits": "video",
+         "params": {"seed": 7, "width": 64, "height": 48, "frames": 12, "interval_s": 0.05}},
+    ],
+    "stage": [
+        {"name": "face-detector", "capability": "detect_faces", "consumes": ["video"], "emits": "faces"},
+        {"name": "dog-detector", "capability": "detect_dogs", "consumes": ["video"], "emits": "dogs"},
+        {"name": "age-gender", "capability": "classify_age_gender", "consumes": ["faces"], "emits": "people"},
+    ],
+    "sink": [
+        {"name": "printer", "capability": "print", "consumes": ["people", "dogs"]},
+    ],
+}
+
+#: Data agents: (name, broker, capability it offers).
+PLACEMENT: tuple[tuple[str, str, str], ...] = (
+    ("edge-camera", "b0", "camera"),
+    ("face-detector", "b1", "detect_faces"),
+    ("dog-detector", "b1", "detect_dogs"),
+    ("classifier", "b0", "classify_age_gender"),
+    ("console", "b1", "print"),
+)
+
+# --------------------------------------------------------------------------- frames
+
+PATCH = 8  #: side of a face or dog patch, pixels
+BACKGROUND_MAX = 200  #: background pixels are below this
+FACE_MARK = bytes(range(240, 240 + PATCH))  #: top row of a face patch
+DOG_MARK = bytes(range(248, 248 + PATCH))  #: top row of a dog patch
+HEADER = struct.Struct(">IHH")  # frame number, width, height
+_BACKGROUND = bytes(i % BACKGROUND_MAX for i in range(256))
+_FACES_PER_FRAME = (0, 0, 1, 1, 2, 3)
+_DOGS_PER_FRAME = (0, 0, 0, 1, 1, 2)
 
 
-async def _receive(conn: Connection, label: str, expected: int, seen: list[str]) -> None:
-    for _ in range(expected):
-        msg = await conn.next_message(timeout=10)
-        latency_us = (time.time_ns() - msg.timestamp_ns) / 1000
-        print(f"  {label:<6} <- {msg.topic:<14} #{msg.msg_id:<3} {msg.payload.decode():<28} {latency_us:8.0f} us")
-        seen.append(label)
+def frame_plan(seed: int, number: int, width: int, height: int) -> dict[str, list[tuple[int, int]]]:
+    """Where frame ``number`` has its faces and dogs: top-left corners (x, y), sorted by (y, x)."""
+    if width < PATCH or height < PATCH or width > 0xFFFF or height > 0xFFFF:
+        raise ValueError(f"a frame is {PATCH}..65535 pixels wide and high, got {width}x{height}")
+    rng = random.Random(f"dcp-demo:{seed}:{number}:plan")
+    cells = [(x, y) for y in range(0, height - PATCH + 1, PATCH) for x in range(0, width - PATCH + 1, PATCH)]
+    faces = min(rng.choice(_FACES_PER_FRAME), len(cells))
+    dogs = min(rng.choice(_DOGS_PER_FRAME), len(cells) - faces)
+    chosen = rng.sample(cells, faces + dogs)
+    by_row = lambda xy: (xy[1], xy[0])  # noqa: E731
+    return {"faces": sorted(chosen[:faces], key=by_row), "dogs": sorted(chosen[faces:], key=by_row)}
+
+
+def make_frame(seed: int, number: int, width: int, height: int) -> bytes:
+    """Frame ``number`` of the camera seeded ``seed``: header, then ``width * height`` pixel bytes."""
+    plan = frame_plan(seed, number, width, height)
+    rng = random.Random(f"dcp-demo:{seed}:{number}:pixels")
+    pixels = bytearray(rng.randbytes(width * height).translate(_BACKGROUND))
+    for mark, corners in ((FACE_MARK, plan["faces"]), (DOG_MARK, plan["dogs"])):
+        for x, y in corners:
+            pixels[y * width + x:y * width + x + PATCH] = mark  # the rest of the patch is its texture
+    return HEADER.pack(number, width, height) + bytes(pixels)
+
+
+def parse_frame(frame: bytes) -> tuple[int, int, int, bytes]:
+    """(number, width, height, pixels) of a frame."""
+    number, width, height = HEADER.unpack_from(frame)
+    pixels = bytes(frame[HEADER.size:])
+    if len(pixels) != width * height:
+        raise ValueError(f"frame {number}: {len(pixels)} pixel bytes for {width}x{height}")
+    return number, width, height, pixels
+
+
+def _detect(frame: bytes, mark: bytes) -> list[dict[str, Any]]:
+    number, width, height, pixels = parse_frame(frame)
+    found = []
+    for y in range(height - PATCH + 1):
+        row = pixels[y * width:(y + 1) * width]
+        x = row.find(mark)
+        while 0 <= x <= width - PATCH:
+            patch = b"".join(pixels[(y + i) * width + x:(y + i) * width + x + PATCH] for i in range(PATCH))
+            found.append({"frame": number, "box": [x, y, PATCH, PATCH], "patch": patch})
+            x = row.find(mark, x + PATCH)
+    return found
+
+
+def detect_faces(frame: bytes) -> list[dict[str, Any]]:
+    """Stand-in face detector: one record (frame, box [x, y, w, h], patch bytes) per face patch."""
+    return _detect(frame, FACE_MARK)
+
+
+def detect_dogs(frame: bytes) -> list[dict[str, Any]]:
+    """Stand-in dog detector: one record (frame, box, patch bytes) per dog patch."""
+    return _detect(frame, DOG_MARK)
+
+
+AGE_BUCKETS = ("0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60+")
+
+
+def classify_age_gender(patch: bytes) -> tuple[str, str]:
+    """Stand-in age/gender classifier: a pure function of the patch bytes (a hash, bucketed)."""
+    digest = hashlib.blake2b(patch, digest_size=8).digest()
+    return AGE_BUCKETS[digest[0] % len(AGE_BUCKETS)], ("female", "male")[digest[1] & 1]
+
+
+def expected_counts(seed: int, frames: int, width: int, height: int) -> dict[str, int]:
+    """How many faces and dogs ``frames`` frames of the camera hold."""
+    plans = [frame_plan(seed, n, width, height) for n in range(frames)]
+    return {"faces": sum(len(p["faces"]) for p in plans), "dogs": sum(len(p["dogs"]) for p in plans)}
+
+
+# --------------------------------------------------------------------------- the run
+
+def _pack(record: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def _unpack(payload: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(payload, raw=False)
+
+
+async def _wait_for(check: Callable[[], Any], timeout: float, step: float = 0.01) -> bool:
+    """Check ``check()`` every ``step`` s until true (True) or ``timeout`` (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check() if asyncio.iscoroutinefunction(check) else check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(step)
+
+
+def _spec_with(spec: PipelineSpec | Mapping[str, Any] | None, frames: int, interval_s: float) -> PipelineSpec:
+    data = copy.deepcopy(dict(spec.to_dict() if isinstance(spec, PipelineSpec) else spec or DEMO_SPEC))
+    parsed = parse_spec(data)
+    cameras = [e for e in parsed.elements if e.capability == "camera"]
+    wanted = {c for _, _, c in PLACEMENT}
+    offered = {e.capability for e in parsed.elements}
+    if len(cameras) != 1 or offered != wanted:
+        raise ValueError(f"the faces pipeline needs one element per capability {sorted(wanted)}, got {sorted(map(str, offered))}")
+    for source in data["source"]:
+        if source.get("capability") == "camera":
+            source.setdefault("params", {}).update(frames=frames, interval_s=interval_s)
+    return parse_spec(data)
+
+
+async def run_faces(
+    frames: int = 12,
+    interval_s: float = 0.05,
+    out: Callable[[str], Any] = print,
+    *,
+    spec: PipelineSpec | Mapping[str, Any] | None = None,
+    timeout_s: float = 20.0,
+) -> dict[str, Any]:
+    """Run the faces pipeline (``spec``, :data:`DEMO_SPEC` by default) over ``frames`` frames.
+
+    Prints through ``out``; returns the summary: ``ok`` (everything the generator
+    implies arrived, nothing dropped), ``expected``, ``elements`` (per element: agent,
+    broker, in, out, errors, latency_ms, latency_max_ms), ``agents`` (dropped, unrouted,
+    lost), ``brokers`` (frames_in, frames_out, drops) and ``elapsed_s``.
+    """
+    if frames < 0 or interval_s < 0:
+        raise ValueError("frames and interval_s must not be negative")
+    spec = _spec_with(spec, frames, interval_s)
+    by_capability = {e.capability: e for e in spec.elements}
+    camera_params = by_capability["camera"].params
+    seed, width, height = int(camera_params.get("seed", 0)), int(camera_params.get("width", 64)), int(camera_params.get("height", 48))
+    expected = expected_counts(seed, frames, width, height)
+    n_faces, n_dogs = expected["faces"], expected["dogs"]
+    expected_io = {  # capability -> (frames in, frames out)
+        "camera": (0, frames), "detect_faces": (frames, n_faces), "detect_dogs": (frames, n_dogs),
+        "classify_age_gender": (n_faces, n_faces), "print": (n_faces + n_dogs, 0),
+    }
+    started = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="dcp-demo-")
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(tmp.name) / "orchestrator.sqlite")))
+    brokers: dict[str, Broker] = {}
+    agents: dict[str, DataAgent] = {}
+    try:
+        await do.start()
+        do_addr = "%s:%d" % do.address
+        do_url = f"dcp://{do_addr}"
+        out(f"orchestrator  {do_addr}   (state in a temporary sqlite file)")
+        keys = allocate_keys(2, 64)
+        peers: tuple[str, ...] = ()
+        for name, key in zip(("b0", "b1"), keys):
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", key=key, name=name, orchestrator=do_addr, peers=peers))
+            await broker.start()
+            brokers[name] = broker
+            peers = ("%s:%d" % broker.address,)
+        async with connect(do_url, role="admin", name="demo", reconnect=False) as admin:
+
+            async def overlay_up() -> bool:
+                status = (await admin.request({"op": "status"}))["status"]
+                up = {b["name"] for b in status["brokers"] if b["online"] and any(link["state"] == "up" for link in b["links"])}
+                return up >= set(brokers)
+
+            if not await _wait_for(overlay_up, 10.0, 0.02):
+                raise RuntimeError("the two brokers did not link up within 10 s")
+            for name, broker in brokers.items():
+                links = "; ".join(f"link port {ln.port} <-> {ln.remote_name or '?'} port {ln.remote_port}" for ln in broker.links.values())
+                out(f"broker {name}     %s:%d   key {broker.key}   {links}" % broker.address)
+
+            # -- the agents and their models ----------------------------------------
+            go = asyncio.Event()
+            sink_done = asyncio.Event()
+            seen = {"people": 0, "dogs": 0}
+            if n_faces + n_dogs == 0:
+                sink_done.set()
+
+            def agent(name: str, broker: str) -> DataAgent:
+                url = "dcp://%s:%d" % brokers[broker].address
+                agents[name] = DataAgent(name, broker=url, orchestrator=do_url, report_interval_s=0.2)
+                return agents[name]
+
+            where = {name: broker for name, broker, _ in PLACEMENT}
+            camera, faces, dogs, classifier, console = (agent(name, broker) for name, broker, _ in PLACEMENT)
+
+            @camera.capability("camera")
+            async def camera_source(params: dict[str, Any]) -> Any:
+                await go.wait()  # start once the whole pipeline has its routes
+                seed_, width_, height_ = int(params.get("seed", 0)), int(params.get("width", 64)), int(params.get("height", 48))
+                for number in range(int(params.get("frames", 0))):
+                    yield make_frame(seed_, number, width_, height_)
+                    await asyncio.sleep(float(params.get("interval_s", 0)))
+
+            def detector(model: Callable[[bytes], list[dict[str, Any]]]) -> Any:
+                async def detect(msg: Any, params: dict[str, Any]) -> list[bytes]:
+                    return [_pack({**found, "t0": msg.timestamp_ns}) for found in model(bytes(msg.payload))]
+                return detect
+
+            faces.capability("detect_faces")(detector(detect_faces))
+            dogs.capability("detect_dogs")(detector(detect_dogs))
+
+            @classifier.capability("classify_age_gender")
+            async def classify(msg: Any, params: dict[str, Any]) -> bytes:
+                face = _unpack(bytes(msg.payload))
+                age, gender = classify_age_gender(face["patch"])
+                return _pack({"frame": face["frame"], "box": face["box"], "age": age, "gender": gender, "t0": face["t0"]})
+
+            @console.capability("print")
+            async def show(msg: Any, params: dict[str, Any]) -> None:
+                record = _unpack(bytes(msg.payload))
+                x, y = record["box"][:2]
+                ms = (time.time_ns() - record["t0"]) / 1e6
+                if msg.topic == "people":
+                    what = f"face at ({x},{y}) -> age {record['age']}, {record['gender']}"
+                else:
+                    what = f"dog at ({x},{y})"
+                out(f"  frame {record['frame']:>3}: {what:<40} {ms:7.2f} ms camera->sink")
+                seen[msg.topic] = seen.get(msg.topic, 0) + 1
+                if seen["people"] + seen["dogs"] >= n_faces + n_dogs:
+                    sink_done.set()
+
+            await asyncio.gather(*(a.start() for a in agents.values()))
+            for b in brokers:
+                names = [name for name, broker, _ in PLACEMENT if broker == b]
+                out(f"agents on {b}: {', '.join(names)}")
+
+            # -- deploy, then wait for every route ----------------------------------
+            reply = await admin.request({"op": "deploy", "spec": spec.to_dict()})
+            assigned = reply["assignments"]
+            out(f"deployed pipeline {reply['pipeline']}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
+            element_agent = {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}
+            for element in spec.elements:
+                if element.emits is None:
+                    continue
+                consumers = {element_agent[c.name] for c in spec.consumers_of(element.emits)}
+                producer = agents[element_agent[element.name]]
+                await producer.wait_route(element.emits, consumers=len(consumers), timeout=10.0)
+                epoch, x = producer.routes[element.emits]
+                stream = f"{producer.name}/{element.emits}"
+                out(f"  route {stream:<20} -> {', '.join(sorted(producer.consumers[element.emits])):<28} "
+                    f"X: {x.bit_length():>3} bits, epoch {epoch}")
+            out(f"camera: {frames} frame(s) of {width}x{height} (seed {seed}), one every {interval_s} s; "
+                f"they hold {n_faces} face(s) and {n_dogs} dog(s)")
+            go.set()
+
+            # -- wait for everything the generator implies ----------------------------
+            def local(element: Any) -> Any:
+                return agents[element_agent[element.name]].elements.get(f"{spec.name}/{element.name}")
+
+            def all_counted() -> bool:
+                for element in spec.elements:
+                    counted = local(element)
+                    if counted is None or (counted.received, counted.emitted) != expected_io[element.capability]:
+                        return False
+                return True
+
+            complete = True
+            try:
+                await asyncio.wait_for(sink_done.wait(), timeout_s + frames * interval_s)
+            except asyncio.TimeoutError:
+                complete = False
+                out(f"timed out: the sink got {seen['people']} of {n_faces} people and {seen['dogs']} of {n_dogs} dogs")
+            complete = await _wait_for(all_counted, 2.0 if complete else 0.0) and complete
+
+            # -- the pipeline as the orchestrator sees it (after the agents' next report)
+            async def reported() -> bool:
+                view = (await admin.request({"op": "pipelines"}))["pipelines"]
+                rows = {e["name"]: e["agents"] for p in view if p["name"] == spec.name for e in p["elements"]}
+                for element in spec.elements:
+                    counted = local(element)
+                    got = rows.get(element.name) or [{}]
+                    if counted is None or (got[0].get("in"), got[0].get("out")) != (counted.received, counted.emitted):
+                        return False
+                return True
+
+            await _wait_for(reported, 3.0, 0.05)
+            from .cli import format_pipelines
+
+            out("")
+            out("the pipeline as the orchestrator sees it (from the agents' reports):")
+            out(format_pipelines((await admin.request({"op": "pipelines"}))["pipelines"]))
+
+            # -- the summary ------------------------------------------------------------
+            summary_elements = {}
+            for element in spec.elements:
+                counted = local(element)
+                counters = counted.counters() if counted is not None else {"in": 0, "out": 0, "errors": 0, "latency_ms": 0.0, "latency_max_ms": 0.0}
+                name = element_agent[element.name]
+                summary_elements[element.name] = {"agent": name, "broker": where.get(name, "?"), "capability": element.capability, **counters}
+            summary_agents = {}
+            for name, a in agents.items():
+                c = a.counters()
+                summary_agents[name] = {"dropped": c["dropped"], "unrouted": c["unrouted"], "lost": c["lost"]}
+            summary_brokers = {
+                name: {"frames_in": b.frames_in, "frames_out": b.frames_out, "drops": sum(b.drops.values()),
+                       "drop_reasons": {k: v for k, v in b.drops.items() if v}}
+                for name, b in brokers.items()
+            }
+            drops = sum(sum(a.values()) for a in summary_agents.values()) + sum(b["drops"] for b in summary_brokers.values())
+            errors = sum(e["errors"] for e in summary_elements.values())
+            ok = complete and drops == 0 and errors == 0
+            elapsed = time.monotonic() - started
+            out("")
+            out(f"summary: {frames} frames, {n_faces} faces, {n_dogs} dogs expected; "
+                f"{'all delivered' if complete else 'INCOMPLETE'}, {drops} drop(s), {errors} error(s), {elapsed:.2f} s")
+            out("  (latency: from publish to handling, over the frames each element received)")
+            out(f"  {'element':<14} {'agent':<14} {'broker':<6} {'in':>5} {'out':>5} {'mean ms':>8} {'max ms':>8} "
+                f"{'dropped':>7} {'unrouted':>8} {'lost':>5}")
+            for name, e in summary_elements.items():
+                a = summary_agents.get(e["agent"], {"dropped": 0, "unrouted": 0, "lost": 0})
+                out(f"  {name:<14} {e['agent']:<14} {e['broker']:<6} {e['in']:>5} {e['out']:>5} {e['latency_ms']:>8.3f} "
+                    f"{e['latency_max_ms']:>8.3f} {a['dropped']:>7} {a['unrouted']:>8} {a['lost']:>5}")
+            out(f"  {'broker':<14} {'key':<29} {'frames in':>9} {'frames out':>10} {'drops':>6}")
+            for name, b in summary_brokers.items():
+                reasons = ", ".join(f"{k}={v}" for k, v in b["drop_reasons"].items())
+                out(f"  {name:<14} {brokers[name].key:<29} {b['frames_in']:>9} {b['frames_out']:>10} {b['drops']:>6}"
+                    + (f"  ({reasons})" if reasons else ""))
+            return {
+                "ok": ok, "frames": frames, "expected": expected, "elements": summary_elements,
+                "agents": summary_agents, "brokers": summary_brokers, "elapsed_s": round(elapsed, 3),
+            }
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+        for broker in reversed(list(brokers.values())):
+            for link in list(broker.links.values()):  # unlink first: the peer frees its end instead of redialling
+                broker.remove_link(link, notify=True)
+            await broker.close()
+        await do.close()
+        tmp.cleanup()
 
 
 async def run_demo(count: int = 12, interval_s: float = 0.05) -> int:
-    broker = Broker(BrokerConfig(listen="127.0.0.1:0"))
-    await broker.start()
-    host, port = broker.address
-    url = f"dcp://{host}:{port}"
-    print(f"broker listening on {host}:{port} (stateless, key {broker.key})")
-    async with connect(url, name="left") as left, connect(url, name="right") as right, connect(url, name="camera") as camera:
-        key = camera.broker_key
-        assert key is not None and left.port is not None and right.port is not None
-        routes = {
-            "left": encode({key: 1 << left.port}),
-            "right": encode({key: 1 << right.port}),
-            "both": encode({key: (1 << left.port) | (1 << right.port)}),
-        }
-        print(f"subscribers: left on port {left.port}, right on port {right.port}; publisher on port {camera.port}")
-        for name, x in routes.items():
-            print(f"  route {name:<5} X = {x:<4} -> ports {ports_of(x % key)}")
-        plan = [list(routes)[i % 3] for i in range(count)]
-        expect_left = sum(1 for name in plan if name in ("left", "both"))
-        expect_right = sum(1 for name in plan if name in ("right", "both"))
-        seen: list[str] = []
-        receivers = asyncio.gather(
-            _receive(left, "left", expect_left, seen), _receive(right, "right", expect_right, seen)
-        )
-        for i, name in enumerate(plan):
-            await camera.publish(f"camera.{name}", f"frame {i} for {name}".encode(), route=routes[name])
-            await asyncio.sleep(interval_s)
-        await receivers
-    await broker.close()
-    print(f"summary: published {count}, delivered left={seen.count('left')} right={seen.count('right')}")
-    print(f"broker: {broker.summary()}")
-    return 0
+    """``dcp demo``: :func:`run_faces` on :data:`DEMO_SPEC`; 0 when everything arrived and nothing dropped."""
+    print("dcp demo: camera -> face detector + dog detector -> age/gender classifier -> printing sink")
+    print("(synthetic frames; the detectors and the classifier are deterministic stand-ins for real models)")
+    summary = await run_faces(count, interval_s)
+    return 0 if summary["ok"] else 1

@@ -82,13 +82,6 @@ def test_stats_of_nothing_is_a_clear_error() -> None:
     assert out.stderr.startswith("dcp stats:")
 
 
-def test_demo_runs_and_delivers_everything() -> None:
-    out = subprocess.run([sys.executable, "-m", "dcp", "demo", "--interval", "0"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "summary: published 12, delivered left=8 right=8" in out.stdout
-    assert "drops: none" in out.stdout
-
-
 def test_link_and_unlink_commands(broker_process) -> None:
     from dcp.routing import allocate_keys
 

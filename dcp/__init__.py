@@ -6,6 +6,7 @@ the out ports); see :mod:`dcp.routing`, :mod:`dcp.wire`, :mod:`dcp.broker` and
 """
 
 from .agent import DataAgent
+from .storage import StorageAgent
 from .client import Backoff, Connection, Message, Status, connect
 from .errors import (
     ConfigError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "connect",
     "DataAgent",
+    "StorageAgent",
     "Connection",
     "Message",
     "Status",

@@ -195,6 +195,15 @@ class DataAgent:
 
         return register
 
+    async def declare_produces(self, topic: str) -> None:
+        """Declare at run time that this agent publishes ``topic``; the orchestrator then routes it."""
+        validate_topic(topic)
+        if topic in self.produces:
+            return
+        self.produces.add(topic)
+        if self.orchestrator is not None and self.orchestrator.status.value == "open":
+            await self._register(self.orchestrator)
+
     def _declare(self, element: Element) -> None:
         if self._running:
             raise ConfigError("declare handlers before the agent starts")
@@ -338,8 +347,15 @@ class DataAgent:
         if handler is None or key in self.elements:
             return
         emits = body.get("emits")
-        element = Element(key, str(body.get("kind")), tuple(body.get("consumes") or ()), emits, handler,
-                          params=dict(body.get("params") or {}))
+        params = dict(body.get("params") or {})
+        element = Element(key, str(body.get("kind")), tuple(body.get("consumes") or ()), emits, handler, params=params)
+        if element.kind != "source":  # spec params may batch or window it, like the decorators' arguments
+            try:
+                element.batch = max(int(params.get("batch", 1)), 1)
+                element.batch_timeout_s = float(params.get("batch_timeout_s", element.batch_timeout_s))
+                element.window_s = float(params["window_s"]) if "window_s" in params else None
+            except (TypeError, ValueError):
+                log.error("%s: bad batch/window params for %s: %r", self.name, key, params)
         self.elements[key] = element
         if emits:
             self.produces.add(emits)

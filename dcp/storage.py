@@ -248,21 +248,17 @@ class StorageAgent(DataAgent):
         if not self._running or self.orchestrator is None:
             raise DcpError("start the storage agent before replaying")
         rows = self.query(start_ns, end_ns, topic_pattern)
-        if into not in self.produces:
-            self.produces.add(into)
-            await self._register(self.orchestrator)  # TODO: a public DataAgent hook to declare a topic at run time
+        await self.declare_produces(into)
         try:
             await self.wait_route(into, consumers, timeout=route_timeout_s)
         except asyncio.TimeoutError:
             raise DcpTimeout(f"{into!r} does not route to {consumers} consumer(s) after {route_timeout_s} s") from None
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        began = time.monotonic()  # not loop.time(): uvloop's is cached, to the millisecond
         published = 0
         for i, (_, _, _, payload) in enumerate(rows):
             if rate_hz is not None:
-                delay = began + i / rate_hz - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                while (delay := began + i / rate_hz - time.monotonic()) > 0:
+                    await asyncio.sleep(delay)  # may wake a little early: check again
             if await self.publish(into, payload):
                 published += 1
         self.replayed += published

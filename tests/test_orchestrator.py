@@ -311,3 +311,23 @@ async def test_batches_and_windows(plane: Plane) -> None:
     assert [len(b) for b in batches[:2]] == [4, 4] and batches[2] == [bytes([8]), bytes([9])]  # the last by timeout
     assert [bytes([i]) for i in range(10)] == [p for b in batches for p in b]
     assert consumer.unrouted == len(windows)  # nobody consumes n.count: counted, not sent
+
+
+async def test_spec_params_batch_an_assigned_stage(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    got: list[bytes] = []
+    cam, det, sink = pipeline_agents(plane, got)
+    sizes: list[int] = []
+
+    @det.capability("detect")
+    async def detect_batch(msgs: list[dcp.Message], params: dict[str, Any]) -> bytes:
+        sizes.append(len(msgs))
+        return b"batch of %d" % len(msgs)
+
+    for agent in (det, sink, cam):
+        await agent.start()
+    spec = {**SPEC, "stage": [{**SPEC["stage"][0], "params": {"batch": 8, "batch_timeout_s": 0.05}}]}
+    await plane.admin({"op": "deploy", "spec": spec})
+    await until(lambda: sum(sizes) == 30, "every frame in a batch")
+    assert sizes[:3] == [8, 8, 8] and sizes[3] == 6
+    await until(lambda: len(got) == 4, "one output per batch")

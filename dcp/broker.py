@@ -32,6 +32,7 @@ from typing import Any
 
 from .config import BrokerConfig, parse_address
 from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from .backoff import Backoff
 from .link import Link
 from .routing import allocate_keys, int_from_bytes, int_to_bytes
 from .wire import (
@@ -217,7 +218,8 @@ class Broker:
             await conn.request(self._state())
 
         self._orchestrator = Connection(
-            f"dcp://{self.config.orchestrator}", name=self.name, role="broker", on_open=register
+            f"dcp://{self.config.orchestrator}", name=self.name, role="broker", on_open=register,
+            reconnect=Backoff(initial_s=0.05, max_s=1.0),
         )
         try:
             await self._orchestrator.open(retry=True)

@@ -157,10 +157,19 @@ class OrchestratorConfig(_FromSources):
     listen: str = field(default="127.0.0.1:7300", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
     db: str = field(default="dcp-orchestrator.db", metadata=_opt("sqlite file holding the registries and pipelines (:memory: for none)"))
     policy: str = field(default="", metadata=_opt("TOML/JSON file of publish/consume rules (default: allow everything)"))
+    grace_s: float = field(
+        default=10.0,
+        metadata=_opt(
+            "how long a broker's or agent's last registration stands after its connection to the orchestrator ends "
+            "(also after a restart), seconds", type=float,
+        ),
+    )
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
+        if self.grace_s < 0:
+            raise ConfigError("grace_s must not be negative")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 

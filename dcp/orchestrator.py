@@ -49,6 +49,8 @@ class BrokerRecord:
     ports: int
     links: list[dict[str, Any]]  # {"port", "remote_key", "remote_port", "state"}
     conn: OrchestratorConnection | None = None
+    gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
+    attached: list[dict[str, Any]] | None = None  # its ports with an agent on them: {"port", "name"}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class AgentRecord:
     conn: OrchestratorConnection | None = None
     counters: dict[str, Any] = field(default_factory=dict)  # the agent's last report
     registered_at: float = 0.0
+    gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
 
 
 @dataclass
@@ -99,10 +102,10 @@ class Orchestrator:
     def _recover(self) -> None:
         state = self.store.load()
         for b in state["brokers"]:
-            self.brokers[b["name"]] = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"])
+            self.brokers[b["name"]] = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"], gone_at=time.monotonic())
         for a in state["agents"]:
             self.agents[a["name"]] = AgentRecord(
-                a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"]
+                a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"], gone_at=time.monotonic()
             )
         for p in state["pipelines"]:
             self.pipelines[p["name"]] = parse_spec(p["spec"], f"stored pipeline {p['name']!r}")
@@ -124,6 +127,8 @@ class Orchestrator:
         self._server = await loop.create_server(lambda: OrchestratorConnection(self), host, port, reuse_address=True)
         host, port = self.address
         log.info("dcp orchestrator listening on %s:%d db=%s", host, port, self.store.path)
+        if self.brokers or self.agents:  # recovered ones route until they are back, or the grace ends
+            loop.call_later(self.config.grace_s, self._grace_over)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -200,7 +205,13 @@ class Orchestrator:
 
     def agent_gone(self, record: AgentRecord) -> None:
         record.conn = None
+        record.gone_at = time.monotonic()
         log.info("agent %s disconnected", record.name)
+        self.changed()
+        asyncio.get_running_loop().call_later(self.config.grace_s, self._grace_over)
+
+    def _grace_over(self) -> None:
+        """Whoever has not come back by now is gone: hand their elements on, reroute."""
         self._assign_all()
         self.changed()
 
@@ -221,16 +232,31 @@ class Orchestrator:
                     "port": int(link.get("port", -1)), "remote_key": int_from_bytes(link["remote_key"]),
                     "remote_port": int(link.get("remote_port", -1)), "state": str(link.get("state", "")),
                 })
-        record = BrokerRecord(name, key_int, str(body.get("address", "")), int(body.get("ports", 0)), clean, conn)
+        attached = [
+            {"port": a["port"], "name": a["name"]} for a in body.get("attached", [])
+            if isinstance(a, dict) and isinstance(a.get("port"), int) and isinstance(a.get("name"), str)
+        ]
+        record = BrokerRecord(name, key_int, str(body.get("address", "")), int(body.get("ports", 0)), clean, conn, attached=attached)
         self.brokers[name] = record
         conn.broker = record
         self.store.save_broker(name, key_int, record.address, record.ports, clean)
+        self._assign_all()  # an agent away from us whose port went too is gone
         self.changed()
 
     def broker_gone(self, record: BrokerRecord) -> None:
         record.conn = None
-        log.info("broker %s disconnected", record.name)
-        self.changed()
+        record.gone_at = time.monotonic()
+        log.info("broker %s disconnected; its last report stands for %.1f s", record.name, self.config.grace_s)
+        asyncio.get_running_loop().call_later(self.config.grace_s, self._grace_over)
+
+    def present(self, record: BrokerRecord) -> bool:
+        """Whether a broker is part of the overlay: connected, or gone for less than the grace.
+
+        A broker's connection to the orchestrator is not on the data path: losing it (or
+        an orchestrator restart) says nothing about the broker's ports and links, which
+        keep forwarding.  Its last report stands until it re-registers or the grace ends.
+        """
+        return record.conn is not None or time.monotonic() - record.gone_at < self.config.grace_s
 
     # -- pipelines ----------------------------------------------------------------------
 
@@ -289,12 +315,12 @@ class Orchestrator:
                 current = self.assignments.setdefault(key, [])
                 for agent in list(current):
                     record = self.agents.get(agent)
-                    if record is None or record.conn is None:
+                    if record is None or not self._alive(record):
                         candidates = self._candidates(element, policy, exclude=current)
                         if candidates:  # hand the element to an agent that is here
                             current.remove(agent)
                             self.store.delete_assignment(spec.name, element.name, agent)
-                if sum(1 for a in current if self._online(a)) >= element.replicas:
+                if sum(1 for a in current if a in self.agents and self._alive(self.agents[a])) >= element.replicas:
                     continue
                 for candidate in self._candidates(element, policy, exclude=current):
                     if len(current) >= element.replicas:
@@ -324,6 +350,24 @@ class Orchestrator:
         record = self.agents.get(agent)
         return record is not None and record.conn is not None
 
+    def _alive(self, record: AgentRecord) -> bool:
+        """Whether an agent still counts on the data plane.
+
+        Its connection to us is not on the data path: while it is away (or we just
+        restarted) the agent keeps its attachment, unless its broker reports that port
+        detached, until the grace ends.
+        """
+        if record.conn is not None:
+            return True
+        if time.monotonic() - record.gone_at >= self.config.grace_s:
+            return False
+        broker = next((b for b in self.brokers.values() if b.key == record.broker_key and self.present(b)), None)
+        if broker is None:
+            return False
+        if broker.conn is not None and broker.attached is not None:
+            return any(a["port"] == record.port and a["name"] == record.name for a in broker.attached)
+        return True
+
     def _assign_message(self, pipeline: str, element_name: str) -> dict[str, Any]:
         element = self.pipelines[pipeline].element(element_name)
         return {
@@ -350,7 +394,7 @@ class Orchestrator:
 
     def overlay(self) -> Overlay:
         """The brokers online and the links both ends report up."""
-        online = {b.name: b for b in self.brokers.values() if b.conn is not None}
+        online = {b.name: b for b in self.brokers.values() if self.present(b)}
         by_key = {b.key: name for name, b in online.items()}
         ends = {(name, link["port"]): link for name, b in online.items() for link in b.links}
         links: dict[frozenset[tuple[str, int]], Link] = {}
@@ -370,7 +414,7 @@ class Orchestrator:
 
     def _broker_name(self, key: int) -> str | None:
         for record in self.brokers.values():
-            if record.key == key and record.conn is not None:
+            if record.key == key and self.present(record):
                 return record.name
         return None
 
@@ -383,7 +427,7 @@ class Orchestrator:
         roles = {}
         for record in self.agents.values():
             broker = self._broker_name(record.broker_key)
-            if record.conn is not None and broker is not None:
+            if broker is not None and self._alive(record):
                 attached[record.name] = (broker, record.port)
                 roles[record.name] = self._effective(record)
         seen = set()
@@ -392,7 +436,7 @@ class Orchestrator:
                 seen.add((producer, topic))
                 self._update_stream(overlay, policy, attached, roles, producer, topic)
         for key, stream in self.streams.items():
-            if key not in seen and stream.x and self._online(stream.producer):
+            if key not in seen and stream.x and self._online(stream.producer):  # only it can be told
                 # No longer produced, or its producer is not attached: it routes nowhere now.
                 # The record stays, so the epoch only ever grows.
                 self._set_stream(Stream(stream.producer, stream.topic, stream.epoch + 1, 0, []))
@@ -484,7 +528,7 @@ class Orchestrator:
     def status(self) -> dict[str, Any]:
         return {
             "brokers": [
-                {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None,
+                {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None, "routing": self.present(b),
                  "links": [{**link, "remote_key": str(link["remote_key"])} for link in b.links]}
                 for b in self.brokers.values()
             ],

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
@@ -19,6 +20,7 @@ import uvloop
 from dcp.broker import Broker
 from dcp.config import BrokerConfig
 
+T = TypeVar("T")
 LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
 
 
@@ -53,18 +55,18 @@ def url_of(broker: Broker) -> str:
     return f"dcp://{host}:{port}"
 
 
-@dataclass
-class BrokerProcess:
+@dataclass(kw_only=True)
+class DaemonProcess:
+    """A dcp daemon process (broker, orchestrator) whose stderr is drained into ``log``."""
+
     process: subprocess.Popen[str]
     host: str
     port: int
-    mode: str
-    key: int
     log: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
 
     def __post_init__(self) -> None:
-        # Drain stderr all the time, so a chatty broker never blocks on a full pipe.
+        # Drain stderr all the time, so a chatty daemon never blocks on a full pipe.
         assert self.process.stderr is not None
         self._reader = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
         self._reader.start()
@@ -77,8 +79,12 @@ class BrokerProcess:
     def url(self) -> str:
         return f"dcp://{self.host}:{self.port}"
 
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, str]:
-        """Signal the broker; return its exit code and what it logged after the start."""
+        """Signal the daemon; return its exit code and what it logged after the start."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
         self.process.wait(timeout=timeout)
@@ -87,10 +93,11 @@ class BrokerProcess:
         return self.process.returncode, "".join(self.log)
 
 
-def start_broker_process(*args: str) -> BrokerProcess:
-    """Run ``python -m dcp broker --listen 127.0.0.1:0 ARGS`` and wait for its listening line."""
+def start_daemon(argv: list[str], listening: re.Pattern[str]) -> tuple[subprocess.Popen[str], re.Match[str], list[str]]:
+    """Run ``python -m dcp ARGV``; return once its stderr shows ``listening`` (the match, the lines so far)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "dcp", *argv],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -100,28 +107,49 @@ def start_broker_process(*args: str) -> BrokerProcess:
     seen = []
     for line in process.stderr:  # ends when the process exits
         seen.append(line)
-        match = LISTENING.search(line)
+        match = listening.search(line)
         if match:
-            host, port, mode, key = match.groups()
-            return BrokerProcess(process, host, int(port), mode, int(key), log=seen)
+            return process, match, seen
     process.wait()
-    raise AssertionError(f"broker exited with {process.returncode} before listening:\n{''.join(seen)}")
+    raise AssertionError(f"dcp {argv[0]} exited with {process.returncode} before listening:\n{''.join(seen)}")
+
+
+@dataclass(kw_only=True)
+class BrokerProcess(DaemonProcess):
+    mode: str
+    key: int
+
+
+def start_broker_process(*args: str) -> BrokerProcess:
+    """Run ``python -m dcp broker --listen 127.0.0.1:0 ARGS`` and wait for its listening line."""
+    process, match, seen = start_daemon(["broker", "--listen", "127.0.0.1:0", *args], LISTENING)
+    host, port, mode, key = match.groups()
+    return BrokerProcess(process=process, host=host, port=int(port), mode=mode, key=int(key), log=seen)
+
+
+def _kill(proc: Any) -> None:
+    proc.process.kill()
+    proc.process.wait()
+
+
+def tracked(start: Callable[..., T], finish: Callable[[T], None] = _kill) -> Iterator[Callable[..., T]]:
+    """A fixture body: ``start`` processes; at teardown ``finish`` those still running."""
+    started: list[T] = []
+
+    def start_tracked(*args: Any, **kwargs: Any) -> T:
+        proc = start(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start_tracked
+    for proc in started:
+        if proc.process.poll() is None:  # type: ignore[attr-defined]
+            finish(proc)
 
 
 @pytest.fixture
 def broker_process() -> Iterator[Callable[..., BrokerProcess]]:
-    started: list[BrokerProcess] = []
-
-    def start(*args: str) -> BrokerProcess:
-        proc = start_broker_process(*args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+    yield from tracked(start_broker_process)
 
 
 @dataclass
@@ -174,14 +202,4 @@ def start_cluster_process(*args: str) -> ClusterProcess:
 
 @pytest.fixture
 def cluster_process() -> Iterator[Callable[..., ClusterProcess]]:
-    started: list[ClusterProcess] = []
-
-    def start(*args: str) -> ClusterProcess:
-        proc = start_cluster_process(*args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.process.poll() is None:
-            proc.stop()
+    yield from tracked(start_cluster_process, ClusterProcess.stop)  # the launcher stops its brokers

@@ -18,7 +18,7 @@ import dcp
 from dcp.broker import Broker, BrokerConnection
 from dcp.config import BrokerConfig
 from dcp.routing import encode
-from dcp.wire import HOPS_OFFSET, ControlFrame, DataFrame, Decoder, encode_control, encode_data
+from dcp.wire import HOPS_OFFSET, ControlFrame, Decoder, encode_control, encode_data
 
 from .conftest import url_of
 

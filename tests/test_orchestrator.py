@@ -331,3 +331,44 @@ async def test_spec_params_batch_an_assigned_stage(plane: Plane) -> None:
     await until(lambda: sum(sizes) == 30, "every frame in a batch")
     assert sizes[:3] == [8, 8, 8] and sizes[3] == 6
     await until(lambda: len(got) == 4, "one output per batch")
+
+
+async def test_standard_functions_compress_sample_and_decompress_in_a_pipeline(plane: Plane) -> None:
+    from dcp.functions import offer_standard_functions
+
+    await plane.start_brokers(2)
+    cam = plane.agent("camera", 0)
+
+    @cam.capability("camera")
+    async def frames(params: dict[str, Any]) -> Any:
+        for i in range(1, 41):
+            yield bytes([i]) * 1000
+
+    workers = [plane.agent(f"worker-{i}", i % 2) for i in range(3)]
+    for worker in workers:
+        offer_standard_functions(worker)
+    got: list[bytes] = []
+    sink = plane.agent("sink", 1)
+
+    @sink.capability("collect")
+    async def collect(msg: dcp.Message, params: dict[str, Any]) -> None:
+        got.append(bytes(msg.payload))
+
+    for agent in (*workers, sink, cam):
+        await agent.start()
+    spec = {
+        "name": "dpf",
+        "source": [{"name": "cam", "capability": "camera", "emits": "raw"}],
+        "stage": [
+            {"name": "thin", "capability": "sample", "consumes": ["raw"], "emits": "thin", "params": {"every": 4}},
+            {"name": "zip", "capability": "compress", "consumes": ["thin"], "emits": "thin.z", "params": {"level": 9}},
+            {"name": "unzip", "capability": "decompress", "consumes": ["thin.z"], "emits": "out"},
+        ],
+        "sink": [{"name": "out", "capability": "collect", "consumes": ["out"]}],
+    }
+    reply = await plane.admin({"op": "deploy", "spec": spec})
+    assert len({agents[0] for element, agents in reply["assignments"].items() if element != "cam" and element != "out"}) == 3
+    await until(lambda: len(got) == 10, "every fourth frame")
+    assert got == [bytes([i]) * 1000 for i in range(4, 41, 4)]  # msg ids count from 1
+    zipped = next(w for w in workers if "dpf/zip" in w.elements).elements["dpf/zip"]
+    assert (zipped.received, zipped.emitted, zipped.errors) == (10, 10, 0)

@@ -1,5 +1,5 @@
 """The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``stats``,
-``link``, ``unlink``, ``cluster``, ``demo``.
+``link``, ``unlink``, ``cluster``, ``bench``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -15,7 +15,9 @@ import logging.config
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -245,6 +247,29 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import report
+    from .bench.scenarios import CORE_TARGETS, EXTERNAL_TARGETS, FIGURES, PROFILES, run
+
+    figures = args.figures or list(FIGURES)
+    targets = args.targets or [*CORE_TARGETS, *(() if args.no_external else EXTERNAL_TARGETS)]
+    unknown = [f for f in figures if f not in FIGURES] + [t for t in targets if t not in (*CORE_TARGETS, *EXTERNAL_TARGETS)]
+    if unknown:
+        print(f"dcp bench: unknown figure or target: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f} s] {line}", file=sys.stderr, flush=True)
+
+    results = run(figures, PROFILES["quick" if args.quick else "full"], targets, progress)
+    for path in report.write(results, Path(args.out)):
+        progress(f"wrote {path}")
+    for verdict in results["targets"]:
+        print(f"{'met   ' if verdict['met'] else 'MISSED'}  {verdict['goal']}: {verdict['measured']}")
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from .cluster import ClusterSpec, run_cluster
 
@@ -312,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     unlink.add_argument("address", metavar="HOST:PORT")
     unlink.add_argument("port", type=int, metavar="PORT", help="the link's port on that broker (see dcp stats)")
     unlink.set_defaults(func=cmd_unlink)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks (Figures 7-9 of the article, routing cost)",
+        description="Measure dcp against the reference queue, the raw relay and the external brokers that are "
+        "running (see bench/peers); write results.json, report.md and SVG plots.",
+    )
+    bench.add_argument("figures", nargs="*", metavar="FIGURE", help="latency, success, throughput, routing (default: all)")
+    bench.add_argument("--quick", action="store_true", help="the short profile (under 2 minutes; checks the outputs)")
+    bench.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    bench.add_argument("--targets", nargs="+", metavar="TARGET", help="targets to measure (default: all)")
+    bench.add_argument("--no-external", action="store_true", help="leave out the external brokers")
+    bench.set_defaults(func=cmd_bench)
 
     cluster = commands.add_parser(
         "cluster",

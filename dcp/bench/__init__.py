@@ -1,0 +1,1 @@
+"""The `dcp bench` harness: the article's figures measured against reference targets."""

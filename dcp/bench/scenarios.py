@@ -1,0 +1,439 @@
+"""The benchmark scenarios: the article's Figures 7, 8 and 9, and the routing cost.
+
+Every measurement runs the target (a broker, the reference queue, the raw relay; an
+external broker is already running, see ``bench/peers``) and one publisher and one
+subscriber, each in its own process (``dcp.bench.worker``), on this host.  Latency
+is the subscriber's clock minus the send time the publisher wrote into the payload.
+Cells run one after another, never side by side, so they do not share the CPUs.
+
+* latency (Figure 7): a warm-up, then ``count`` messages at a fixed interval, per
+  size; p50/p90/p99/max and the success rate.
+* success (Figure 8): per size and send interval, as many messages as fit in a
+  bounded time (at least ``min_messages``); the fraction received.
+* throughput (Figure 9): N independent brokers, each with its own publisher and
+  subscriber sending as fast as flow control allows for a fixed time; delivered MB/s
+  over the whole set, the delivered fraction, and MB/s per CPU core used (the CPU
+  time of every process of the cell, brokers included, over the wall time).
+* routing: the forwarding decision per tree size (``dcp.bench.routing_cost``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .targets import Server, availability, start_server
+
+__all__ = ["Profile", "PROFILES", "FIGURES", "run", "evaluate_targets"]
+
+KB = 1024
+MB = 1024 * 1024
+CORE_TARGETS = ("dcp-stateless", "dcp-stateful", "refqueue", "relay")
+EXTERNAL_TARGETS = ("nats", "redis", "mqtt", "rabbitmq")
+FIGURES = ("latency", "success", "throughput", "routing")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    latency_sizes: tuple[int, ...]
+    latency_count: int
+    latency_warmup: int
+    latency_interval_ms: float
+    success_intervals_ms: tuple[float, ...]
+    success_sizes: tuple[int, ...]
+    success_cell_s: float
+    success_min_messages: int
+    throughput_brokers: tuple[int, ...]
+    throughput_sizes: tuple[int, ...]
+    throughput_duration_s: float
+    routing_sizes: tuple[int, ...]
+    routing_repeat: int
+
+
+PROFILES = {
+    "full": Profile(
+        "full",
+        latency_sizes=(10, 100, KB, 10 * KB, 100 * KB, MB),
+        latency_count=500,
+        latency_warmup=50,
+        latency_interval_ms=5.0,
+        success_intervals_ms=(2, 3, 4, 5, 10, 50, 100, 300, 500, 1000),
+        success_sizes=(KB, 10 * KB, 100 * KB, MB),
+        success_cell_s=1.5,
+        success_min_messages=4,
+        throughput_brokers=(1, 2, 5, 10),
+        throughput_sizes=(KB, 10 * KB, 64 * KB, 128 * KB),
+        throughput_duration_s=3.0,
+        routing_sizes=(1, 2, 5, 10, 30, 100),
+        routing_repeat=11,
+    ),
+    "quick": Profile(
+        "quick",
+        latency_sizes=(10, KB, 100 * KB),
+        latency_count=40,
+        latency_warmup=5,
+        latency_interval_ms=2.0,
+        success_intervals_ms=(5, 50),
+        success_sizes=(KB, 100 * KB),
+        success_cell_s=0.2,
+        success_min_messages=3,
+        throughput_brokers=(1, 2),
+        throughput_sizes=(KB, 128 * KB),
+        throughput_duration_s=0.5,
+        routing_sizes=(1, 2, 5),
+        routing_repeat=3,
+    ),
+}
+
+Progress = Callable[[str], None]
+
+
+# -- one publisher/subscriber pair --------------------------------------------------------
+
+
+def _worker(role: str, target: str, address: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcp.bench.worker", role, "--target", target, "--address", address, "--topic", "bench", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _json_line(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+    """The first line a worker prints (it exits if it cannot get ready, which ends the read)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise RuntimeError(f"{what} exited with {proc.returncode} before reporting: {proc.stderr.read() if proc.stderr else ''}")
+    return json.loads(line)
+
+
+def _finish(proc: subprocess.Popen[str], what: str, timeout: float) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise RuntimeError(f"{what} did not finish within {timeout:.0f} s: {err.strip()[-500:]}") from None
+    lines = [line for line in out.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {err.strip()[-500:]}")
+    return json.loads(lines[-1])
+
+
+def run_pair(
+    target: str, address: str, *, size: int, count: int, interval_ms: float | None = None,
+    duration_s: float | None = None, keep_latencies: bool = False, idle_timeout_s: float = 1.0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One subscriber, then one publisher; both results once both are done."""
+    sub_args = ["--expect", str(count), "--idle-timeout", str(idle_timeout_s), "--max-time", str(60 + (duration_s or 0))]
+    if keep_latencies:
+        sub_args.append("--keep-latencies")
+    sub = _worker("sub", target, address, *sub_args)
+    try:
+        ready = _json_line(sub, f"{target} subscriber")
+        pub_args = ["--size", str(size), "--count", str(count)]
+        if interval_ms is not None:
+            pub_args += ["--interval-ms", str(interval_ms)]
+        if duration_s is not None:
+            pub_args += ["--duration", str(duration_s)]
+        if ready.get("route"):
+            pub_args += ["--route", str(ready["route"])]
+        pub = _worker("pub", target, address, *pub_args)
+        sent = _finish(pub, f"{target} publisher", 120 + (duration_s or 0) + count * (interval_ms or 0) / 1000)
+        got = _finish(sub, f"{target} subscriber", 60 + idle_timeout_s)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+    return sent, got
+
+
+# -- the figures ---------------------------------------------------------------------------------
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50_us": 0.0, "p90_us": 0.0, "p99_us": 0.0, "max_us": 0.0}
+
+    def pick(q: float) -> float:
+        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)
+
+    return {"p50_us": pick(0.50), "p90_us": pick(0.90), "p99_us": pick(0.99), "max_us": round(ordered[-1], 1)}
+
+
+class _Servers:
+    """One server per target, started on first use and stopped at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: dict[str, Server] = {}
+
+    def get(self, target: str) -> Server:
+        if target not in self.running:
+            self.running[target] = start_server(target, self.workdir)
+        return self.running[target]
+
+    def stop(self) -> None:
+        for server in self.running.values():
+            server.stop()
+        self.running.clear()
+
+
+def latency(profile: Profile, targets: Sequence[str], skipped: dict[str, str], workdir: Path, progress: Progress) -> dict[str, Any]:
+    cells: list[dict[str, Any]] = []
+    servers = _Servers(workdir)
+    try:
+        for target in targets:
+            for size in profile.latency_sizes:
+                cell: dict[str, Any] = {"target": target, "size": size}
+                if target in skipped:
+                    cells.append({**cell, "skipped": skipped[target]})
+                    continue
+                progress(f"latency {target} {size} B")
+                total = profile.latency_warmup + profile.latency_count
+                try:
+                    sent, got = run_pair(
+                        target, servers.get(target).address, size=size, count=total,
+                        interval_ms=profile.latency_interval_ms, keep_latencies=True,
+                    )
+                except RuntimeError as exc:
+                    cells.append({**cell, "skipped": f"failed: {exc}"})
+                    continue
+                measured = got.get("latencies_us", [])[profile.latency_warmup:]  # in order: seq order
+                received = max(got["received"] - profile.latency_warmup, 0)
+                cells.append({
+                    **cell, "sent": profile.latency_count, "received": received,
+                    "success": round(received / profile.latency_count, 4), **_percentiles(measured),
+                    "duplicates": got.get("duplicates", 0),
+                })
+    finally:
+        servers.stop()
+    return {
+        "sizes": list(profile.latency_sizes), "count": profile.latency_count, "warmup": profile.latency_warmup,
+        "interval_ms": profile.latency_interval_ms, "cells": cells,
+    }
+
+
+def success(profile: Profile, targets: Sequence[str], skipped: dict[str, str], workdir: Path, progress: Progress) -> dict[str, Any]:
+    cells: list[dict[str, Any]] = []
+    servers = _Servers(workdir)
+    try:
+        for target in targets:
+            for size in profile.success_sizes:
+                for interval in profile.success_intervals_ms:
+                    cell: dict[str, Any] = {"target": target, "size": size, "interval_ms": interval}
+                    if target in skipped:
+                        cells.append({**cell, "skipped": skipped[target]})
+                        continue
+                    count = max(profile.success_min_messages, int(profile.success_cell_s * 1000 / interval))
+                    progress(f"success {target} {size} B every {interval} ms x {count}")
+                    try:
+                        sent, got = run_pair(target, servers.get(target).address, size=size, count=count, interval_ms=interval)
+                    except RuntimeError as exc:
+                        cells.append({**cell, "skipped": f"failed: {exc}"})
+                        continue
+                    received = min(got["received"], sent["sent"])
+                    cells.append({**cell, "sent": sent["sent"], "received": received,
+                                  "success": round(received / max(sent["sent"], 1), 4)})
+    finally:
+        servers.stop()
+    return {
+        "intervals_ms": list(profile.success_intervals_ms), "sizes": list(profile.success_sizes),
+        "cell_s": profile.success_cell_s, "min_messages": profile.success_min_messages, "cells": cells,
+    }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _throughput_cell(target: str, brokers: int, size: int, duration_s: float, workdir: Path) -> dict[str, Any]:
+    """``brokers`` servers, each with its own publisher and subscriber, all at once."""
+    cpu_before = _children_cpu_s()
+    servers = [start_server(target, workdir) for _ in range(brokers)] if target not in EXTERNAL_TARGETS else [start_server(target, workdir)]
+    count = 10**9  # the publishers stop at the duration
+    subs, pubs = [], []
+    try:
+        for server in servers:
+            sub = _worker("sub", target, server.address, "--idle-timeout", "1.0", "--max-time", str(duration_s + 60))
+            subs.append((sub, _json_line(sub, f"{target} subscriber")))
+        started = time.monotonic()
+        for (sub, ready), server in zip(subs, servers):
+            args = ["--size", str(size), "--count", str(count), "--duration", str(duration_s)]
+            if ready.get("route"):
+                args += ["--route", str(ready["route"])]
+            pubs.append(_worker("pub", target, server.address, *args))
+        sent = [_finish(pub, f"{target} publisher", duration_s + 120) for pub in pubs]
+        got = [_finish(sub, f"{target} subscriber", 120) for sub, _ in subs]
+        wall = time.monotonic() - started
+    finally:
+        for proc in [*pubs, *(sub for sub, _ in subs)]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for server in servers:
+            server.stop()
+    cpu = _children_cpu_s() - cpu_before
+    first = min(g["first_recv_ns"] for g in got if g["received"])
+    last = max(g["last_recv_ns"] for g in got if g["received"])
+    span = max((last - first) / 1e9, 1e-9)
+    received_bytes = sum(g["bytes"] for g in got)
+    n_sent = sum(s["sent"] for s in sent)
+    n_received = sum(min(g["received"], s["sent"]) for g, s in zip(got, sent))
+    mb_s = received_bytes / MB / span
+    cores = cpu / wall if wall else 0.0
+    return {
+        "target": target, "brokers": brokers, "size": size, "sent": n_sent, "received": n_received,
+        "delivered": round(n_received / max(n_sent, 1), 4), "mb_s": round(mb_s, 1),
+        "msg_s": round(n_received / span, 0), "cpu_s": round(cpu, 2), "cores_used": round(cores, 2),
+        "mb_s_per_core": round(mb_s / cores, 1) if cores else 0.0,
+    }
+
+
+def throughput(profile: Profile, targets: Sequence[str], skipped: dict[str, str], workdir: Path, progress: Progress) -> dict[str, Any]:
+    """dcp-stateless over every broker count; the other targets with one broker."""
+    cells: list[dict[str, Any]] = []
+    for target in targets:
+        for brokers in profile.throughput_brokers if target == "dcp-stateless" else profile.throughput_brokers[:1]:
+            for size in profile.throughput_sizes:
+                cell: dict[str, Any] = {"target": target, "brokers": brokers, "size": size}
+                if target in skipped:
+                    cells.append({**cell, "skipped": skipped[target]})
+                    continue
+                progress(f"throughput {target} x{brokers} {size} B for {profile.throughput_duration_s} s")
+                try:
+                    cells.append(_throughput_cell(target, brokers, size, profile.throughput_duration_s, workdir))
+                except (RuntimeError, ValueError) as exc:
+                    cells.append({**cell, "skipped": f"failed: {exc}"})
+    return {
+        "brokers": list(profile.throughput_brokers), "sizes": list(profile.throughput_sizes),
+        "duration_s": profile.throughput_duration_s, "cells": cells,
+    }
+
+
+def routing(profile: Profile, progress: Progress) -> dict[str, Any]:
+    from .routing_cost import measure
+
+    rows = []
+    for n in profile.routing_sizes:
+        progress(f"routing cost, tree of {n} broker(s)")
+        row = measure(n, profile.routing_repeat)
+        rows.append({**row, "ratio": round(row["stateless_ns"] / row["stateful_ns"], 2)})
+    return {"rows": rows}
+
+
+# -- the run and its verdicts ------------------------------------------------------------------------
+
+
+def environment(targets: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    import uvloop
+
+    found: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for target in targets:
+        ok, detail = availability(target)
+        found[target] = {"available": True, "version": detail} if ok else {"available": False, "why": detail}
+        if not ok:
+            skipped[target] = detail
+    env = {
+        "cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(), "platform": platform.platform(), "dcp": __version__,
+        "uvloop": uvloop.__version__, "targets": found,
+    }
+    return env, skipped
+
+
+def run(
+    figures: Sequence[str], profile: Profile, targets: Sequence[str], progress: Progress = lambda line: None
+) -> dict[str, Any]:
+    """Run the ``figures`` (latency, success, throughput, routing) and return the results document."""
+    started = time.time()
+    env, skipped = environment(targets)
+    results: dict[str, Any] = {
+        "profile": profile.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "environment": env,
+    }
+    with tempfile.TemporaryDirectory(prefix="dcp-bench-") as tmp:
+        workdir = Path(tmp)
+        for figure in figures:
+            if figure == "routing":
+                results["routing"] = routing(profile, progress)
+            else:
+                scenario = {"latency": latency, "success": success, "throughput": throughput}[figure]
+                results[figure] = scenario(profile, targets, skipped, workdir, progress)
+    results["duration_s"] = round(time.time() - started, 1)
+    env["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def _cells(results: dict[str, Any], figure: str) -> list[dict[str, Any]]:
+    return [c for c in results.get(figure, {}).get("cells", []) if "skipped" not in c]
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each goal of the benchmark issue stands, from what was measured in this run."""
+    verdicts: list[dict[str, Any]] = []
+
+    def verdict(goal: str, ratios: list[tuple[str, float]], limit: float, fmt: str = "{:.2f}") -> None:
+        if not ratios:
+            return
+        where, worst = max(ratios, key=lambda item: item[1])
+        verdicts.append({"goal": goal, "measured": f"worst {fmt.format(worst)} ({where})", "met": worst <= limit})
+
+    lat = {(c["target"], c["size"]): c for c in _cells(results, "latency")}
+    sizes = sorted({size for _, size in lat})
+    dcp = {size: lat[("dcp-stateless", size)]["p50_us"] for size in sizes if ("dcp-stateless", size) in lat}
+
+    def vs(other: str) -> list[tuple[str, float]]:
+        return [(f"{size} B", dcp[size] / lat[(other, size)]["p50_us"]) for size in dcp if (other, size) in lat and lat[(other, size)]["p50_us"] > 0]
+
+    verdict("p50 latency of dcp-stateless <= 0.35 x the reference queue, every size", vs("refqueue"), 0.35)
+    verdict("p50 latency of dcp-stateless within 1.3 x the raw relay, every size", vs("relay"), 1.3)
+    for external in EXTERNAL_TARGETS:
+        verdict(f"p50 latency of dcp-stateless no worse than {external}, every size", vs(external), 1.0)
+    verdict("p50 latency of dcp-stateless no worse than dcp-stateful, every size", vs("dcp-stateful"), 1.0)
+    if 10 in dcp and 100 * KB in dcp:
+        verdict("flat latency: p50(100 KB) / p50(10 B) <= 1.5", [("100 KB / 10 B", dcp[100 * KB] / dcp[10])], 1.5)
+    succ = [c for c in _cells(results, "success") if c["target"] == "dcp-stateless" and c["size"] <= MB and c["interval_ms"] >= 2]
+    if succ:
+        worst = min(succ, key=lambda c: c["success"])
+        verdicts.append({
+            "goal": "success rate 100 % for every size up to 1 MB at every interval >= 2 ms (dcp-stateless)",
+            "measured": f"lowest {worst['success'] * 100:.1f} % ({worst['size']} B every {worst['interval_ms']} ms)",
+            "met": worst["success"] >= 1.0,
+        })
+    one = {(c["target"], c["size"]): c for c in _cells(results, "throughput") if c["brokers"] == 1}
+    for size, floor in ((KB, 228.0), (128 * KB, 714.6)):
+        cell = one.get(("dcp-stateless", size))
+        if cell:
+            verdicts.append({
+                "goal": f"one broker: >= {floor} MB/s at {size // KB} KB (the article, 80 cores)",
+                "measured": f"{cell['mb_s']} MB/s, delivered {cell['delivered'] * 100:.1f} %", "met": cell["mb_s"] >= floor,
+            })
+    for other, factor, goal in (
+        ("relay", 0.8, "one broker: >= 0.8 x the raw relay's MB/s"),
+        ("dcp-stateful", 1.0, "one broker: no slower than dcp-stateful"),
+        *((ext, 1.0, f"one broker: ahead of {ext}") for ext in EXTERNAL_TARGETS),
+    ):
+        ratios = [
+            (f"{size} B", one[(other, size)]["mb_s"] * factor / one[("dcp-stateless", size)]["mb_s"])
+            for _, size in one if ("dcp-stateless", size) in one and (other, size) in one and one[("dcp-stateless", size)]["mb_s"] > 0
+        ]
+        verdict(goal + " (shown: the other's MB/s x factor / dcp's)", sorted(set(ratios)), 1.0)
+    return verdicts
+

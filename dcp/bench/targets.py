@@ -1,0 +1,237 @@
+"""The targets ``dcp bench`` measures, and how to start (or find) each.
+
+* ``dcp-stateless``, ``dcp-stateful``: ``python -m dcp broker`` in either mode;
+* ``refqueue``: the reference queue, dcp's stateful broker with a commit log
+  (:mod:`dcp.bench.refqueue`);
+* ``relay``: the raw relay of length-prefixed frames (:mod:`dcp.bench.relay`);
+* ``nats``, ``redis``, ``mqtt``, ``rabbitmq``: external brokers already running on
+  their default loopback ports (``bench/peers start``), measured through their usual
+  Python clients (the ``bench`` extra).
+
+The in-tree targets are started here, one process each, on a port the OS picks;
+their listening line is read from stderr, which is then drained by a thread so the
+pipe never fills.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+
+__all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
+
+TARGETS = ("dcp-stateless", "dcp-stateful", "refqueue", "relay", "nats", "redis", "mqtt", "rabbitmq")
+IN_TREE = TARGETS[:4]
+EXTERNAL = TARGETS[4:]
+DEFAULT_ADDRESSES = {
+    "nats": "127.0.0.1:4222",
+    "redis": "127.0.0.1:6379",
+    "mqtt": "127.0.0.1:1883",
+    "rabbitmq": "127.0.0.1:5672",
+}
+# The Python client each external target is measured with: (import names, distribution name).
+_CLIENTS = {
+    "nats": (("nats",), "nats-py"),
+    "redis": (("redis.asyncio",), "redis"),
+    "mqtt": (("aiomqtt", "paho.mqtt.client"), "aiomqtt"),
+    "rabbitmq": (("aio_pika",), "aio-pika"),
+}
+
+_DCP_LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) ")
+_RELAY_LISTENING = re.compile(r"relay listening on (\S+):(\d+)")
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Server:
+    """A running target: ``address`` is ``HOST:PORT``; ``process`` is None for an external one."""
+
+    target: str
+    address: str
+    process: subprocess.Popen[str] | None = None
+    log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), repr=False)
+    workdir: Path | None = None  # removed by stop() (the refqueue's commit log)
+    _drain: threading.Thread | None = field(default=None, repr=False)
+
+    def stop(self) -> int:
+        """SIGTERM, wait (kill after 10 s); the exit code.  A no-op (0) for an external server."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._drain is not None:
+            self._drain.join(5)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.process.returncode
+
+    @property
+    def output(self) -> str:
+        """The last lines the server wrote to stderr."""
+        return "".join(self.log)
+
+
+def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[list[str], re.Pattern[str], Path | None]:
+    python = [sys.executable, "-m"]
+    if target in ("dcp-stateless", "dcp-stateful"):
+        mode = ["--mode", "stateful"] if target == "dcp-stateful" else []
+        # --log-level info: the listening line is an info line (one more line per attach, none per frame)
+        return [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", *mode, *extra_args], _DCP_LISTENING, None
+    if target == "refqueue":
+        workdir.mkdir(parents=True, exist_ok=True)
+        log_dir = Path(tempfile.mkdtemp(prefix="refqueue-", dir=workdir))
+        argv = [*python, "dcp.bench.refqueue", "--listen", "127.0.0.1:0", "--log-dir", str(log_dir), "--log-level", "info", *extra_args]
+        return argv, _DCP_LISTENING, log_dir
+    if target == "relay":
+        return [*python, "dcp.bench.relay", "--listen", "127.0.0.1:0", *extra_args], _RELAY_LISTENING, None
+    raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
+
+
+def start_server(target: str, workdir: Path, extra_args: Sequence[str] = ()) -> Server:
+    """Start an in-tree target (return once it listens), or name a running external one.
+
+    Raises:
+        ValueError: an unknown target.
+        RuntimeError: the server exited or did not listen within 30 s; an external
+            target that is not available (the reason is in the message).
+    """
+    if target in EXTERNAL:
+        ok, detail = availability(target)
+        if not ok:
+            raise RuntimeError(f"{target} is not available: {detail}")
+        return Server(target, DEFAULT_ADDRESSES[target], None)
+    argv, listening, log_dir = _command(target, Path(workdir), extra_args)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    server = Server(target, "", process, workdir=log_dir)
+    lines: queue.Queue[str | None] = queue.Queue()
+    listening_seen = threading.Event()
+
+    def drain() -> None:  # all along, so the pipe never fills; lines go to the queue until it listens
+        assert process.stderr is not None
+        for line in process.stderr:
+            server.log.append(line)
+            if not listening_seen.is_set():
+                lines.put(line)
+        lines.put(None)
+
+    server._drain = threading.Thread(target=drain, name=f"{target}-stderr", daemon=True)
+    server._drain.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            server.stop()
+            raise RuntimeError(f"{target} did not report listening within {START_TIMEOUT_S:.0f} s:\n{server.output}") from None
+        if line is None:
+            process.wait()
+            server.stop()
+            raise RuntimeError(f"{target} exited with {process.returncode} before listening:\n{server.output}")
+        match = listening.search(line)
+        if match:
+            listening_seen.set()
+            server.address = f"{match.group(1)}:{match.group(2)}"
+            return server
+
+
+# -- availability ----------------------------------------------------------------------
+
+
+def _client_version(target: str) -> tuple[bool, str]:
+    modules, dist = _CLIENTS[target]
+    errors = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a broken install
+            errors.append(f"{name}: {exc}")
+            continue
+        try:
+            from importlib.metadata import version
+
+            dist_name = {"paho.mqtt.client": "paho-mqtt"}.get(name, dist)
+            return True, f"{dist_name} {version(dist_name)}"
+        except Exception:
+            return True, name
+    return False, f"the Python client is not installed ({'; '.join(errors)}); pip install 'dcp[bench]'"
+
+
+def _server_version(target: str, sock: socket.socket) -> str:
+    """The server's version, where the protocol says it at once; '' if not."""
+    sock.settimeout(1.0)
+    try:
+        if target == "nats":  # the server speaks first: INFO {...}
+            data = sock.recv(4096)
+            match = re.search(rb'"version":"([^"]+)"', data)
+            return f"nats-server {match.group(1).decode()}" if match else ""
+        if target == "redis":
+            sock.sendall(b"INFO server\r\n")
+            data = b""
+            while b"redis_version:" not in data or not data.endswith(b"\r\n"):
+                chunk = sock.recv(8192)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > 65536:
+                    break
+            match = re.search(rb"redis_version:(\S+)", data)
+            return f"redis {match.group(1).decode()}" if match else ""
+        if target == "rabbitmq":  # AMQP 0-9-1: the server answers the protocol header with Connection.Start
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            data = sock.recv(8192)
+            at = data.find(b"\x07versionS")
+            if at >= 0:
+                start = at + 9
+                length = int.from_bytes(data[start : start + 4], "big")
+                return f"rabbitmq {data[start + 4 : start + 4 + length].decode(errors='replace')}"
+            return ""
+    except OSError:
+        return ""
+    return ""
+
+
+def availability(target: str) -> tuple[bool, str]:
+    """(True, version) if ``target`` can be measured here; (False, why) otherwise.  Never raises."""
+    try:
+        if target in IN_TREE:
+            return True, f"dcp {__version__}"
+        if target not in EXTERNAL:
+            return False, f"unknown target {target!r}"
+        ok, client = _client_version(target)
+        if not ok:
+            return False, client
+        host, port = DEFAULT_ADDRESSES[target].rsplit(":", 1)
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=0.5)
+        except OSError as exc:
+            return False, f"no {target} server answers on {host}:{port} ({exc.strerror or exc}); start one with bench/peers start"
+        with sock:
+            server = _server_version(target, sock)
+        return True, f"{server}, client {client}" if server else f"client {client}"
+    except Exception as exc:  # availability is a probe: it reports, it does not fail
+        return False, f"probe failed: {type(exc).__name__}: {exc}"

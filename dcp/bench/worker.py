@@ -1,0 +1,742 @@
+"""The measuring processes of ``dcp bench``: one publisher or one subscriber, any target.
+
+::
+
+    python -m dcp.bench.worker sub --target T --address HOST:PORT --topic TOPIC
+        [--expect N] [--idle-timeout S] [--max-time S] [--keep-latencies]
+    python -m dcp.bench.worker pub --target T --address HOST:PORT --topic TOPIC
+        --size BYTES --count N [--interval-ms MS] [--duration S] [--route X]
+
+Every payload starts with a 10-byte stamp (:func:`stamp`): the send time in
+microseconds since the epoch modulo 2**48 (6 bytes, big-endian) and a sequence
+number (u32, big-endian), then zeros up to the message size.  The subscriber takes
+``time.time_ns()`` the moment its client hands it a message (in the client's
+callback, or as its iterator yields) and the latency is that minus the stamp: both
+ends run on this host, on the same clock.
+
+The subscriber prints ``{"ready": true, "route": "..."}`` once its subscription has
+taken effect (the route is the topology number X a dcp-stateless publisher must use,
+as a decimal string; empty for every other target), then one result line when it is
+done (N messages, or idle for ``--idle-timeout`` after the first, or ``--max-time``
+after ready, or SIGTERM/SIGINT).  The publisher prints one result line once
+everything it sent has reached the server.  See :func:`main` for the keys.
+
+The clients of the external brokers (nats-py, redis, aiomqtt, aio-pika: the
+``bench`` extra) are imported only by their adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["stamp", "unstamp", "STAMP_SIZE", "Recorder", "main"]
+
+STAMP_SIZE = 10
+_MASK48 = (1 << 48) - 1
+_HALF48 = 1 << 47
+_STAMP = struct.Struct("!HII")  # the 48-bit time as 16 + 32 bits, then the sequence number
+_pack_stamp = _STAMP.pack
+_unpack_stamp = _STAMP.unpack_from
+_PADS: dict[int, bytes] = {}
+FAMILIES = {
+    "dcp-stateless": "dcp", "dcp-stateful": "dcp", "refqueue": "dcp", "relay": "relay",
+    "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq",
+}
+EXCHANGE = "dcp-bench"  # RabbitMQ: a direct exchange, the topic is the routing key
+CONNECT_TIMEOUT_S = 10.0
+
+
+def stamp(seq: int, size: int) -> bytes:
+    """A payload of ``size`` bytes (at least 10) stamped with the time now and ``seq``."""
+    pad = _PADS.get(size)
+    if pad is None:
+        if size < STAMP_SIZE:
+            raise ValueError(f"a payload needs at least {STAMP_SIZE} bytes for its stamp, got size={size}")
+        pad = _PADS[size] = bytes(size - STAMP_SIZE)
+    us = time.time_ns() // 1000 & _MASK48
+    return _pack_stamp(us >> 32, us & 0xFFFFFFFF, seq & 0xFFFFFFFF) + pad
+
+
+def unstamp(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(send time in µs since the epoch modulo 2**48, seq) of a stamped payload."""
+    if len(payload) < STAMP_SIZE:
+        raise ValueError(f"a stamped payload has at least {STAMP_SIZE} bytes, got {len(payload)}")
+    hi, lo, seq = _unpack_stamp(payload, 0)
+    return hi << 32 | lo, seq
+
+
+def _now_us48() -> int:
+    return time.time_ns() // 1000 & _MASK48
+
+
+# -- the subscriber's bookkeeping ----------------------------------------------------------
+
+
+class Recorder:
+    """Counts, sequence checks and latencies of the messages received."""
+
+    def __init__(self, expect: int | None = None, keep: bool = False) -> None:
+        self.expect = expect
+        self.keep = keep
+        self.received = 0  # distinct sequence numbers
+        self.bytes = 0
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.max_seq = -1
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.latencies: list[int] = []
+        self.errors = 0  # payloads too short to carry a stamp
+        self.done = asyncio.Event()
+        self._seen = bytearray(4096)
+
+    def record(self, buf: Any, offset: int, size: int, now_ns: int) -> None:
+        """One message: ``size`` payload bytes at ``buf[offset:]``, received at ``now_ns``."""
+        if size < STAMP_SIZE:
+            self.errors += 1
+            return
+        hi, lo, seq = _unpack_stamp(buf, offset)
+        seen = self._seen
+        if seq >= len(seen):
+            seen.extend(bytes(max(seq + 1, 2 * len(seen)) - len(seen)))
+        if seen[seq]:
+            self.duplicates += 1
+            return
+        seen[seq] = 1
+        latency = (now_ns // 1000 - (hi << 32 | lo)) & _MASK48
+        if latency >= _HALF48:  # the stamp is ahead of our clock (it cannot be, on one host)
+            latency -= 1 << 48
+        self.latencies.append(latency)
+        if seq < self.max_seq:
+            self.out_of_order += 1
+        else:
+            self.max_seq = seq
+        if self.first_ns is None:
+            self.first_ns = now_ns
+        self.last_ns = now_ns
+        self.bytes += size
+        self.received += 1
+        if self.received == self.expect:
+            self.done.set()
+
+    def result(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        n = len(ordered)
+
+        def pick(q: float) -> int | None:
+            return ordered[min(int(q * n), n - 1)] if n else None
+
+        out: dict[str, Any] = {
+            "received": self.received,
+            "bytes": self.bytes,
+            "duplicates": self.duplicates,
+            "out_of_order": self.out_of_order,
+            "max_seq": self.max_seq,
+            "first_recv_ns": self.first_ns,
+            "last_recv_ns": self.last_ns,
+            "latency_us": {
+                "p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+                "max": ordered[-1] if n else None, "mean": round(sum(ordered) / n, 1) if n else None,
+            },
+        }
+        if self.errors:
+            out["malformed"] = self.errors
+        if self.keep:
+            out["latencies_us"] = self.latencies
+        return out
+
+
+def _emit(line: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+Ready = Callable[[str], None]
+
+
+# -- dcp (stateless, stateful, refqueue) ------------------------------------------------------
+
+
+async def _sub_dcp(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    from ..client import connect
+    from ..routing import encode
+
+    conn = await connect(f"dcp://{args.address}", name="bench-sub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        record = rec.record
+        if hasattr(conn, "_deliver"):  # take the time in the client's own delivery callback
+            def deliver(frame: Any) -> None:
+                now = time.time_ns()
+                payload = frame.payload
+                record(payload, 0, len(payload), now)
+
+            conn._deliver = deliver  # type: ignore[method-assign]
+            drain = None
+        else:  # no such hook any more: the public iterator, as an application sees it
+            async def consume() -> None:
+                async for msg in conn.messages():
+                    now = time.time_ns()
+                    record(msg.payload, 0, len(msg.payload), now)
+
+            drain = asyncio.ensure_future(consume())
+        if args.target == "dcp-stateless":
+            assert conn.broker_key is not None and conn.port is not None
+            ready(str(encode({conn.broker_key: 1 << conn.port})))
+        else:
+            await conn.subscribe(args.topic)
+            ready("")
+        await _until(stop, asyncio.ensure_future(_dcp_closed(conn)), drain)
+    finally:
+        await conn.close()
+
+
+async def _dcp_closed(conn: Any) -> None:
+    """Ends when the connection is closed for good (no reconnects here)."""
+    from ..client import Status
+
+    while conn.status is not Status.CLOSED:
+        await asyncio.sleep(0.1)
+    raise ConnectionError("the broker closed the connection")
+
+
+async def _until(stop: asyncio.Event, *others: asyncio.Future[Any] | None) -> None:
+    """Wait for ``stop``, or for any of ``others`` to end (its error is raised)."""
+    waiting = asyncio.ensure_future(stop.wait())
+    futures = {waiting, *(f for f in others if f is not None)}
+    done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    for fut in futures:
+        if fut not in done:
+            fut.cancel()
+    for fut in done:
+        if fut is not waiting and not fut.cancelled() and fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]
+
+
+async def _pub_dcp(args: argparse.Namespace) -> Any:
+    from ..client import connect
+
+    conn = await connect(
+        f"dcp://{args.address}", name="bench-pub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S, request_timeout_s=60.0
+    )
+    route = int(args.route or 0) if args.target == "dcp-stateless" else 0
+    topic = args.topic
+    publish = conn.publish
+
+    async def send(payload: bytes) -> None:
+        await publish(topic, payload, route)
+
+    async def finish() -> None:
+        try:
+            await conn.ping()  # answered once the broker has read everything before it
+        finally:
+            await conn.close()
+
+    return send, finish
+
+
+# -- the raw relay -----------------------------------------------------------------------------
+
+
+class _RelayClient(asyncio.Protocol):
+    def __init__(self, rec: Recorder | None) -> None:
+        self.rec = rec
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writable: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import socket
+
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport.set_write_buffer_limits(high=1024 * 1024)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        now = time.time_ns()
+        buf = self.buf
+        if buf:
+            buf += data
+            view: Any = buf
+        else:
+            view = data
+        end = len(view)
+        pos = 0
+        record = self.rec.record if self.rec is not None else None
+        while end - pos >= 4:
+            length = int.from_bytes(view[pos : pos + 4], "big")
+            if end - pos - 4 < length:
+                break
+            if not self.acked.done():
+                self.acked.set_result(None)
+            elif record is not None:
+                record(view, pos + 4, length, now)
+            pos += 4 + length
+        if buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += data[pos:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.acked.done():
+            self.acked.set_exception(ConnectionError("the relay closed the connection"))
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+
+async def _relay_connect(address: str, rec: Recorder | None, role: bytes) -> _RelayClient:
+    from .relay import frame
+
+    host, port = _host_port(address)
+    loop = asyncio.get_running_loop()
+    _, client = await asyncio.wait_for(loop.create_connection(lambda: _RelayClient(rec), host, port), CONNECT_TIMEOUT_S)
+    client.transport.write(frame(role))  # type: ignore[union-attr]
+    return client
+
+
+async def _sub_relay(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    from .relay import SUBSCRIBE
+
+    client = await _relay_connect(args.address, rec, SUBSCRIBE)
+    try:
+        await asyncio.wait_for(asyncio.shield(client.acked), CONNECT_TIMEOUT_S)  # the relay answers b"S" once registered
+        ready("")
+        await _until(stop, client.lost)
+    finally:
+        client.transport.close()  # type: ignore[union-attr]
+
+
+async def _pub_relay(args: argparse.Namespace) -> Any:
+    from .relay import PUBLISH
+
+    client = await _relay_connect(args.address, None, PUBLISH)
+    transport = client.transport
+    assert transport is not None
+    write = transport.write
+    prefix = struct.Struct("!I").pack
+
+    async def send(payload: bytes) -> None:
+        if client._writable is not None:
+            await client._writable
+            if transport.is_closing():
+                raise ConnectionError("the relay closed the connection")
+        write(prefix(len(payload)) + payload if len(payload) <= 8192 else prefix(len(payload)))
+        if len(payload) > 8192:
+            write(payload)
+
+    async def finish() -> None:
+        transport.close()  # flushes the buffer, then closes: the relay reads to the end
+        await asyncio.wait_for(asyncio.shield(client.lost), 60)
+
+    return send, finish
+
+
+# -- NATS (nats-py) ---------------------------------------------------------------------------------------
+
+
+async def _nats_error(exc: Exception) -> None:
+    print(f"nats: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import nats
+
+    lost = asyncio.get_running_loop().create_future()
+
+    async def on_closed() -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+
+    nc = await nats.connect(
+        f"nats://{args.address}", allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=CONNECT_TIMEOUT_S,
+        closed_cb=on_closed, error_cb=_nats_error,
+    )
+    record = rec.record
+    try:
+        async def on_msg(msg: Any) -> None:
+            now = time.time_ns()
+            data = msg.data
+            record(data, 0, len(data), now)
+
+        await nc.subscribe(args.topic, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024)
+        await nc.flush(timeout=CONNECT_TIMEOUT_S)  # the server has the subscription
+        ready("")
+        await _until(stop, lost)
+    finally:
+        if not nc.is_closed:
+            await nc.close()
+
+
+async def _pub_nats(args: argparse.Namespace) -> Any:
+    import nats
+
+    nc = await nats.connect(
+        f"nats://{args.address}", allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=CONNECT_TIMEOUT_S, error_cb=_nats_error
+    )
+    publish = nc.publish
+    topic = args.topic
+
+    async def send(payload: bytes) -> None:
+        await publish(topic, payload)
+
+    async def finish() -> None:
+        try:
+            await nc.flush(timeout=60)  # PING/PONG after everything: the server has read it all
+        finally:
+            await nc.close()
+
+    return send, finish
+
+
+# -- Redis (redis.asyncio pub/sub) --------------------------------------------------------------------
+
+
+async def _sub_redis(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import redis.asyncio as aioredis
+
+    host, port = _host_port(args.address)
+    client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(args.topic)
+        while True:  # the SUBSCRIBE acknowledgement
+            reply = await pubsub.get_message(timeout=CONNECT_TIMEOUT_S)
+            if reply is None:
+                raise TimeoutError("redis did not acknowledge SUBSCRIBE")
+            if reply.get("type") == "subscribe":
+                break
+        record = rec.record
+
+        async def consume() -> None:
+            async for message in pubsub.listen():
+                now = time.time_ns()
+                if message.get("type") == "message":
+                    data = message["data"]
+                    record(data, 0, len(data), now)
+
+        ready("")
+        await _until(stop, asyncio.ensure_future(consume()))
+    finally:
+        try:
+            await pubsub.aclose() if hasattr(pubsub, "aclose") else await pubsub.close()
+            await client.aclose() if hasattr(client, "aclose") else await client.close()
+        except Exception:
+            pass
+
+
+async def _pub_redis(args: argparse.Namespace) -> Any:
+    import redis.asyncio as aioredis
+
+    host, port = _host_port(args.address)
+    client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    await client.ping()
+    topic = args.topic
+    if args.interval_ms:  # paced: one PUBLISH, one reply
+        publish = client.publish
+
+        async def send(payload: bytes) -> None:
+            await publish(topic, payload)
+
+        async def flush() -> None:
+            pass
+    else:  # as fast as it goes: pipelined, like the other clients that write without waiting for a reply
+        batch: list[bytes] = []
+        batch_bytes = 0
+
+        async def flush() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                pipe = client.pipeline(transaction=False)
+                for payload in batch:
+                    pipe.publish(topic, payload)
+                batch, batch_bytes = [], 0
+                await pipe.execute()
+
+        async def send(payload: bytes) -> None:
+            nonlocal batch_bytes
+            batch.append(payload)
+            batch_bytes += len(payload)
+            if len(batch) >= 64 or batch_bytes >= 1024 * 1024:
+                await flush()
+
+    async def finish() -> None:
+        try:
+            await flush()  # every PUBLISH answered: the server has them all
+        finally:
+            await client.aclose() if hasattr(client, "aclose") else await client.close()
+
+    return send, finish
+
+
+# -- MQTT (aiomqtt, QoS 0) ----------------------------------------------------------------------------------
+
+# paho uses a plain socket and leaves Nagle on; with it a paced 1 KB stream waits for delayed
+# ACKs (tens of ms).  Every other client here runs on asyncio/uvloop transports, which set
+# TCP_NODELAY; so does this one, and bench/peers runs mosquitto with set_tcp_nodelay true.
+_NODELAY = ((6, 1, 1),)  # (IPPROTO_TCP, TCP_NODELAY, 1)
+
+
+async def _sub_mqtt(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import aiomqtt
+
+    host, port = _host_port(args.address)
+    async with aiomqtt.Client(host, port, timeout=CONNECT_TIMEOUT_S, socket_options=_NODELAY) as client:
+        await client.subscribe(args.topic, qos=0)  # returns on SUBACK
+        record = rec.record
+
+        async def consume() -> None:
+            async for message in client.messages:
+                now = time.time_ns()
+                data = message.payload
+                record(data, 0, len(data), now)
+
+        ready("")
+        await _until(stop, asyncio.ensure_future(consume()))
+
+
+async def _pub_mqtt(args: argparse.Namespace) -> Any:
+    import aiomqtt
+
+    host, port = _host_port(args.address)
+    client = aiomqtt.Client(host, port, timeout=60, socket_options=_NODELAY)
+    await client.__aenter__()
+    publish = client.publish
+    topic = args.topic
+
+    async def send(payload: bytes) -> None:
+        await publish(topic, payload, qos=0)  # waits only while paho cannot write it out
+
+    async def finish() -> None:
+        try:  # QoS 1 after everything: the PUBACK says the broker has read it all (in order, one connection)
+            await publish(f"{topic}/bench-sync", b"", qos=1)
+        finally:
+            await client.__aexit__(None, None, None)
+
+    return send, finish
+
+
+# -- RabbitMQ (aio-pika, AMQP 0-9-1) ------------------------------------------------------------------------
+
+
+async def _sub_rabbitmq(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
+    lost = asyncio.get_running_loop().create_future()
+
+    def on_close(*_: Any) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    conn.close_callbacks.add(on_close)
+    try:
+        channel = await conn.channel()
+        exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT)
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=args.topic)
+        record = rec.record
+
+        async def on_message(message: Any) -> None:
+            now = time.time_ns()
+            body = message.body
+            record(body, 0, len(body), now)
+
+        await queue.consume(on_message, no_ack=True)  # returns on consume-ok
+        ready("")
+        await _until(stop, lost)
+    finally:
+        conn.close_callbacks.discard(on_close)
+        await conn.close()
+
+
+async def _pub_rabbitmq(args: argparse.Namespace) -> Any:
+    import aio_pika
+
+    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
+    channel = await conn.channel(publisher_confirms=False)
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT)
+    publish = exchange.publish
+    Message = aio_pika.Message
+    transient = aio_pika.DeliveryMode.NOT_PERSISTENT
+    topic = args.topic
+
+    async def send(payload: bytes) -> None:
+        await publish(Message(payload, delivery_mode=transient), routing_key=topic)
+
+    async def finish() -> None:
+        try:  # a synchronous method on the same channel is answered after every publish before it
+            await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT)
+        finally:
+            await conn.close()
+
+    return send, finish
+
+
+SUBSCRIBERS = {"dcp": _sub_dcp, "relay": _sub_relay, "nats": _sub_nats, "redis": _sub_redis, "mqtt": _sub_mqtt, "rabbitmq": _sub_rabbitmq}
+PUBLISHERS = {"dcp": _pub_dcp, "relay": _pub_relay, "nats": _pub_nats, "redis": _pub_redis, "mqtt": _pub_mqtt, "rabbitmq": _pub_rabbitmq}
+
+
+# -- the two roles ---------------------------------------------------------------------------------------
+
+
+async def run_sub(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    rec = Recorder(args.expect, args.keep_latencies)
+    is_ready = asyncio.Event()
+
+    def ready(route: str) -> None:
+        _emit({"ready": True, "route": route})
+        is_ready.set()
+
+    adapter = asyncio.ensure_future(SUBSCRIBERS[FAMILIES[args.target]](args, rec, ready, stop))
+    ready_wait = asyncio.ensure_future(is_ready.wait())
+    await asyncio.wait({adapter, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not is_ready.is_set():  # the adapter ended (failed, or stopped) before it was ready
+        ready_wait.cancel()
+        exc = adapter.exception() if not adapter.cancelled() else None
+        print(f"{args.target} subscriber could not get ready: {exc!r}", file=sys.stderr, flush=True)
+        return 1
+    error = await _watch(args, rec, stop, adapter)
+    stop.set()
+    try:
+        await asyncio.wait_for(adapter, 10)
+    except asyncio.TimeoutError:
+        pass
+    except Exception as exc:
+        error = error or f"{type(exc).__name__}: {exc}"
+    result = rec.result()
+    if error:
+        result["error"] = error
+        print(f"{args.target} subscriber: {error}", file=sys.stderr, flush=True)
+    _emit(result)
+    return 0
+
+
+async def _watch(args: argparse.Namespace, rec: Recorder, stop: asyncio.Event, adapter: asyncio.Future[None]) -> str:
+    """Until N messages, idle after the first, --max-time, a signal, or the adapter's end ('' or its error)."""
+    started = time.monotonic()
+    idle_ns = int(args.idle_timeout * 1e9)
+    tick = min(0.05, args.idle_timeout / 4)
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rec.done.wait()), adapter}
+    try:
+        while True:
+            done, _ = await asyncio.wait(waiters, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+            if adapter in done:
+                exc = adapter.exception() if not adapter.cancelled() else None
+                return f"the connection ended: {type(exc).__name__}: {exc}" if exc else ("" if stop.is_set() else "the connection ended")
+            if done:
+                return ""
+            if rec.last_ns is not None and time.time_ns() - rec.last_ns >= idle_ns:
+                return ""
+            if time.monotonic() - started >= args.max_time:
+                return ""
+    finally:
+        for waiter in waiters:
+            if waiter is not adapter:
+                waiter.cancel()
+
+
+async def run_pub(args: argparse.Namespace) -> int:
+    send, finish = await PUBLISHERS[FAMILIES[args.target]](args)
+    size, count = args.size, args.count
+    interval = args.interval_ms / 1000 if args.interval_ms else 0.0
+    duration = args.duration
+    clock = time.perf_counter
+    sent = 0
+    start = clock()
+    stop_at = start + duration if duration else float("inf")
+    try:
+        if interval:
+            for seq in range(count):
+                delay = start + seq * interval - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if clock() >= stop_at:
+                    break
+                await send(stamp(seq, size))
+                sent += 1
+        else:
+            for seq in range(count):
+                if clock() >= stop_at:
+                    break
+                await send(stamp(seq, size))
+                sent += 1
+        await finish()
+    except Exception as exc:
+        print(f"{args.target} publisher failed after {sent} messages: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    elapsed = clock() - start
+    _emit({"sent": sent, "bytes": sent * size, "elapsed_s": round(elapsed, 6), "cpu_s": round(time.process_time(), 4)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dcp.bench.worker", description="A dcp bench publisher or subscriber.")
+    roles = parser.add_subparsers(dest="role", required=True)
+    for role in ("sub", "pub"):
+        p = roles.add_parser(role)
+        p.add_argument("--target", required=True, choices=tuple(FAMILIES))
+        p.add_argument("--address", required=True, help="HOST:PORT of the server")
+        p.add_argument("--topic", default="bench")
+    sub = roles.choices["sub"]
+    sub.add_argument("--expect", type=int, default=None, help="stop after this many messages")
+    sub.add_argument("--idle-timeout", type=float, default=2.0, help="stop after this long without a message, once one came (s)")
+    sub.add_argument("--max-time", type=float, default=600.0, help="stop this long after ready, whatever came (s; default 600)")
+    sub.add_argument("--keep-latencies", action="store_true", help="add every latency, in arrival order, to the result")
+    pub = roles.choices["pub"]
+    pub.add_argument("--size", type=int, required=True, help=f"payload bytes (at least {STAMP_SIZE})")
+    pub.add_argument("--count", type=int, required=True, help="messages to send")
+    pub.add_argument("--interval-ms", type=float, default=None, help="send one message every this many ms (default: as fast as flow control allows)")
+    pub.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
+    pub.add_argument("--route", default=None, help="dcp-stateless: the topology number X (decimal) from the subscriber's ready line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subscriber result keys: received, bytes, duplicates, out_of_order, max_seq, first_recv_ns,
+    last_recv_ns, latency_us {p50, p90, p99, max, mean}, latencies_us (with --keep-latencies), and
+    error (only when the connection ended under it).  Publisher: sent, bytes, elapsed_s, cpu_s."""
+    from .._loop import run
+
+    args = build_parser().parse_args(argv)
+    if args.role == "pub" and args.size < STAMP_SIZE:
+        print(f"--size must be at least {STAMP_SIZE}", file=sys.stderr)
+        return 2
+    if args.role == "pub" and args.target == "dcp-stateless" and not args.route:
+        print("dcp-stateless needs --route X (the subscriber's ready line has it)", file=sys.stderr)
+        return 2
+    return run(run_sub(args) if args.role == "sub" else run_pub(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

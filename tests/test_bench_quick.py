@@ -1,0 +1,39 @@
+"""``dcp bench --quick``, once: the harness runs every figure and writes well-formed outputs.
+
+Never a timing assert: the numbers are whatever this machine measures; the test checks
+that every cell was measured (or skipped with a reason) and the files parse.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dcp", "bench", "--quick", "--no-external", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["profile"] == "quick" and results["environment"]["cpu_count"] >= 1
+    targets = {"dcp-stateless", "dcp-stateful", "refqueue", "relay"}
+    for figure, key in (("latency", "p50_us"), ("success", "success"), ("throughput", "mb_s")):
+        cells = results[figure]["cells"]
+        assert {c["target"] for c in cells} == targets, figure
+        failed = [c for c in cells if "skipped" in c]
+        assert not failed, failed  # the in-tree targets are always available
+        assert all(c[key] >= 0 for c in cells)
+    assert all(c["received"] <= c["sent"] for c in results["latency"]["cells"] + results["success"]["cells"])
+    assert [row["brokers"] for row in results["routing"]["rows"]] == [1, 2, 5]
+    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    report = (tmp_path / "report.md").read_text()
+    for title in ("Figure 7", "Figure 8", "Figure 9", "Routing cost", "Targets"):
+        assert title in report
+    for name in ("latency", "success", "throughput", "routing"):
+        ET.parse(tmp_path / f"{name}.svg")
+    assert "met" in out.stdout or "MISSED" in out.stdout

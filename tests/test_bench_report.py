@@ -1,0 +1,307 @@
+"""The bench report: Markdown tables and SVG figures from a synthetic results document."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcp.bench import report
+from dcp.bench.report import figures, fmt_size, markdown, svg_line_chart, write
+
+SVG = "{http://www.w3.org/2000/svg}"
+KB, MB = 1024, 1024 * 1024
+LAT_SIZES = [10, 100, KB, 10 * KB, 100 * KB, MB]
+SUCC_SIZES = [KB, 10 * KB, 100 * KB, MB]
+INTERVALS = [2, 3, 5, 10, 100, 1000]
+NATS_WHY = "server not answering on 127.0.0.1:4222"
+
+
+def results() -> dict[str, Any]:
+    lat_cells: list[dict[str, Any]] = []
+    for target, base in (("dcp-stateless", 180.0), ("refqueue", 500.0)):
+        for i, size in enumerate(LAT_SIZES):
+            lat_cells.append({
+                "target": target, "size": size, "sent": 500, "received": 500 if target == "dcp-stateless" else 499,
+                "success": 1.0 if target == "dcp-stateless" else 0.998,
+                "p50_us": base * (1 + i / 2), "p90_us": base * 2, "p99_us": base * 5 + i, "max_us": 20000.0,
+            })
+    lat_cells += [{"target": "nats", "size": size, "skipped": NATS_WHY} for size in LAT_SIZES]
+    succ_cells: list[dict[str, Any]] = []
+    for target in ("dcp-stateless", "refqueue"):
+        for size in SUCC_SIZES:
+            for interval in INTERVALS:
+                ok = 1.0 if target == "dcp-stateless" or interval >= 10 else 0.5
+                succ_cells.append({"target": target, "size": size, "interval_ms": interval, "sent": 1000, "received": int(1000 * ok), "success": ok})
+    succ_cells.append({"target": "nats", "size": MB, "interval_ms": 2, "skipped": NATS_WHY})
+    # a rate just under 100 % must not read 100.0
+    succ_cells[0] = {**succ_cells[0], "received": 9999, "sent": 10000, "success": 0.9999}
+    tp_cells: list[dict[str, Any]] = []
+    for target in ("dcp-stateless", "relay"):
+        for brokers in (1, 2, 5):
+            for size in (KB, 64 * KB):
+                if target == "relay" and brokers == 5:
+                    tp_cells.append({"target": target, "brokers": brokers, "size": size, "skipped": "failed: boom | pipe\nsecond line"})
+                    continue
+                mb_s = 100.0 * brokers * (2 if size > KB else 1)
+                tp_cells.append({
+                    "target": target, "brokers": brokers, "size": size, "sent": 1000, "received": 990, "delivered": 0.99,
+                    "mb_s": mb_s, "msg_s": mb_s * MB / size, "cpu_s": 9.5, "cores_used": 1.9, "mb_s_per_core": mb_s / 1.9,
+                })
+    return {
+        "profile": "quick",
+        "started_at": "2026-11-23T10:00:00Z",
+        "duration_s": 123.4,
+        "environment": {
+            "cpu_count": 2, "loadavg": [0.5, 0.4, 0.3], "python": "3.11.7", "platform": "Linux-6.1-x86_64", "dcp": "0.1.0",
+            "uvloop": "0.21.0",
+            "targets": {
+                "dcp-stateless": {"available": True, "version": "0.1.0"},
+                "refqueue": {"available": True, "version": "builtin"},
+                "relay": {"available": True, "version": "builtin"},
+                "nats": {"available": False, "why": NATS_WHY},
+            },
+        },
+        "latency": {"sizes": LAT_SIZES, "count": 500, "warmup": 50, "interval_ms": 5.0, "cells": lat_cells},
+        "success": {"intervals_ms": INTERVALS, "sizes": SUCC_SIZES, "cell_s": 2.0, "cells": succ_cells},
+        "throughput": {"brokers": [1, 2, 5], "sizes": [KB, 64 * KB], "duration_s": 5.0, "cells": tp_cells},
+        "routing": {"rows": [
+            {"brokers": 1, "x_bytes": 1, "x_bits": 4, "bound_bits": 65, "encode_us": 0.9, "stateless_ns": 270, "stateful_ns": 190, "ratio": 1.42},
+            {"brokers": 10, "x_bytes": 80, "x_bits": 640, "bound_bits": 650, "encode_us": 12.5, "stateless_ns": 900, "stateful_ns": 200},
+            {"brokers": 100, "x_bytes": 800, "x_bits": 6400, "bound_bits": 6500, "encode_us": 300.0, "stateless_ns": 7000, "stateful_ns": 210, "ratio": 33.33},
+        ]},
+        "targets": [
+            {"goal": "p50 dcp-stateless <= 0.35 x refqueue at every size", "measured": "worst ratio 0.41 at 1 MB", "met": False},
+            {"goal": "success 100 % | every interval", "measured": "lowest 99.9 %", "met": True},
+        ],
+    }
+
+
+def tables(text: str) -> list[list[str]]:
+    """The Markdown tables of a text, each as its lines."""
+    blocks: list[list[str]] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def columns(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line)) - 1
+
+
+def svg_series(svg: str) -> tuple[int, int, ET.Element]:
+    root = ET.fromstring(svg)
+    polylines = root.findall(f".//{SVG}polyline")
+    legend = [g for g in root.iter(f"{SVG}g") if g.get("class") == "legend-entry"]
+    return len(polylines), len(legend), root
+
+
+def legend_names(root: ET.Element) -> list[str]:
+    return [
+        "".join(g.find(f"{SVG}text").itertext())  # type: ignore[union-attr]
+        for g in root.iter(f"{SVG}g") if g.get("class") == "legend-entry"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(10, "10 B"), (100, "100 B"), (1024, "1 KB"), (10240, "10 KB"), (65536, "64 KB"), (102400, "100 KB"), (1048576, "1 MB"), (1536, "1.5 KB")],
+)
+def test_sizes_in_binary_units(size: int, text: str) -> None:
+    assert fmt_size(size) == text
+
+
+def test_markdown_sections_and_numbers() -> None:
+    text = markdown(results())
+    for title in ("# dcp bench report", "## Environment", "## Figure 7: latency", "## Figure 8: success rate",
+                  "## Figure 9: throughput", "## Routing cost", "## Targets"):
+        assert title in text
+    for link in ("![Figure 7](latency.svg)", "![Figure 8](success.svg)", "![Figure 9](throughput.svg)", "![Routing cost](routing.svg)"):
+        assert link in text
+    # environment
+    assert "- CPUs: 2" in text and "0.50 / 0.40 / 0.30" in text and "3.11.7" in text and "Linux-6.1-x86_64" in text
+    assert "`dcp-stateless`: 0.1.0" in text and f"`nats`: not available ({NATS_WHY})" in text
+    assert "profile `quick`" in text and "took 123.4 s" in text
+    # latency: p50 / p99 (success); a skipped target's cells say so
+    lat = text.split("## Figure 7")[1].split("## Figure 8")[0]
+    assert "| 10 B | 180 / 900 (100.0%) | 500 / 2,500 (99.8%) | skipped |" in lat
+    assert "| 1 MB | 630 / 905 (100.0%) |" in lat
+    assert f"`nats` skipped: {NATS_WHY}" in lat
+    # success: one table per target, percent with one decimal, 99.99 % is not rounded up to 100.0
+    succ = text.split("## Figure 8")[1].split("## Figure 9")[0]
+    assert "### dcp-stateless" in succ and "### refqueue" in succ and "### nats" in succ
+    assert "| interval | 1 KB | 10 KB | 100 KB | 1 MB |" in succ
+    assert "| 2 ms | 99.9 | 100.0 | 100.0 | 100.0 |" in succ
+    assert "| 2 ms | 50.0 | 50.0 | 50.0 | 50.0 |" in succ
+    assert "| 2 ms | — | — | — | skipped |" in succ
+    # throughput: brokers x size, per target MB/s, delivered, MB/s per core; skip reason on one line
+    tp = text.split("## Figure 9")[1].split("## Routing cost")[0]
+    assert "| 2 | 64 KB | 400.0 | 99.0 | 210.5 | 400.0 | 99.0 | 210.5 |" in tp
+    assert "| 5 | 1 KB | 500.0 | 99.0 | 263.2 | skipped | skipped | skipped |" in tp
+    assert "`relay` skipped: failed: boom | pipe second line" in tp  # a list item, not a table row
+    # routing: the ratio is computed where a row lacks it
+    routing = text.split("## Routing cost")[1].split("## Targets")[0]
+    assert "| 1 | 1 | 4 | 65 | 0.9 | 270 | 190 | 1.42 |" in routing
+    assert "| 10 | 80 | 640 | 650 | 12.5 | 900 | 200 | 4.50 |" in routing
+    # targets: plain words
+    targets = text.split("## Targets")[1]
+    assert "1 of 2 targets met." in targets
+    assert "| p50 dcp-stateless <= 0.35 x refqueue at every size | worst ratio 0.41 at 1 MB | missed |" in targets
+    assert "| success 100 % \\| every interval | lowest 99.9 % | met |" in targets
+
+
+def test_markdown_tables_are_rectangular() -> None:
+    blocks = tables(markdown(results()))
+    assert len(blocks) == 1 + 3 + 1 + 1 + 1  # latency, success x 3 targets, throughput, routing, targets
+    for block in blocks:
+        widths = {columns(line) for line in block}
+        assert len(widths) == 1, block
+        assert re.fullmatch(r"\|(:?---:?\|)+", block[1])
+
+
+def test_figures_parse_and_have_the_expected_series() -> None:
+    svgs = figures(results())
+    assert set(svgs) == {"latency.svg", "success.svg", "throughput.svg", "routing.svg"}
+    expected = {
+        # p50 of dcp-stateless and refqueue (nats skipped throughout), p99 of dcp-stateless
+        "latency.svg": ["dcp-stateless p50", "refqueue p50", "dcp-stateless p99"],
+        # every target at the largest size, then dcp-stateless at every other size
+        "success.svg": ["dcp-stateless 1 MB", "refqueue 1 MB", "dcp-stateless 100 KB", "dcp-stateless 10 KB", "dcp-stateless 1 KB"],
+        # dcp-stateless: MB/s and MB/s per core per size
+        "throughput.svg": ["1 KB MB/s", "1 KB MB/s per core", "64 KB MB/s", "64 KB MB/s per core"],
+        "routing.svg": ["stateless (X mod key)", "stateful (topic table lookup)"],
+    }
+    for name, svg in svgs.items():
+        lines, entries, root = svg_series(svg)
+        assert lines == entries == len(expected[name]), name
+        assert legend_names(root) == expected[name]
+        assert root.tag == f"{SVG}svg"
+        assert root.find(f"{SVG}title") is not None
+        # every point has a tooltip
+        points = [e for e in root.iter() if e.get("class") == "point"]
+        assert points and all(p.find(f"{SVG}title") is not None for p in points)
+    lat_root = ET.fromstring(svgs["latency.svg"])
+    labels = {"".join(t.itertext()) for t in lat_root.iter(f"{SVG}text")}
+    assert {"10 B", "1 KB", "1 MB"} <= labels  # the size ticks
+    # p99 of dcp-stateless is dashed, in the colour of its p50
+    polylines = lat_root.findall(f".//{SVG}polyline")
+    assert polylines[2].get("stroke-dasharray") and polylines[2].get("stroke") == polylines[0].get("stroke")
+    assert not polylines[0].get("stroke-dasharray")
+    assert polylines[0].get("stroke") != polylines[1].get("stroke")
+
+
+def test_throughput_falls_back_to_another_target() -> None:
+    doc = results()
+    doc["throughput"]["cells"] = [c for c in doc["throughput"]["cells"] if c["target"] != "dcp-stateless"]
+    svg = figures(doc)["throughput.svg"]
+    lines, entries, root = svg_series(svg)
+    assert lines == entries == 4
+    assert "relay" in "".join(root.find(f"{SVG}title").itertext())  # type: ignore[union-attr]
+
+
+def test_chart_escapes_text_and_skips_bad_points_on_log_axes() -> None:
+    svg = svg_line_chart(
+        {"a <&> \"b\"": [(0, 5), (1, 0), (10, -3), (100, 50), (1000, float("nan")), (1e4, 500)], "only bad": [(0, 0), (-1, 1)], "c": [(5, 5)]},
+        title="T & <t>", x_label="x & y", y_label="µs", log_x=True, log_y=True,
+    )
+    lines, entries, root = svg_series(svg)
+    assert lines == entries == 2  # "only bad" has no point left
+    assert legend_names(root) == ['a <&> "b"', "c"]
+    first = root.findall(f".//{SVG}polyline")[0]
+    assert len(first.get("points", "").split()) == 2  # (100, 50) and (1e4, 500)
+    labels = {"".join(t.itertext()) for t in root.iter(f"{SVG}text")}
+    assert {"T & <t>", "x & y", "100", "1k", "10k"} <= labels  # decade ticks
+
+
+def test_chart_with_nothing_to_draw() -> None:
+    for log in (False, True):
+        svg = svg_line_chart({"a": [], "b": [(0, 0) if log else (float("nan"), 1)]}, title="empty", x_label="x", y_label="y", log_x=log, log_y=log)
+        lines, entries, root = svg_series(svg)
+        assert lines == entries == 0
+        assert "no data" in {"".join(t.itertext()) for t in root.iter(f"{SVG}text")}
+
+
+def test_chart_fixed_range_and_custom_ticks() -> None:
+    svg = svg_line_chart(
+        {"s": [(2, 100.0), (5, 50.0), (1000, 100.0)]}, title="t", x_label="ms", y_label="%",
+        log_x=True, y_min=0, y_max=100, x_ticks=[(2, "2"), (5, "5"), (1000, "1000"), (0, "zero")], width=500, height=300,
+    )
+    root = ET.fromstring(svg)
+    labels = ["".join(t.itertext()) for t in root.find(f".//{SVG}g[@class='tick-labels']").iter(f"{SVG}text")]  # type: ignore[union-attr]
+    assert labels == ["2", "5", "1000", "0", "20", "40", "60", "80", "100"]
+    assert root.get("width") == "500"
+
+
+def test_chart_single_point_and_many_series() -> None:
+    series = {f"series {i}": [(1, i + 1), (2, i + 2)] for i in range(14)}
+    series["one"] = [(3, 3)]
+    svg = svg_line_chart(series, title="many", x_label="x", y_label="y")
+    lines, entries, root = svg_series(svg)
+    assert lines == entries == 15
+    dashes = [p.get("stroke-dasharray") for p in root.findall(f".//{SVG}polyline")]
+    assert not any(dashes[:10]) and all(dashes[10:14])  # the palette wraps with dashes
+    colours = [p.get("stroke") for p in root.findall(f".//{SVG}polyline")][:10]
+    assert len(set(colours)) == 10
+
+
+def test_only_latency() -> None:
+    doc = {"latency": results()["latency"]}
+    text = markdown(doc)
+    assert "## Figure 7: latency" in text and "## Figure 8" not in text and "## Targets" not in text
+    assert "No environment recorded." in text
+    svgs = figures(doc)
+    assert list(svgs) == ["latency.svg"]
+    lines, entries, _ = svg_series(svgs["latency.svg"])
+    assert lines == entries == 3  # without the environment, the targets come from the cells
+
+
+def test_sections_with_every_cell_skipped_or_empty() -> None:
+    doc = {
+        "latency": {"sizes": [10], "cells": [{"target": "nats", "size": 10, "skipped": "down"}]},
+        "success": {"cells": []},
+        "throughput": {},
+        "routing": {"rows": []},
+        "targets": [],
+    }
+    text = markdown(doc)
+    for block in tables(text):
+        assert len({columns(line) for line in block}) == 1
+    assert "| 10 B | skipped |" in text
+    assert "0 of 0 targets met." in text
+    for svg in figures(doc).values():
+        lines, entries, _ = svg_series(svg)
+        assert lines == entries == 0
+
+
+def test_write(tmp_path: Path) -> None:
+    doc = results()
+    original = copy.deepcopy(doc)
+    out = tmp_path / "run" / "nested"
+    paths = write(doc, out)
+    assert doc == original
+    names = [p.name for p in paths]
+    assert names == ["results.json", "report.md", "latency.svg", "success.svg", "throughput.svg", "routing.svg"]
+    assert all(p.is_file() and p.parent == out for p in paths)
+    assert json.loads((out / "results.json").read_text()) == doc
+    assert list(json.loads((out / "results.json").read_text())) == list(doc)  # insertion order kept
+    assert (out / "report.md").read_text() == markdown(doc)
+    for p in paths[2:]:
+        ET.parse(p)
+    only = write({"latency": doc["latency"]}, tmp_path / "one")
+    assert [p.name for p in only] == ["results.json", "report.md", "latency.svg"]
+
+
+def test_module_exports() -> None:
+    assert {"markdown", "svg_line_chart", "figures", "write"} <= set(report.__all__)

@@ -239,13 +239,13 @@ class RelayConnection(asyncio.Protocol):
 
 
 async def serve(host: str, port: int, out_buffer_bytes: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the listening line: a driver may signal at once
+        loop.add_signal_handler(signum, stop.set)
     relay = Relay(out_buffer_bytes)
     host, port = await relay.start(host, port)
     print(f"relay listening on {host}:{port}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await relay.close()
     print(f"relay stopped: {relay.summary()}", file=sys.stderr, flush=True)

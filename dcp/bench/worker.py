@@ -73,10 +73,6 @@ def unstamp(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
     return hi << 32 | lo, seq
 
 
-def _now_us48() -> int:
-    return time.time_ns() // 1000 & _MASK48
-
-
 # -- the subscriber's bookkeeping ----------------------------------------------------------
 
 
@@ -364,20 +360,27 @@ async def _nats_error(exc: Exception) -> None:
     print(f"nats: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
-async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+async def _nats_connect(address: str, **options: Any) -> Any:
     import nats
 
+    # nats-py retries an unreachable server forever unless told a number of attempts
+    return await asyncio.wait_for(
+        nats.connect(
+            f"nats://{address}", allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+            connect_timeout=CONNECT_TIMEOUT_S, error_cb=_nats_error, **options,
+        ),
+        CONNECT_TIMEOUT_S,
+    )
+
+
+async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
     lost = asyncio.get_running_loop().create_future()
 
     async def on_closed() -> None:
         if not lost.done():
             lost.set_result(None)
 
-
-    nc = await nats.connect(
-        f"nats://{args.address}", allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=CONNECT_TIMEOUT_S,
-        closed_cb=on_closed, error_cb=_nats_error,
-    )
+    nc = await _nats_connect(args.address, closed_cb=on_closed)
     record = rec.record
     try:
         async def on_msg(msg: Any) -> None:
@@ -395,11 +398,7 @@ async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop:
 
 
 async def _pub_nats(args: argparse.Namespace) -> Any:
-    import nats
-
-    nc = await nats.connect(
-        f"nats://{args.address}", allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=CONNECT_TIMEOUT_S, error_cb=_nats_error
-    )
+    nc = await _nats_connect(args.address)
     publish = nc.publish
     topic = args.topic
 
@@ -620,11 +619,18 @@ async def run_sub(args: argparse.Namespace) -> int:
 
     adapter = asyncio.ensure_future(SUBSCRIBERS[FAMILIES[args.target]](args, rec, ready, stop))
     ready_wait = asyncio.ensure_future(is_ready.wait())
-    await asyncio.wait({adapter, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if not is_ready.is_set():  # the adapter ended (failed, or stopped) before it was ready
-        ready_wait.cancel()
-        exc = adapter.exception() if not adapter.cancelled() else None
-        print(f"{args.target} subscriber could not get ready: {exc!r}", file=sys.stderr, flush=True)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({adapter, ready_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    ready_wait.cancel()
+    stop_wait.cancel()
+    if not is_ready.is_set():  # the adapter failed, or a signal came, before it was ready: no line at all
+        if adapter.done():
+            exc = adapter.exception() if not adapter.cancelled() else None
+            why = f"{type(exc).__name__}: {exc}" if exc else "it ended"
+        else:
+            adapter.cancel()
+            why = "stopped by a signal"
+        print(f"{args.target} subscriber could not get ready: {why}", file=sys.stderr, flush=True)
         return 1
     error = await _watch(args, rec, stop, adapter)
     stop.set()
@@ -667,7 +673,11 @@ async def _watch(args: argparse.Namespace, rec: Recorder, stop: asyncio.Event, a
 
 
 async def run_pub(args: argparse.Namespace) -> int:
-    send, finish = await PUBLISHERS[FAMILIES[args.target]](args)
+    try:
+        send, finish = await PUBLISHERS[FAMILIES[args.target]](args)
+    except Exception as exc:
+        print(f"{args.target} publisher could not connect: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
     size, count = args.size, args.count
     interval = args.interval_ms / 1000 if args.interval_ms else 0.0
     duration = args.duration

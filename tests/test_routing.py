@@ -7,9 +7,6 @@ under test must not import it.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ import sympy
 from hypothesis import assume, given, settings, strategies as st
 from sympy.ntheory.modular import crt
 
-import dcp.routing as routing
+from tests.purity import copy_with_import, loaded
 from dcp.errors import DcpError, RoutingError
 from dcp.routing import (
     allocate_keys,
@@ -32,7 +29,6 @@ from dcp.routing import (
     x_bytes,
 )
 
-DCP_DIR = Path(routing.__file__).resolve().parent
 
 SMALL_PRIMES = list(sympy.primerange(2, 2000))
 
@@ -330,45 +326,11 @@ def test_int_bytes_examples() -> None:
 
 # --------------------------------------------------------------------------- imports
 
-_IMPORT_PROBE = textwrap.dedent(
-    """
-    import importlib, sys, types
-    pkg_dir = sys.argv[1]
-    pkg = types.ModuleType("dcp")
-    pkg.__path__ = [pkg_dir]
-    sys.modules["dcp"] = pkg
-    importlib.import_module("dcp.errors")
-    importlib.import_module("dcp.routing")
-    importlib.import_module("dcp.wire")
-    assert "dcp.client" not in sys.modules
-    print(sorted(m for m in ("asyncio", "socket", "sympy") if m in sys.modules))
-    """
-)
-
-
-def _probe(pkg_dir: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, str(pkg_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_routing_and_wire_import_no_io_modules() -> None:
-    assert _probe(DCP_DIR) == "[]"
+    assert loaded(["errors", "routing", "wire"], ["asyncio", "socket", "sympy"]) == "[]"
 
 
 def test_import_probe_detects_io_imports(tmp_path: Path) -> None:
     """The probe is not vacuous: a routing.py that imports asyncio is caught."""
-    fake = tmp_path / "dcp"
-    fake.mkdir()
-    for name in ("errors.py", "wire.py"):
-        (fake / name).write_text((DCP_DIR / name).read_text())
-    source = (DCP_DIR / "routing.py").read_text()
-    future = "from __future__ import annotations\n"
-    assert future in source
-    (fake / "routing.py").write_text(source.replace(future, future + "import asyncio\nimport sympy\n", 1))
-    assert _probe(fake) == "['asyncio', 'socket', 'sympy']"
+    fake = copy_with_import(tmp_path, ["errors.py", "wire.py"], "routing.py", "import asyncio\nimport sympy\n")
+    assert loaded(["errors", "routing", "wire"], ["asyncio", "socket", "sympy"], fake) == "['asyncio', 'socket', 'sympy']"

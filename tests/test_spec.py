@@ -5,16 +5,13 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
 
-import dcp.spec as spec_module
+from tests.purity import copy_with_import, loaded
 from dcp.errors import ConfigError
 from dcp.patterns import (
     Policy,
@@ -28,7 +25,6 @@ from dcp.patterns import (
 )
 from dcp.spec import Element, PipelineSpec, SpecError, check_spec, load_spec, parse_spec
 
-DCP_DIR = Path(spec_module.__file__).resolve().parent
 
 EXAMPLE_TOML = """
 name = "faces"
@@ -587,31 +583,8 @@ def test_policy_with_no_agent_for_a_capability() -> None:
 
 # --------------------------------------------------------------------------- purity
 
-_IMPORT_PROBE = textwrap.dedent(
-    """
-    import importlib, sys, types
-    pkg = types.ModuleType("dcp")
-    pkg.__path__ = [sys.argv[1]]
-    sys.modules["dcp"] = pkg
-    importlib.import_module("dcp.patterns")
-    importlib.import_module("dcp.spec")
-    print(sorted(m for m in ("asyncio", "socket", "sqlite3") if m in sys.modules))
-    """
-)
-
-
-def _probe(pkg_dir: Path) -> str:
-    result = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, str(pkg_dir)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
-    assert _probe(DCP_DIR) == "[]"
-    fake = tmp_path / "dcp"
-    fake.mkdir()
-    for name in ("errors.py", "wire.py", "patterns.py", "spec.py"):
-        (fake / name).write_text((DCP_DIR / name).read_text())
-    future = "from __future__ import annotations\n"
-    (fake / "spec.py").write_text((DCP_DIR / "spec.py").read_text().replace(future, future + "import sqlite3\n", 1))
-    assert _probe(fake) == "['sqlite3']"
+    watched = ["asyncio", "socket", "sqlite3"]
+    assert loaded(["patterns", "spec"], watched) == "[]"
+    fake = copy_with_import(tmp_path, ["errors.py", "wire.py", "patterns.py"], "spec.py", "import sqlite3\n")
+    assert loaded(["patterns", "spec"], watched, fake) == "['sqlite3']"

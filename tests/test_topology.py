@@ -10,9 +10,6 @@ simulation, so a wrong bit in X would deliver somewhere and fail the test.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import textwrap
 from collections import Counter, deque
 from functools import lru_cache
 from pathlib import Path
@@ -21,11 +18,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import dcp.topology as topology
+from tests.purity import copy_with_import, loaded
 from dcp.errors import RoutingError
 from dcp.routing import allocate_keys, encode, x_bits
 from dcp.topology import Delivery, Link, Overlay, Tree, build_tree, shape_edges, simulate
 
-DCP_DIR = Path(topology.__file__).resolve().parent
 
 # Ports 0..3 for every key (primes just above 2**4).
 K = allocate_keys(5, 4)  # [17, 19, 23, 29, 31]
@@ -428,43 +425,11 @@ def test_every_subscriber_gets_exactly_one_copy(data: st.DataObject) -> None:
 
 # --------------------------------------------------------------------------- imports
 
-_IMPORT_PROBE = textwrap.dedent(
-    """
-    import importlib, sys, types
-    pkg_dir = sys.argv[1]
-    pkg = types.ModuleType("dcp")
-    pkg.__path__ = [pkg_dir]
-    sys.modules["dcp"] = pkg
-    importlib.import_module("dcp.topology")
-    assert "dcp.client" not in sys.modules
-    print(sorted(m for m in ("asyncio", "socket") if m in sys.modules))
-    """
-)
-
-
-def _probe(pkg_dir: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, str(pkg_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_topology_imports_no_io_modules() -> None:
-    assert _probe(DCP_DIR) == "[]"
+    assert loaded(["topology"], ["asyncio", "socket"]) == "[]"
 
 
 def test_import_probe_detects_io_imports(tmp_path: Path) -> None:
     """The probe is not vacuous: a topology.py that imports asyncio is caught."""
-    fake = tmp_path / "dcp"
-    fake.mkdir()
-    for name in ("errors.py", "routing.py"):
-        (fake / name).write_text((DCP_DIR / name).read_text())
-    source = (DCP_DIR / "topology.py").read_text()
-    future = "from __future__ import annotations\n"
-    assert future in source
-    (fake / "topology.py").write_text(source.replace(future, future + "import asyncio\n", 1))
-    assert _probe(fake) == "['asyncio', 'socket']"
+    fake = copy_with_import(tmp_path, ["errors.py", "routing.py"], "topology.py", "import asyncio\n")
+    assert loaded(["topology"], ["asyncio", "socket"], fake) == "['asyncio', 'socket']"

@@ -27,11 +27,11 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import BrokerConfig, parse_address
 from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
 from .routing import allocate_keys, int_from_bytes, int_to_bytes
@@ -82,7 +82,7 @@ class LinkRefused(DcpError):
         self.code = code
 
 
-class Broker:
+class Broker(Serving):
     """One broker: a listening socket, its ports and counters.
 
     Use ``await start()``, then ``await serve_forever()`` or ``await close()``.
@@ -128,7 +128,7 @@ class Broker:
         self._no_connections.set()
         host, port = self.config.address
         self._server = await loop.create_server(
-            lambda: BrokerConnection(self), host, port, reuse_address=True, backlog=1024
+            self.new_connection, host, port, reuse_address=True, backlog=1024
         )
         self._started_at = time.monotonic()
         host, port = self.address
@@ -142,29 +142,6 @@ class Broker:
             self.add_link(peer)
         if self.config.orchestrator:
             self._spawn(self._report_to_orchestrator())
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The (host, port) actually bound."""
-        if self._server is None:
-            raise RuntimeError("broker not started")
-        sockname = self._server.sockets[0].getsockname()
-        return sockname[0], sockname[1]
-
-    async def serve_forever(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> None:
-        """Serve until ``shutdown_trigger()`` returns (or ``close()`` is called), then close."""
-        if self._server is None:
-            await self.start()
-        assert self._closed is not None
-        if shutdown_trigger is None:
-            await self._closed.wait()
-        else:
-            trigger = asyncio.ensure_future(shutdown_trigger())
-            closed = asyncio.ensure_future(self._closed.wait())
-            await asyncio.wait({trigger, closed}, return_when=asyncio.FIRST_COMPLETED)
-            for fut in (trigger, closed):
-                fut.cancel()
-        await self.close()
 
     async def close(self) -> None:
         """Stop accepting, tell every peer we go away, flush, close; idempotent."""

@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._serving import Serving
 from .config import OrchestratorConfig
 from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
 from .orchestrator_store import Store
@@ -77,7 +77,7 @@ class Stream:
     refused: str = ""  # why the producer may not publish, if it may not
 
 
-class Orchestrator:
+class Orchestrator(Serving):
     """The DO daemon: ``await start()``, then ``serve_forever()`` or ``close()``."""
 
     def __init__(self, config: OrchestratorConfig | None = None) -> None:
@@ -129,27 +129,6 @@ class Orchestrator:
         log.info("dcp orchestrator listening on %s:%d db=%s", host, port, self.store.path)
         if self.brokers or self.agents:  # recovered ones route until they are back, or the grace ends
             loop.call_later(self.config.grace_s, self._grace_over)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._server is None:
-            raise RuntimeError("orchestrator not started")
-        sockname = self._server.sockets[0].getsockname()
-        return sockname[0], sockname[1]
-
-    async def serve_forever(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> None:
-        if self._server is None:
-            await self.start()
-        assert self._closed is not None
-        if shutdown_trigger is not None:
-            trigger = asyncio.ensure_future(shutdown_trigger())
-            closed = asyncio.ensure_future(self._closed.wait())
-            await asyncio.wait({trigger, closed}, return_when=asyncio.FIRST_COMPLETED)
-            trigger.cancel()
-            closed.cancel()
-        else:
-            await self._closed.wait()
-        await self.close()
 
     async def close(self) -> None:
         if self._server is None or self._closed is None or self._closed.is_set():

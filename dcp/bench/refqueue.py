@@ -19,13 +19,9 @@ sequence of segment files named by their starting offset (``%020d.log``, as
 RocketMQ names its commit log files); a segment is closed at ``segment_bytes`` and
 at most ``keep_segments`` (2) are kept, so a long benchmark cannot fill the disk.
 
-How it hooks in without touching :mod:`dcp.broker`: ``Broker.start`` creates plain
-``BrokerConnection`` objects, and every one of them passes through
-``Broker._connected`` in ``connection_made``, before it reads a byte; the subclass
-turns each into a :class:`LoggingConnection` there (``__class__`` assignment: same
-layout, one overridden method, ``_emit``, the one place every forwarded chunk goes
-through).  If ``Broker.start`` one day builds its connections with
-``self.new_connection()``, overriding that would be the cleaner hook.
+How it hooks in: ``Broker`` builds every connection with ``new_connection()``; the
+subclass returns a :class:`LoggingConnection`, whose one overridden method,
+``_emit``, is the one place every forwarded chunk goes through.
 
 ``python -m dcp.bench.refqueue --listen 127.0.0.1:0 --log-dir DIR`` logs the same
 ``dcp broker listening on HOST:PORT mode=stateful key=K ports=P`` line as ``dcp
@@ -190,11 +186,6 @@ class RefQueue(Broker):
     async def start(self) -> None:
         self.commit_log.start(asyncio.get_running_loop())
         await super().start()
-
-    def _connected(self, conn: BrokerConnection) -> None:
-        if type(conn) is BrokerConnection:
-            conn.__class__ = LoggingConnection
-        super()._connected(conn)
 
     def new_connection(self, link: Any = None) -> BrokerConnection:
         return LoggingConnection(self, link)

@@ -31,6 +31,7 @@ from typing import Any
 
 from .config import BrokerConfig, parse_address
 from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from ._loop import no_delay
 from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
@@ -434,12 +435,7 @@ class BrokerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"

@@ -22,13 +22,13 @@ import asyncio
 import enum
 import itertools
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._loop import no_delay
 from .backoff import Backoff
 from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
 from .routing import int_from_bytes
@@ -81,9 +81,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(transport)
         transport.set_write_buffer_limits(high=self.conn.write_buffer_bytes)
 
     def data_received(self, data: bytes) -> None:  # type: ignore[override]

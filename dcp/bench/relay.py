@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import struct
 import sys
 from typing import Any
+
+from .._loop import no_delay
 
 __all__ = ["Relay", "RelayConnection", "SUBSCRIBE", "PUBLISH", "frame", "main"]
 
@@ -104,12 +105,7 @@ class RelayConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
         self.transport.set_write_buffer_limits(high=self.relay.out_buffer_bytes)  # type: ignore[union-attr]
         self.relay.connections.add(self)
 

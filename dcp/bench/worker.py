@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._loop import no_delay
+
 __all__ = ["stamp", "unstamp", "STAMP_SIZE", "Recorder", "main"]
 
 STAMP_SIZE = 10
@@ -256,12 +258,8 @@ class _RelayClient(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        import socket
-
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(transport)
         self.transport.set_write_buffer_limits(high=1024 * 1024)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:  # type: ignore[override]

@@ -10,8 +10,7 @@ number: no process restarts, no route is recomputed.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -19,8 +18,12 @@ import pytest
 import dcp
 from dcp.routing import allocate_keys
 from dcp.topology import Link, Overlay, build_tree
+from tests.waiting import until as wait_until
 
 FAST_LINKS = ("--ports", "16", "--slow-consumer", "pause", "--link-ping-interval-s", "0.1", "--link-timeout-s", "1", "--link-retry-max-s", "0.1")
+
+
+until = partial(wait_until, timeout=15)
 
 
 class CuttableProxy:
@@ -78,13 +81,6 @@ async def admin_stats(url: str) -> dict[str, Any]:
         return await admin.stats()
 
 
-async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 15) -> None:
-    """Wait for a condition the brokers report (link state), checking it often."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def link_on(stats: dict[str, Any], port: int) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,10 +21,14 @@ from dcp.cli import format_stats, stats_as_json
 from dcp.errors import ConfigError, RemoteError
 from dcp.routing import allocate_keys, encode, int_from_bytes, int_to_bytes
 from dcp.wire import DEFAULT_HOPS, ControlFrame, Decoder, encode_control
+from tests.waiting import until as wait_until
 
 from .conftest import url_of
 
 PORTS = 8
+
+
+until = partial(wait_until, timeout=5)
 
 
 def addr_of(broker: Broker) -> str:
@@ -33,13 +36,6 @@ def addr_of(broker: Broker) -> str:
     return f"{host}:{port}"
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5) -> None:
-    """Wait until ``condition()`` holds, checking every 10 ms; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def admin_stats(broker: Broker) -> dict[str, Any]:

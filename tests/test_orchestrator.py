@@ -6,14 +6,14 @@ Brokers and the orchestrator are real servers on OS-chosen loopback ports; agent
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dcp
+from tests.waiting import until
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.orchestrator import Orchestrator
@@ -92,11 +92,6 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     await plane.close()
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Wait for a condition on counters that other tasks move."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def pipeline_agents(plane: Plane, got: list[bytes], count: int = 30) -> tuple[dcp.DataAgent, ...]:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import dcp
+from tests.waiting import until
 from tests.conftest import DaemonProcess, start_daemon, tracked
 
 DO_LISTENING = re.compile(r"dcp orchestrator listening on (\S+):(\d+) db=")
@@ -100,20 +101,6 @@ async def agents(start_plane) -> AsyncIterator[Callable[..., dcp.DataAgent]]:  #
 # --------------------------------------------------------------------------- helpers
 
 
-async def until(predicate: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll ``predicate`` (a function or a coroutine function) until it is true; ``what`` (or
-    what it returns, evaluated on a timeout) says what was awaited."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
-        await asyncio.sleep(interval)
 
 
 async def request(do_url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -6,19 +6,19 @@ real ``DataAgent``s.  The example runs as a subprocess, as a user would run it.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dcp
+from tests.waiting import until
 from dcp.config import OrchestratorConfig
 from dcp.orchestrator import Orchestrator
 from dcp.storage import StorageAgent
@@ -28,13 +28,6 @@ from .conftest import url_of
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Wait for a condition on counters that other tasks move."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Plane:

@@ -77,20 +77,21 @@ def _install_shutdown_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def _serve_broker(config: BrokerConfig) -> None:
-    from .broker import Broker
-
-    broker = Broker(config)
+async def _serve(daemon: str, config: Any) -> None:
+    if daemon == "broker":
+        from .broker import Broker as server
+    else:
+        from .orchestrator import Orchestrator as server
     stop = asyncio.Event()
     _install_shutdown_signals(stop)
-    await broker.start()
-    await broker.serve_forever(stop.wait)
+    await server(config).serve_forever(stop.wait)
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """``dcp broker`` and ``dcp orchestrator``: run until SIGINT/SIGTERM."""
     config = _config_from_args(args)
     configure_logging(config.log_level)
-    run(_serve_broker(config))
+    run(_serve(args.command, config))
     return 0
 
 
@@ -179,23 +180,6 @@ def cmd_link(args: argparse.Namespace) -> int:
 def cmd_unlink(args: argparse.Namespace) -> int:
     run(_admin_link(args.address, None, args.port, 0))
     print(f"link on port {args.port} removed")
-    return 0
-
-
-async def _serve_orchestrator(config: Any) -> None:
-    from .orchestrator import Orchestrator
-
-    orchestrator = Orchestrator(config)
-    stop = asyncio.Event()
-    _install_shutdown_signals(stop)
-    await orchestrator.start()
-    await orchestrator.serve_forever(stop.wait)
-
-
-def cmd_orchestrator(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    configure_logging(config.log_level)
-    run(_serve_orchestrator(config))
     return 0
 
 
@@ -295,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run a broker", description="Run a dcp broker until SIGINT/SIGTERM.")
     broker.add_argument("--config", metavar="FILE", help="TOML file with a [broker] table; flags override it")
     _add_config_flags(broker)
-    broker.set_defaults(func=cmd_broker)
+    broker.set_defaults(func=cmd_daemon)
 
     stats = commands.add_parser("stats", help="show a broker's counters")
     stats.add_argument("address", metavar="HOST:PORT")
@@ -307,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     orchestrator.add_argument("--config", metavar="FILE", help="TOML file with an [orchestrator] table; flags override it")
     _add_config_flags(orchestrator, OrchestratorConfig)
-    orchestrator.set_defaults(func=cmd_orchestrator)
+    orchestrator.set_defaults(func=cmd_daemon)
 
     do_url = {"default": "dcp://127.0.0.1:7300", "help": "the orchestrator (default: dcp://127.0.0.1:7300)"}
     deploy = commands.add_parser("deploy", help="validate and deploy a pipeline spec")

@@ -458,7 +458,11 @@ class Orchestrator(Serving):
         self, overlay: Overlay, source: tuple[str, int], consumers: list[tuple[str, tuple[str, int]]], topic: str
     ) -> tuple[int, list[str]]:
         """The number reaching every consumer the overlay can reach from ``source``; who it reaches."""
-        reachable = []
+        try:  # the usual case: everyone is reachable, one tree
+            return build_tree(overlay, source, [endpoint for _, endpoint in consumers]).x, [agent for agent, _ in consumers]
+        except RoutingError:
+            pass
+        reachable = []  # someone is not: find out who, leave them out
         for agent, endpoint in consumers:
             try:
                 build_tree(overlay, source, [endpoint])
@@ -513,8 +517,9 @@ class Orchestrator(Serving):
             ],
             "agents": [
                 {"name": a.name, "online": a.conn is not None, "broker": self._broker_name(a.broker_key), "port": a.port,
-                 "capabilities": a.capabilities, "consumes": self._effective(a)[0], "produces": self._effective(a)[1]}
+                 "capabilities": a.capabilities, "consumes": consumes, "produces": produces}
                 for a in self.agents.values()
+                for consumes, produces in [self._effective(a)]
             ],
             "streams": [
                 {"producer": s.producer, "topic": s.topic, "epoch": s.epoch, "x_bytes": len(int_to_bytes(s.x)),

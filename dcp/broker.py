@@ -428,6 +428,7 @@ class BrokerConnection(asyncio.Protocol):
         self._pending_len = 0
         self._need = 0  # length of that frame, 0 while its header is incomplete
         self._x_fast = broker.limits.max_x_bits // 8  # X of up to this many bytes is always in bounds
+        self._last_out = -1  # see _decide
         self._error_sent_at: dict[str, float] = {}
         self._errors_unsent: Counter[str] = Counter()
 
@@ -508,11 +509,22 @@ class BrokerConnection(asyncio.Protocol):
         emit = self._emit
         pos = frames = 0
         run_mask = run_start = run_frames = 0
+        # The decision of the last frame, for the next ones with the same X and topic
+        # bytes (a stream's frames mostly are): within one read no port can attach,
+        # detach or subscribe but through a control frame, which forgets it.
+        memo_len, memo_route, memo_mask = -1, b"", 0
         try:
             while True:
                 if header[1] == DATA and self.port >= 0:
                     frames += 1
-                    mask = decide(buf, pos, header)
+                    route_len = header[4] + header[5]
+                    if route_len == memo_len and header[3] and buf.startswith(memo_route, pos + HEADER_SIZE):
+                        mask = memo_mask
+                    else:
+                        mask = decide(buf, pos, header)
+                        if mask > 0 and mask == self._last_out:  # nothing counted: safe to repeat
+                            start = pos + HEADER_SIZE
+                            memo_len, memo_route, memo_mask = route_len, bytes(buf[start : start + route_len]), mask
                     if mask > 0:
                         buf[pos + 3] = header[3] - 1
                         if mask != run_mask:
@@ -530,6 +542,7 @@ class BrokerConnection(asyncio.Protocol):
                     self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
                     if self.closing:
                         return
+                    memo_len = -1
                 pos += length
                 if end - pos < HEADER_SIZE:
                     length = 0
@@ -549,11 +562,16 @@ class BrokerConnection(asyncio.Protocol):
             self._hold(view[pos:] if length else bytes(view[pos:]), length)
 
     def _decide(self, buf: bytearray, pos: int, header: tuple[int, ...]) -> int:
-        """The out bitmap of the data frame at ``buf[pos]``; 0 or -1 (counted) if none."""
+        """The out bitmap of the data frame at ``buf[pos]``; 0 or -1 (counted) if none.
+
+        ``_last_out`` keeps the ports the route named, attached or not: when it equals
+        the result, nothing was counted and the decision may be repeated.
+        """
         broker = self.broker
         hops = header[3]
         x_len = header[4]
         start = pos + HEADER_SIZE
+        self._last_out = -1
         if hops == 0:
             self._drop("hop_limit", "frame arrived with a hop limit of 0")
             return -1
@@ -566,6 +584,7 @@ class BrokerConnection(asyncio.Protocol):
         else:
             topic_start = start + x_len
             out = broker.table.get(bytes(buf[topic_start : topic_start + header[5]]), 0)
+        self._last_out = out
         attached = broker.attached
         mask = out & attached & self.not_bit
         if mask != out:

@@ -11,9 +11,12 @@
 manager.  Received frames wait in a bounded queue: when it is full the client stops
 reading from the socket (``overflow="pause"``, the default: nothing is lost here and
 the broker's slow-consumer policy applies) or drops a frame and counts it: the newest
-(``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).  Publishes are written at once; the event loop coalesces the
-writes of one iteration into one system call, and a publish waits only while the
-socket's output buffer is over its high-water mark.
+(``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).
+
+Small publishes are gathered into one write per event-loop iteration (or per 64 KB),
+so a fast publisher makes few system calls; a control frame, ``close()`` and the end
+of the iteration flush them.  A publish waits only while the socket's output buffer
+is over its high-water mark.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._loop import no_delay
+from ._loop import CoalescedWriter, no_delay
 from .backoff import Backoff
 from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
 from .routing import int_from_bytes
@@ -168,6 +171,7 @@ class Connection:
         self._encoder = DataEncoder(self.limits)
         self._protocol: _ClientProtocol | None = None
         self._transport: asyncio.Transport | None = None
+        self._writer: CoalescedWriter | None = None
         self._queue: deque[Message] = deque()
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -216,6 +220,7 @@ class Connection:
         except asyncio.TimeoutError:
             raise DcpTimeout(f"no connection to {host}:{port} within {self.connect_timeout_s} s") from None
         self._transport = transport  # type: ignore[assignment]
+        self._writer = CoalescedWriter(transport)  # type: ignore[arg-type]
         self._protocol = protocol
         try:
             welcome = await self._request({"op": "hello", "name": self.name, "role": self.role})
@@ -270,6 +275,8 @@ class Connection:
         if self._reconnector is not None:
             self._reconnector.cancel()
         if self._transport is not None and not self._transport.is_closing():
+            assert self._writer is not None
+            self._writer.flush()
             self._transport.close()
         self._wake_all(ConnectionClosed("connection closed"))
 
@@ -293,7 +300,9 @@ class Connection:
 
         ``route`` is the topology number X (stateless mode); a stateful broker routes
         by ``topic``.  Waits only while the connection is reconnecting or its output
-        buffer is full.
+        buffer is full.  A small frame goes out at the end of the current event-loop
+        iteration, with the others published in it; ``await ping()`` returns once the
+        broker has read everything published before it.
 
         Raises:
             ConnectionClosed: the connection is closed for good.
@@ -309,9 +318,11 @@ class Connection:
         parts = self._encoder.encode(
             topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns()
         )
-        write = self._transport.write  # type: ignore[union-attr]
-        for part in parts:
-            write(part)
+        writer = self._writer
+        assert writer is not None
+        writer.write(parts[0])
+        if len(parts) > 1:  # a large payload, not copied
+            writer.write_uncopied(parts[1])
         self.published += 1
         return msg_id
 
@@ -443,8 +454,8 @@ class Connection:
 
     def send(self, body: dict[str, Any]) -> None:
         """Send the control frame ``body`` with no reply expected; dropped if not connected."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(encode_control(body))
+        if self._writer is not None and self._transport is not None and not self._transport.is_closing():
+            self._writer.write_uncopied(encode_control(body))
 
     async def _request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         if self._transport is None or self._transport.is_closing():
@@ -452,7 +463,8 @@ class Connection:
         request_id = next(self._request_ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
-        self._transport.write(encode_control({**body, "id": request_id}))
+        assert self._writer is not None
+        self._writer.write_uncopied(encode_control({**body, "id": request_id}))
         timeout = timeout or self.request_timeout_s
         try:
             return await asyncio.wait_for(future, timeout)
@@ -484,6 +496,7 @@ class Connection:
         if protocol is not self._protocol:
             return
         self._transport = None
+        self._writer = None  # what it still held is lost with the connection (at most once)
         self._reading_paused = False
         self._resume_writing()
         for future in self._requests.values():

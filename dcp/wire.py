@@ -379,6 +379,9 @@ class Decoder:
         new = tuple.__new__
         end = len(buf)
         view = buf if type(buf) is bytes else memoryview(buf)
+        # X and topic of the last data frame: a stream repeats them, so the next frame
+        # needs only a compare of those bytes, not a new int and a topic lookup.
+        memo_len, memo_route, memo_x, memo_topic = -1, b"", 0, ""
         while end - pos >= HEADER_SIZE:
             header = unpack(buf, pos)
             version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
@@ -389,6 +392,10 @@ class Decoder:
                 frame_length(header)  # raises the error that says which limit
             if stop > end:
                 break
+            if ftype == DATA and x_len + topic_len == memo_len and buf.startswith(memo_route, body):
+                append(new(DataFrame, (memo_topic, bytes(view[topic_end:stop]), memo_x, hops, msg_id, ts, flags)))
+                pos = stop
+                continue
             x = int.from_bytes(view[body : body + x_len], "big")
             if ftype == DATA and (x_len <= x_fast or x.bit_length() <= max_x_bits):
                 topic_b = bytes(view[body + x_len : topic_end])
@@ -399,6 +406,7 @@ class Decoder:
                         append(Rejected(RemoteProtocolError("topic is not valid UTF-8"), msg_id))
                         pos = stop
                         continue
+                memo_len, memo_route, memo_x, memo_topic = x_len + topic_len, bytes(view[body:topic_end]), x, topic
                 append(new(DataFrame, (topic, bytes(view[topic_end:stop]), x, hops, msg_id, ts, flags)))
             else:
                 rejection = limits.rejection(header, x)

@@ -112,6 +112,18 @@ async def test_large_frames_are_forwarded_whole_with_hops_decremented(broker: Br
     assert (msg.payload == payload, msg.hops) == (True, 8)
 
 
+async def test_close_right_after_publishing_sends_every_frame(broker: Broker) -> None:
+    """Small publishes are gathered into one write per loop iteration; close() flushes them."""
+    async with dcp.connect(url_of(broker), name="sub") as sub:
+        pub = await dcp.connect(url_of(broker), name="pub")
+        x = encode({broker.key: 1 << sub.port})
+        for i in range(500):
+            await pub.publish("t", i.to_bytes(4, "big"), route=x)
+        await pub.close()  # no yield to the loop since the first publish
+        got = [int.from_bytes((await sub.next_message(timeout=10)).payload, "big") for _ in range(500)]
+        assert got == list(range(500))
+
+
 async def test_subscribe_on_a_stateless_broker_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
     _pub, sub = pair
     with pytest.raises(dcp.RemoteError) as info:
@@ -125,6 +137,7 @@ async def test_stateful_unsubscribe_stops_delivery(make_broker) -> None:  # type
         await sub.subscribe("a")
         await sub.subscribe("fence")
         await pub.publish("a", b"1")
+        await pub.ping()  # the broker has read "1" before the unsubscribe
         await sub.unsubscribe("a")
         await pub.publish("a", b"2")
         await pub.publish("fence", b"")

@@ -217,8 +217,10 @@ def _latency_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> list[
     params = []
     if _isnum(section.get("count")):
         params.append(f"{section['count']} messages per cell")
+    if _isnum(section.get("rounds")) and section["rounds"] > 1:
+        params.append(f"in {section['rounds']} rounds that take the targets in turn (rotating order)")
     if _isnum(section.get("warmup")):
-        params.append(f"after {section['warmup']} warm-up messages")
+        params.append(f"each after {section['warmup']} warm-up messages")
     if _isnum(section.get("interval_ms")):
         params.append(f"one every {_ms(section['interval_ms'])}")
     lead = (", ".join(params) + ". ") if params else ""
@@ -276,9 +278,14 @@ def _throughput_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> li
     sizes = _axis(section.get("sizes"), cells, "size")
     lines = ["## Figure 9: throughput", ""]
     per = f" for {_trim(section['duration_s'], 3)} s per cell" if _isnum(section.get("duration_s")) else ""
+    runs = section.get("runs")
+    median = (
+        f" Each cell is the run of median MB/s out of {runs}; the spread of MB/s over the runs is in the last table."
+        if _isnum(runs) and runs > 1 else ""
+    )
     lines += [
         f"N brokers, each with its own publisher and subscriber{per}: delivered MB/s over the set, "
-        "the delivered fraction (%), and MB/s per CPU core used.",
+        f"the delivered fraction (%), and MB/s per CPU core used.{median}",
         "",
     ]
     index = _index(cells, "target", "brokers", "size")
@@ -300,8 +307,29 @@ def _throughput_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> li
             rows.append(row)
     lines += _table(headers, rows, left=2)
     notes = _skip_notes(cells, targets)
-    lines += ([""] + notes if notes else []) + ["", "![Figure 9](throughput.svg)"]
+    lines += [""] + notes if notes else []
+    lines += _spread_md(index, targets, brokers, sizes)
+    lines += ["", "![Figure 9](throughput.svg)"]
     return lines
+
+
+def _spread_md(index: Mapping[Any, Mapping[str, Any]], targets: list[str], brokers: list[Any], sizes: list[Any]) -> list[str]:
+    """The lowest and highest MB/s over the runs of each cell, when a cell ran more than once."""
+    def spread(cell: Mapping[str, Any] | None) -> str:
+        runs = cell.get("runs_mb_s") if cell is not None else None
+        if not isinstance(runs, list) or not runs or not all(_isnum(r) for r in runs):
+            return DASH
+        return f"{_fixed(min(runs), 1)} – {_fixed(max(runs), 1)}"
+
+    if not any(isinstance(c.get("runs_mb_s"), list) and len(c["runs_mb_s"]) > 1 for c in index.values()):
+        return []
+    rows = []
+    for n in brokers:
+        for size in sizes:
+            row = [str(n), fmt_size(size), *(spread(index.get((t, n, size))) for t in targets)]
+            if any(value != DASH for value in row[2:]):
+                rows.append(row)
+    return ["", "MB/s over the runs of each cell, lowest – highest:", "", *_table(["brokers", "size", *targets], rows, left=2)]
 
 
 def _ratio(row: Mapping[str, Any]) -> Any:

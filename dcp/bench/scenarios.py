@@ -6,14 +6,18 @@ subscriber, each in its own process (``dcp.bench.worker``), on this host.  Laten
 is the subscriber's clock minus the send time the publisher wrote into the payload.
 Cells run one after another, never side by side, so they do not share the CPUs.
 
-* latency (Figure 7): a warm-up, then ``count`` messages at a fixed interval, per
-  size; p50/p90/p99/max and the success rate.
+* latency (Figure 7): per size, ``rounds`` rounds; in each, every target in turn
+  (the order rotates per round) gets a warm-up, then its share of ``count`` messages
+  at a fixed interval; the rounds are pooled into p50/p90/p99/max and the success
+  rate, so a slow spell of the host hits every target alike.
 * success (Figure 8): per size and send interval, as many messages as fit in a
   bounded time (at least ``min_messages``); the fraction received.
 * throughput (Figure 9): N independent brokers, each with its own publisher and
   subscriber sending as fast as flow control allows for a fixed time; delivered MB/s
   over the whole set, the delivered fraction, and MB/s per CPU core used (the CPU
-  time of every process of the cell, brokers included, over the wall time).
+  time of every process of the cell, brokers included, over the wall time).  Each
+  cell runs ``runs`` times and keeps the run of median MB/s; every run's MB/s is
+  kept too (``runs_mb_s``), for the spread.
 * routing: the forwarding decision per tree size (``dcp.bench.routing_cost``).
 """
 
@@ -51,6 +55,7 @@ class Profile:
     latency_count: int
     latency_warmup: int
     latency_interval_ms: float
+    latency_rounds: int
     success_intervals_ms: tuple[float, ...]
     success_sizes: tuple[int, ...]
     success_cell_s: float
@@ -58,6 +63,7 @@ class Profile:
     throughput_brokers: tuple[int, ...]
     throughput_sizes: tuple[int, ...]
     throughput_duration_s: float
+    throughput_runs: int
     routing_sizes: tuple[int, ...]
     routing_repeat: int
 
@@ -69,6 +75,7 @@ PROFILES = {
         latency_count=500,
         latency_warmup=50,
         latency_interval_ms=5.0,
+        latency_rounds=3,
         success_intervals_ms=(2, 3, 4, 5, 10, 50, 100, 300, 500, 1000),
         success_sizes=(KB, 10 * KB, 100 * KB, MB),
         success_cell_s=1.5,
@@ -76,6 +83,7 @@ PROFILES = {
         throughput_brokers=(1, 2, 5, 10),
         throughput_sizes=(KB, 10 * KB, 64 * KB, 128 * KB),
         throughput_duration_s=3.0,
+        throughput_runs=3,
         routing_sizes=(1, 2, 5, 10, 30, 100),
         routing_repeat=11,
     ),
@@ -85,6 +93,7 @@ PROFILES = {
         latency_count=40,
         latency_warmup=5,
         latency_interval_ms=2.0,
+        latency_rounds=1,
         success_intervals_ms=(5, 50),
         success_sizes=(KB, 100 * KB),
         success_cell_s=0.2,
@@ -92,6 +101,7 @@ PROFILES = {
         throughput_brokers=(1, 2),
         throughput_sizes=(KB, 128 * KB),
         throughput_duration_s=0.5,
+        throughput_runs=1,
         routing_sizes=(1, 2, 5),
         routing_repeat=3,
     ),
@@ -194,37 +204,50 @@ class _Servers:
 
 
 def latency(profile: Profile, targets: Sequence[str], skipped: dict[str, str], workdir: Path, progress: Progress) -> dict[str, Any]:
+    rounds = profile.latency_rounds
+    per_round = -(-profile.latency_count // rounds)
+    measured = [t for t in targets if t not in skipped]
     cells: list[dict[str, Any]] = []
     servers = _Servers(workdir)
     try:
-        for target in targets:
-            for size in profile.latency_sizes:
+        for size in profile.latency_sizes:
+            pooled: dict[str, list[float]] = {t: [] for t in measured}
+            received = dict.fromkeys(measured, 0)
+            duplicates = dict.fromkeys(measured, 0)
+            failed: dict[str, str] = {}
+            for round_ in range(rounds):
+                shift = round_ % max(len(measured), 1)
+                for target in measured[shift:] + measured[:shift]:
+                    if target in failed:
+                        continue
+                    progress(f"latency {target} {size} B, round {round_ + 1} of {rounds}")
+                    try:
+                        _, got = run_pair(
+                            target, servers.get(target).address, size=size, count=profile.latency_warmup + per_round,
+                            interval_ms=profile.latency_interval_ms, keep_latencies=True,
+                        )
+                    except RuntimeError as exc:
+                        failed[target] = f"failed: {exc}"
+                        continue
+                    pooled[target] += got.get("latencies_us", [])[profile.latency_warmup:]  # arrival order
+                    received[target] += max(got["received"] - profile.latency_warmup, 0)
+                    duplicates[target] += got.get("duplicates", 0)
+            for target in targets:
                 cell: dict[str, Any] = {"target": target, "size": size}
-                if target in skipped:
-                    cells.append({**cell, "skipped": skipped[target]})
+                why = skipped.get(target) or failed.get(target)
+                if why:
+                    cells.append({**cell, "skipped": why})
                     continue
-                progress(f"latency {target} {size} B")
-                total = profile.latency_warmup + profile.latency_count
-                try:
-                    sent, got = run_pair(
-                        target, servers.get(target).address, size=size, count=total,
-                        interval_ms=profile.latency_interval_ms, keep_latencies=True,
-                    )
-                except RuntimeError as exc:
-                    cells.append({**cell, "skipped": f"failed: {exc}"})
-                    continue
-                measured = got.get("latencies_us", [])[profile.latency_warmup:]  # in order: seq order
-                received = max(got["received"] - profile.latency_warmup, 0)
+                sent = per_round * rounds
                 cells.append({
-                    **cell, "sent": profile.latency_count, "received": received,
-                    "success": round(received / profile.latency_count, 4), **_percentiles(measured),
-                    "duplicates": got.get("duplicates", 0),
+                    **cell, "sent": sent, "received": received[target], "success": round(received[target] / sent, 4),
+                    **_percentiles(pooled[target]), "duplicates": duplicates[target],
                 })
     finally:
         servers.stop()
     return {
-        "sizes": list(profile.latency_sizes), "count": profile.latency_count, "warmup": profile.latency_warmup,
-        "interval_ms": profile.latency_interval_ms, "cells": cells,
+        "sizes": list(profile.latency_sizes), "count": per_round * rounds, "rounds": rounds,
+        "warmup": profile.latency_warmup, "interval_ms": profile.latency_interval_ms, "cells": cells,
     }
 
 
@@ -308,6 +331,7 @@ def _throughput_cell(target: str, brokers: int, size: int, duration_s: float, wo
 def throughput(profile: Profile, targets: Sequence[str], skipped: dict[str, str], workdir: Path, progress: Progress) -> dict[str, Any]:
     """dcp-stateless over every broker count; the other targets with one broker."""
     cells: list[dict[str, Any]] = []
+    runs = profile.throughput_runs
     for target in targets:
         for brokers in profile.throughput_brokers if target == "dcp-stateless" else profile.throughput_brokers[:1]:
             for size in profile.throughput_sizes:
@@ -315,14 +339,17 @@ def throughput(profile: Profile, targets: Sequence[str], skipped: dict[str, str]
                 if target in skipped:
                     cells.append({**cell, "skipped": skipped[target]})
                     continue
-                progress(f"throughput {target} x{brokers} {size} B for {profile.throughput_duration_s} s")
+                progress(f"throughput {target} x{brokers} {size} B for {profile.throughput_duration_s} s x {runs}")
                 try:
-                    cells.append(_throughput_cell(target, brokers, size, profile.throughput_duration_s, workdir))
+                    measured = [_throughput_cell(target, brokers, size, profile.throughput_duration_s, workdir) for _ in range(runs)]
                 except (RuntimeError, ValueError) as exc:
                     cells.append({**cell, "skipped": f"failed: {exc}"})
+                    continue
+                measured.sort(key=lambda run: run["mb_s"])
+                cells.append({**measured[len(measured) // 2], "runs_mb_s": [run["mb_s"] for run in measured]})
     return {
         "brokers": list(profile.throughput_brokers), "sizes": list(profile.throughput_sizes),
-        "duration_s": profile.throughput_duration_s, "cells": cells,
+        "duration_s": profile.throughput_duration_s, "runs": runs, "cells": cells,
     }
 
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._loop import no_delay
+from .._loop import CoalescedWriter, no_delay
 
 __all__ = ["stamp", "unstamp", "STAMP_SIZE", "Recorder", "main"]
 
@@ -332,7 +332,7 @@ async def _pub_relay(args: argparse.Namespace) -> Any:
     client = await _relay_connect(args.address, None, PUBLISH)
     transport = client.transport
     assert transport is not None
-    write = transport.write
+    writer = CoalescedWriter(transport)  # small frames gathered as the dcp client does
     prefix = struct.Struct("!I").pack
 
     async def send(payload: bytes) -> None:
@@ -340,11 +340,14 @@ async def _pub_relay(args: argparse.Namespace) -> Any:
             await client._writable
             if transport.is_closing():
                 raise ConnectionError("the relay closed the connection")
-        write(prefix(len(payload)) + payload if len(payload) <= 8192 else prefix(len(payload)))
-        if len(payload) > 8192:
-            write(payload)
+        if len(payload) <= 8192:
+            writer.write(prefix(len(payload)) + payload)
+        else:
+            writer.write(prefix(len(payload)))
+            writer.write_uncopied(payload)
 
     async def finish() -> None:
+        writer.flush()
         transport.close()  # flushes the buffer, then closes: the relay reads to the end
         await asyncio.wait_for(asyncio.shield(client.lost), 60)
 

@@ -1,15 +1,26 @@
-"""What the two daemons (broker, orchestrator) share: the bound address and serving until told to stop."""
+"""What the two daemons (broker, orchestrator) share: the bound address, admitting
+hellos by their token, and serving until told to stop."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .auth import admit
+from .errors import AuthError
+
+log = logging.getLogger(__name__)
+
 
 class Serving:
-    """Mixin for a server with ``_server`` (asyncio.AbstractServer), ``_closed`` (Event), ``start()``, ``close()``."""
+    """Mixin for a server with ``config`` (``require_token``), ``secret``, ``_server``
+    (asyncio.AbstractServer), ``_closed`` (Event), ``start()``, ``close()``."""
 
+    config: Any
+    secret: bytes | None
     _server: asyncio.AbstractServer | None
     _closed: asyncio.Event | None
 
@@ -18,6 +29,23 @@ class Serving:
 
     async def close(self) -> None:
         raise NotImplementedError
+
+    def admit(self, hello: dict[str, Any], peer: str) -> dict[str, Any]:
+        """The hello to go on with: as it came, or, with ``--require-token``, checked
+        (:func:`dcp.auth.admit`) and named after its token if it gives no name.
+
+        Raises:
+            AuthError: the token does not admit it (logged); refuse the connection.
+        """
+        if not self.config.require_token:
+            return hello
+        assert self.secret is not None  # the config checks that require_token has secret_file
+        try:
+            claims = admit(self.secret, hello, time.time())
+        except AuthError as exc:
+            log.warning("refusing the %s hello of %s (%s): %s", hello.get("role", "agent"), hello.get("name") or "-", peer, exc)
+            raise
+        return {**hello, "name": hello.get("name") or claims.name}
 
     @property
     def address(self) -> tuple[str, int]:

@@ -25,8 +25,17 @@ back with no user code.
 Handlers run one at a time in arrival order; a handler returns a payload, a list of
 payloads or None.  A source starts once its topic has a route (someone consumes it).  Received frames wait in a bounded buffer whose overflow policy is
 declared (``pause``: back-pressure to the broker; ``drop-newest``/``drop-oldest``:
-counted drops).  Publishing a topic with no route yet (nobody consumes it) sends
-nothing and is counted as ``unrouted``.
+counted drops).  Upstream of that, the broker applies its own slow-consumer policy
+to the agent's port (``slow_consumer=``, or a spec element's ``slow_consumer``
+param: ``drop-newest``, ``drop-oldest`` or ``pause``).  Publishing a topic with no
+route yet (nobody consumes it) sends nothing and is counted as ``unrouted``.
+
+``token=`` goes in the hello to every broker and to the orchestrator (servers started
+with ``--require-token``).  A refusal is never retried: ``start()`` raises it as a
+``RemoteError`` (``token_expired`` ...); a broker refusing it at a reconnect stops
+the agent and ``run()`` raises it; the orchestrator refusing it at a reconnect is
+logged as an error and the agent goes on with the routes it has.  ``dcps://`` URLs
+are dialled over TLS, verified with ``tls_ca=`` (a CA file) or the system's CAs.
 """
 
 from __future__ import annotations
@@ -40,8 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backoff import Backoff
-from .client import OVERFLOW_POLICIES, Connection, Message
-from .errors import ConfigError, ConnectionClosed, DcpError
+from .client import OVERFLOW_POLICIES, Connection, Message, refused
+from .errors import ConfigError, ConnectionClosed, DcpError, RemoteError
 from .patterns import topic_matches, validate_pattern, validate_topic
 from .routing import int_from_bytes, int_to_bytes
 
@@ -95,6 +104,9 @@ class DataAgent:
         overflow: str = "pause",
         report_interval_s: float = 1.0,
         failover_attempts: int = 3,
+        slow_consumer: str | None = None,
+        token: str | Callable[[], str | None] | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if not name:
             raise ConfigError("a data agent needs a name")
@@ -107,10 +119,17 @@ class DataAgent:
         self.overflow = overflow
         self.report_interval_s = report_interval_s
         self.failover_attempts = failover_attempts
+        self.slow_consumer = slow_consumer  # the broker's policy for our port (None: the broker's default)
+        self.token = token  # sent to the brokers and the orchestrator (a function: called at every hello)
+        self.tls_ca = tls_ca  # verifies the dcps:// servers among them (None: the system's CAs)
+        #: Why the agent stopped by itself: a server refused its token.
+        self.failure: RemoteError | None = None
         self.capabilities: dict[str, Handler] = {}
         self.elements: dict[str, Element] = {}
         self.produces: set[str] = set()
         self.routes: dict[str, tuple[int, int]] = {}  # topic -> (epoch, X)
+        self.route_tags: dict[str, bytes] = {}  # topic -> the orchestrator's tag on X, if it signs
+        self.route_brokers: dict[str, int] = {}  # topic -> key of the broker X was computed for
         self.consumers: dict[str, list[str]] = {}  # topic -> who the orchestrator says gets it
         self.published = 0
         self.unrouted = 0
@@ -225,24 +244,40 @@ class DataAgent:
         await self.stop()
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Attach and register; returns once registered (raises after ``timeout`` s)."""
+        """Attach and register; returns once registered.
+
+        Raises:
+            TimeoutError: not registered after ``timeout`` s.
+            RemoteError: a broker or the orchestrator refused the token (``token_expired`` ...).
+        """
         self._running = True
-        self._spawn(self._broker_loop())
-        await asyncio.wait_for(self._attached.wait(), timeout)
-        self.orchestrator = Connection(
-            self.orchestrator_url, name=self.name, role="agent", on_open=self._register, on_push=self._on_push,
-            reconnect=Backoff(initial_s=0.05, max_s=1.0),
-        )
-        await asyncio.wait_for(self.orchestrator.open(retry=True), timeout)
+        try:
+            self._spawn(self._broker_loop())
+            await asyncio.wait_for(self._attachment(), timeout)
+            self.orchestrator = self._connection(
+                self.orchestrator_url, role="agent", on_open=self._register, on_push=self._on_push,
+                reconnect=Backoff(initial_s=0.05, max_s=1.0),
+            )
+            await asyncio.wait_for(self.orchestrator.open(retry=True), timeout)
+        except BaseException:
+            await self.stop()
+            raise
         for element in self._declared.values():
             if element.kind == "source":
                 element.task = self._spawn(self._run_source(element))
         self._spawn(self._report_loop())
 
     async def run(self) -> None:
-        """Start, then run until ``stop()`` is called."""
+        """Start, then run until ``stop()`` is called.
+
+        Raises:
+            RemoteError: a broker refused the token (at the start, or at a reconnect).
+        """
         await self.start()
         await self._stopped.wait()
+        if self.failure is not None:
+            await self.stop()
+            raise self.failure
 
     async def stop(self) -> None:
         """Stop sources and handlers, flush what is published, close both connections."""
@@ -264,7 +299,27 @@ class DataAgent:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _connection(self, url: str, **options: Any) -> Connection:
+        """A connection of this agent to ``url``, with its name, token and, unless the URL is ``dcp://``, TLS CA."""
+        tls_ca = None if url.startswith("dcp://") else self.tls_ca
+        return Connection(url, name=self.name, token=self.token, tls_ca=tls_ca, **options)
+
     # -- the broker side ------------------------------------------------------------------
+
+    async def _attachment(self) -> None:
+        """Wait for the first attachment to a broker.
+
+        Raises:
+            RemoteError: a broker refused the token first.
+        """
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._attached, self._stopped)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.failure is not None:
+            raise self.failure
 
     async def _broker_loop(self) -> None:
         """Stay attached: reconnect to the same broker, or move on to the next one."""
@@ -274,11 +329,16 @@ class DataAgent:
             url = self.brokers[index % len(self.brokers)]
             index += 1
             backoff = Backoff(initial_s=0.05, max_s=1.0, max_attempts=None if single else self.failover_attempts)
-            conn = Connection(url, name=self.name, reconnect=backoff, max_pending=self.buffer, overflow=self.overflow,
-                              on_open=self._attached_again)
+            conn = self._connection(url, reconnect=backoff, max_pending=self.buffer, overflow=self.overflow,
+                                    slow_consumer=self.slow_consumer, on_open=self._attached_again)
             try:
                 await conn.open(retry=True)
             except (DcpError, OSError) as exc:
+                if refused(exc):  # the next broker would say the same: the same secret signs for all
+                    log.error("%s: broker %s refused our token (%s); the agent stops", self.name, url, exc)
+                    self.failure = exc  # type: ignore[assignment]
+                    self._stopped.set()
+                    return
                 log.warning("%s: broker %s unreachable (%s)", self.name, url, exc)
                 continue
             self.broker = conn
@@ -289,6 +349,17 @@ class DataAgent:
                 log.warning("%s: lost broker %s for good; trying the next one", self.name, url)
             finally:
                 await conn.close()
+
+    async def _set_slow_consumer(self, policy: str, element: str) -> None:
+        """An element's spec asks the broker for this policy on our port (kept for reconnects)."""
+        self.slow_consumer = policy
+        broker = self.broker
+        if broker is None:
+            return  # the hello of the next attachment carries it
+        try:
+            await broker.set_slow_consumer(policy)
+        except (DcpError, ConfigError) as exc:
+            log.error("%s: the broker refused slow_consumer=%r for %s: %s", self.name, policy, element, exc)
 
     async def _attached_again(self, conn: Connection) -> None:
         """Every (re)attachment: the port may have changed, so tell the orchestrator."""
@@ -335,6 +406,16 @@ class DataAgent:
             return  # an older number arriving late
         x = int_from_bytes(body.get("x", b""))
         self.routes[topic] = (epoch, x)
+        tag = body.get("tag")
+        if isinstance(tag, bytes):  # the orchestrator signs routes: brokers may verify them
+            self.route_tags[topic] = tag
+        else:
+            self.route_tags.pop(topic, None)
+        key = body.get("broker_key")
+        if isinstance(key, bytes):
+            self.route_brokers[topic] = int_from_bytes(key)
+        else:
+            self.route_brokers.pop(topic, None)
         self.consumers[topic] = list(body.get("consumers", []))
         if body.get("refused"):
             log.warning("%s may not publish %s: %s", self.name, topic, body["refused"])
@@ -356,6 +437,8 @@ class DataAgent:
                 element.window_s = float(params["window_s"]) if "window_s" in params else None
             except (TypeError, ValueError):
                 log.error("%s: bad batch/window params for %s: %r", self.name, key, params)
+            if "slow_consumer" in params:
+                self._spawn(self._set_slow_consumer(str(params["slow_consumer"]), key))
         self.elements[key] = element
         if emits:
             self.produces.add(emits)
@@ -446,8 +529,11 @@ class DataAgent:
         if broker is None:
             self.lost += 1
             return False
+        if self.route_brokers.get(topic, broker.broker_key) != broker.broker_key:
+            self.unrouted += 1  # X was computed for the broker we left: wait for the new one
+            return False
         try:
-            await broker.publish(topic, payload, route=route[1])
+            await broker.publish(topic, payload, route=route[1], tag=self.route_tags.get(topic))
         except ConnectionClosed:
             self.lost += 1
             return False

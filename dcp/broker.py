@@ -18,6 +18,11 @@ stream can no longer be trusted (bad version, length over a limit, malformed
 control frame); a well-delimited frame that cannot be forwarded (hop limit 0, X over
 ``max_x_bits``, unknown type) is dropped and counted, and the sender gets a
 rate-limited error frame.
+
+Access is decided once, at hello, never per frame: with ``--require-token`` a hello
+without a valid token of its role (:mod:`dcp.auth`) gets a fatal error frame and the
+connection is closed unattached.  With ``--tls-cert``/``--tls-key`` the port serves
+TLS; the data path is the same on a TLS transport.
 """
 
 from __future__ import annotations
@@ -26,21 +31,25 @@ import asyncio
 import logging
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
-from .config import BrokerConfig, parse_address
-from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from .auth import RouteVerifier, issue_token, load_secret
+from .config import SLOW_CONSUMER_POLICIES, BrokerConfig, parse_address
+from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
 from ._loop import no_delay
 from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
 from .routing import allocate_keys, int_from_bytes, int_to_bytes
+from .tls import client_context, server_context
 from .wire import (
     CONTROL,
     DATA,
     HEADER,
     HEADER_SIZE,
+    ROUTE_TAG_SIZE,
+    SIGNED_ROUTE,
     VERSION,
     Limits,
     decode_control,
@@ -61,6 +70,9 @@ DROP_REASONS = (
     "rejected",  # unknown frame type, data before hello, ...
     "truncated",  # the sender's stream ended inside a frame
     "link_down",  # one copy per bit naming the port of a link that is down
+    "route_unsigned",  # --verify-routes: X carried no route tag
+    "route_forged",  # --verify-routes: the tag does not match topic, X, epoch and expiry
+    "route_expired",  # --verify-routes: the tag's expiry has passed
 )
 
 # Frames up to this size that span reads are joined and forwarded like the rest;
@@ -71,8 +83,24 @@ _JOIN_LIMIT = 64 * 1024
 _TARGET_CACHE_LIMIT = 4096
 # At most one non-fatal error frame per error code per connection per interval.
 _ERROR_INTERVAL_S = 1.0
+# Error messages may quote what the peer sent (an op, a role): cut to this many
+# characters, so that the error frame always fits max_control.
+_MESSAGE_LIMIT = 1024
+# Our own tokens are made afresh for every hello; this long covers clock skew between hosts.
+_OWN_TOKEN_TTL_S = 300
 
 _unpack_header = HEADER.unpack_from
+
+
+def _policy(name: object) -> str:
+    """A slow-consumer policy by its name (``drop`` is ``drop-newest``).
+
+    Raises:
+        ConfigError: not one of SLOW_CONSUMER_POLICIES.
+    """
+    if name not in SLOW_CONSUMER_POLICIES:
+        raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}")
+    return "drop-newest" if name == "drop" else str(name)
 
 
 class LinkRefused(DcpError):
@@ -94,7 +122,14 @@ class Broker(Serving):
         self.key: int = self.config.key or allocate_keys(1, self.config.ports)[0]
         self.stateless = self.config.mode == "stateless"
         self.limits: Limits = self.config.limits
-        self.drop_slow = self.config.slow_consumer == "drop"
+        self.policy = _policy(self.config.slow_consumer)  # of every port that does not choose its own
+        # The secret shared with the orchestrator (--secret-file): route tags and tokens
+        self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
+        # --verify-routes: checks the orchestrator's tag on every topology number
+        self.verifier = RouteVerifier(self.secret) if self.secret is not None and self.config.verify_routes else None
+        # TLS: served with --tls-cert/--tls-key; peers and the orchestrator are dialled with it given --tls-ca
+        self.tls_server = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        self.tls_client = client_context(self.config.tls_ca) if self.config.tls_ca else None
         self.name = self.config.name
         self.attached = 0  # bitmap of attached ports
         self.reserved = 0  # bitmap of the ports held by links, up or down
@@ -129,15 +164,16 @@ class Broker(Serving):
         self._no_connections.set()
         host, port = self.config.address
         self._server = await loop.create_server(
-            self.new_connection, host, port, reuse_address=True, backlog=1024
+            self.new_connection, host, port, reuse_address=True, backlog=1024, ssl=self.tls_server
         )
         self._started_at = time.monotonic()
         host, port = self.address
         if not self.name:  # a wildcard address means nothing to peers: name the host instead
             self.name = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
         log.info(
-            "dcp broker listening on %s:%d mode=%s key=%d ports=%d",
+            "dcp broker listening on %s:%d mode=%s key=%d ports=%d%s%s",
             host, port, self.config.mode, self.key, self.config.ports,
+            " tls" if self.tls_server else "", " require-token" if self.config.require_token else "",
         )
         for peer in self.config.peers:
             self.add_link(peer)
@@ -186,6 +222,13 @@ class Broker(Serving):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def token(self) -> str | None:
+        """A fresh ``broker`` token of our own for the hellos we send (to peers, to the
+        orchestrator), which check it if they ``--require-token``; None without a secret."""
+        if self.secret is None:
+            return None
+        return issue_token(self.secret, self.name, "broker", int(time.time()) + _OWN_TOKEN_TTL_S)
+
     # -- reporting to the orchestrator ---------------------------------------
 
     async def _report_to_orchestrator(self) -> None:
@@ -196,8 +239,8 @@ class Broker(Serving):
             await conn.request(self._state())
 
         self._orchestrator = Connection(
-            f"dcp://{self.config.orchestrator}", name=self.name, role="broker", on_open=register,
-            reconnect=Backoff(initial_s=0.05, max_s=1.0),
+            f"{'dcps' if self.tls_client else 'dcp'}://{self.config.orchestrator}", name=self.name, role="broker",
+            on_open=register, reconnect=Backoff(initial_s=0.05, max_s=1.0), token=self.token, ssl=self.tls_client,
         )
         try:
             await self._orchestrator.open(retry=True)
@@ -374,7 +417,8 @@ class Broker(Serving):
             "mode": self.config.mode,
             "key": int_to_bytes(self.key),
             "ports": self.config.ports,
-            "slow_consumer": self.config.slow_consumer,
+            "slow_consumer": self.policy,
+            "verify_routes": self.verifier is not None,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "frames_in": self.frames_in,
             "bytes_in": self.bytes_in,
@@ -416,6 +460,9 @@ class BrokerConnection(asyncio.Protocol):
         self.not_bit = -1  # ~bit, kept to avoid one allocation per frame
         self.topics: set[bytes] = set()
         self.paused = False  # our output buffer is past the bound
+        self.policy = broker.policy  # what to do with frames for us while paused
+        self._queue: deque[tuple[bytes, int]] = deque()  # drop-oldest: (frames, count) held while paused
+        self.queued_bytes = 0
         self.reading_paused = False
         self.blocked: set[BrokerConnection] = set()  # publishers paused because of us
         self.frames_in = 0
@@ -463,7 +510,10 @@ class BrokerConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._release_blocked()
+        if self._queue:
+            self._drain_queue()
+        if not self.paused:
+            self._release_blocked()
 
     def eof_received(self) -> bool:
         if self._pending_len:
@@ -482,7 +532,7 @@ class BrokerConnection(asyncio.Protocol):
         try:
             if self._pending:
                 data = self._complete_pending(data)  # type: ignore[assignment]
-                if not data:
+                if not data or self.closing:  # a large frame it completed may have closed us
                     return
             self._forward_chunk(data)
         except ProtocolError as exc:
@@ -512,19 +562,20 @@ class BrokerConnection(asyncio.Protocol):
         # The decision of the last frame, for the next ones with the same X and topic
         # bytes (a stream's frames mostly are): within one read no port can attach,
         # detach or subscribe but through a control frame, which forgets it.
-        memo_len, memo_route, memo_mask = -1, b"", 0
+        memo_lens, memo_flags, memo_route, memo_mask = -1, 0, b"", 0
         try:
             while True:
                 if header[1] == DATA and self.port >= 0:
                     frames += 1
-                    route_len = header[4] + header[5]
-                    if route_len == memo_len and header[3] and buf.startswith(memo_route, pos + HEADER_SIZE):
+                    lens = header[4] << 16 | header[5]  # X and topic lengths: the same bytes split otherwise route otherwise
+                    if lens == memo_lens and header[3] and header[2] == memo_flags and buf.startswith(memo_route, pos + HEADER_SIZE):
                         mask = memo_mask
                     else:
                         mask = decide(buf, pos, header)
                         if mask > 0 and mask == self._last_out:  # nothing counted: safe to repeat
                             start = pos + HEADER_SIZE
-                            memo_len, memo_route, memo_mask = route_len, bytes(buf[start : start + route_len]), mask
+                            route = bytes(buf[start : start + header[4] + header[5]])
+                            memo_lens, memo_flags, memo_route, memo_mask = lens, header[2], route, mask
                     if mask > 0:
                         buf[pos + 3] = header[3] - 1
                         if mask != run_mask:
@@ -542,7 +593,7 @@ class BrokerConnection(asyncio.Protocol):
                     self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
                     if self.closing:
                         return
-                    memo_len = -1
+                    memo_lens = -1
                 pos += length
                 if end - pos < HEADER_SIZE:
                     length = 0
@@ -576,6 +627,13 @@ class BrokerConnection(asyncio.Protocol):
             self._drop("hop_limit", "frame arrived with a hop limit of 0")
             return -1
         if broker.stateless:
+            if header[2] & SIGNED_ROUTE:
+                x_len -= ROUTE_TAG_SIZE
+                if x_len < 0:
+                    self._drop("route_forged", "a signed route shorter than its tag")
+                    return -1
+            if broker.verifier is not None and not self._route_verified(buf, start, x_len, header):
+                return -1
             x = int.from_bytes(buf[start : start + x_len], "big")
             if x_len > self._x_fast and x.bit_length() > broker.limits.max_x_bits:
                 self._drop("route_too_large", str(broker.limits.rejection(header, x)))
@@ -599,6 +657,20 @@ class BrokerConnection(asyncio.Protocol):
             broker.drops["no_route"] += 1
         return mask
 
+    def _route_verified(self, buf: bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
+        """--verify-routes: is the tag after X genuine and unexpired (else counted)?"""
+        if not header[2] & SIGNED_ROUTE:
+            self._drop("route_unsigned", "this broker forwards only topology numbers signed by the orchestrator")
+            return False
+        field_end = start + header[4]
+        topic = bytes(buf[field_end : field_end + header[5]])
+        reason = self.broker.verifier.check(bytes(buf[start:field_end]), x_len, topic, time.time())  # type: ignore[union-attr]
+        if reason is not None:
+            why = "expired" if reason == "route_expired" else "not signed with this broker's secret, or altered"
+            self._drop(reason, f"the route tag of topic {topic.decode(errors='replace')!r} is {why}")
+            return False
+        return True
+
     def _emit(self, mask: int, chunks: tuple[Any, ...], size: int, frames: int) -> None:
         """Write ``chunks`` (``frames`` whole frames, ``size`` bytes) to every port of ``mask``."""
         broker = self.broker
@@ -606,9 +678,13 @@ class BrokerConnection(asyncio.Protocol):
             if target.closing:
                 continue
             if target.paused:
-                if broker.drop_slow:
+                policy = target.policy
+                if policy == "drop-newest":
                     target.dropped += frames
                     broker.drops["slow_consumer"] += frames
+                    continue
+                if policy == "drop-oldest":
+                    target._enqueue(chunks, size, frames)
                     continue
                 target.blocked.add(self)
                 self._pause_reading()
@@ -619,6 +695,37 @@ class BrokerConnection(asyncio.Protocol):
             target.bytes_out += size
             broker.frames_out += frames
             broker.bytes_out += size
+
+    def _enqueue(self, chunks: tuple[Any, ...], size: int, frames: int) -> None:
+        """drop-oldest: hold ``frames`` frames (copied out of the read buffer) until the
+        transport drains, dropping the oldest held ones past ``out_buffer_bytes``.
+
+        What is dropped is whole entries, each the frames of one read for this port,
+        so the count is exact though not always one frame at a time.
+        """
+        queue = self._queue
+        queue.append((b"".join(chunks), frames))
+        self.queued_bytes += size
+        bound = self.broker.config.out_buffer_bytes
+        while self.queued_bytes > bound and len(queue) > 1:
+            data, count = queue.popleft()
+            self.queued_bytes -= len(data)
+            self.dropped += count
+            self.broker.drops["slow_consumer"] += count
+
+    def _drain_queue(self, whole: bool = False) -> None:
+        """Write the held frames, oldest first, until the transport pushes back again
+        (or all of them, ``whole``)."""
+        queue, broker = self._queue, self.broker
+        write = self.transport.write  # type: ignore[union-attr]
+        while queue and (whole or not self.paused):
+            data, count = queue.popleft()
+            self.queued_bytes -= len(data)
+            write(data)
+            self.frames_out += count
+            self.bytes_out += len(data)
+            broker.frames_out += count
+            broker.bytes_out += len(data)
 
     def _hold(self, tail: Any, need: int) -> None:
         """Keep the incomplete frame ``tail``; ``need`` is its length once its header is known."""
@@ -702,10 +809,19 @@ class BrokerConnection(asyncio.Protocol):
         broker = self.broker
         if op == "hello":
             self._hello(body, request_id)
+        elif not self.role and broker.config.require_token:  # nothing, stats included, before a token
+            self._fail_with("token_missing", f"{op!r} before hello: this broker admits only connections with a token", request_id)
         elif op == "ping":
             self.send({"op": "pong", "re": request_id})
         elif op == "stats":
             self.send({"op": "stats", "re": request_id, "stats": broker.stats()})
+        elif op == "policy":
+            try:
+                self.set_policy(body.get("slow_consumer"))
+            except ConfigError as exc:
+                self._reply_error(request_id, "bad_policy", str(exc))
+            else:
+                self.send({"op": "ok", "re": request_id, "slow_consumer": self.policy})
         elif op in ("subscribe", "unsubscribe"):
             topic = body.get("topic")
             if broker.stateless:
@@ -736,6 +852,15 @@ class BrokerConnection(asyncio.Protocol):
         else:
             self._reply_error(request_id, "unknown_op", f"unknown control op {op!r}")
 
+    def set_policy(self, name: object) -> None:
+        """This port's slow-consumer policy (an agent's hello or ``policy`` request).
+
+        Leaving drop-oldest hands what it held to the transport, so nothing is reordered.
+        """
+        self.policy = _policy(name)
+        if self.policy != "drop-oldest" and self._queue and self.transport is not None:
+            self._drain_queue(whole=True)
+
     def _hello(self, body: dict[str, Any], request_id: Any) -> None:
         if self.role:
             self._reply_error(request_id, "already_attached", "hello was already sent on this connection")
@@ -743,6 +868,17 @@ class BrokerConnection(asyncio.Protocol):
         role = body.get("role", "agent")
         if role not in ("agent", "admin", "peer"):
             raise RemoteProtocolError(f"unknown role {role!r}")
+        try:
+            body = self.broker.admit(body, self.peer)
+        except AuthError as exc:
+            self._fail_with(exc.code, str(exc), request_id)
+            return
+        if "slow_consumer" in body:
+            try:
+                self.set_policy(body["slow_consumer"])
+            except ConfigError as exc:
+                self._fail_with("bad_policy", str(exc), request_id)
+                return
         name = body.get("name", "")
         self.name = name if isinstance(name, str) else ""
         self.role = role
@@ -757,6 +893,7 @@ class BrokerConnection(asyncio.Protocol):
             "max_topic": broker.limits.max_topic,
             "max_x_bits": broker.limits.max_x_bits,
             "name": broker.name,
+            "slow_consumer": self.policy,
         }
         if role == "peer":
             try:
@@ -785,7 +922,8 @@ class BrokerConnection(asyncio.Protocol):
             self._reply_error(request_id, "not_admin", f"{op} needs an admin connection")
             return
         if op == "unlink":
-            link = broker.links.get(body.get("port"))  # type: ignore[arg-type]
+            port = body.get("port")  # from the peer: any msgpack value, a list included
+            link = broker.links.get(port) if isinstance(port, int) else None
             if link is None:
                 self._reply_error(request_id, "no_link", f"no link on port {body.get('port')!r}")
                 return
@@ -820,7 +958,7 @@ class BrokerConnection(asyncio.Protocol):
             self.transport.write(encode_control(body))
 
     def _reply_error(self, request_id: Any, code: str, message: str) -> None:
-        self.send({"op": "error", "re": request_id, "code": code, "message": message, "fatal": False})
+        self.send({"op": "error", "re": request_id, "code": code, "message": message[:_MESSAGE_LIMIT], "fatal": False})
 
     def _drop(self, reason: str, message: str) -> None:
         """Count a dropped frame and tell its sender, at most once a second per reason."""
@@ -839,7 +977,7 @@ class BrokerConnection(asyncio.Protocol):
         self._fail_with(exc.code, str(exc))
 
     def _fail_with(self, code: str, message: str, request_id: Any = None) -> None:
-        body = {"op": "error", "code": code, "message": message, "fatal": True}
+        body = {"op": "error", "code": code, "message": message[:_MESSAGE_LIMIT], "fatal": True}
         if request_id is not None:
             body["re"] = request_id
         self.close(encode_control(body))
@@ -884,6 +1022,8 @@ class BrokerConnection(asyncio.Protocol):
             "frames_out": self.frames_out,
             "bytes_out": self.bytes_out,
             "dropped": self.dropped,
+            "policy": self.policy,
+            "queued": self.queued_bytes,
             "buffered": self.transport.get_write_buffer_size() if self.transport and not self.closing else 0,
             "paused": self.paused,
             "reading_paused": self.reading_paused,

@@ -1,5 +1,5 @@
 """The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``stats``,
-``link``, ``unlink``, ``cluster``, ``bench``, ``demo``.
+``link``, ``unlink``, ``token``, ``cluster``, ``bench``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -22,8 +22,9 @@ from typing import Any
 
 from . import __version__
 from ._loop import run
+from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, expiry, issue_token, load_secret
 from .config import BrokerConfig, OrchestratorConfig
-from .errors import DcpError
+from .errors import ConfigError, DcpError
 
 __all__ = ["main"]
 
@@ -95,10 +96,27 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _fetch_stats(url: str) -> dict[str, Any]:
+def _add_dial_flags(parser: argparse.ArgumentParser) -> None:
+    """``--token`` and ``--tls-ca``, for the commands that dial a broker or the orchestrator."""
+    parser.add_argument(
+        "--token", default=os.environ.get("DCP_TOKEN"),
+        help="admin token, for a server started with --require-token (default: $DCP_TOKEN)",
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="CA file to verify the server with: dials it over TLS (a dcps:// address does too, with the system's CAs)",
+    )
+
+
+def _admin(args: argparse.Namespace, url: str) -> Any:
+    """An admin connection to ``url`` with the command's ``--token`` and ``--tls-ca``."""
     from .client import connect
 
-    async with connect(url, role="admin", reconnect=False) as conn:
+    return connect(url, role="admin", name="dcp-cli", reconnect=False, token=args.token, tls_ca=args.tls_ca)
+
+
+async def _fetch_stats(args: argparse.Namespace) -> dict[str, Any]:
+    async with _admin(args, args.address) as conn:
         return await conn.stats()
 
 
@@ -110,13 +128,15 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"ports={stats['ports']}  slow_consumer={stats['slow_consumer']}  uptime={stats['uptime_s']}s",
         f"frames in={stats['frames_in']} out={stats['frames_out']}   bytes in={stats['bytes_in']} out={stats['bytes_out']}",
         "drops: " + ", ".join(f"{reason}={count}" for reason, count in stats["drops"].items()),
-        f"{'port':>5} {'name':<16} {'role':<6} {'frames_in':>10} {'frames_out':>10} {'bytes_out':>12} {'dropped':>8} {'buffered':>9}",
+        f"{'port':>5} {'name':<16} {'role':<6} {'frames_in':>10} {'frames_out':>10} {'bytes_out':>12} {'dropped':>8} "
+        f"{'buffered':>9} {'queued':>9} policy",
     ]
     for conn in stats["connections"]:
         port = conn["port"] if conn["port"] >= 0 else "-"
         lines.append(
             f"{port:>5} {conn['name'][:16]:<16} {conn['role'] or '-':<6} {conn['frames_in']:>10} "
-            f"{conn['frames_out']:>10} {conn['bytes_out']:>12} {conn['dropped']:>8} {conn['buffered']:>9}"
+            f"{conn['frames_out']:>10} {conn['bytes_out']:>12} {conn['dropped']:>8} {conn['buffered']:>9} "
+            f"{conn['queued']:>9} {conn['policy']}"
         )
     if stats["links"]:
         lines.append(
@@ -140,7 +160,7 @@ def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = run(_fetch_stats(args.address))
+    stats = run(_fetch_stats(args))
     if args.json:
         print(json.dumps(stats_as_json(stats), indent=2))
     else:
@@ -158,10 +178,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(count=args.count, interval_s=args.interval))
 
 
-async def _admin_link(address: str, peer: str | None, port: int | None, wait: float) -> dict[str, Any] | None:
-    from .client import connect
-
-    async with connect(address, role="admin", reconnect=False) as conn:
+async def _admin_link(args: argparse.Namespace, peer: str | None, port: int | None, wait: float) -> dict[str, Any] | None:
+    async with _admin(args, args.address) as conn:
         if peer is not None:
             return await conn.link(peer, wait=wait or None)
         assert port is not None
@@ -170,7 +188,7 @@ async def _admin_link(address: str, peer: str | None, port: int | None, wait: fl
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    link = run(_admin_link(args.address, args.peer, None, args.wait))
+    link = run(_admin_link(args, args.peer, None, args.wait))
     assert link is not None
     remote = f" <-> {args.peer} port {link['remote_port']}" if link["state"] == "up" else f" to {args.peer} ({link['state']})"
     print(f"link on port {link['port']}{remote}")
@@ -178,15 +196,13 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_unlink(args: argparse.Namespace) -> int:
-    run(_admin_link(args.address, None, args.port, 0))
+    run(_admin_link(args, None, args.port, 0))
     print(f"link on port {args.port} removed")
     return 0
 
 
-async def _orchestrator_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    from .client import connect
-
-    async with connect(url, role="admin", name="dcp-cli", reconnect=False) as conn:
+async def _orchestrator_request(args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+    async with _admin(args, args.orchestrator) as conn:
         return await conn.request(body)
 
 
@@ -194,7 +210,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
-    reply = run(_orchestrator_request(args.orchestrator, {"op": "deploy", "spec": spec.to_dict()}))
+    reply = run(_orchestrator_request(args, {"op": "deploy", "spec": spec.to_dict()}))
     print(f"deployed {reply['pipeline']}")
     for element, agents in reply["assignments"].items():
         print(f"  {element}: {', '.join(agents) or '(waiting for an agent)'}")
@@ -202,7 +218,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    run(_orchestrator_request(args.orchestrator, {"op": "undeploy", "name": args.name}))
+    run(_orchestrator_request(args, {"op": "undeploy", "name": args.name}))
     print(f"undeployed {args.name}")
     return 0
 
@@ -226,8 +242,24 @@ def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    reply = run(_orchestrator_request(args.orchestrator, {"op": "pipelines"}))
+    reply = run(_orchestrator_request(args, {"op": "pipelines"}))
     print(json.dumps(reply["pipelines"], indent=2) if args.json else format_pipelines(reply["pipelines"]))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a token: issued by the orchestrator, or here with ``--secret-file``."""
+    try:
+        expires = expiry(time.time(), args.ttl_s)
+    except ConfigError as exc:
+        print(f"dcp token: --ttl-s: {exc}", file=sys.stderr)
+        return 2
+    if args.secret_file:
+        token = issue_token(load_secret(args.secret_file), args.name, args.role, expires)
+    else:
+        body = {"op": "token", "name": args.name, "role": args.role, "ttl_s": args.ttl_s}
+        token = run(_orchestrator_request(args, body))["token"]
+    print(token)
     return 0
 
 
@@ -284,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="show a broker's counters")
     stats.add_argument("address", metavar="HOST:PORT")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    _add_dial_flags(stats)
     stats.set_defaults(func=cmd_stats)
 
     orchestrator = commands.add_parser(
@@ -293,33 +326,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(orchestrator, OrchestratorConfig)
     orchestrator.set_defaults(func=cmd_daemon)
 
-    do_url = {"default": "dcp://127.0.0.1:7300", "help": "the orchestrator (default: dcp://127.0.0.1:7300)"}
+    do_url = {
+        "default": "127.0.0.1:7300",
+        "help": "the orchestrator: HOST:PORT, or a dcp:// or dcps:// (TLS) URL (default: 127.0.0.1:7300)",
+    }
     deploy = commands.add_parser("deploy", help="validate and deploy a pipeline spec")
     deploy.add_argument("spec", metavar="SPEC", help="pipeline spec file (TOML, or JSON)")
     deploy.add_argument("--orchestrator", **do_url)
+    _add_dial_flags(deploy)
     deploy.set_defaults(func=cmd_deploy)
 
     undeploy = commands.add_parser("undeploy", help="remove a deployed pipeline")
     undeploy.add_argument("name", metavar="NAME")
     undeploy.add_argument("--orchestrator", **do_url)
+    _add_dial_flags(undeploy)
     undeploy.set_defaults(func=cmd_undeploy)
 
     pipelines = commands.add_parser("pipelines", help="list deployed pipelines with live per-element counters")
     pipelines.add_argument("--orchestrator", **do_url)
     pipelines.add_argument("--json", action="store_true", help="print JSON")
+    _add_dial_flags(pipelines)
     pipelines.set_defaults(func=cmd_pipelines)
+
+    token = commands.add_parser(
+        "token", help="issue a token for an agent or an admin",
+        description="Print a token for NAME, for servers started with --require-token: ask the orchestrator, which "
+        "signs it with its secret (with --token, an admin token, if it requires one), or, with --secret-file, sign it "
+        "here with the secret the orchestrator and the brokers share.",
+    )
+    token.add_argument("name", metavar="NAME", help="who it is for: an agent gives this name in its hello")
+    token.add_argument("--role", default="agent", choices=ISSUED_ROLES, help="(default: agent)")
+    token.add_argument(
+        "--ttl-s", type=float, default=DEFAULT_TOKEN_TTL_S, help=f"seconds it is valid (default: {DEFAULT_TOKEN_TTL_S:.0f})"
+    )
+    source = token.add_mutually_exclusive_group()
+    source.add_argument("--orchestrator", **do_url)
+    source.add_argument("--secret-file", metavar="FILE", help="issue it offline with the shared secret in FILE")
+    _add_dial_flags(token)
+    token.set_defaults(func=cmd_token)
 
     link = commands.add_parser("link", help="link a running broker to another one", description="Ask the broker at "
                                "HOST:PORT to link to PEER; the link takes a port at each end and is redialled after failures.")
     link.add_argument("address", metavar="HOST:PORT")
     link.add_argument("peer", metavar="PEER", help="HOST:PORT of the broker to link to")
     link.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the link to come up; 0: do not wait (default: 5)")
+    _add_dial_flags(link)
     link.set_defaults(func=cmd_link)
 
     unlink = commands.add_parser("unlink", help="remove a broker's link", description="Close the link on PORT of the "
                                  "broker at HOST:PORT for good; both ends free their port.")
     unlink.add_argument("address", metavar="HOST:PORT")
     unlink.add_argument("port", type=int, metavar="PORT", help="the link's port on that broker (see dcp stats)")
+    _add_dial_flags(unlink)
     unlink.set_defaults(func=cmd_unlink)
 
     bench = commands.add_parser(

@@ -13,6 +13,9 @@ reading from the socket (``overflow="pause"``, the default: nothing is lost here
 the broker's slow-consumer policy applies) or drops a frame and counts it: the newest
 (``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).
 
+A ``dcps://`` URL connects over TLS.  A ``token`` goes in the hello of every
+(re)connect; a server that refuses it is not dialled again.
+
 Small publishes are gathered into one write per event-loop iteration (or per 64 KB),
 so a fast publisher makes few system calls; a control frame, ``close()`` and the end
 of the iteration flush them.  A publish waits only while the socket's output buffer
@@ -25,6 +28,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
@@ -32,9 +36,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._loop import CoalescedWriter, no_delay
+from .auth import REFUSALS
 from .backoff import Backoff
+from .config import SLOW_CONSUMER_POLICIES
 from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
 from .routing import int_from_bytes
+from .tls import client_context
 from .wire import (
     DEFAULT_HOPS,
     ControlFrame,
@@ -65,12 +72,38 @@ class Status(enum.Enum):
     CLOSED = "closed"
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """``dcp://HOST:PORT`` (or plain ``HOST:PORT``) -> (host, port)."""
+def parse_url(url: str) -> tuple[str, str, int]:
+    """``dcp://HOST:PORT``, ``dcps://HOST:PORT`` (TLS) or a bare ``HOST:PORT`` ->
+    (scheme, host, port); the scheme of a bare one is ""."""
     parts = urlsplit(url if "://" in url else f"dcp://{url}")
-    if parts.scheme != "dcp" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"broker URL must look like dcp://HOST:PORT, got {url!r}")
-    return parts.hostname, parts.port
+    if parts.scheme not in ("dcp", "dcps") or not parts.hostname or parts.port is None:
+        raise ConfigError(f"broker URL must look like dcp://HOST:PORT (or dcps:// for TLS), got {url!r}")
+    return parts.scheme if "://" in url else "", parts.hostname, parts.port
+
+
+def tls_context(url: str, context: ssl.SSLContext | None = None, ca: str | None = None) -> ssl.SSLContext | None:
+    """What a connection to ``url`` verifies its server with; None: plain TCP.
+
+    TLS is for ``dcps://`` URLs, and bare ``HOST:PORT`` ones given ``context`` or
+    ``ca``: ``context`` as it is, or a default one trusting ``ca`` (a CA file), or the
+    system's CAs.
+
+    Raises:
+        ConfigError: a ``dcp://`` URL with ``context`` or ``ca``; both given; a bad CA file.
+    """
+    scheme = parse_url(url)[0] or ("dcps" if context is not None or ca else "dcp")
+    if context is not None and ca:
+        raise ConfigError("give ssl (a context) or tls_ca (a CA file), not both")
+    if scheme == "dcp":
+        if context is not None or ca:
+            raise ConfigError(f"TLS settings given for the plain URL {url!r}; use dcps:// for TLS")
+        return None
+    return context or client_context(ca)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is a server refusing our token: trying again will not help."""
+    return isinstance(exc, RemoteError) and exc.code in REFUSALS
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -131,6 +164,10 @@ class Connection:
         connect_timeout_s: float = 5.0,
         write_buffer_bytes: int = 1024 * 1024,
         hops: int = DEFAULT_HOPS,
+        slow_consumer: str | None = None,
+        token: str | Callable[[], str | None] | None = None,
+        ssl: ssl.SSLContext | None = None,
+        tls_ca: str | None = None,
         limits: Limits | None = None,
         on_open: Callable[[Connection], Awaitable[None]] | None = None,
         on_push: Callable[[dict[str, Any]], None] | None = None,
@@ -140,7 +177,11 @@ class Connection:
         if max_pending < 1:
             raise ConfigError("max_pending must be at least 1")
         self.url = url
-        self.address = parse_url(url)
+        self.address = parse_url(url)[1:]
+        #: The TLS context (``dcps://``); None: plain TCP.
+        self.ssl = tls_context(url, ssl, tls_ca)
+        #: Sent in every hello: a token, or a function making one (called at every hello).
+        self.token = token
         self.name = name
         self.role = role
         self.backoff: Backoff | None = Backoff() if reconnect is True else (reconnect or None)
@@ -152,6 +193,10 @@ class Connection:
         self.connect_timeout_s = connect_timeout_s
         self.write_buffer_bytes = write_buffer_bytes
         self.hops = hops
+        if slow_consumer is not None and slow_consumer not in SLOW_CONSUMER_POLICIES:
+            raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}; got {slow_consumer!r}")
+        #: What the broker does with frames for us when we fall behind (None: its default).
+        self.slow_consumer = slow_consumer
         self.limits = limits or Limits()
         #: The port this attachment got (it can change after a reconnect).
         self.port: int | None = None
@@ -201,7 +246,7 @@ class Connection:
                 return
             except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
                 delay = next(delays, None)
-                if delay is None or self._user_closed:
+                if delay is None or self._user_closed or refused(exc):
                     raise
                 log.info("cannot reach %s:%d yet (%s); retrying", *self.address, exc)
                 await asyncio.sleep(delay)
@@ -214,16 +259,32 @@ class Connection:
         host, port = self.address
         try:
             transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientProtocol(self), host, port),
+                loop.create_connection(lambda: _ClientProtocol(self), host, port, ssl=self.ssl),
                 self.connect_timeout_s,
             )
         except asyncio.TimeoutError:
             raise DcpTimeout(f"no connection to {host}:{port} within {self.connect_timeout_s} s") from None
+        except ssl.SSLError as exc:
+            if exc.reason == "WRONG_VERSION_NUMBER":
+                hint = "not a TLS server? use dcp://"
+            else:  # a certificate that does not verify says why
+                hint = getattr(exc, "verify_message", None) or exc.reason
+            raise ConnectionClosed(f"TLS with {host}:{port} failed: {hint or exc}") from None
         self._transport = transport  # type: ignore[assignment]
         self._writer = CoalescedWriter(transport)  # type: ignore[arg-type]
         self._protocol = protocol
         try:
-            welcome = await self._request({"op": "hello", "name": self.name, "role": self.role})
+            hello: dict[str, Any] = {"op": "hello", "name": self.name, "role": self.role}
+            if self.slow_consumer is not None:
+                hello["slow_consumer"] = self.slow_consumer
+            token = self.token() if callable(self.token) else self.token
+            if token:
+                hello["token"] = token
+            welcome = await self._request(hello)
+        except ConnectionClosed:
+            transport.abort()
+            hint = "" if self.ssl else " (a TLS server? use dcps://)"
+            raise ConnectionClosed(f"{host}:{port} closed the connection before answering hello{hint}") from None
         except BaseException:
             transport.abort()
             raise
@@ -295,11 +356,13 @@ class Connection:
         route: int = 0,
         *,
         hops: int | None = None,
+        tag: bytes | None = None,
     ) -> int:
         """Send one data frame; return its message id.
 
         ``route`` is the topology number X (stateless mode); a stateful broker routes
-        by ``topic``.  Waits only while the connection is reconnecting or its output
+        by ``topic``.  ``tag`` is the route tag the orchestrator signed X with, for
+        brokers that verify routes (``--verify-routes``).  Waits only while the connection is reconnecting or its output
         buffer is full.  A small frame goes out at the end of the current event-loop
         iteration, with the others published in it; ``await ping()`` returns once the
         broker has read everything published before it.
@@ -316,7 +379,7 @@ class Connection:
                 await self._until_open()
         msg_id = next(self._msg_ids)
         parts = self._encoder.encode(
-            topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns()
+            topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns(), tag=tag
         )
         writer = self._writer
         assert writer is not None
@@ -416,6 +479,15 @@ class Connection:
         await self._request({"op": "unsubscribe", "topic": topic})
         self._subscriptions.discard(topic)
 
+    async def set_slow_consumer(self, policy: str) -> None:
+        """Change what the broker does with frames for this port when we fall behind
+        ("drop-newest", "drop-oldest" or "pause"); kept for the hello of reconnects,
+        also when this request fails for want of a connection."""
+        if policy not in SLOW_CONSUMER_POLICIES:
+            raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}; got {policy!r}")
+        self.slow_consumer = policy
+        await self._request({"op": "policy", "slow_consumer": policy})
+
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see ``dcp stats``)."""
         reply = await self._request({"op": "stats"})
@@ -502,8 +574,8 @@ class Connection:
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(ConnectionClosed("connection lost"))
-        if self.status is Status.CLOSED:
-            return
+        if self.status is Status.CLOSED or self.status is Status.RECONNECTING:
+            return  # closed for good, or an attempt of the reconnect loop failed: the loop goes on
         if self.backoff is None or self.status is Status.CONNECTING:
             self.status = Status.CLOSED
             self._close_reason = exc or ConnectionClosed("broker closed the connection")
@@ -526,9 +598,14 @@ class Connection:
                 log.info("reconnected to %s:%d as port %s", *self.address, self.port)
                 return
             except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
+                if refused(exc):
+                    log.error("%s:%d refused our token (%s); not reconnecting", *self.address, exc)
+                    self._close_reason = exc
+                    break
                 log.debug("reconnect to %s:%d failed: %s", *self.address, exc)
+        else:
+            self._close_reason = ConnectionClosed(f"gave up reconnecting to {self.url}")
         self.status = Status.CLOSED
-        self._close_reason = ConnectionClosed(f"gave up reconnecting to {self.url}")
         self._wake_all(self._close_reason)
 
     def _wake_all(self, exc: BaseException) -> None:
@@ -588,14 +665,21 @@ class Connect:
 
 
 def connect(url: str = DEFAULT_URL, **options: Any) -> Connect:
-    """Attach to the broker at ``url`` (``dcp://HOST:PORT``).
+    """Attach to the broker at ``url`` (``dcp://HOST:PORT``; ``dcps://HOST:PORT``: TLS).
 
     Options (all keyword): ``name``; ``reconnect`` (True, False or a :class:`Backoff`);
     ``max_pending`` (received frames held, default 10000); ``overflow`` ("pause",
     "drop-newest" or "drop-oldest"); ``request_timeout_s``; ``connect_timeout_s``;
-    ``write_buffer_bytes``; ``hops`` (hop limit of published frames); ``limits``;
-    ``on_open`` (awaited after every (re)connect, before the connection counts as
-    open: re-register there); ``on_push`` (called with every control frame that is
-    not a reply, an error or ``going_away``).
+    ``write_buffer_bytes``; ``hops`` (hop limit of published frames);
+    ``slow_consumer`` (the broker's policy for this port when we fall behind:
+    "drop-newest", "drop-oldest" or "pause"; default: the broker's); ``limits``;
+    ``token`` (sent in every hello, for servers started with ``--require-token``: a
+    string, or a function returning one; a refusal raises :class:`RemoteError` with
+    its code, ``token_expired`` ..., and is never retried); ``ssl`` (an
+    ``ssl.SSLContext`` for a ``dcps://`` URL) or ``tls_ca`` (a CA file to verify the
+    server with; default: the system's CAs); ``on_open`` (awaited after every
+    (re)connect, before the connection counts as open: re-register there);
+    ``on_push`` (called with every control frame that is not a reply, an error or
+    ``going_away``).
     """
     return Connect(url, **options)

@@ -20,12 +20,39 @@ from .wire import DEFAULT_LIMITS, Limits
 __all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
 
 MODES = ("stateless", "stateful")
-SLOW_CONSUMER_POLICIES = ("drop", "pause")
+# What a port does when its consumer cannot keep up: drop the new frames, drop the
+# oldest queued ones, or stop reading from the publishers.  "drop" = "drop-newest".
+SLOW_CONSUMER_POLICIES = ("drop-newest", "drop-oldest", "pause", "drop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _opt(help: str, **extra: Any) -> Any:
     return {"help": help, **extra}
+
+
+# Settings both daemons have, with one meaning: each class gets its own field from here.
+_ACCESS = {
+    "require_token": (False, _opt(
+        "admit only connections whose hello carries a valid token: agents and admins one the orchestrator issued "
+        "(dcp token), brokers one they issue themselves from the shared secret (needs --secret-file)",
+        action="store_true",
+    )),
+    "tls_cert": ("", _opt("PEM certificate (chain) to serve TLS with (with --tls-key)")),
+    "tls_key": ("", _opt("PEM private key of --tls-cert")),
+}
+
+
+def _access(name: str) -> Any:
+    default, metadata = _ACCESS[name]
+    return field(default=default, metadata=metadata)
+
+
+def _check_access(config: Any) -> None:
+    """The checks of the ``_ACCESS`` settings."""
+    if config.require_token and not config.secret_file:
+        raise ConfigError("require_token needs secret_file (the secret tokens are checked with)")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both to serve TLS, or neither")
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -81,10 +108,17 @@ class BrokerConfig(_FromSources):
     ports: int = field(default=64, metadata=_opt("number of ports (attachments) of this broker", type=int))
     mode: str = field(default="stateless", metadata=_opt("routing mode", choices=MODES))
     slow_consumer: str = field(
-        default="drop",
-        metadata=_opt("when a port's output buffer is full: drop its frames (counted) or pause the publishers", choices=SLOW_CONSUMER_POLICIES),
+        default="drop-newest",
+        metadata=_opt(
+            "default policy of a port whose consumer cannot keep up: drop the new frames, drop the oldest queued ones "
+            "(both counted), or pause the publishers; an agent may choose its own port's policy",
+            choices=SLOW_CONSUMER_POLICIES,
+        ),
     )
-    out_buffer_bytes: int = field(default=4 * 1024 * 1024, metadata=_opt("output buffer bound of one port, bytes", type=int))
+    out_buffer_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata=_opt("output buffer bound of one port, bytes (drop-oldest queues up to as much again)", type=int),
+    )
     max_frame: int = field(default=DEFAULT_LIMITS.max_frame, metadata=_opt("largest frame accepted, bytes", type=int))
     max_topic: int = field(default=DEFAULT_LIMITS.max_topic, metadata=_opt("longest topic accepted, bytes", type=int))
     max_x_bits: int = field(default=DEFAULT_LIMITS.max_x_bits, metadata=_opt("largest topology number accepted, bits", type=int))
@@ -104,10 +138,33 @@ class BrokerConfig(_FromSources):
         metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
     )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
+    secret_file: str = field(
+        default="",
+        metadata=_opt("file holding the secret shared with the orchestrator (route tags, tokens)"),
+    )
+    verify_routes: bool = field(
+        default=False,
+        metadata=_opt(
+            "forward only data frames whose topology number carries a genuine, unexpired tag from the orchestrator "
+            "(needs --secret-file)", action="store_true",
+        ),
+    )
+    require_token: bool = _access("require_token")
+    tls_cert: str = _access("tls_cert")
+    tls_key: str = _access("tls_key")
+    tls_ca: str = field(
+        default="",
+        metadata=_opt("CA file to verify the peers and the orchestrator this broker dials; with it, it dials them over TLS"),
+    )
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
+        _check_access(self)
+        if self.verify_routes and not self.secret_file:
+            raise ConfigError("verify_routes needs secret_file (the secret shared with the orchestrator)")
+        if self.verify_routes and self.mode != "stateless":
+            raise ConfigError("verify_routes needs stateless mode: a stateful broker routes by its own table, not by X")
         if isinstance(self.peers, str) or not all(isinstance(peer, str) for peer in self.peers):
             raise ConfigError(f"peers must be a list of HOST:PORT strings, got {self.peers!r}")
         object.__setattr__(self, "peers", tuple(self.peers))
@@ -164,12 +221,26 @@ class OrchestratorConfig(_FromSources):
             "(also after a restart), seconds", type=float,
         ),
     )
+    secret_file: str = field(
+        default="",
+        metadata=_opt("file holding the secret shared with the brokers: it signs the topology numbers (route tags) and the tokens"),
+    )
+    route_ttl_s: float = field(
+        default=3600.0,
+        metadata=_opt("how long a signed topology number stays valid; it is re-signed when half of it is left, seconds", type=float),
+    )
+    require_token: bool = _access("require_token")
+    tls_cert: str = _access("tls_cert")
+    tls_key: str = _access("tls_key")
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
+        _check_access(self)
         if self.grace_s < 0:
             raise ConfigError("grace_s must not be negative")
+        if self.route_ttl_s < 2:
+            raise ConfigError(f"route_ttl_s must be at least 2 seconds, got {self.route_ttl_s}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 

@@ -13,6 +13,7 @@
     ├── ConnectionClosed              the connection is gone (and will not come back)
     ├── RoutingError (ValueError)     bad keys or bitmaps given to dcp.routing
     ├── ConfigError (ValueError)      bad configuration
+    ├── AuthError                     a token or route tag is missing, forged or expired
     └── DcpTimeout (TimeoutError)     a request got no answer in time
 
 Each error that a broker reports to a peer carries a short machine-readable
@@ -33,6 +34,7 @@ __all__ = [
     "ConnectionClosed",
     "RoutingError",
     "ConfigError",
+    "AuthError",
     "DcpTimeout",
 ]
 
@@ -108,3 +110,11 @@ class DcpTimeout(DcpError, TimeoutError):
     """A request to the broker got no answer in time."""
 
     code = "timeout"
+
+
+class AuthError(DcpError):
+    """A credential is missing, malformed, forged or expired; ``code`` says which."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -9,6 +9,10 @@ that name it stay valid and delivery resumes, with no process restarted, when it
 comes back.  Frames routed to a link that is down are counted (``link_down``), not
 queued.  The accepting end knows a returning peer by (peer key, peer port) and
 frees the port if the peer stays away for ``link_hold_s``.
+
+With ``--tls-ca`` the dialling end speaks TLS and verifies the peer's certificate;
+with a secret its hello carries a short-lived ``broker`` token it issues itself, which
+a peer started with ``--require-token`` checks.
 """
 
 from __future__ import annotations
@@ -125,13 +129,18 @@ class Link:
         timeout = self.broker.config.link_timeout_s
         self._welcome = loop.create_future()
         self._lost.clear()
-        await asyncio.wait_for(loop.create_connection(lambda: self.broker.new_connection(self), host, port), timeout)
+        connect = loop.create_connection(lambda: self.broker.new_connection(self), host, port, ssl=self.broker.tls_client)
+        await asyncio.wait_for(connect, timeout)
         await asyncio.wait_for(self._welcome, timeout)
 
     def hello(self) -> dict[str, Any]:
-        """What the dialling end says first."""
+        """What the dialling end says first; with a secret, a token of our own (role ``broker``)."""
         broker = self.broker
-        return {"op": "hello", "id": 0, "role": "peer", "name": broker.name, "key": int_to_bytes(broker.key), "link": self.port}
+        hello = {"op": "hello", "id": 0, "role": "peer", "name": broker.name, "key": int_to_bytes(broker.key), "link": self.port}
+        token = broker.token()
+        if token is not None:
+            hello["token"] = token
+        return hello
 
     def welcomed(self, conn: BrokerConnection, body: dict[str, Any]) -> None:
         """Outbound: the peer accepted the link and gave it port ``body['port']``."""

@@ -7,6 +7,9 @@ port).  A deployed pipeline assigns each stage to agents offering its capability
 For every stream (one producing agent, one topic) the DO builds the delivery tree to
 the agents consuming it, allowed by the policy, and pushes the topology number, with
 an epoch, to the producing agent only.  Brokers are told nothing about topics.
+With ``--secret-file`` each number goes out with a route tag (:mod:`dcp.auth`) over
+topic, X, epoch and an expiry ``--route-ttl-s`` ahead, re-signed and pushed again
+when half of that is left, so brokers with ``--verify-routes`` can refuse forgeries.
 
 Any event (an agent, broker or link joining or leaving, a deploy) marks the state
 dirty; one recomputation per loop iteration rebuilds the trees (microseconds each)
@@ -15,7 +18,10 @@ restart recovers registries, pipelines, assignments and epochs; agents and broke
 re-register by themselves when their connection comes back.
 
 Control protocol: msgpack control frames over the dcp codec, on one TCP connection
-per client; ``hello`` with role ``agent``, ``broker`` or ``admin`` first.
+per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with role ``agent``,
+``broker`` or ``admin`` first.  With ``--require-token`` the hello carries a token
+(:mod:`dcp.auth`): agents and admins one this orchestrator issued (the admin op
+``token``, ``dcp token``), brokers one they issue themselves from the shared secret.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._serving import Serving
+from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, issue_token, load_secret
 from .config import OrchestratorConfig
-from .errors import ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
+from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
 from .orchestrator_store import Store
 from .patterns import Policy, topic_matches, validate_pattern, validate_topic
 from .routing import int_from_bytes, int_to_bytes
 from .spec import PipelineSpec, SpecError, check_spec, parse_spec
+from .tls import server_context
 from .topology import Link, Overlay, build_tree
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
@@ -75,6 +83,7 @@ class Stream:
     x: int
     consumers: list[str]
     refused: str = ""  # why the producer may not publish, if it may not
+    broker: str = ""  # the producer's broker X was computed for: X means nothing on another
 
 
 class Orchestrator(Serving):
@@ -91,6 +100,11 @@ class Orchestrator(Serving):
         self.assignments: dict[tuple[str, str], list[str]] = {}  # (pipeline, element) -> agents
         self.streams: dict[tuple[str, str], Stream] = {}
         self.recomputations = 0
+        # The secret shared with the brokers (--secret-file): route tags and tokens
+        self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
+        self.signer = RouteSigner(self.secret) if self.secret is not None else None
+        self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
         self._dirty = False
         self._connections: set[OrchestratorConnection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -124,11 +138,16 @@ class Orchestrator(Serving):
         loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         host, port = self.config.address
-        self._server = await loop.create_server(lambda: OrchestratorConnection(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: OrchestratorConnection(self), host, port, reuse_address=True, ssl=self.tls)
         host, port = self.address
-        log.info("dcp orchestrator listening on %s:%d db=%s", host, port, self.store.path)
+        log.info(
+            "dcp orchestrator listening on %s:%d db=%s%s%s", host, port, self.store.path,
+            " tls" if self.tls else "", " require-token" if self.config.require_token else "",
+        )
         if self.brokers or self.agents:  # recovered ones route until they are back, or the grace ends
             loop.call_later(self.config.grace_s, self._grace_over)
+        if self.signer is not None:
+            loop.call_later(self.config.route_ttl_s / 4, self._resign)
 
     async def close(self) -> None:
         if self._server is None or self._closed is None or self._closed.is_set():
@@ -441,9 +460,10 @@ class Orchestrator(Serving):
                 consumers.append(agent)
         x, reached = self._number(overlay, attached[producer], [(a, attached[a]) for a in sorted(consumers)], topic)
         old = self.streams.get((producer, topic))
-        if old is not None and old.x == x and old.consumers == reached and old.refused == refused:
+        broker = attached[producer][0]
+        if old is not None and old.x == x and old.consumers == reached and old.refused == refused and old.broker == broker:
             return
-        self._set_stream(Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused))
+        self._set_stream(Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused, broker))
 
     def _set_stream(self, stream: Stream) -> None:
         self.streams[(stream.producer, stream.topic)] = stream
@@ -477,7 +497,42 @@ class Orchestrator(Serving):
         body = {"op": "route", "topic": stream.topic, "x": int_to_bytes(stream.x), "epoch": stream.epoch, "consumers": stream.consumers}
         if stream.refused:
             body["refused"] = stream.refused
+        source = self.brokers.get(stream.broker)
+        if source is not None:  # the agent uses X only while attached there
+            body["broker_key"] = int_to_bytes(source.key)
+        if self.signer is not None and stream.x:
+            expires = int(time.time() + self.config.route_ttl_s)
+            body["tag"] = self.signer.sign(stream.topic, stream.x, stream.epoch, expires)
+            body["expires"] = expires
+            self._signed_until[(stream.producer, stream.topic)] = expires
         return body
+
+    def _resign(self) -> None:
+        """Push a fresh tag for every route whose tag has less than half its life left."""
+        if self._closed is None or self._closed.is_set():
+            return
+        ttl = self.config.route_ttl_s
+        now = time.time()
+        for key, stream in self.streams.items():
+            if stream.x and self._signed_until.get(key, 0) - now < ttl / 2:
+                self._send_to_agent(stream.producer, self._route_message(stream))
+        asyncio.get_running_loop().call_later(ttl / 4, self._resign)
+
+    def issue(self, name: Any, role: Any, ttl_s: Any) -> dict[str, Any]:
+        """The admin op ``token``: a token for ``name`` in ``role`` (``agent`` or ``admin``), valid ``ttl_s`` seconds.
+
+        Raises:
+            ConfigError: no secret to sign with, or a bad name, role or lifetime.
+        """
+        if self.secret is None:
+            raise ConfigError("this orchestrator has no --secret-file: it cannot issue tokens")
+        if not isinstance(name, str) or not name:
+            raise ConfigError("a token needs a name (the agent's, for agents)")
+        if role not in ISSUED_ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ISSUED_ROLES)}, got {role!r}")
+        expires = expiry(time.time(), ttl_s)
+        log.info("token issued to %s (role %s), valid until %s UTC", name, role, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)))
+        return {"token": issue_token(self.secret, name, role, expires), "name": name, "role": role, "expires": expires}
 
     def _send_to_agent(self, name: str, body: dict[str, Any]) -> None:
         record = self.agents.get(name)
@@ -585,6 +640,11 @@ class OrchestratorConnection(asyncio.Protocol):
             role = body.get("role")
             if role not in ("agent", "broker", "admin"):
                 raise RemoteProtocolError(f"unknown role {role!r} (agent, broker or admin)")
+            try:
+                body = self.orchestrator.admit(body, self.peer)
+            except AuthError as exc:
+                self.close({"op": "error", "re": request_id, "code": exc.code, "message": str(exc), "fatal": True})
+                return
             name = body.get("name")
             self.role, self.name = role, name if isinstance(name, str) else ""
             self.send({"op": "welcome", "re": request_id, "key": b"", "name": "orchestrator", "mode": "orchestrator"})
@@ -619,9 +679,11 @@ class OrchestratorConnection(asyncio.Protocol):
             return {"pipelines": do.pipelines_view()}
         if op == "status":
             return {"status": do.status()}
-        if op in ("deploy", "undeploy"):
+        if op in ("deploy", "undeploy", "token"):
             if self.role != "admin":
                 raise ConfigError(f"{op} needs an admin connection")
+            if op == "token":
+                return do.issue(body.get("name"), body.get("role", "agent"), body.get("ttl_s", DEFAULT_TOKEN_TTL_S))
             if op == "deploy":
                 return do.deploy(body.get("spec"))
             do.undeploy(body.get("name"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import SLOW_CONSUMER_POLICIES
 from .errors import ConfigError
 from .patterns import Policy, Rule, read_document, rules_from_list, topic_matches, validate_pattern, validate_topic
 
@@ -197,6 +198,10 @@ def _element(kind: str, index: int, item: object) -> Element:
     params = item.get("params", {})
     if not isinstance(params, Mapping):
         raise SpecError(f"{here}.params", f"must be a table, got {params!r}")
+    if "slow_consumer" in params and params["slow_consumer"] not in SLOW_CONSUMER_POLICIES:
+        raise SpecError(
+            f"{here}.params.slow_consumer", f"must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {params['slow_consumer']!r}"
+        )
     replicas = item.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise SpecError(f"{here}.replicas", f"must be an integer >= 1, got {replicas!r}")

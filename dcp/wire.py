@@ -5,7 +5,7 @@ Every frame, data or control, starts with the same 28-byte fixed header, big-end
     offset size field
          0    1 version       VERSION (1); anything else ends the connection
          1    1 type          DATA (1) or CONTROL (2)
-         2    1 flags         reserved bits, forwarded untouched
+         2    1 flags         bit 0 SIGNED_ROUTE; the other bits reserved, forwarded untouched
          3    1 hops          hop limit, decremented by every broker (HOPS_OFFSET)
          4    2 x_len         bytes of the topology number X that follow the header
          6    2 topic_len     bytes of the UTF-8 topic that follow X
@@ -13,7 +13,9 @@ Every frame, data or control, starts with the same 28-byte fixed header, big-end
         12    8 msg_id        publisher's message id
         20    8 timestamp_ns  publisher's clock, ns since the epoch
 
-then X (big-endian, minimal), the topic and the payload.  A control frame has no X
+then X (big-endian, minimal), the topic and the payload.  With ``SIGNED_ROUTE`` the
+X field ends with the orchestrator's 24-byte route tag (:mod:`dcp.auth`): ``x_len``
+counts both, X is the bytes before the tag.  A control frame has no X
 and no topic; its payload is a msgpack map with an ``op`` key.  X travels as bytes
 because msgpack ints stop at ``2**64 - 1`` and X does not.
 
@@ -46,6 +48,8 @@ __all__ = [
     "HEADER_SIZE",
     "HOPS_OFFSET",
     "DEFAULT_HOPS",
+    "SIGNED_ROUTE",
+    "ROUTE_TAG_SIZE",
     "Limits",
     "DataFrame",
     "ControlFrame",
@@ -62,6 +66,8 @@ VERSION = 1
 DATA = 1
 CONTROL = 2
 DEFAULT_HOPS = 32
+SIGNED_ROUTE = 0x01  # flags bit: the X field ends with a route tag
+ROUTE_TAG_SIZE = 24  # epoch u32, expires u32, MAC 16 bytes (dcp.auth)
 
 HEADER = struct.Struct("!BBBBHHIQQ")
 HEADER_SIZE = HEADER.size  # 28
@@ -172,7 +178,7 @@ Event = Union[DataFrame, ControlFrame, Rejected]
 
 
 class DataEncoder:
-    """Encodes data frames, caching the X-and-topic bytes of recent (topic, route) pairs.
+    """Encodes data frames, caching the X-and-topic bytes of recent (topic, route, tag)s.
 
     A payload up to ``join_limit`` bytes is joined to its head (one write, one small
     copy); a larger one is returned as its own buffer, uncopied.
@@ -180,7 +186,7 @@ class DataEncoder:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, cache_size: int = 1024, join_limit: int = 8192) -> None:
         self.limits = limits
-        self._cache: dict[tuple[str | bytes, int], tuple[int, int, bytes]] = {}
+        self._cache: dict[tuple[str | bytes, int, bytes | None], tuple[int, int, bytes, int]] = {}
         self._cache_size = cache_size
         self._join_limit = join_limit
         self._max_payload = limits.max_frame - HEADER_SIZE
@@ -194,16 +200,21 @@ class DataEncoder:
         msg_id: int = 0,
         timestamp_ns: int = 0,
         flags: int = 0,
+        tag: bytes | None = None,
     ) -> list[bytes | bytearray | memoryview]:
-        """The frame as a list of buffers to write in order.
+        """The frame as a list of buffers to write in order; ``tag``, the route tag
+        the orchestrator gave with ``route``, if any, follows X (``SIGNED_ROUTE``).
 
         Raises:
             LocalProtocolError: a field out of range or a frame over the limits.
         """
-        cached = self._cache.get((topic, route))
+        cached = self._cache.get((topic, route, tag))
         if cached is None:
-            cached = self._route_and_topic(topic, route)
-        x_len, topic_len, tail = cached
+            cached = self._route_and_topic(topic, route, tag)
+        x_len, topic_len, tail, signed = cached
+        if flags & SIGNED_ROUTE and not signed:
+            raise LocalProtocolError("the SIGNED_ROUTE flag comes with a route tag (tag=), not from flags")
+        flags |= signed
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
         if size > self._max_payload - len(tail):
             raise LocalProtocolError(
@@ -220,7 +231,7 @@ class DataEncoder:
             return [b"".join((head, tail, payload))]
         return [head + tail, payload]
 
-    def _route_and_topic(self, topic: str | bytes, route: int) -> tuple[int, int, bytes]:
+    def _route_and_topic(self, topic: str | bytes, route: int, tag: bytes | None) -> tuple[int, int, bytes, int]:
         try:
             topic_b = topic.encode() if isinstance(topic, str) else bytes(topic)
         except UnicodeEncodeError as exc:
@@ -234,10 +245,14 @@ class DataEncoder:
                 f"route of {route.bit_length()} bits exceeds max_x_bits={self.limits.max_x_bits}"
             )
         x_b = route.to_bytes((route.bit_length() + 7) // 8, "big")
-        entry = (len(x_b), len(topic_b), x_b + topic_b)
+        if tag is not None:
+            if len(tag) != ROUTE_TAG_SIZE:
+                raise LocalProtocolError(f"a route tag has {ROUTE_TAG_SIZE} bytes, got {len(tag)}")
+            x_b += tag
+        entry = (len(x_b), len(topic_b), x_b + topic_b, 0 if tag is None else SIGNED_ROUTE)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
-        self._cache[(topic, route)] = entry
+        self._cache[(topic, route, tag)] = entry
         return entry
 
 
@@ -251,10 +266,11 @@ def encode_data(
     timestamp_ns: int = 0,
     flags: int = 0,
     limits: Limits = DEFAULT_LIMITS,
+    tag: bytes | None = None,
 ) -> bytes:
     """One data frame as bytes (see :class:`DataEncoder` for the uncopied form)."""
     parts = DataEncoder(limits, cache_size=1, join_limit=0).encode(
-        topic, payload, route, hops, msg_id, timestamp_ns, flags
+        topic, payload, route, hops, msg_id, timestamp_ns, flags, tag
     )
     return b"".join(parts)
 
@@ -381,7 +397,7 @@ class Decoder:
         view = buf if type(buf) is bytes else memoryview(buf)
         # X and topic of the last data frame: a stream repeats them, so the next frame
         # needs only a compare of those bytes, not a new int and a topic lookup.
-        memo_len, memo_route, memo_x, memo_topic = -1, b"", 0, ""
+        memo_x_len, memo_topic_len, memo_flags, memo_route, memo_x, memo_topic = -1, -1, 0, b"", 0, ""
         while end - pos >= HEADER_SIZE:
             header = unpack(buf, pos)
             version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
@@ -392,12 +408,20 @@ class Decoder:
                 frame_length(header)  # raises the error that says which limit
             if stop > end:
                 break
-            if ftype == DATA and x_len + topic_len == memo_len and buf.startswith(memo_route, body):
+            if (
+                ftype == DATA and x_len == memo_x_len and topic_len == memo_topic_len and flags == memo_flags
+                and buf.startswith(memo_route, body)
+            ):
                 append(new(DataFrame, (memo_topic, bytes(view[topic_end:stop]), memo_x, hops, msg_id, ts, flags)))
                 pos = stop
                 continue
-            x = int.from_bytes(view[body : body + x_len], "big")
-            if ftype == DATA and (x_len <= x_fast or x.bit_length() <= max_x_bits):
+            x_end = body + x_len - (ROUTE_TAG_SIZE if flags & SIGNED_ROUTE and ftype == DATA else 0)
+            if x_end < body:
+                append(Rejected(RemoteProtocolError("a signed route shorter than its tag"), msg_id))
+                pos = stop
+                continue
+            x = int.from_bytes(view[body:x_end], "big")
+            if ftype == DATA and (x_end - body <= x_fast or x.bit_length() <= max_x_bits):
                 topic_b = bytes(view[body + x_len : topic_end])
                 topic = topics.get(topic_b)
                 if topic is None:
@@ -406,7 +430,8 @@ class Decoder:
                         append(Rejected(RemoteProtocolError("topic is not valid UTF-8"), msg_id))
                         pos = stop
                         continue
-                memo_len, memo_route, memo_x, memo_topic = x_len + topic_len, bytes(view[body:topic_end]), x, topic
+                memo_x_len, memo_topic_len, memo_flags = x_len, topic_len, flags
+                memo_route, memo_x, memo_topic = bytes(view[body:topic_end]), x, topic
                 append(new(DataFrame, (topic, bytes(view[topic_end:stop]), x, hops, msg_id, ts, flags)))
             else:
                 rejection = limits.rejection(header, x)

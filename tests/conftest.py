@@ -20,6 +20,8 @@ import uvloop
 from dcp.broker import Broker
 from dcp.config import BrokerConfig
 
+from .fuzzing import SCALE as FUZZ_SCALE, executed as fuzz_executed
+
 T = TypeVar("T")
 LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
 
@@ -27,6 +29,17 @@ LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
 def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
     """Every async test runs on uvloop, the loop dcp runs on."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_configure(config):  # type: ignore[no-untyped-def]
+    config.addinivalue_line("markers", "fuzz: a fuzz test; DCP_FUZZ_EXAMPLES=N gives it N inputs (tests/fuzzing.py)")
+
+
+def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
+    """One line with the inputs the fuzz tests really ran, to quote."""
+    if fuzz_executed:
+        counts = ", ".join(f"{family} {count}" for family, count in sorted(fuzz_executed.items()))
+        terminalreporter.write_line(f"fuzz inputs executed (DCP_FUZZ_EXAMPLES={FUZZ_SCALE or 'unset'}): {counts}")
 
 
 @pytest.fixture

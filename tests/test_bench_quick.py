@@ -21,7 +21,7 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["profile"] == "quick" and results["environment"]["cpu_count"] >= 1
-    targets = {"dcp-stateless", "dcp-stateful", "refqueue", "relay"}
+    targets = {"dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay"}
     for figure, key in (("latency", "p50_us"), ("success", "success"), ("throughput", "mb_s")):
         cells = results[figure]["cells"]
         assert {c["target"] for c in cells} == targets, figure
@@ -32,7 +32,7 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     assert [row["brokers"] for row in results["routing"]["rows"]] == [1, 2, 5]
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
     report = (tmp_path / "report.md").read_text()
-    for title in ("Figure 7", "Figure 8", "Figure 9", "Routing cost", "Targets"):
+    for title in ("Figure 7", "Figure 8", "Figure 9", "Route verification cost", "Routing cost", "Targets"):
         assert title in report
     for name in ("latency", "success", "throughput", "routing"):
         ET.parse(tmp_path / f"{name}.svg")

@@ -198,14 +198,16 @@ def _worker(role: str, target: str, address: str, *args: str) -> subprocess.Pope
     )
 
 
-def _pair(target: str, address: str, count: int = 200, size: int = 1000, interval_ms: float = 1.0) -> tuple[dict, dict]:
-    sub = _worker("sub", target, address, "--expect", str(count), "--idle-timeout", "2", "--max-time", "30", "--keep-latencies")
+def _pair(
+    target: str, address: str, count: int = 200, size: int = 1000, interval_ms: float = 1.0, client_args: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
+    sub = _worker("sub", target, address, *client_args, "--expect", str(count), "--idle-timeout", "2", "--max-time", "30", "--keep-latencies")
     try:
         assert sub.stdout is not None
         ready = json.loads(sub.stdout.readline() or "{}")
         assert ready.get("ready") is True, sub.stderr.read() if sub.stderr else ""
-        assert isinstance(ready["route"], str) and (ready["route"] != "") == (target == "dcp-stateless")
-        args = ["--size", str(size), "--count", str(count), "--interval-ms", str(interval_ms)]
+        assert isinstance(ready["route"], str) and (ready["route"] != "") == (target in ("dcp-stateless", "dcp-verified"))
+        args = [*client_args, "--size", str(size), "--count", str(count), "--interval-ms", str(interval_ms)]
         if ready["route"]:
             args += ["--route", ready["route"]]
         pub = subprocess.run(
@@ -226,7 +228,14 @@ def _pair(target: str, address: str, count: int = 200, size: int = 1000, interva
 def test_worker_pair_against_each_in_tree_target(target: str, tmp_path: Path) -> None:
     server = start_server(target, tmp_path)
     try:
-        sent, got = _pair(target, server.address)
+        sent, got = _pair(target, server.address, client_args=server.client_args)
+        if target.startswith("dcp-"):
+            stats = subprocess.run(
+                [sys.executable, "-m", "dcp", "stats", "--json", server.address], capture_output=True, text=True, timeout=30
+            )
+            stats_json = json.loads(stats.stdout)
+            assert stats_json["verify_routes"] == (target == "dcp-verified")
+            assert stats_json["frames_out"] == 200 and not any(stats_json["drops"].values())
     finally:
         assert server.stop() == 0
     assert sent["sent"] == 200 and sent["bytes"] == 200_000

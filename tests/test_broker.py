@@ -92,6 +92,24 @@ async def pair(broker: Broker):  # type: ignore[no-untyped-def]
 # -- routing rules -------------------------------------------------------------------
 
 
+async def test_the_same_route_bytes_split_otherwise_between_x_and_topic_route_otherwise(broker: Broker, pair) -> None:  # type: ignore[no-untyped-def]
+    """The broker repeats a frame's decision for the next frames with the same X and topic
+    bytes; moving the X/topic boundary over the same bytes makes another X."""
+    _pub, sub = pair
+    raw = await RawPeer.open(broker)
+    x = encode({broker.key: 1 << sub.port})
+    x_b = x.to_bytes((x.bit_length() + 7) // 8, "big")
+    first = encode_data("", b"routed", x)
+    shifted = bytearray(first)
+    HEADER.pack_into(shifted, 0, *HEADER.unpack_from(first)[:4], 0, len(x_b), 6, 0, 0)  # X = 0, topic = x's bytes
+    raw.send(first + bytes(shifted) + first)  # one write: most likely one read
+    got = [(await sub.next_message(timeout=10)).payload for _ in range(2)]
+    assert got == [b"routed", b"routed"]
+    await assert_flowing(_pub, sub, broker.key, b"fence")  # nothing else came before it
+    assert broker.drops["no_route"] == 1
+    raw.close()
+
+
 async def test_never_back_to_ingress_and_unattached_bits_are_counted(broker: Broker, pair) -> None:  # type: ignore[no-untyped-def]
     pub, sub = pair
     stray = 40

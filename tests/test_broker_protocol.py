@@ -2,15 +2,24 @@
 
 Properties over any split of the publisher's byte stream into reads: every target
 port gets exactly the frames routed to it, byte-identical but for the hop limit
-(decremented), in order, and no other port gets any.  A live-socket fuzz test then
-throws random and mutated bytes at a real broker while real clients keep talking.
+(decremented), in order, and no other port gets any.  Fuzz tests (tests/fuzzing.py)
+then throw random and mutated bytes at a broker, in process and over live sockets,
+while a well-behaved pair keeps talking on other ports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
+import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,9 +27,25 @@ import dcp
 from dcp.broker import Broker, BrokerConnection
 from dcp.config import BrokerConfig
 from dcp.routing import encode
-from dcp.wire import HOPS_OFFSET, ControlFrame, Decoder, encode_control, encode_data
+from dcp.wire import HEADER_SIZE, HOPS_OFFSET, ControlFrame, Decoder, Event, Limits, Rejected, encode_control, encode_data
 
 from .conftest import url_of
+from .fuzzing import (
+    KEY,
+    PAIR_TOPIC,
+    SUB_BIT,
+    apply_mutations,
+    executed,
+    frame_starts,
+    fuzz_inputs,
+    fuzz_settings,
+    hostile_streams,
+    mutations,
+    random_input,
+    split,
+    split_frames,
+)
+from .waiting import until
 
 
 class FakeTransport:
@@ -122,47 +147,295 @@ def test_any_read_split_forwards_exactly_the_routed_frames(plan, cuts, mode) -> 
     assert not pub.transport.closed  # type: ignore[union-attr]
 
 
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        action = rng.random()
-        pos = rng.randrange(len(out) + 1)
-        if action < 0.5 and out:
-            out[min(pos, len(out) - 1)] = rng.randrange(256)
-        elif action < 0.75:
-            out[pos:pos] = rng.randbytes(rng.randint(1, 16))
-        else:
-            del out[pos : pos + rng.randint(1, 16)]
-    return bytes(out)
+# --------------------------------------------------------------------------- fuzz
+
+TAIL_TOPIC = "pair/tail"
+PAIR_TOPICS = (PAIR_TOPIC.encode(), TAIL_TOPIC.encode())
+COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out")
+PER_COPY = ("unattached_port", "slow_consumer", "link_down")  # drops counted per port, not per frame
+
+#: Values a control body may hold: of every msgpack type, nested, and the broker's own words.
+msgpack_values = st.sampled_from(
+    (None, True, False, -1, 2**64 - 1, -(2**63), 0.5, float("inf"), "", "agent", "admin", "drop-oldest", b"\xff",
+     [], [1, "a"], {}, {"a": [None]}, "é" * 300)
+) | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8)
+CONTROL_OPS = ("hello", "ping", "policy", "subscribe", "unsubscribe", "unlink", "welcome", "pong")
+CONTROL_KEYS = ("id", "role", "name", "slow_consumer", "topic", "port", "peer", "wait", "re", "key", "link")
+# Not fuzzed here: what makes links ("link", a "peer" hello) needs a running loop and
+# outlives the connection (tests/test_links.py); "going_away" and a fatal "error" close
+# without an error frame, by contract; "stats" needs a listening socket.
+LEFT_OUT = ("link", "going_away", "error", "stats")
 
 
-async def test_live_broker_survives_random_and_mutated_streams(broker: Broker) -> None:
-    """Hostile connections come and go; a publisher and a subscriber lose nothing."""
-    rng = random.Random(2024)
+@st.composite
+def control_bodies(draw: st.DrawFn, max_control: int = Limits().max_control) -> dict[str, Any]:
+    """Control bodies of the broker's ops, or of none, with any values in any fields;
+    some filled to within a few bytes of ``max_control`` by one long string."""
+    body = dict(draw(st.lists(st.tuples(st.sampled_from(CONTROL_KEYS) | st.text(max_size=6), msgpack_values), max_size=4)))
+    body["op"] = draw(st.sampled_from(CONTROL_OPS) | st.text(max_size=8).filter(lambda op: op not in LEFT_OUT))
+    if body.get("role") == "peer":
+        body["role"] = "agent"
+    fill = draw(st.sampled_from((None, *CONTROL_KEYS)))
+    if fill is not None:
+        body[fill] = ""
+        room = max_control - len(msgpack.packb(body, use_bin_type=True)) - 2  # str16 header: 2 bytes more
+        body[fill] = "r" * max(0, room - draw(st.integers(0, 32)))
+    return body
+
+
+def run_hostile(mode: str, reads: list[bytes]) -> tuple[Broker, list[BrokerConnection], list[bytes]]:
+    """A broker with a pair (``pub`` on port 0, ``sub`` on port 1) and a hostile
+    connection ``bad`` that sends ``reads``; ``pub`` publishes one frame to ``sub`` after
+    each read.  Returns the broker, [pub, sub, bad] and what ``sub`` must get."""
+    broker = fresh_broker(mode=mode, key=KEY)
+    pub, sub = attached(broker), attached(broker)
+    assert sub.bit == SUB_BIT
+    for topic in PAIR_TOPICS:  # stateful mode routes by them
+        broker.subscribe(sub, topic)
+    bad = BrokerConnection(broker)
+    bad.connection_made(FakeTransport())  # type: ignore[arg-type]
+    route = encode({KEY: SUB_BIT}) if mode == "stateless" else 0
+    expected = []
+
+    def send(conn: BrokerConnection, frame: bytes) -> None:
+        conn.data_received(frame)
+        expected.append(frame[:HOPS_OFFSET] + bytes([frame[HOPS_OFFSET] - 1]) + frame[HOPS_OFFSET + 1 :])
+
+    for seq, data in enumerate(reads):
+        bad.data_received(data)
+        send(pub, encode_data(PAIR_TOPIC, b"%d" % seq, route, hops=7, msg_id=seq))
+    if not bad.closing and bad.port >= 0 and not bad._pending:  # kept, between frames: it goes on
+        send(bad, encode_data(TAIL_TOPIC, b"tail", route, hops=7))
+    bad.eof_received()
+    return broker, [pub, sub, bad], expected
+
+
+def topic_of(frame: bytes) -> bytes:
+    x_len, topic_len = struct.unpack_from("!HH", frame, 4)
+    return frame[HEADER_SIZE + x_len : HEADER_SIZE + x_len + topic_len]
+
+
+def hostile_frames(conns: list[BrokerConnection]) -> list[list[bytes]]:
+    """The frames each connection got, but the pair's (data frames only: the error frames
+    a hostile connection gets are rate limited, by the clock)."""
+    return [[f for f in split_frames(conn.transport.written) if topic_of(f) not in PAIR_TOPICS] for conn in conns]  # type: ignore[union-attr]
+
+
+def well_formed(stream: bytes) -> list[Event]:
+    """The events of a whole stream that a broker wrote; raises if it is not well formed."""
+    decoder = Decoder()
+    events = decoder.feed(stream) if stream else []
+    decoder.feed(b"")
+    return events
+
+
+def assert_counters_add_up(broker: Broker, gone: Counter[str]) -> None:
+    """The broker's totals are those of its connections (``gone``: of the closed ones),
+    and every data frame it read was forwarded at least once or counted as dropped."""
+    for name in COUNTERS:
+        assert getattr(broker, name) == gone[name] + sum(getattr(conn, name) for conn in broker._connections), name
+    dropped = sum(count for reason, count in broker.drops.items() if reason not in PER_COPY)  # whole frames
+    assert broker.frames_in - dropped <= broker.frames_out + broker.drops["slow_consumer"]
+
+
+@pytest.mark.fuzz
+@fuzz_settings(100)
+@given(mode=st.sampled_from(["stateless", "stateful"]), data=st.data())
+def test_fuzz_broker_framing_keeps_the_other_ports_whole(mode: str, data: st.DataObject) -> None:
+    """Random or mutated bytes on one connection, in any reads: nothing is raised out of
+    data_received; the connection is kept, or closed after a fatal error frame; every
+    stream the broker writes is well formed; it forwards what it would forward were each
+    frame its own read; and a pair on two other ports gets exactly its frames."""
+    executed["broker framing"] += 1
+    if data.draw(st.integers(0, 3), label="random bytes") == 0:
+        stream = data.draw(st.binary(max_size=600), label="stream")
+    else:
+        stream = data.draw(hostile_streams(sizes=(0, 1, 10, 100, 1000, 70_000)), label="stream")
+        controls = b"".join(map(encode_control, data.draw(st.lists(control_bodies(), max_size=2), label="controls")))
+        starts = frame_starts(stream)
+        opened = starts[1] if len(starts) > 1 else len(stream)  # right after the opening frame (a hello, mostly)
+        stream = apply_mutations(stream[:opened] + controls + stream[opened:], data.draw(mutations(), label="mutations"))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    broker, conns, expected = run_hostile(mode, split(stream, cuts))
+    pub, sub, bad = conns
+
+    answers = [well_formed(bytes(conn.transport.written)) for conn in conns]  # type: ignore[union-attr]
+    got = split_frames(sub.transport.written)  # type: ignore[union-attr]
+    assert [frame for frame in got if topic_of(frame) in PAIR_TOPICS] == expected
+    if mode == "stateful":  # no hostile frame is on the pair's topics
+        assert got == expected
+    assert not pub.transport.closed and not sub.transport.closed  # type: ignore[union-attr]
+    if bad.transport.closed:  # type: ignore[union-attr]
+        last = answers[2][-1]
+        assert isinstance(last, ControlFrame) and last.op == "error" and last.body["fatal"] is True
+        assert broker.attached == pub.bit | sub.bit
+    assert_counters_add_up(broker, Counter())
+
+    reference, same, _ = run_hostile(mode, split(stream, frame_starts(stream)))
+    assert hostile_frames(same[:2]) == hostile_frames(conns[:2])
+    assert reference.drops == broker.drops
+    assert (same[2].frames_in, same[2].transport.closed) == (bad.frames_in, bad.transport.closed)  # type: ignore[union-attr]
+
+
+def count_rejected(conn: dcp.Connection) -> Counter[str]:
+    """Counts the frames ``conn`` skips (forwarded, but with no UTF-8 topic)."""
+    skipped: Counter[str] = Counter()
+    decoder = conn._protocol.decoder  # type: ignore[union-attr]
+    feed = decoder.feed
+
+    def counting_feed(data: bytes) -> list[Event]:
+        events = feed(data)
+        skipped["frames"] += sum(type(event) is Rejected for event in events)
+        return events
+
+    decoder.feed = counting_feed  # type: ignore[method-assign]
+    return skipped
+
+
+LIVE_AT_ONCE = 8  # hostile connections open at the same time
+LIVE_CHECK_EVERY = 2000  # inputs between two full checks
+
+
+@pytest.mark.fuzz
+async def test_live_broker_survives_random_and_mutated_streams(make_broker, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Hostile connections, LIVE_AT_ONCE at a time, each send one random or mutated
+    stream in one to three reads, then end it.  Meanwhile a publisher and a subscriber
+    exchange sequenced frames.  After every LIVE_CHECK_EVERY inputs, and at the end: the
+    pair got every frame exactly once and in order, the broker takes a new client, no
+    hostile connection or port is left, and the counters add up."""
+    caplog.set_level(logging.ERROR, logger="dcp")  # every refused stream logs a warning
+    broker = await make_broker()
+    gone: Counter[str] = Counter()
+    connection_lost = BrokerConnection.connection_lost
+
+    def count_gone(conn: BrokerConnection, exc: Exception | None) -> None:
+        connection_lost(conn, exc)
+        for name in COUNTERS:
+            gone[name] += getattr(conn, name)
+
+    monkeypatch.setattr(BrokerConnection, "connection_lost", count_gone)
+    total, rng = fuzz_inputs(600), random.Random(2024)
     host, port = broker.address
-    async with dcp.connect(url_of(broker)) as pub, dcp.connect(url_of(broker)) as sub:
+    async with dcp.connect(url_of(broker), name="pub", reconnect=False) as pub, \
+            dcp.connect(url_of(broker), name="sub", reconnect=False) as sub:
         route = encode({broker.key: 1 << sub.port})
-        valid = encode_control({"op": "hello", "id": 1}) + b"".join(
-            encode_data("fuzz", rng.randbytes(rng.randint(0, 300)), route, msg_id=i) for i in range(5)
-        )
-        sent = 0
-        for round_ in range(150):
-            reader, writer = await asyncio.open_connection(host, port)
-            garbage = rng.randbytes(rng.randint(1, 200)) if round_ % 3 == 0 else mutate(valid, rng)
-            writer.write(garbage)
-            writer.write_eof()
-            await reader.read()  # the broker answers or closes; either way this peer is done
-            writer.close()
-            await pub.publish("ok", b"%d" % round_, route=route)
-            sent += 1
-        # Mutated frames may legally route copies to sub (their X still names its port);
-        # the publisher's frames must all be there, in order.
-        got = []
-        while len(got) < sent:
-            msg = await sub.next_message(timeout=10)
-            if msg.topic == "ok":
-                got.append(msg.payload)
-        assert got == [b"%d" % i for i in range(sent)]
-        assert await pub.ping() > 0
-        stats = await pub.stats()
-        assert {c["port"] for c in stats["connections"]} == {pub.port, sub.port}
+        sent: list[tuple[int, bytes]] = []
+        got: list[tuple[int, bytes]] = []
+        skipped = count_rejected(sub)
+
+        async def receive(conn: dcp.Connection, into: list[tuple[int, bytes]]) -> None:
+            async for msg in conn.messages():  # hostile frames may be routed to either
+                if msg.topic == PAIR_TOPIC:
+                    into.append((msg.msg_id, msg.payload))
+
+        async def hostile(inputs: Iterator[int]) -> None:
+            for _ in inputs:
+                data = random_input(rng, 1 << sub.port, broker.key)
+                reads = split(data, [rng.randrange(len(data) + 1) for _ in range(rng.randrange(3))])
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    for read in reads:
+                        if writer.transport.is_closing():  # the broker closed it already
+                            break
+                        writer.write(read)
+                        await asyncio.sleep(0)  # the broker reads it before the next
+                    if not writer.transport.is_closing():
+                        writer.write_eof()
+                    answer = await asyncio.wait_for(reader.read(), 10)
+                except ConnectionResetError:  # closed with our bytes unread: no answer to check
+                    answer = b""
+                finally:
+                    writer.close()
+                well_formed(answer)  # whatever we sent
+                executed["live socket"] += 1
+                payload = rng.randbytes(rng.randrange(200))
+                sent.append((await pub.publish(PAIR_TOPIC, payload, route=route), payload))
+
+        async def check() -> None:
+            await until(lambda: len(got) >= len(sent), lambda: f"{len(sent) - len(got)} frames of the pair")
+            assert got == sorted(sent)  # exactly once, in order
+            async with dcp.connect(url_of(broker), role="admin", reconnect=False) as probe:
+                assert await probe.ping() > 0
+            await until(lambda: len(broker._connections) == 2, "the hostile connections to go")
+            await pub.ping()
+            await sub.ping()
+            pub_conn, sub_conn = broker._ports[pub.port], broker._ports[sub.port]
+            assert pub_conn is not None and sub_conn is not None
+            assert broker.attached == pub_conn.bit | sub_conn.bit
+            assert pub_conn.frames_in == pub.published
+            assert (sub_conn.frames_out, sub.dropped) == (sub.received + skipped["frames"], 0)
+            assert broker.drops["slow_consumer"] == 0
+            assert_counters_add_up(broker, gone)
+
+        receivers = [asyncio.create_task(receive(sub, got)), asyncio.create_task(receive(pub, []))]
+        started, before = time.perf_counter(), executed["live socket"]
+        done = 0
+        while done < total:
+            batch = min(LIVE_CHECK_EVERY, total - done)
+            inputs = iter(range(batch))
+            await asyncio.gather(*(hostile(inputs) for _ in range(LIVE_AT_ONCE)))
+            done += batch
+            await check()
+        elapsed = time.perf_counter() - started
+        for task in receivers:
+            task.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+    ran = executed["live socket"] - before
+    assert ran == total
+    print(
+        f"\nlive socket fuzz: {ran} inputs on {ran} connections, {LIVE_AT_ONCE} at a time, in {elapsed:.1f} s; "
+        f"the pair exchanged {len(got)} frames; broker: {broker.summary()}"
+    )
+
+
+# --------------------------------------------------------------------------- what the fuzz found
+
+
+def test_an_error_that_quotes_a_long_value_still_fits_its_frame() -> None:
+    """Found by test_fuzz_broker_framing: a hello whose role fills a control frame made
+    "unknown role '...'" longer than max_control, so the fatal error frame could not be
+    encoded and LocalProtocolError escaped data_received (the connection was cut with no
+    error frame, the loop logged a traceback).  Messages are cut to fit."""
+    broker = fresh_broker(key=KEY)
+    conn = BrokerConnection(broker)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    conn.data_received(encode_control({"op": "hello", "id": 1, "role": "r" * (Limits().max_control - 40)}))
+    [error] = well_formed(bytes(conn.transport.written))  # type: ignore[union-attr]
+    assert error.body["code"] == "malformed_frame" and error.body["fatal"] is True
+    assert error.body["message"].startswith("unknown role 'rrr")
+    assert conn.transport.closed  # type: ignore[union-attr]
+
+
+def test_unlink_of_a_port_that_is_no_number_is_an_error_reply() -> None:
+    """An admin's unlink with an unhashable port (a list) raised TypeError out of
+    data_received: the loop cut the connection with no error frame."""
+    broker = fresh_broker(key=KEY)
+    admin = BrokerConnection(broker)
+    admin.connection_made(FakeTransport())  # type: ignore[arg-type]
+    admin.data_received(encode_control({"op": "hello", "id": 1, "role": "admin"}))
+    for port in ([1], {"a": 1}, "1", None):
+        admin.data_received(encode_control({"op": "unlink", "id": 2, "port": port}))
+    welcome, *errors = well_formed(bytes(admin.transport.written))  # type: ignore[union-attr]
+    assert welcome.op == "welcome"
+    assert [(e.body["code"], e.body["fatal"]) for e in errors] == [("no_link", False)] * 4
+    assert not admin.transport.closed  # type: ignore[union-attr]
+
+
+def test_nothing_after_a_fatal_frame_that_spans_reads_is_read() -> None:
+    """Found by test_fuzz_broker_framing (a frame-per-read broker counted a drop less):
+    a control frame over 64 KiB that spans reads is handled apart from the rest of the
+    read that completes it, and when it closed the connection without raising (a hello
+    refused), that rest was still read: here a second hello attached the closed
+    connection and its data frame was forwarded."""
+    broker = fresh_broker(key=KEY)
+    sub = attached(broker)
+    bad = BrokerConnection(broker)
+    bad.connection_made(FakeTransport())  # type: ignore[arg-type]
+    refused = encode_control({"op": "hello", "id": 1, "slow_consumer": "x" * 65_500})  # no such policy
+    after = encode_control({"op": "hello", "id": 2}) + encode_data("t", b"after", encode({KEY: sub.bit}))
+    bad.data_received(refused[:1000])
+    bad.data_received(refused[1000:] + after)
+    [error] = well_formed(bytes(bad.transport.written))  # type: ignore[union-attr]
+    assert (error.body["code"], error.body["fatal"]) == ("bad_policy", True)
+    assert bad.transport.closed and broker.attached == sub.bit  # type: ignore[union-attr]
+    assert sub.transport.written == b""  # type: ignore[union-attr]

@@ -36,8 +36,8 @@ class Plane:
         self.brokers: list[Broker] = []
         self.agents: list[dcp.DataAgent] = []
 
-    async def start_do(self, port: int = 0) -> Orchestrator:
-        self.do = Orchestrator(OrchestratorConfig(listen=f"127.0.0.1:{port}", db=str(self.db)))
+    async def start_do(self, port: int = 0, **settings: Any) -> Orchestrator:
+        self.do = Orchestrator(OrchestratorConfig(listen=f"127.0.0.1:{port}", db=str(self.db), **settings))
         await self.do.start()
         return self.do
 
@@ -46,14 +46,14 @@ class Plane:
         assert self.do is not None
         return "dcp://%s:%d" % self.do.address
 
-    async def start_brokers(self, n: int) -> list[Broker]:
+    async def start_brokers(self, n: int, **settings: Any) -> list[Broker]:
         assert self.do is not None
         keys = allocate_keys(n, 16)
         for i, key in enumerate(keys):
             peers = (f"127.0.0.1:{self.brokers[-1].address[1]}",) if self.brokers else ()
             broker = Broker(BrokerConfig(
                 listen="127.0.0.1:0", key=key, ports=16, name=f"b{i}", peers=peers,
-                orchestrator="%s:%d" % self.do.address, slow_consumer="pause",
+                orchestrator="%s:%d" % self.do.address, slow_consumer="pause", **settings,
             ))
             await broker.start()
             self.brokers.append(broker)

@@ -39,9 +39,9 @@ class OrchestratorProcess(DaemonProcess):
     db: Path
 
 
-def start_orchestrator_process(db: Path, *, port: int = 0, policy: Path | None = None) -> OrchestratorProcess:
-    """``python -m dcp orchestrator`` on ``port`` (0: a free one); returns once it listens."""
-    args = ["orchestrator", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "info"]
+def start_orchestrator_process(db: Path, *, port: int = 0, policy: Path | None = None, extra: tuple[str, ...] = ()) -> OrchestratorProcess:
+    """``python -m dcp orchestrator`` on ``port`` (0: a free one), with the flags ``extra``; returns once it listens."""
+    args = ["orchestrator", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "info", *extra]
     if policy is not None:
         args += ["--policy", str(policy)]
     process, match, seen = start_daemon(args, DO_LISTENING)

@@ -435,6 +435,7 @@ def test_single_string_consumes_and_defaults() -> None:
         (with_element("stage", 0, emits="video"), "stage[0].emits", "already emitted by source[0] (camera)"),
         (doc(source=[{"name": "c", "capability": "camera", "emits": "v"}, {"name": "d", "topic": "v"}]), "source[1].topic", "already emitted"),
         (with_element("source", 0, params=[1]), "source[0].params", "must be a table"),
+        (with_element("stage", 0, params={"slow_consumer": "never"}), "stage[0].params.slow_consumer", "drop-newest, drop-oldest"),
         (with_element("source", 0, params={"when": object()}), "source[0].params.when", "cannot be stored as JSON"),
         (with_element("source", 0, params={"a": {1: 2}}), "source[0].params.a", "not a string"),
         (doc(policy=[{"agent": "x", "action": "maybe", "consume": ["v"]}]), "policy[0].action", "'allow' or 'deny'"),

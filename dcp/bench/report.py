@@ -332,6 +332,34 @@ def _spread_md(index: Mapping[Any, Mapping[str, Any]], targets: list[str], broke
     return ["", "MB/s over the runs of each cell, lowest – highest:", "", *_table(["brokers", "size", *targets], rows, left=2)]
 
 
+def _verification_md(results: Mapping[str, Any]) -> list[str]:
+    """dcp-verified (--verify-routes) next to dcp-stateless: what route authentication costs."""
+    pairs = []  # (what, size, stateless value, verified value, unit)
+    latency = _index(_measured(_cells(_section(results, "latency"))), "target", "size")
+    for (target, size), cell in latency.items():
+        other = latency.get(("dcp-verified", size))
+        if target == "dcp-stateless" and other is not None:
+            pairs.append(("p50 latency, µs", size, cell.get("p50_us"), other.get("p50_us")))
+    throughput = _index(_measured(_cells(_section(results, "throughput"))), "target", "brokers", "size")
+    for (target, brokers, size), cell in throughput.items():
+        other = throughput.get(("dcp-verified", brokers, size))
+        if target == "dcp-stateless" and brokers == 1 and other is not None:
+            pairs.append(("one broker, MB/s", size, cell.get("mb_s"), other.get("mb_s")))
+    if not pairs:
+        return []
+    rows = [
+        [what, fmt_size(size), _fixed(plain, 1), _fixed(verified, 1),
+         _fixed(verified / plain, 2) if _isnum(plain) and _isnum(verified) and plain else DASH]
+        for what, size, plain, verified in pairs
+    ]
+    return [
+        "## Route verification cost", "",
+        "The same measurements with every topology number signed and checked (`dcp-verified`: "
+        "`--verify-routes`) and without (`dcp-stateless`); ratio = verified / stateless.", "",
+        *_table(["measure", "size", "dcp-stateless", "dcp-verified", "ratio"], rows, left=2), "",
+    ]
+
+
 def _ratio(row: Mapping[str, Any]) -> Any:
     if _isnum(row.get("ratio")):
         return row["ratio"]
@@ -390,6 +418,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         section = _section(results, name)
         if section is not None:
             lines += render(results, section) + [""]
+    lines += _verification_md(results)
     routing = _section(results, "routing")
     if routing is not None:
         lines += _routing_md(routing) + [""]

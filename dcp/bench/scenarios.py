@@ -43,7 +43,7 @@ __all__ = ["Profile", "PROFILES", "FIGURES", "run", "evaluate_targets"]
 
 KB = 1024
 MB = 1024 * 1024
-CORE_TARGETS = ("dcp-stateless", "dcp-stateful", "refqueue", "relay")
+CORE_TARGETS = ("dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay")
 EXTERNAL_TARGETS = ("nats", "redis", "mqtt", "rabbitmq")
 FIGURES = ("latency", "success", "throughput", "routing")
 
@@ -144,17 +144,18 @@ def _finish(proc: subprocess.Popen[str], what: str, timeout: float) -> dict[str,
 
 
 def run_pair(
-    target: str, address: str, *, size: int, count: int, interval_ms: float | None = None,
+    target: str, server: Server, *, size: int, count: int, interval_ms: float | None = None,
     duration_s: float | None = None, keep_latencies: bool = False, idle_timeout_s: float = 1.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One subscriber, then one publisher; both results once both are done."""
-    sub_args = ["--expect", str(count), "--idle-timeout", str(idle_timeout_s), "--max-time", str(60 + (duration_s or 0))]
+    address = server.address
+    sub_args = [*server.client_args, "--expect", str(count), "--idle-timeout", str(idle_timeout_s), "--max-time", str(60 + (duration_s or 0))]
     if keep_latencies:
         sub_args.append("--keep-latencies")
     sub = _worker("sub", target, address, *sub_args)
     try:
         ready = _json_line(sub, f"{target} subscriber")
-        pub_args = ["--size", str(size), "--count", str(count)]
+        pub_args = [*server.client_args, "--size", str(size), "--count", str(count)]
         if interval_ms is not None:
             pub_args += ["--interval-ms", str(interval_ms)]
         if duration_s is not None:
@@ -223,7 +224,7 @@ def latency(profile: Profile, targets: Sequence[str], skipped: dict[str, str], w
                     progress(f"latency {target} {size} B, round {round_ + 1} of {rounds}")
                     try:
                         _, got = run_pair(
-                            target, servers.get(target).address, size=size, count=profile.latency_warmup + per_round,
+                            target, servers.get(target), size=size, count=profile.latency_warmup + per_round,
                             interval_ms=profile.latency_interval_ms, keep_latencies=True,
                         )
                     except RuntimeError as exc:
@@ -265,7 +266,7 @@ def success(profile: Profile, targets: Sequence[str], skipped: dict[str, str], w
                     count = max(profile.success_min_messages, int(profile.success_cell_s * 1000 / interval))
                     progress(f"success {target} {size} B every {interval} ms x {count}")
                     try:
-                        sent, got = run_pair(target, servers.get(target).address, size=size, count=count, interval_ms=interval)
+                        sent, got = run_pair(target, servers.get(target), size=size, count=count, interval_ms=interval)
                     except RuntimeError as exc:
                         cells.append({**cell, "skipped": f"failed: {exc}"})
                         continue
@@ -293,11 +294,11 @@ def _throughput_cell(target: str, brokers: int, size: int, duration_s: float, wo
     subs, pubs = [], []
     try:
         for server in servers:
-            sub = _worker("sub", target, server.address, "--idle-timeout", "1.0", "--max-time", str(duration_s + 60))
+            sub = _worker("sub", target, server.address, *server.client_args, "--idle-timeout", "1.0", "--max-time", str(duration_s + 60))
             subs.append((sub, _json_line(sub, f"{target} subscriber")))
         started = time.monotonic()
         for (sub, ready), server in zip(subs, servers):
-            args = ["--size", str(size), "--count", str(count), "--duration", str(duration_s)]
+            args = [*server.client_args, "--size", str(size), "--count", str(count), "--duration", str(duration_s)]
             if ready.get("route"):
                 args += ["--route", str(ready["route"])]
             pubs.append(_worker("pub", target, server.address, *args))

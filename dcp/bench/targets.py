@@ -1,6 +1,9 @@
 """The targets ``dcp bench`` measures, and how to start (or find) each.
 
 * ``dcp-stateless``, ``dcp-stateful``: ``python -m dcp broker`` in either mode;
+* ``dcp-verified``: a stateless broker with ``--verify-routes``: every topology number
+  must carry the orchestrator's route tag (the publishers sign with the same secret,
+  which ``Server.client_args`` hands them); the cost of route authentication;
 * ``refqueue``: the reference queue, dcp's stateful broker with a commit log
   (:mod:`dcp.bench.refqueue`);
 * ``relay``: the raw relay of length-prefixed frames (:mod:`dcp.bench.relay`);
@@ -36,9 +39,9 @@ from .. import __version__
 
 __all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
 
-TARGETS = ("dcp-stateless", "dcp-stateful", "refqueue", "relay", "nats", "redis", "mqtt", "rabbitmq")
-IN_TREE = TARGETS[:4]
-EXTERNAL = TARGETS[4:]
+TARGETS = ("dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay", "nats", "redis", "mqtt", "rabbitmq")
+IN_TREE = TARGETS[:5]
+EXTERNAL = TARGETS[5:]
 DEFAULT_ADDRESSES = {
     "nats": "127.0.0.1:4222",
     "redis": "127.0.0.1:6379",
@@ -67,7 +70,8 @@ class Server:
     address: str
     process: subprocess.Popen[str] | None = None
     log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), repr=False)
-    workdir: Path | None = None  # removed by stop() (the refqueue's commit log)
+    workdir: Path | None = None  # removed by stop() (the refqueue's commit log, dcp-verified's secret)
+    client_args: tuple[str, ...] = ()  # what every publisher and subscriber of this server is also given
     _drain: threading.Thread | None = field(default=None, repr=False)
 
     def stop(self) -> int:
@@ -95,10 +99,17 @@ class Server:
 
 def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[list[str], re.Pattern[str], Path | None]:
     python = [sys.executable, "-m"]
-    if target in ("dcp-stateless", "dcp-stateful"):
+    if target in ("dcp-stateless", "dcp-stateful", "dcp-verified"):
         mode = ["--mode", "stateful"] if target == "dcp-stateful" else []
+        own_dir = None
+        if target == "dcp-verified":
+            workdir.mkdir(parents=True, exist_ok=True)
+            own_dir = Path(tempfile.mkdtemp(prefix="verified-", dir=workdir))
+            (own_dir / "secret").write_bytes(os.urandom(32).hex().encode())
+            mode = ["--verify-routes", "--secret-file", str(own_dir / "secret")]
         # --log-level info: the listening line is an info line (one more line per attach, none per frame)
-        return [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", *mode, *extra_args], _DCP_LISTENING, None
+        argv = [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", *mode, *extra_args]
+        return argv, _DCP_LISTENING, own_dir
     if target == "refqueue":
         workdir.mkdir(parents=True, exist_ok=True)
         log_dir = Path(tempfile.mkdtemp(prefix="refqueue-", dir=workdir))
@@ -122,12 +133,15 @@ def start_server(target: str, workdir: Path, extra_args: Sequence[str] = ()) -> 
         if not ok:
             raise RuntimeError(f"{target} is not available: {detail}")
         return Server(target, DEFAULT_ADDRESSES[target], None)
-    argv, listening, log_dir = _command(target, Path(workdir), extra_args)
+    argv, listening, own_dir = _command(target, Path(workdir), extra_args)
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    server = Server(target, "", process, workdir=log_dir)
+    server = Server(target, "", process, workdir=own_dir)
+    if target == "dcp-verified":
+        assert own_dir is not None
+        server.client_args = ("--secret-file", str(own_dir / "secret"))
     lines: queue.Queue[str | None] = queue.Queue()
     listening_seen = threading.Event()
 

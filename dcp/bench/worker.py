@@ -15,7 +15,7 @@ callback, or as its iterator yields) and the latency is that minus the stamp: bo
 ends run on this host, on the same clock.
 
 The subscriber prints ``{"ready": true, "route": "..."}`` once its subscription has
-taken effect (the route is the topology number X a dcp-stateless publisher must use,
+taken effect (the route is the topology number X a dcp-stateless or dcp-verified publisher must use,
 as a decimal string; empty for every other target), then one result line when it is
 done (N messages, or idle for ``--idle-timeout`` after the first, or ``--max-time``
 after ready, or SIGTERM/SIGINT).  The publisher prints one result line once
@@ -49,9 +49,10 @@ _pack_stamp = _STAMP.pack
 _unpack_stamp = _STAMP.unpack_from
 _PADS: dict[int, bytes] = {}
 FAMILIES = {
-    "dcp-stateless": "dcp", "dcp-stateful": "dcp", "refqueue": "dcp", "relay": "relay",
+    "dcp-stateless": "dcp", "dcp-stateful": "dcp", "dcp-verified": "dcp", "refqueue": "dcp", "relay": "relay",
     "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq",
 }
+ROUTED = ("dcp-stateless", "dcp-verified")  # publishers route by the X their subscriber reports
 EXCHANGE = "dcp-bench"  # RabbitMQ: a direct exchange, the topic is the routing key
 CONNECT_TIMEOUT_S = 10.0
 
@@ -81,9 +82,10 @@ def unstamp(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
 class Recorder:
     """Counts, sequence checks and latencies of the messages received."""
 
-    def __init__(self, expect: int | None = None, keep: bool = False) -> None:
+    def __init__(self, expect: int | None = None, keep: bool = False, every: int = 1) -> None:
         self.expect = expect
         self.keep = keep
+        self.every = every  # keep the latency of one message in this many (sequence numbers), for long runs
         self.received = 0  # distinct sequence numbers
         self.bytes = 0
         self.duplicates = 0
@@ -112,7 +114,8 @@ class Recorder:
         latency = (now_ns // 1000 - (hi << 32 | lo)) & _MASK48
         if latency >= _HALF48:  # the stamp is ahead of our clock (it cannot be, on one host)
             latency -= 1 << 48
-        self.latencies.append(latency)
+        if self.every == 1 or not seq % self.every:
+            self.latencies.append(latency)
         if seq < self.max_seq:
             self.out_of_order += 1
         else:
@@ -190,7 +193,7 @@ async def _sub_dcp(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: 
                     record(msg.payload, 0, len(msg.payload), now)
 
             drain = asyncio.ensure_future(consume())
-        if args.target == "dcp-stateless":
+        if args.target in ROUTED:
             assert conn.broker_key is not None and conn.port is not None
             ready(str(encode({conn.broker_key: 1 << conn.port})))
         else:
@@ -229,12 +232,17 @@ async def _pub_dcp(args: argparse.Namespace) -> Any:
     conn = await connect(
         f"dcp://{args.address}", name="bench-pub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S, request_timeout_s=60.0
     )
-    route = int(args.route or 0) if args.target == "dcp-stateless" else 0
+    route = int(args.route or 0) if args.target in ROUTED else 0
     topic = args.topic
     publish = conn.publish
+    tag = None
+    if args.secret_file:  # dcp-verified: sign X as the orchestrator would
+        from ..auth import RouteSigner, load_secret
+
+        tag = RouteSigner(load_secret(args.secret_file)).sign(topic, route, 1, int(time.time()) + 3600)
 
     async def send(payload: bytes) -> None:
-        await publish(topic, payload, route)
+        await publish(topic, payload, route, tag=tag)
 
     async def finish() -> None:
         try:
@@ -611,7 +619,7 @@ async def run_sub(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    rec = Recorder(args.expect, args.keep_latencies)
+    rec = Recorder(args.expect, args.keep_latencies, args.latency_every)
     is_ready = asyncio.Event()
 
     def ready(route: str) -> None:
@@ -719,17 +727,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", required=True, choices=tuple(FAMILIES))
         p.add_argument("--address", required=True, help="HOST:PORT of the server")
         p.add_argument("--topic", default="bench")
+        p.add_argument("--secret-file", default=None, help="dcp-verified: the secret the broker verifies route tags with")
     sub = roles.choices["sub"]
     sub.add_argument("--expect", type=int, default=None, help="stop after this many messages")
     sub.add_argument("--idle-timeout", type=float, default=2.0, help="stop after this long without a message, once one came (s)")
     sub.add_argument("--max-time", type=float, default=600.0, help="stop this long after ready, whatever came (s; default 600)")
     sub.add_argument("--keep-latencies", action="store_true", help="add every latency, in arrival order, to the result")
+    sub.add_argument(
+        "--latency-every", type=int, default=1,
+        help="take the latency of one message in this many (by sequence number), to bound memory on long runs (default 1: all)",
+    )
     pub = roles.choices["pub"]
     pub.add_argument("--size", type=int, required=True, help=f"payload bytes (at least {STAMP_SIZE})")
     pub.add_argument("--count", type=int, required=True, help="messages to send")
     pub.add_argument("--interval-ms", type=float, default=None, help="send one message every this many ms (default: as fast as flow control allows)")
     pub.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
-    pub.add_argument("--route", default=None, help="dcp-stateless: the topology number X (decimal) from the subscriber's ready line")
+    pub.add_argument("--route", default=None, help="dcp-stateless, dcp-verified: the topology number X (decimal) from the subscriber's ready line")
     return parser
 
 
@@ -743,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "pub" and args.size < STAMP_SIZE:
         print(f"--size must be at least {STAMP_SIZE}", file=sys.stderr)
         return 2
-    if args.role == "pub" and args.target == "dcp-stateless" and not args.route:
-        print("dcp-stateless needs --route X (the subscriber's ready line has it)", file=sys.stderr)
+    if args.role == "pub" and args.target in ROUTED and not args.route:
+        print(f"{args.target} needs --route X (the subscriber's ready line has it)", file=sys.stderr)
         return 2
     return run(run_sub(args) if args.role == "sub" else run_pub(args))
 

@@ -1,0 +1,489 @@
+"""Agent tokens and TLS: ``dcp.auth``, ``--require-token`` on brokers and the orchestrator, TLS on every hop.
+
+Brokers and orchestrators are real servers on OS-chosen loopback ports, in this
+process (so tests read their state) or, for the ``dcp`` command, in their own.
+Certificates come from a throwaway CA that the ``openssl`` command makes for this
+session.  A refused peer is checked twice: it gets the error code, and traffic that
+crosses the broker afterwards shows that nothing of its got through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dcp
+from dcp.auth import Claims, admit, issue_token, load_secret, verify_token
+from dcp.broker import Broker
+from dcp.cli import main
+from dcp.config import BrokerConfig, OrchestratorConfig
+from dcp.errors import AuthError, ConfigError, ConnectionClosed, RemoteError
+from dcp.orchestrator import Orchestrator
+from dcp.routing import allocate_keys, encode
+from dcp.wire import ControlFrame, Decoder, encode_control, encode_data
+from tests.conftest import url_of
+from tests.test_pipelines import start_orchestrator_process
+from tests.throwaway_ca import Certs, make_certs
+from tests.waiting import until
+
+NOW = 1_700_000_000
+PORTS = 8
+STRANGER = b"a secret nobody here shares, 32b"
+
+
+@pytest.fixture(scope="session")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secret") / "dcp.secret"
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def secret(secret_file: Path) -> bytes:
+    return load_secret(secret_file)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("tls"))
+
+
+def token(secret: bytes, name: str, role: str = "agent", ttl_s: float = 60) -> str:
+    return issue_token(secret, name, role, int(time.time() + ttl_s))
+
+
+def code_of(call: Callable[[], Any]) -> str:
+    with pytest.raises(AuthError) as info:
+        call()
+    return info.value.code
+
+
+def addr_of(server: Broker | Orchestrator) -> str:
+    return "%s:%d" % server.address
+
+
+def tls_of(transport: Any) -> bool:
+    return transport.get_extra_info("ssl_object") is not None
+
+
+# -- dcp.auth -------------------------------------------------------------------------
+
+
+def test_a_token_round_trips_to_its_claims(secret: bytes) -> None:
+    issued = issue_token(secret, "camera", "agent", NOW + 60)
+    assert verify_token(secret, issued, NOW) == Claims("camera", "agent", NOW + 60)
+    assert verify_token(secret, issued, NOW + 59.9).name == "camera"
+
+
+def test_a_token_from_another_secret_is_forged(secret: bytes) -> None:
+    assert code_of(lambda: verify_token(secret, issue_token(STRANGER, "camera", "agent", NOW + 60), NOW)) == "token_forged"
+
+
+@pytest.mark.parametrize("change", [{"role": "admin"}, {"name": "spy"}, {"exp": NOW + 10**6}])
+def test_altered_claims_are_forged(secret: bytes, change: dict[str, Any]) -> None:
+    prefix, body, mac = issue_token(secret, "camera", "agent", NOW + 60).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    altered = json.dumps({**claims, **change}, separators=(",", ":"), sort_keys=True).encode()
+    forged = f"{prefix}.{base64.urlsafe_b64encode(altered).rstrip(b'=').decode()}.{mac}"
+    assert code_of(lambda: verify_token(secret, forged, NOW)) == "token_forged"
+
+
+def test_an_expired_token_is_refused(secret: bytes) -> None:
+    issued = issue_token(secret, "camera", "agent", NOW)
+    assert verify_token(secret, issued, NOW - 1).expires == NOW
+    assert code_of(lambda: verify_token(secret, issued, NOW)) == "token_expired"
+    assert code_of(lambda: verify_token(secret, issued, NOW + 3600)) == "token_expired"
+
+
+@pytest.mark.parametrize(
+    "bad, code",
+    [(None, "token_missing"), ("", "token_missing"), (42, "token_malformed"), ("dcp1.two-parts", "token_malformed"),
+     ("dcp1.a.b", "token_malformed"), ("dcp9.e30.AAAA", "token_malformed")],
+)
+def test_missing_and_malformed_tokens(secret: bytes, bad: object, code: str) -> None:
+    assert code_of(lambda: verify_token(secret, bad, NOW)) == code
+
+
+def test_a_hello_is_admitted_by_a_token_of_its_role_and_name(secret: bytes) -> None:
+    agent, admin, broker = token(secret, "cam"), token(secret, "ops", "admin"), token(secret, "b0", "broker")
+    now = time.time()
+    assert admit(secret, {"role": "agent", "name": "cam", "token": agent}, now).name == "cam"
+    assert admit(secret, {"role": "agent", "token": agent}, now).name == "cam"  # no name: the token's
+    assert admit(secret, {"role": "admin", "name": "dcp-cli", "token": admin}, now).role == "admin"  # admins' names are free
+    assert admit(secret, {"role": "peer", "name": "b0", "token": broker}, now).role == "broker"
+    assert admit(secret, {"role": "broker", "name": "b0", "token": broker}, now).role == "broker"
+    assert code_of(lambda: admit(secret, {"role": "admin", "token": agent}, now)) == "token_role"
+    assert code_of(lambda: admit(secret, {"role": "agent", "token": admin}, now)) == "token_role"
+    assert code_of(lambda: admit(secret, {"role": "peer", "name": "cam", "token": agent}, now)) == "token_role"
+    assert code_of(lambda: admit(secret, {"role": "agent", "name": "spy", "token": agent}, now)) == "token_name"
+    assert code_of(lambda: admit(secret, {"role": "broker", "name": "b1", "token": broker}, now)) == "token_name"
+
+
+def test_a_short_secret_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "short.secret"
+    path.write_text("too short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_secret(path)
+
+
+@pytest.mark.parametrize("config_class", [BrokerConfig, OrchestratorConfig])
+def test_config_checks_the_token_and_tls_settings(config_class: Any, secret_file: Path) -> None:
+    with pytest.raises(ConfigError, match="require_token needs secret_file"):
+        config_class(require_token=True)
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        config_class(tls_cert="server.pem")
+    assert config_class(require_token=True, secret_file=str(secret_file)).require_token
+
+
+def test_unreadable_tls_files_are_config_errors(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
+        Broker(BrokerConfig(tls_cert=missing, tls_key=missing))
+    with pytest.raises(ConfigError, match="cannot load the TLS CA file"):
+        Broker(BrokerConfig(tls_ca=missing))
+    with pytest.raises(ConfigError, match="cannot load the TLS CA file"):
+        dcp.Connection("dcps://127.0.0.1:1", tls_ca=missing)
+
+
+# -- a broker with --require-token ------------------------------------------------------
+
+
+@pytest.fixture
+async def guarded(make_broker, secret_file: Path) -> Broker:  # type: ignore[no-untyped-def]
+    return await make_broker(secret_file=str(secret_file), require_token=True, ports=PORTS)
+
+
+@pytest.mark.parametrize(
+    "kind, code",
+    [("none", "token_missing"), ("forged", "token_forged"), ("expired", "token_expired"), ("admin", "token_role"),
+     ("another agent's", "token_name")],
+)
+async def test_a_publisher_without_a_valid_token_is_refused_and_forwards_nothing(guarded: Broker, secret: bytes, kind: str, code: str) -> None:
+    bad = {
+        "none": None,
+        "forged": token(STRANGER, "pub"),
+        "expired": token(secret, "pub", ttl_s=-1),
+        "admin": token(secret, "pub", "admin"),
+        "another agent's": token(secret, "sub"),
+    }[kind]
+    url = url_of(guarded)
+    async with dcp.connect(url, name="sub", token=token(secret, "sub")) as sub, \
+            dcp.connect(url, name="pub", token=token(secret, "pub")) as pub:
+        route = encode({guarded.key: 1 << sub.port})
+        reader, writer = await asyncio.open_connection(*guarded.address)
+        hello: dict[str, Any] = {"op": "hello", "id": 1, "name": "pub", "role": "agent"}
+        if bad is not None:
+            hello["token"] = bad
+        writer.write(encode_control(hello) + encode_data("video", b"sneaked in", route))  # one read for the broker
+        events = Decoder().feed(await asyncio.wait_for(reader.read(), 10))  # to the broker's close
+        writer.close()
+        assert [type(e) for e in events] == [ControlFrame]
+        error = events[0].body
+        assert (error["op"], error["code"], error["re"], error["fatal"]) == ("error", code, 1, True)
+        assert guarded.attached == 1 << sub.port | 1 << pub.port
+
+        await pub.publish("video", b"genuine", route=route)
+        msg = await sub.next_message(timeout=10)  # the refused frame, had it passed, would be first
+        assert (msg.payload, sub.pending) == (b"genuine", 0)
+
+
+async def test_open_with_retry_raises_a_refusal_at_once(guarded: Broker) -> None:
+    conn = dcp.Connection(url_of(guarded), name="pub", reconnect=dcp.Backoff(initial_s=0.01, max_s=0.01))
+    with pytest.raises(RemoteError) as info:
+        await asyncio.wait_for(conn.open(retry=True), 10)  # a retried refusal would time out here
+    assert info.value.code == "token_missing" and guarded.attached == 0
+    await conn.close()
+
+
+async def test_a_token_refused_at_a_reconnect_closes_the_connection_for_good(guarded: Broker, secret: bytes) -> None:
+    good = {"now": True}
+    conn = dcp.Connection(
+        url_of(guarded), name="pub", reconnect=dcp.Backoff(initial_s=0.01, max_s=0.05),
+        token=lambda: token(secret, "pub") if good["now"] else token(STRANGER, "pub"),
+    )
+    await conn.open()
+    good["now"] = False
+    (attached,) = guarded._connections
+    attached.abort()
+    await until(lambda: conn.status is not dcp.Status.OPEN, "the client to see its connection cut")
+    with pytest.raises(ConnectionClosed) as info:
+        await conn.wait_connected(timeout=10)  # endless redials would time out here
+    assert isinstance(info.value.__cause__, RemoteError) and info.value.__cause__.code == "token_forged"
+    assert conn.status is dcp.Status.CLOSED
+
+
+async def test_admins_need_an_admin_token_even_for_stats(guarded: Broker, secret: bytes) -> None:
+    async with dcp.connect(url_of(guarded), role="admin", token=token(secret, "ops", "admin"), reconnect=False) as admin:
+        assert (await admin.stats())["ports"] == PORTS
+    for bad, code in ((None, "token_missing"), (token(secret, "ops"), "token_role")):
+        with pytest.raises(RemoteError) as info:
+            await dcp.connect(url_of(guarded), role="admin", token=bad, reconnect=False)
+        assert info.value.code == code
+    reader, writer = await asyncio.open_connection(*guarded.address)
+    writer.write(encode_control({"op": "stats", "id": 7}))  # no hello at all
+    (event,) = Decoder().feed(await asyncio.wait_for(reader.read(), 10))
+    writer.close()
+    assert isinstance(event, ControlFrame)
+    assert (event.body["code"], event.body["re"], event.body["fatal"]) == ("token_missing", 7, True)
+
+
+async def test_an_agent_refused_by_its_brokers_stops_with_the_code(guarded: Broker, secret: bytes) -> None:
+    agent = dcp.DataAgent(
+        "cam", broker=[url_of(guarded), url_of(guarded)], orchestrator="dcp://127.0.0.1:1",
+        token=token(secret, "cam", ttl_s=-1),
+    )
+    with pytest.raises(RemoteError) as info:
+        await agent.start(timeout=10)  # trying broker after broker would time out here
+    assert info.value.code == "token_expired" and agent.failure is info.value
+
+
+async def test_an_agent_refused_at_a_reconnect_stops_and_run_says_why(guarded: Broker, secret: bytes, tmp_path: Path) -> None:
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db")))
+    await do.start()
+    good = {"now": True}
+    agent = dcp.DataAgent(
+        "cam", broker=url_of(guarded), orchestrator=f"dcp://{addr_of(do)}",
+        token=lambda: token(secret, "cam") if good["now"] else token(STRANGER, "cam"),
+    )
+    running = asyncio.ensure_future(agent.run())
+    try:
+        await until(lambda: "cam" in do.agents and do.agents["cam"].conn is not None, "cam registered")
+        good["now"] = False
+        (attached,) = guarded._connections
+        attached.abort()
+        with pytest.raises(RemoteError) as info:
+            await asyncio.wait_for(running, 10)
+        assert info.value.code == "token_forged" and guarded.attached == 0
+    finally:
+        running.cancel()
+        await agent.stop()
+        await do.close()
+
+
+async def test_linked_brokers_requiring_tokens_link_and_forward(make_broker, secret_file: Path, secret: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    key_a, key_b, key_c = allocate_keys(3, PORTS)
+    guarded = {"secret_file": str(secret_file), "require_token": True, "ports": PORTS}
+    a = await make_broker(key=key_a, name="alpha", **guarded)
+    b = await make_broker(key=key_b, name="beta", **guarded)
+    link = b.add_link(addr_of(a))
+    await link.wait_up(5)
+    (back,) = a.links.values()
+    async with dcp.connect(url_of(a), name="pub", token=token(secret, "pub")) as pub, \
+            dcp.connect(url_of(b), name="sub", token=token(secret, "sub")) as sub:
+        await pub.publish("across", b"linked", route=encode({key_a: 1 << back.port, key_b: 1 << sub.port}))
+        msg = await sub.next_message(timeout=10)
+        assert (msg.topic, msg.payload) == ("across", b"linked")
+
+    other = tmp_path / "other.secret"
+    other.write_text(secrets.token_hex(32))
+    stranger = await make_broker(key=key_c, name="stranger", secret_file=str(other), ports=PORTS)
+    refused = stranger.add_link(addr_of(a))
+    await until(lambda: "token_forged" in refused.last_error, lambda: f"a refusal for the token, not {refused.last_error!r}")
+    assert refused.state == "down" and list(a.links.values()) == [back]
+
+
+# -- the orchestrator with --require-token ---------------------------------------------------
+
+
+@pytest.fixture
+async def guarded_do(tmp_path: Path, secret_file: Path) -> AsyncIterator[Orchestrator]:
+    do = Orchestrator(OrchestratorConfig(
+        listen="127.0.0.1:0", db=str(tmp_path / "guarded.db"), secret_file=str(secret_file), require_token=True,
+    ))
+    await do.start()
+    yield do
+    await do.close()
+
+
+async def test_the_orchestrator_refuses_agents_without_a_token_and_issues_tokens(  # type: ignore[no-untyped-def]
+    guarded_do: Orchestrator, make_broker, secret_file: Path, secret: bytes
+) -> None:
+    broker = await make_broker(name="b0", secret_file=str(secret_file), orchestrator=addr_of(guarded_do))
+    await until(lambda: "b0" in guarded_do.brokers and guarded_do.brokers["b0"].conn is not None, "b0 registered with its own token")
+    do_url = f"dcp://{addr_of(guarded_do)}"
+    with pytest.raises(RemoteError) as info:
+        await dcp.DataAgent("cam", broker=url_of(broker), orchestrator=do_url).start(timeout=10)
+    assert info.value.code == "token_missing" and "cam" not in guarded_do.agents
+
+    async with dcp.connect(do_url, role="admin", token=token(secret, "ops", "admin"), reconnect=False) as admin:
+        issued = await admin.request({"op": "token", "name": "cam", "role": "agent", "ttl_s": 60})
+        with pytest.raises(RemoteError, match="role must be one of agent, admin"):
+            await admin.request({"op": "token", "name": "cam", "role": "broker", "ttl_s": 60})
+        for ttl in (0, -5, 2**63, "60", True):
+            with pytest.raises(RemoteError, match="ttl_s must be a positive number"):
+                await admin.request({"op": "token", "name": "cam", "ttl_s": ttl})
+    claims = verify_token(secret, issued["token"], time.time())
+    assert (claims.name, claims.role, claims.expires) == ("cam", "agent", issued["expires"])
+    assert claims.expires <= time.time() + 60
+
+    async with dcp.connect(do_url, role="agent", name="cam", token=issued["token"], reconnect=False) as agent_conn:
+        with pytest.raises(RemoteError, match="token needs an admin connection"):
+            await agent_conn.request({"op": "token", "name": "cam2"})
+    agent = dcp.DataAgent("cam", broker=url_of(broker), orchestrator=do_url, token=issued["token"])
+    await agent.start(timeout=10)
+    try:
+        assert guarded_do.agents["cam"].conn is not None
+    finally:
+        await agent.stop()
+    with pytest.raises(RemoteError) as info:
+        await dcp.DataAgent("spy", broker=url_of(broker), orchestrator=do_url, token=issued["token"]).start(timeout=10)
+    assert info.value.code == "token_name" and "spy" not in guarded_do.agents
+
+
+def _dcp(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if name != "DCP_TOKEN"}
+    return subprocess.run([sys.executable, "-m", "dcp", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_dcp_token_asks_the_orchestrator_or_signs_offline(  # type: ignore[no-untyped-def]
+    tmp_path: Path, secret_file: Path, secret: bytes, capsys
+) -> None:
+    assert main(["token", "ops", "--role", "admin", "--secret-file", str(secret_file), "--ttl-s", "60"]) == 0
+    admin_token = capsys.readouterr().out.strip()
+    assert verify_token(secret, admin_token, time.time())[:2] == ("ops", "admin")
+    for ttl in ("0", "nan", "inf"):
+        assert main(["token", "cam", "--ttl-s", ttl, "--secret-file", str(secret_file)]) == 2
+    for bad_usage in (["token", "cam", "--orchestrator", "127.0.0.1:1", "--secret-file", str(secret_file)],
+                      ["token", "cam", "--role", "broker"], ["token"]):
+        with pytest.raises(SystemExit) as info:
+            main(bad_usage)
+        assert info.value.code == 2
+
+    do = start_orchestrator_process(tmp_path / "do.db", extra=("--secret-file", str(secret_file), "--require-token"))
+    try:
+        refused = _dcp("token", "cam", "--orchestrator", do.address)
+        assert refused.returncode == 1 and "token_missing" in refused.stderr, refused.stderr
+        issued = _dcp("token", "cam", "--orchestrator", do.address, "--token", admin_token, "--ttl-s", "120")
+        assert issued.returncode == 0, issued.stderr
+        claims = verify_token(secret, issued.stdout.strip(), time.time())
+        assert (claims.name, claims.role) == ("cam", "agent") and claims.expires <= time.time() + 120
+    finally:
+        code, log = do.stop()
+    assert code == 0, log
+    assert "token issued to cam (role agent)" in log
+
+
+def test_dcp_stats_over_tls_with_an_admin_token(broker_process, certs: Certs, secret_file: Path, secret: bytes) -> None:  # type: ignore[no-untyped-def]
+    broker = broker_process(
+        "--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--secret-file", str(secret_file), "--require-token",
+    )
+    admin_token = token(secret, "ops", "admin")
+    stats = _dcp("stats", broker.address, "--tls-ca", str(certs.ca), "--token", admin_token, "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["address"] == broker.address
+    plain = _dcp("stats", broker.address, "--token", admin_token)
+    assert plain.returncode == 1 and "(a TLS server? use dcps://)" in plain.stderr, plain.stderr
+    no_token = _dcp("stats", broker.address, "--tls-ca", str(certs.ca))
+    assert no_token.returncode == 1 and "token_missing" in no_token.stderr, no_token.stderr
+    code, log = broker.stop()
+    assert code == 0, log
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+def assert_tls_transport(transport: Any, high: int) -> None:
+    """TLS, with no Nagle delay and the write-buffer bound, as on plain TCP.
+
+    ``no_delay`` reaches the socket through ``get_extra_info("socket")``, which a TLS
+    transport must answer (uvloop sets TCP_NODELAY by itself too, so the option alone
+    would not tell).
+    """
+    assert tls_of(transport)
+    sock = transport.get_extra_info("socket")
+    assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert transport.get_write_buffer_limits()[1] == high
+
+
+async def test_clients_and_a_broker_over_tls(make_broker, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    broker = await make_broker(tls_cert=str(certs.cert), tls_key=str(certs.key), out_buffer_bytes=64 * 1024)
+    url = f"dcps://{addr_of(broker)}"
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    async with dcp.connect(url, name="pub", tls_ca=str(certs.ca), write_buffer_bytes=32 * 1024) as pub, \
+            dcp.connect(url, name="sub", ssl=context) as sub:
+        route = encode({broker.key: 1 << sub.port})
+        large = secrets.token_bytes(300_000)  # spans reads: forwarded as the reads that carry it
+        for payload in (b"over tls", large, b"after"):
+            await pub.publish("video", payload, route=route)
+        got = [(await sub.next_message(timeout=10)).payload for _ in range(3)]
+        assert got == [b"over tls", large, b"after"]
+        for conn in broker._connections:
+            assert_tls_transport(conn.transport, 64 * 1024)
+        assert_tls_transport(pub._transport, 32 * 1024)
+
+
+async def test_plaintext_and_tls_mismatches_fail_clearly(make_broker, certs: Certs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tls_broker = await make_broker(tls_cert=str(certs.cert), tls_key=str(certs.key))
+    plain_broker = await make_broker()
+    with pytest.raises(ConnectionClosed, match=r"before answering hello \(a TLS server\? use dcps://\)"):
+        await asyncio.wait_for(dcp.connect(url_of(tls_broker), reconnect=False), 10)
+    with pytest.raises(ConnectionClosed, match="not a TLS server"):
+        await asyncio.wait_for(dcp.connect(f"dcps://{addr_of(plain_broker)}", tls_ca=str(certs.ca), reconnect=False), 10)
+    other = make_certs(tmp_path)  # another CA, which did not sign the broker's certificate
+    with pytest.raises(ConnectionClosed, match="certificate"):
+        await asyncio.wait_for(dcp.connect(f"dcps://{addr_of(tls_broker)}", tls_ca=str(other.ca), reconnect=False), 10)
+    with pytest.raises(ConfigError, match="use dcps://"):
+        dcp.connect(url_of(tls_broker), tls_ca=str(certs.ca))
+    assert tls_broker.attached == plain_broker.attached == 0
+
+
+async def test_linked_brokers_over_tls_forward(make_broker, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    key_a, key_b = allocate_keys(2, PORTS)
+    tls = {"tls_cert": str(certs.cert), "tls_key": str(certs.key), "tls_ca": str(certs.ca), "ports": PORTS}
+    a = await make_broker(key=key_a, name="alpha", **tls)
+    b = await make_broker(key=key_b, name="beta", **tls)
+    link = b.add_link(addr_of(a))
+    await link.wait_up(5)
+    (back,) = a.links.values()
+    assert link.conn is not None and back.conn is not None
+    assert tls_of(link.conn.transport) and tls_of(back.conn.transport)
+    async with dcp.connect(f"dcps://{addr_of(a)}", name="pub", tls_ca=str(certs.ca)) as pub, \
+            dcp.connect(f"dcps://{addr_of(b)}", name="sub", tls_ca=str(certs.ca)) as sub:
+        await pub.publish("across", b"linked over tls", route=encode({key_a: 1 << back.port, key_b: 1 << sub.port}))
+        msg = await sub.next_message(timeout=10)
+        assert (msg.topic, msg.payload) == ("across", b"linked over tls")
+
+
+async def test_an_agent_and_a_broker_talk_tls_to_a_tls_orchestrator(  # type: ignore[no-untyped-def]
+    make_broker, certs: Certs, secret_file: Path, secret: bytes, tmp_path: Path
+) -> None:
+    do = Orchestrator(OrchestratorConfig(
+        listen="127.0.0.1:0", db=str(tmp_path / "do.db"), tls_cert=str(certs.cert), tls_key=str(certs.key),
+        secret_file=str(secret_file), require_token=True,
+    ))
+    await do.start()
+    try:
+        broker = await make_broker(
+            name="b0", orchestrator=addr_of(do), tls_ca=str(certs.ca), tls_cert=str(certs.cert), tls_key=str(certs.key),
+            secret_file=str(secret_file), require_token=True,
+        )
+        await until(lambda: "b0" in do.brokers and do.brokers["b0"].conn is not None, "b0 registered over TLS")
+        assert tls_of(do.brokers["b0"].conn.transport)  # type: ignore[union-attr]
+        agent = dcp.DataAgent(
+            "cam", broker=f"dcps://{addr_of(broker)}", orchestrator=f"dcps://{addr_of(do)}", tls_ca=str(certs.ca),
+            token=token(secret, "cam"),
+        )
+        await agent.start(timeout=10)
+        try:
+            record = do.agents["cam"]
+            assert record.conn is not None and tls_of(record.conn.transport)
+            assert agent.broker is not None and tls_of(agent.broker._transport)
+        finally:
+            await agent.stop()
+        with pytest.raises(ConnectionClosed, match="a TLS server"):
+            await asyncio.wait_for(dcp.connect(f"dcp://{addr_of(do)}", role="admin", reconnect=False), 10)
+    finally:
+        await do.close()

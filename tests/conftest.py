@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,7 +40,10 @@ def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
     """One line with the inputs the fuzz tests really ran, to quote."""
     if fuzz_executed:
         counts = ", ".join(f"{family} {count}" for family, count in sorted(fuzz_executed.items()))
-        terminalreporter.write_line(f"fuzz inputs executed (DCP_FUZZ_EXAMPLES={FUZZ_SCALE or 'unset'}): {counts}")
+        terminalreporter.write_line(
+            f"fuzz inputs executed (DCP_FUZZ_EXAMPLES={FUZZ_SCALE or 'unset'}): {counts}; "
+            f"session CPU {time.process_time():.0f} s"
+        )
 
 
 @pytest.fixture

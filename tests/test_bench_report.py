@@ -305,3 +305,11 @@ def test_write(tmp_path: Path) -> None:
 
 def test_module_exports() -> None:
     assert {"markdown", "svg_line_chart", "figures", "write"} <= set(report.__all__)
+
+
+def test_notes_of_a_run_come_under_its_run_line() -> None:
+    text = markdown({**results(), "notes": ["figure 8 was measured | again", "second"]})
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Run: "))
+    assert lines[at + 2 : at + 4] == ["Note: figure 8 was measured \\| again", "Note: second"]
+    assert "Note:" not in markdown(results())

@@ -40,7 +40,7 @@ from dcp.wire import (
     encode_data,
 )
 
-from .fuzzing import apply_mutations, executed, fuzz_settings, hostile_streams, mutations, split
+from .fuzzing import apply_mutations, executed, fuzz_settings, mutations, seeded_stream, seeds, split
 
 U64 = 2**64 - 1
 DEFAULT = Limits()
@@ -372,18 +372,18 @@ def test_fuzz_random_bytes_after_valid_header_start(stream, cuts) -> None:
 # Few topics and routes, so X and topic repeat: the decoder takes a shortcut when they do.
 @pytest.mark.fuzz
 @fuzz_settings(150)
-@given(hostile_streams(), mutations(min_size=1), st.lists(st.integers(0, 3000), max_size=8))
-def test_fuzz_mutated_streams(stream, ops, cuts) -> None:
-    _check_fuzz(apply_mutations(stream, ops), cuts)
+@given(seeds, mutations(min_size=1), st.lists(st.integers(0, 3000), max_size=8))
+def test_fuzz_mutated_streams(seed, ops, cuts) -> None:
+    _check_fuzz(apply_mutations(seeded_stream(seed), ops), cuts)
 
 
 @pytest.mark.fuzz
 @fuzz_settings(100)
-@given(hostile_streams(), mutations(("length", "shift"), min_size=1, max_size=2), st.lists(st.integers(0, 3000), max_size=4))
-def test_fuzz_length_fields(stream, ops, cuts) -> None:
+@given(seeds, mutations(("length", "shift"), min_size=1, max_size=2), st.lists(st.integers(0, 3000), max_size=4))
+def test_fuzz_length_fields(seed, ops, cuts) -> None:
     """Overwrite a byte of a header's length fields (x_len, topic_len, payload_len), or
     move the boundary between X and topic."""
-    _check_fuzz(apply_mutations(stream, ops), cuts)
+    _check_fuzz(apply_mutations(seeded_stream(seed), ops), cuts)
 
 
 # --------------------------------------------------------------------------- limits

@@ -413,6 +413,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         facts.append(f"took {_trim(results['duration_s'], 1)} s")
     if facts:
         lines += ["Run: " + ", ".join(facts) + ".", ""]
+    notes = results.get("notes")
+    if isinstance(notes, list) and notes:  # what happened to this run that its numbers do not say
+        lines += [*(f"Note: {_md(note)}" for note in notes), ""]
     lines += ["## Environment", "", *_environment_lines(results), ""]
     for name, render in (("latency", _latency_md), ("success", _success_md), ("throughput", _throughput_md)):
         section = _section(results, name)

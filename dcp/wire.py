@@ -345,6 +345,8 @@ class Decoder:
             raise RemoteProtocolError("decoder already failed") from self._error
         if self._eof:
             raise LocalProtocolError("data fed after EOF")
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = bytes(data)  # any other buffer (a memoryview, an array) as its bytes, which the parser slices and compares
         if not data:
             self._eof = True
             if self._held:

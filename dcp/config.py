@@ -198,7 +198,9 @@ class BrokerConfig(_FromSources):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_frame=self.max_frame, max_topic=self.max_topic, max_x_bits=self.max_x_bits)
+        # a control frame is a frame: under a small max_frame, max_frame bounds it too
+        max_control = min(DEFAULT_LIMITS.max_control, self.max_frame)
+        return Limits(max_frame=self.max_frame, max_topic=self.max_topic, max_x_bits=self.max_x_bits, max_control=max_control)
 
     @property
     def address(self) -> tuple[str, int]:

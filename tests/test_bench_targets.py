@@ -50,6 +50,65 @@ async def _read_frames(reader: asyncio.StreamReader, n: int) -> list[bytes]:
     return frames
 
 
+class _Recorder:
+    """A fake transport: records what the relay writes to it."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.written += chunk
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+
+RELAY_BODIES = [bytes([i % 251]) * size for i, size in enumerate([0, 1, 10, 1000, 70_000, 3, 1_000_000, 5, 64 * 1024, 17])]
+
+
+@pytest.mark.parametrize("cuts", [[1], [1, 2, 3, 7, 4096, 100_000, 333_333], [5], [70_005], [10**7]])
+def test_relay_forwards_whole_frames_in_order_under_any_reads(cuts: list[int]) -> None:
+    """Driven in process, so each read is exactly the piece given: prefixes and frames
+    cut everywhere, a frame longer than many reads."""
+    from dcp.bench.relay import RelayConnection
+
+    relay = Relay()
+    conns = []
+    for role in (SUBSCRIBE, SUBSCRIBE, PUBLISH):
+        conn = RelayConnection(relay)
+        conn.connection_made(_Recorder())  # type: ignore[arg-type]
+        conn.data_received(frame(role))
+        conns.append(conn)
+    sub1, sub2, pub = conns
+    for sub in (sub1, sub2):
+        assert sub.transport.written == frame(SUBSCRIBE)  # type: ignore[union-attr]  # "ready"
+        sub.transport.written.clear()  # type: ignore[union-attr]
+    stream = b"".join(frame(body) for body in RELAY_BODIES)
+    pos = i = 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        pub.data_received(stream[pos : pos + step])
+        pos += step
+        i += 1
+    for sub in (sub1, sub2):
+        assert bytes(sub.transport.written) == stream  # type: ignore[union-attr]
+    assert pub.transport.written == b""  # type: ignore[union-attr]
+    sub1.data_received(frame(b"from sub1"))  # a subscriber's frames go to the others, never back
+    assert bytes(sub2.transport.written) == stream + frame(b"from sub1")  # type: ignore[union-attr]
+    assert bytes(sub1.transport.written) == stream  # type: ignore[union-attr]
+    assert relay.frames_in == len(RELAY_BODIES) + 1 and relay.dropped == 0
+
+
 async def test_relay_forwards_whole_frames_in_order_to_subscribers_only() -> None:
     relay = Relay()
     await relay.start()
@@ -57,33 +116,28 @@ async def test_relay_forwards_whole_frames_in_order_to_subscribers_only() -> Non
         sub1, sub1_w = await _relay_client(relay, SUBSCRIBE)
         sub2, sub2_w = await _relay_client(relay, SUBSCRIBE)
         pub, pub_w = await _relay_client(relay, PUBLISH)
-        bodies = [bytes([i % 251]) * size for i, size in enumerate([0, 1, 10, 1000, 70_000, 3, 1_000_000, 5, 64 * 1024, 17])]
-        stream = b"".join(frame(body) for body in bodies)
-        pos, cuts = 0, [1, 2, 3, 7, 4096, 100_000, 333_333]  # odd cuts: prefixes and frames split across reads
-        i = 0
-        while pos < len(stream):
-            step = cuts[i % len(cuts)]
-            pub_w.write(stream[pos : pos + step])
-            await pub_w.drain()
-            await asyncio.sleep(0)
-            pos += step
-            i += 1
+        stream = b"".join(frame(body) for body in RELAY_BODIES)
+        pub_w.write(stream)
+        await pub_w.drain()
         for reader in (sub1, sub2):
-            assert await asyncio.wait_for(_read_frames(reader, len(bodies)), 10) == bodies
-        # a subscriber's own frames go to the other subscribers, never back to it
+            assert await asyncio.wait_for(_read_frames(reader, len(RELAY_BODIES)), 10) == RELAY_BODIES
+        # a subscriber's own frame goes to the other subscriber, never back to it: what
+        # sub1 reads next is the publisher's marker, sent after sub2 got sub1's frame
         sub1_w.write(frame(b"from sub1"))
         await sub1_w.drain()
         assert await asyncio.wait_for(_read_frames(sub2, 1), 5) == [b"from sub1"]
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(sub1.read(1), 0.2)
-        with pytest.raises(asyncio.TimeoutError):  # the publisher gets nothing
-            await asyncio.wait_for(pub.read(1), 0.1)
-        assert relay.frames_in == len(bodies) + 1
+        pub_w.write(frame(b"marker"))
+        await pub_w.drain()
+        assert await asyncio.wait_for(_read_frames(sub1, 1), 5) == [b"marker"]
+        assert await asyncio.wait_for(_read_frames(sub2, 1), 5) == [b"marker"]
+        assert relay.frames_in == len(RELAY_BODIES) + 2
         assert relay.dropped == 0
-        for writer in (sub1_w, sub2_w, pub_w):
+        for writer in (sub1_w, sub2_w):
             writer.close()
     finally:
         await relay.close()
+    assert await asyncio.wait_for(pub.read(), 5) == b""  # the publisher got nothing, then EOF
+    pub_w.close()
 
 
 async def test_relay_drops_and_counts_for_a_full_subscriber() -> None:

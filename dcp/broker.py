@@ -1,12 +1,10 @@
 """The dcp broker: forwards data frames by topology number, or by a topic table.
 
-Data path (``BrokerConnection.data_received``): one read is copied once into a
-bytearray, fixed headers are parsed in place with ``struct``, each frame's out
-bitmap is ``(X mod key) & attached & ~ingress`` (stateless) or a table lookup
-(stateful), the hop limit byte is patched in place, and each run of consecutive
-frames with the same out bitmap goes to each target port as one ``write`` of a
-memoryview slice.  Payloads are never decoded.  A frame larger than one read is
-kept as the list of the reads that carry it and forwarded without a copy.
+Data path: ``BrokerConnection.data_received`` hands each read to the connection's
+:class:`~dcp.forwarding.Forwarder` (sans-I/O), which decides; this module writes and
+counts.  Each run of consecutive frames with the same out bitmap goes to each target
+port as one ``write`` of a memoryview slice; payloads are never decoded, and a frame
+larger than one read goes out as the reads that carry it, uncopied.
 
 Nothing is buffered without a bound: a connection holds at most one incomplete
 frame (its declared length checked first), and a port whose output buffer is past
@@ -36,48 +34,20 @@ from typing import Any
 
 from .auth import RouteVerifier, issue_token, load_secret
 from .config import SLOW_CONSUMER_POLICIES, BrokerConfig, parse_address
-from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RouteTooLarge, RoutingError
+from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
 from ._loop import no_delay
 from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
 from .routing import allocate_keys, int_from_bytes, int_to_bytes
 from .tls import client_context, server_context
-from .wire import (
-    CONTROL,
-    DATA,
-    HEADER,
-    HEADER_SIZE,
-    ROUTE_TAG_SIZE,
-    SIGNED_ROUTE,
-    VERSION,
-    Limits,
-    decode_control,
-    encode_control,
-)
+from .forwarding import DROP_REASONS, Drop, Forwarder, Write
+from .wire import Limits, encode_control
 
-__all__ = ["Broker", "BrokerConnection", "DROP_REASONS"]
+__all__ = ["Broker", "BrokerConnection", "DROP_REASONS"]  # DROP_REASONS: from dcp.forwarding
 
 log = logging.getLogger(__name__)
 
-#: Why a frame (or one copy of it) was not delivered; each is a counter in ``stats``.
-DROP_REASONS = (
-    "no_route",  # the out bitmap named no attached port but the ingress
-    "unattached_port",  # one copy per bit naming a port with nothing attached
-    "slow_consumer",  # one copy per frame a full output buffer could not take
-    "hop_limit",  # the frame arrived with a hop limit of 0
-    "route_too_large",  # X over max_x_bits
-    "rejected",  # unknown frame type, data before hello, ...
-    "truncated",  # the sender's stream ended inside a frame
-    "link_down",  # one copy per bit naming the port of a link that is down
-    "route_unsigned",  # --verify-routes: X carried no route tag
-    "route_forged",  # --verify-routes: the tag does not match topic, X, epoch and expiry
-    "route_expired",  # --verify-routes: the tag's expiry has passed
-)
-
-# Frames up to this size that span reads are joined and forwarded like the rest;
-# larger ones go out as the reads that carry them, with no copy.
-_JOIN_LIMIT = 64 * 1024
 # The out-bitmap -> target ports cache is cleared when it grows past this, so a
 # publisher cycling through bitmaps cannot grow the broker's memory.
 _TARGET_CACHE_LIMIT = 4096
@@ -88,8 +58,6 @@ _ERROR_INTERVAL_S = 1.0
 _MESSAGE_LIMIT = 1024
 # Our own tokens are made afresh for every hello; this long covers clock skew between hosts.
 _OWN_TOKEN_TTL_S = 300
-
-_unpack_header = HEADER.unpack_from
 
 
 def _policy(name: object) -> str:
@@ -288,7 +256,8 @@ class Broker(Serving):
             if port is None:
                 return None
         self._ports[port] = conn
-        conn.port, conn.bit, conn.not_bit = port, 1 << port, ~(1 << port)
+        conn.port, conn.bit = port, 1 << port
+        conn.forwarder.attach(port)
         self.attached |= 1 << port
         self._targets.clear()
         self.state_changed()
@@ -370,8 +339,8 @@ class Broker(Serving):
         self.reserved |= 1 << port
         return port
 
-    def _count_link_down(self, ports: int) -> None:
-        self.drops["link_down"] += ports.bit_count()
+    def count_link_down(self, ports: int) -> None:
+        """Each link on ``ports`` had a frame routed to it while down."""
         while ports:
             low = ports & -ports
             link = self.links.get(low.bit_length() - 1)
@@ -457,7 +426,6 @@ class BrokerConnection(asyncio.Protocol):
         self.role = ""
         self.port = -1
         self.bit = 0
-        self.not_bit = -1  # ~bit, kept to avoid one allocation per frame
         self.topics: set[bytes] = set()
         self.paused = False  # our output buffer is past the bound
         self.policy = broker.policy  # what to do with frames for us while paused
@@ -465,17 +433,14 @@ class BrokerConnection(asyncio.Protocol):
         self.queued_bytes = 0
         self.reading_paused = False
         self.blocked: set[BrokerConnection] = set()  # publishers paused because of us
-        self.frames_in = 0
+        self.forwarder = Forwarder(
+            broker, broker.limits, stateless=broker.stateless, verifier=broker.verifier
+        )  # the decisions; this class writes and counts
         self.bytes_in = 0
         self.frames_out = 0
         self.bytes_out = 0
         self.dropped = 0
         self.closing = False
-        self._pending: list[Any] = []  # the reads carrying an incomplete frame
-        self._pending_len = 0
-        self._need = 0  # length of that frame, 0 while its header is incomplete
-        self._x_fast = broker.limits.max_x_bits // 8  # X of up to this many bytes is always in bounds
-        self._last_out = -1  # see _decide
         self._error_sent_at: dict[str, float] = {}
         self._errors_unsent: Counter[str] = Counter()
 
@@ -515,12 +480,15 @@ class BrokerConnection(asyncio.Protocol):
         if not self.paused:
             self._release_blocked()
 
+    @property
+    def frames_in(self) -> int:
+        return self.forwarder.frames_in
+
     def eof_received(self) -> bool:
-        if self._pending_len:
+        drop = self.forwarder.eof()
+        if drop is not None:
             self.broker.drops["truncated"] += 1
-            log.info("%s ended its stream inside a frame (%d bytes held)", self.peer, self._pending_len)
-            self._pending.clear()
-            self._pending_len = 0
+            log.info("%s: %s", self.peer, drop.message)
         return False
 
     def data_received(self, data: bytes) -> None:  # type: ignore[override]
@@ -528,148 +496,26 @@ class BrokerConnection(asyncio.Protocol):
             return
         size = len(data)
         self.bytes_in += size
-        self.broker.bytes_in += size
+        broker = self.broker
+        broker.bytes_in += size
+        before = self.forwarder.frames_in
         try:
-            if self._pending:
-                data = self._complete_pending(data)  # type: ignore[assignment]
-                if not data or self.closing:  # a large frame it completed may have closed us
-                    return
-            self._forward_chunk(data)
+            for decision in self.forwarder.receive(data):
+                kind = type(decision)
+                if kind is Write:
+                    self._emit(*decision)  # type: ignore[misc]
+                elif kind is Drop:
+                    self._count(decision)  # type: ignore[arg-type]
+                else:
+                    self._control(decision.body)  # type: ignore[union-attr]
+                    if self.closing:  # nothing after a frame that closed us is read
+                        break
         except ProtocolError as exc:
             self._fail(exc)
+        finally:
+            broker.frames_in += self.forwarder.frames_in - before
 
-    # -- the data path ------------------------------------------------------
-
-    def _forward_chunk(self, data: bytes | bytearray | memoryview) -> None:
-        """Forward every complete frame of ``data``; keep an incomplete tail."""
-        end = len(data)
-        if end < HEADER_SIZE:
-            self._hold(data, 0)
-            return
-        limits = self.broker.limits
-        frame_length, max_frame, max_topic = limits.frame_length, limits.max_frame, limits.max_topic
-        header = _unpack_header(data, 0)
-        length = frame_length(header)
-        if length > end:  # a large frame begins: hold the read as it is, no copy
-            self._hold(data, length)
-            return
-        buf = data if type(data) is bytearray else bytearray(data)  # the one copy: hops are patched in place
-        view = memoryview(buf)
-        decide = self._decide
-        emit = self._emit
-        pos = frames = 0
-        run_mask = run_start = run_frames = 0
-        # The decision of the last frame, for the next ones with the same X and topic
-        # bytes (a stream's frames mostly are): within one read no port can attach,
-        # detach or subscribe but through a control frame, which forgets it.
-        memo_lens, memo_flags, memo_route, memo_mask = -1, 0, b"", 0
-        try:
-            while True:
-                if header[1] == DATA and self.port >= 0:
-                    frames += 1
-                    lens = header[4] << 16 | header[5]  # X and topic lengths: the same bytes split otherwise route otherwise
-                    if lens == memo_lens and header[3] and header[2] == memo_flags and buf.startswith(memo_route, pos + HEADER_SIZE):
-                        mask = memo_mask
-                    else:
-                        mask = decide(buf, pos, header)
-                        if mask > 0 and mask == self._last_out:  # nothing counted: safe to repeat
-                            start = pos + HEADER_SIZE
-                            route = bytes(buf[start : start + header[4] + header[5]])
-                            memo_lens, memo_flags, memo_route, memo_mask = lens, header[2], route, mask
-                    if mask > 0:
-                        buf[pos + 3] = header[3] - 1
-                        if mask != run_mask:
-                            if run_mask:
-                                emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                            run_mask, run_start, run_frames = mask, pos, 0
-                        run_frames += 1
-                    elif run_mask:
-                        emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                        run_mask = 0
-                else:
-                    if run_mask:
-                        emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-                        run_mask = 0
-                    self._other_frame(header, view[pos + HEADER_SIZE : pos + length])
-                    if self.closing:
-                        return
-                    memo_lens = -1
-                pos += length
-                if end - pos < HEADER_SIZE:
-                    length = 0
-                    break
-                header = _unpack_header(buf, pos)
-                length = HEADER_SIZE + header[4] + header[5] + header[6]
-                if header[0] != VERSION or header[5] > max_topic or length > max_frame:
-                    frame_length(header)  # raises the error that says which limit
-                if end - pos < length:
-                    break
-        finally:  # also when a bad frame raises: the good frames before it still go out
-            if run_mask:
-                emit(run_mask, (view[run_start:pos],), pos - run_start, run_frames)
-            self.frames_in += frames
-            self.broker.frames_in += frames
-        if pos < end:
-            self._hold(view[pos:] if length else bytes(view[pos:]), length)
-
-    def _decide(self, buf: bytearray, pos: int, header: tuple[int, ...]) -> int:
-        """The out bitmap of the data frame at ``buf[pos]``; 0 or -1 (counted) if none.
-
-        ``_last_out`` keeps the ports the route named, attached or not: when it equals
-        the result, nothing was counted and the decision may be repeated.
-        """
-        broker = self.broker
-        hops = header[3]
-        x_len = header[4]
-        start = pos + HEADER_SIZE
-        self._last_out = -1
-        if hops == 0:
-            self._drop("hop_limit", "frame arrived with a hop limit of 0")
-            return -1
-        if broker.stateless:
-            if header[2] & SIGNED_ROUTE:
-                x_len -= ROUTE_TAG_SIZE
-                if x_len < 0:
-                    self._drop("route_forged", "a signed route shorter than its tag")
-                    return -1
-            if broker.verifier is not None and not self._route_verified(buf, start, x_len, header):
-                return -1
-            x = int.from_bytes(buf[start : start + x_len], "big")
-            if x_len > self._x_fast and x.bit_length() > broker.limits.max_x_bits:
-                self._drop("route_too_large", str(broker.limits.rejection(header, x)))
-                return -1
-            out = x % broker.key
-        else:
-            topic_start = start + x_len
-            out = broker.table.get(bytes(buf[topic_start : topic_start + header[5]]), 0)
-        self._last_out = out
-        attached = broker.attached
-        mask = out & attached & self.not_bit
-        if mask != out:
-            stray = out & ~attached
-            if stray:
-                down = stray & broker.reserved
-                if down:
-                    broker._count_link_down(down)
-                    stray ^= down
-                broker.drops["unattached_port"] += stray.bit_count()
-        if not mask:
-            broker.drops["no_route"] += 1
-        return mask
-
-    def _route_verified(self, buf: bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
-        """--verify-routes: is the tag after X genuine and unexpired (else counted)?"""
-        if not header[2] & SIGNED_ROUTE:
-            self._drop("route_unsigned", "this broker forwards only topology numbers signed by the orchestrator")
-            return False
-        field_end = start + header[4]
-        topic = bytes(buf[field_end : field_end + header[5]])
-        reason = self.broker.verifier.check(bytes(buf[start:field_end]), x_len, topic, time.time())  # type: ignore[union-attr]
-        if reason is not None:
-            why = "expired" if reason == "route_expired" else "not signed with this broker's secret, or altered"
-            self._drop(reason, f"the route tag of topic {topic.decode(errors='replace')!r} is {why}")
-            return False
-        return True
+    # -- the data path: writing what the forwarder decided -------------------
 
     def _emit(self, mask: int, chunks: tuple[Any, ...], size: int, frames: int) -> None:
         """Write ``chunks`` (``frames`` whole frames, ``size`` bytes) to every port of ``mask``."""
@@ -727,81 +573,17 @@ class BrokerConnection(asyncio.Protocol):
             broker.frames_out += count
             broker.bytes_out += len(data)
 
-    def _hold(self, tail: Any, need: int) -> None:
-        """Keep the incomplete frame ``tail``; ``need`` is its length once its header is known."""
-        self._pending = [tail]
-        self._pending_len = len(tail)
-        self._need = need
+    def _count(self, drop: Drop) -> None:
+        """Count a drop; tell the sender when it has a message, at most once a second per reason."""
+        if drop.message:
+            self._drop(drop.reason, drop.message, drop.count)
+            return
+        broker = self.broker
+        broker.drops[drop.reason] += drop.count
+        if drop.ports:
+            broker.count_link_down(drop.ports)
 
-    def _complete_pending(self, data: bytes) -> bytes | bytearray | memoryview | None:
-        """Add a read to the held frame; forward it once whole. Returns what follows it."""
-        self._pending.append(data)
-        self._pending_len += len(data)
-        if not self._need:  # the fixed header itself was cut: join the few bytes held
-            if self._pending_len < HEADER_SIZE:
-                return None
-            joined = b"".join(self._pending)
-            self._pending.clear()
-            self._pending_len = 0
-            return joined
-        if self._pending_len < self._need:
-            return None
-        pieces, need = self._pending, self._need
-        self._pending, self._pending_len, self._need = [], 0, 0
-        if need <= _JOIN_LIMIT:
-            return bytearray().join(pieces)
-        return self._forward_pieces(pieces, need)
-
-    def _forward_pieces(self, pieces: list[Any], need: int) -> memoryview | None:
-        """Forward the large frame spread over ``pieces``; return the bytes after it."""
-        views: list[memoryview] = []
-        rest = None
-        left = need
-        for piece in pieces:
-            view = memoryview(piece)
-            if len(view) >= left:
-                views.append(view[:left])
-                rest = view[left:] if len(view) > left else None
-                break
-            views.append(view)
-            left -= len(view)
-        header = _unpack_header(views[0], 0)
-        head_len = HEADER_SIZE + header[4] + header[5]
-        head = bytearray()
-        while len(head) < head_len:  # X and topic may straddle reads
-            view = views.pop(0)
-            take = head_len - len(head)
-            head += view[:take]
-            if len(view) > take:
-                views.insert(0, view[take:])
-        if header[1] != DATA or self.port < 0:
-            self._other_frame(header, memoryview(b"".join(views)))
-        else:
-            self.frames_in += 1
-            self.broker.frames_in += 1
-            mask = self._decide(head, 0, header)
-            if mask > 0:
-                head[3] = header[3] - 1
-                self._emit(mask, (head, *views), need, 1)
-        return rest
-
-    # -- everything but forwarding -------------------------------------------
-
-    def _other_frame(self, header: tuple[int, ...], body: memoryview) -> None:
-        """A control frame, or a frame we will not forward."""
-        ftype = header[1]
-        if ftype == CONTROL:
-            rejection = self.broker.limits.rejection(header, 0)
-            if rejection is not None:
-                raise rejection
-            self._control(decode_control(body, self.broker.limits).body)
-        elif ftype == DATA:
-            self.broker.drops["rejected"] += 1
-            if self.role == "admin":
-                raise RemoteProtocolError("an admin connection cannot publish")
-            raise RemoteProtocolError("data frame before hello")
-        else:
-            self._drop("rejected", f"unknown frame type {ftype}")
+    # -- control frames ----------------------------------------------------------
 
     def _control(self, body: dict[str, Any]) -> None:
         op = body["op"]
@@ -882,6 +664,8 @@ class BrokerConnection(asyncio.Protocol):
         name = body.get("name", "")
         self.name = name if isinstance(name, str) else ""
         self.role = role
+        if role == "admin":
+            self.forwarder.refusal = "an admin connection cannot publish"
         broker = self.broker
         reply: dict[str, Any] = {
             "op": "welcome",
@@ -960,10 +744,10 @@ class BrokerConnection(asyncio.Protocol):
     def _reply_error(self, request_id: Any, code: str, message: str) -> None:
         self.send({"op": "error", "re": request_id, "code": code, "message": message[:_MESSAGE_LIMIT], "fatal": False})
 
-    def _drop(self, reason: str, message: str) -> None:
-        """Count a dropped frame and tell its sender, at most once a second per reason."""
-        self.broker.drops[reason] += 1
-        self._errors_unsent[reason] += 1
+    def _drop(self, reason: str, message: str, count: int = 1) -> None:
+        """Count ``count`` dropped frames and tell their sender, at most once a second per reason."""
+        self.broker.drops[reason] += count
+        self._errors_unsent[reason] += count
         now = time.monotonic()
         if now - self._error_sent_at.get(reason, -_ERROR_INTERVAL_S) >= _ERROR_INTERVAL_S:
             self._error_sent_at[reason] = now
@@ -972,8 +756,6 @@ class BrokerConnection(asyncio.Protocol):
 
     def _fail(self, exc: ProtocolError) -> None:
         log.warning("closing %s (port %d): %s", self.peer, self.port, exc)
-        if isinstance(exc, RouteTooLarge):
-            self.broker.drops["route_too_large"] += 1
         self._fail_with(exc.code, str(exc))
 
     def _fail_with(self, code: str, message: str, request_id: Any = None) -> None:
@@ -989,8 +771,7 @@ class BrokerConnection(asyncio.Protocol):
         if last_frame is not None:
             self.transport.write(last_frame)
         self.closing = True
-        self._pending.clear()
-        self._pending_len = 0
+        self.forwarder.close()
         self.broker.detach(self)
         self.transport.close()
 

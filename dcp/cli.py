@@ -25,6 +25,7 @@ from ._loop import run
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, expiry, issue_token, load_secret
 from .config import BrokerConfig, OrchestratorConfig
 from .errors import ConfigError, DcpError
+from .views import format_pipelines, format_stats, stats_as_json
 
 __all__ = ["main"]
 
@@ -120,45 +121,6 @@ async def _fetch_stats(args: argparse.Namespace) -> dict[str, Any]:
         return await conn.stats()
 
 
-def format_stats(stats: dict[str, Any]) -> str:
-    from .routing import int_from_bytes
-
-    lines = [
-        f"broker {stats['address']}  mode={stats['mode']}  key={int_from_bytes(stats['key'])}  "
-        f"ports={stats['ports']}  slow_consumer={stats['slow_consumer']}  uptime={stats['uptime_s']}s",
-        f"frames in={stats['frames_in']} out={stats['frames_out']}   bytes in={stats['bytes_in']} out={stats['bytes_out']}",
-        "drops: " + ", ".join(f"{reason}={count}" for reason, count in stats["drops"].items()),
-        f"{'port':>5} {'name':<16} {'role':<6} {'frames_in':>10} {'frames_out':>10} {'bytes_out':>12} {'dropped':>8} "
-        f"{'buffered':>9} {'queued':>9} policy",
-    ]
-    for conn in stats["connections"]:
-        port = conn["port"] if conn["port"] >= 0 else "-"
-        lines.append(
-            f"{port:>5} {conn['name'][:16]:<16} {conn['role'] or '-':<6} {conn['frames_in']:>10} "
-            f"{conn['frames_out']:>10} {conn['bytes_out']:>12} {conn['dropped']:>8} {conn['buffered']:>9} "
-            f"{conn['queued']:>9} {conn['policy']}"
-        )
-    if stats["links"]:
-        lines.append(
-            f"{'link':>5} {'dir':<3} {'peer':<22} {'state':<5} {'remote':>6} {'rtt_ms':>7} {'connects':>8} "
-            f"{'frames_in':>10} {'frames_out':>10} {'undelivered':>11}"
-        )
-    for link in stats["links"]:
-        peer = link["address"] or link["remote_name"] or str(int_from_bytes(link["remote_key"]))
-        rtt = "-" if link["rtt_ms"] is None else f"{link['rtt_ms']:.2f}"
-        lines.append(
-            f"{link['port']:>5} {link['direction']:<3} {peer[:22]:<22} {link['state']:<5} {link['remote_port']:>6} "
-            f"{rtt:>7} {link['connects']:>8} {link['frames_in']:>10} {link['frames_out']:>10} {link['undelivered']:>11}"
-        )
-    return "\n".join(lines)
-
-
-def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
-    """Keys are big integers carried as bytes; JSON gets them as decimal strings."""
-    links = [{**link, "remote_key": str(int.from_bytes(link["remote_key"], "big"))} for link in stats["links"]]
-    return {**stats, "key": str(int.from_bytes(stats["key"], "big")), "links": links}
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = run(_fetch_stats(args))
     if args.json:
@@ -221,24 +183,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     run(_orchestrator_request(args, {"op": "undeploy", "name": args.name}))
     print(f"undeployed {args.name}")
     return 0
-
-
-def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
-    if not pipelines:
-        return "no pipelines deployed"
-    lines = []
-    for pipeline in pipelines:
-        lines.append(f"pipeline {pipeline['name']}")
-        lines.append(f"  {'element':<16} {'kind':<6} {'capability':<20} {'agent':<18} {'in':>8} {'out':>8} {'dropped':>8}")
-        for element in pipeline["elements"]:
-            rows = element["agents"] or [{"agent": "(none)", "online": False}]
-            for row in rows:
-                agent = row["agent"] + ("" if row["online"] else " (off)")
-                lines.append(
-                    f"  {element['name'][:16]:<16} {element['kind']:<6} {str(element['capability'])[:20]:<20} {agent[:18]:<18} "
-                    f"{row.get('in', 0):>8} {row.get('out', 0):>8} {row.get('dropped', 0):>8}"
-                )
-    return "\n".join(lines)
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:

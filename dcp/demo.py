@@ -44,6 +44,7 @@ import msgpack
 from .agent import DataAgent
 from .broker import Broker
 from .client import connect
+from .views import format_pipelines
 from .config import BrokerConfig, OrchestratorConfig
 from .orchestrator import Orchestrator
 from .routing import allocate_keys
@@ -363,7 +364,6 @@ async def run_faces(
                 return True
 
             await _wait_for(reported, 3.0, 0.05)
-            from .cli import format_pipelines
 
             out("")
             out("the pipeline as the orchestrator sees it (from the agents' reports):")

@@ -22,17 +22,15 @@ import itertools
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+import ssl
+from typing import Any, Protocol
 
 from .backoff import Backoff
-from .config import parse_address
+from .config import BrokerConfig, parse_address
 from .errors import ConnectionClosed, DcpTimeout, RemoteError
 from .routing import int_to_bytes
 
-if TYPE_CHECKING:
-    from .broker import Broker, BrokerConnection
-
-__all__ = ["Link", "LINK_COUNTERS"]
+__all__ = ["Link", "LinkHost", "LinkConnection", "LINK_COUNTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +38,53 @@ log = logging.getLogger(__name__)
 LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")
 
 
+class LinkConnection(Protocol):
+    """What a link needs of the connection that carries it (a broker's)."""
+
+    name: str
+    peer: str
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    dropped: int
+
+    def send(self, body: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class LinkHost(Protocol):
+    """What a link needs of its broker."""
+
+    config: BrokerConfig
+    name: str
+    key: int
+    tls_client: ssl.SSLContext | None
+
+    @property
+    def closing(self) -> bool: ...
+
+    def new_connection(self, link: Link) -> asyncio.Protocol:
+        """A connection protocol that carries ``link`` (it calls the link's callbacks)."""
+
+    def attach(self, conn: Any, port: int) -> int | None:
+        """Put ``conn`` on the link's ``port``."""
+
+    def state_changed(self) -> None: ...
+
+    def remove_link(self, link: Link, notify: bool) -> None: ...
+
+    def token(self) -> str | None: ...
+
+
 class Link:
     """One link of a broker: outbound (``address`` given, redialled) or inbound."""
 
     def __init__(
-        self, broker: Broker, port: int, *, address: str | None = None, identity: tuple[int, int] | None = None
+        self, broker: LinkHost, port: int, *, address: str | None = None, identity: tuple[int, int] | None = None
     ) -> None:
         self.broker = broker
         self.port = port
@@ -52,7 +92,7 @@ class Link:
         self.outbound = address is not None
         self.identity = identity  # inbound: (peer key, peer's port for this link)
         self.state = "down"
-        self.conn: BrokerConnection | None = None
+        self.conn: LinkConnection | None = None
         self.remote_key = identity[0] if identity else 0
         self.remote_port = identity[1] if identity else -1
         self.remote_name = ""
@@ -142,7 +182,7 @@ class Link:
             hello["token"] = token
         return hello
 
-    def welcomed(self, conn: BrokerConnection, body: dict[str, Any]) -> None:
+    def welcomed(self, conn: LinkConnection, body: dict[str, Any]) -> None:
         """Outbound: the peer accepted the link and gave it port ``body['port']``."""
         if self._welcome is None or self._welcome.done() or conn is not self.conn:
             conn.abort()
@@ -154,12 +194,12 @@ class Link:
         self._set_up(conn)
         self._welcome.set_result(None)
 
-    def refused(self, conn: BrokerConnection, body: dict[str, Any]) -> None:
+    def refused(self, conn: LinkConnection, body: dict[str, Any]) -> None:
         """Outbound: the peer answered the hello with an error."""
         if self._welcome is not None and not self._welcome.done() and conn is self.conn:
             self._welcome.set_exception(RemoteError(body.get("code", "error"), body.get("message", "")))
 
-    def accepted(self, conn: BrokerConnection, name: str) -> None:
+    def accepted(self, conn: LinkConnection, name: str) -> None:
         """Inbound: the peer dialled (again); ``conn`` now carries the link."""
         old = self.conn
         if old is not None and old is not conn:
@@ -176,11 +216,11 @@ class Link:
         self._lost.clear()
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
-    def connection_made(self, conn: BrokerConnection) -> None:
+    def connection_made(self, conn: LinkConnection) -> None:
         self.conn = conn
         self.connects += 1
 
-    def connection_lost(self, conn: BrokerConnection) -> None:
+    def connection_lost(self, conn: LinkConnection) -> None:
         if conn is not self.conn:
             return
         self._connection_gone(conn)
@@ -191,7 +231,7 @@ class Link:
                 self.broker.config.link_hold_s, self.broker.remove_link, self, False
             )
 
-    def _connection_gone(self, conn: BrokerConnection) -> None:
+    def _connection_gone(self, conn: LinkConnection) -> None:
         for name in LINK_COUNTERS:
             self._totals[name] += getattr(conn, name)
         self.conn = None
@@ -203,7 +243,7 @@ class Link:
             self.state = "down"
             self.broker.state_changed()
 
-    def _set_up(self, conn: BrokerConnection) -> None:
+    def _set_up(self, conn: LinkConnection) -> None:
         if not self.outbound:
             self.connects += 1
         self.state = "up"

@@ -56,6 +56,9 @@ __all__ = [
     "Rejected",
     "Event",
     "Decoder",
+    "Found",
+    "scan",
+    "Reassembly",
     "DataEncoder",
     "encode_data",
     "encode_control",
@@ -319,18 +322,129 @@ def decode_control(payload: bytes | bytearray | memoryview, limits: Limits = DEF
     return ControlFrame(body)
 
 
+#: One complete frame found by :func:`scan`: where it starts, its fixed header, and
+#: whether it repeats the route of the data frame before it (see :func:`scan`).
+Found = tuple[int, tuple[int, ...], bool]
+
+
+def scan(buf: bytes | bytearray, pos: int, limits: Limits, found: list[Found]) -> int:
+    """Delimit the complete frames of ``buf[pos:]``: append a :data:`Found` for each
+    and return where they end (where an incomplete frame starts, or ``len(buf)``).
+
+    This is the one parser of the frame format, shared by the :class:`Decoder` and
+    the broker's forwarding core (:mod:`dcp.forwarding`).  ``repeat`` is true for a
+    data frame whose flags, X and topic lengths and X-and-topic bytes are those of the
+    data frame before it in this call: a stream's frames mostly are, and a reader may
+    then reuse what it made of them (the number, the topic, a forwarding decision)
+    with one compare of bytes instead of a new int and a lookup.  Both lengths count,
+    not their sum: the same bytes split otherwise between X and topic route otherwise.
+
+    Raises:
+        RemoteProtocolError: the first frame that cannot be delimited (bad version, a
+            length over a limit), after appending the frames before it.
+    """
+    end = len(buf)
+    max_frame = limits.max_frame
+    max_topic = limits.max_topic
+    unpack = HEADER.unpack_from
+    append = found.append
+    memo_lens, memo_flags, memo_route = -1, -1, b""
+    while end - pos >= HEADER_SIZE:
+        header = unpack(buf, pos)
+        route_len = header[4] + header[5]
+        length = HEADER_SIZE + route_len + header[6]
+        if header[0] != VERSION or header[5] > max_topic or length > max_frame:
+            limits.frame_length(header)  # raises the error that says which limit
+        if end - pos < length:
+            break
+        if header[1] == DATA:
+            lens = header[4] << 16 | header[5]
+            body = pos + HEADER_SIZE
+            if lens == memo_lens and header[2] == memo_flags and buf.startswith(memo_route, body):
+                append((pos, header, True))
+            else:
+                memo_lens, memo_flags, memo_route = lens, header[2], buf[body : body + route_len]
+                append((pos, header, False))
+        else:
+            append((pos, header, False))
+        pos += length
+    return pos
+
+
+class Reassembly:
+    """The one incomplete frame a reader holds: the reads that carry it, uncopied.
+
+    Its declared length is checked against the limits as soon as its fixed header is
+    whole, so what is held never exceeds one frame of at most ``max_frame`` bytes.
+    """
+
+    __slots__ = ("limits", "pieces", "size", "need")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.pieces: list[bytes | bytearray | memoryview] = []
+        self.size = 0  # bytes held
+        self.need = 0  # the frame's length; 0 while its fixed header is incomplete
+
+    def hold(self, tail: bytes | bytearray | memoryview) -> None:
+        """Start holding ``tail``, the start of a frame (which the holder must not change).
+
+        Raises:
+            RemoteProtocolError: its header is whole and breaks a limit.
+        """
+        self.pieces = [tail]
+        self.size = len(tail)
+        self.need = 0
+        self._check()
+
+    def add(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes | bytearray | memoryview], int] | None:
+        """Add the next read; once the frame is whole, return its pieces (the last cut
+        where the frame ends) and that end's offset in ``data``, and hold nothing.
+
+        Raises:
+            RemoteProtocolError: the header just completed breaks a limit.
+        """
+        self.pieces.append(data)
+        self.size += len(data)
+        if not self.need:
+            self._check()
+            if not self.need:
+                return None
+        if self.size < self.need:
+            return None
+        pieces, used = self.pieces, len(data) - (self.size - self.need)
+        if used < len(data):
+            pieces[-1] = memoryview(data)[:used]
+        self.pieces, self.size, self.need = [], 0, 0
+        return pieces, used
+
+    def truncated(self) -> TruncatedFrame | None:
+        """At the end of the stream: the error for a frame left incomplete, if any (and drop it)."""
+        if not self.size:
+            return None
+        error = TruncatedFrame(f"stream ended inside a frame ({self.size} bytes held)")
+        self.pieces, self.size, self.need = [], 0, 0
+        return error
+
+    def _check(self) -> None:
+        if self.size >= HEADER_SIZE:
+            first = self.pieces[0]
+            head = first if len(first) >= HEADER_SIZE else b"".join(self.pieces)
+            self.need = self.limits.frame_length(HEADER.unpack_from(head))
+
+
 class Decoder:
     """Incremental decoder: ``feed(bytes) -> list[Event]``; ``feed(b"")`` means EOF.
 
-    Frames are parsed straight from each read; only an incomplete frame is copied
-    aside, and only after its declared length passed ``limits``, so the decoder never
-    holds more than one frame.  After a :class:`ProtocolError` the stream cannot be
-    trusted and the decoder refuses further input.
+    Frames are parsed straight from each read (:func:`scan`); only an incomplete frame
+    is held aside (:class:`Reassembly`), so the decoder never holds more than one frame.
+    After a :class:`ProtocolError` the stream cannot be trusted and the decoder
+    refuses further input.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
-        self._held = bytearray()  # the start of an incomplete frame
+        self._held = Reassembly(limits)
         self._topics: dict[bytes, str] = {}
         self._error: Exception | None = None
         self._eof = False
@@ -338,19 +452,28 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._held)
+        return self._held.size
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """The events of the frames ``data`` completes (``b""``: the end of the stream).
+
+        ``data`` may be any buffer; the decoder keeps no view of it.
+
+        Raises:
+            RemoteProtocolError: the stream cannot be trusted (a bad version, a length
+                over a limit, the end inside a frame); every later call raises too.
+            LocalProtocolError: data fed after the end.
+        """
         if self._error is not None:
             raise RemoteProtocolError("decoder already failed") from self._error
         if self._eof:
             raise LocalProtocolError("data fed after EOF")
-        if type(data) is not bytes and type(data) is not bytearray:
-            data = bytes(data)  # any other buffer (a memoryview, an array) as its bytes, which the parser slices and compares
+        if type(data) is not bytes:
+            data = bytes(data)  # held pieces must not change under us; a memoryview has no startswith
         if not data:
             self._eof = True
-            if self._held:
-                self._error = TruncatedFrame(f"stream ended inside a frame ({len(self._held)} bytes held)")
+            self._error = self._held.truncated()
+            if self._error is not None:
                 raise self._error
             return []
         try:
@@ -359,97 +482,75 @@ class Decoder:
             self._error = exc
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def _feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
-        start = 0
-        held = self._held
-        if held:  # complete the held frame with just the bytes it lacks
-            view = memoryview(data)
-            while held and start < len(view):
-                if len(held) < HEADER_SIZE:
-                    want = HEADER_SIZE - len(held)
-                else:
-                    want = self.limits.frame_length(HEADER.unpack_from(held)) - len(held)
-                held += view[start : start + want]
-                start += min(want, len(view) - start)
-                if len(held) >= HEADER_SIZE:
-                    used = self._parse(held, 0, events)
-                    del held[:used]
-        if start < len(data):
-            used = self._parse(data, start, events)
-            if used < len(data):
-                self._held = held = bytearray(memoryview(data)[used:])
-                if len(held) >= HEADER_SIZE:  # check the held frame's length now, not later
-                    self.limits.frame_length(HEADER.unpack_from(held))
+        pos = 0
+        if self._held.size:
+            done = self._held.add(data)
+            if done is None:
+                return events
+            pieces, pos = done
+            self._parse(b"".join(pieces), 0, events)
+        used = self._parse(data, pos, events)
+        if used < len(data):
+            self._held.hold(memoryview(data)[used:])
         return events
 
-    def _parse(self, buf: bytes | bytearray | memoryview, pos: int, events: list[Event]) -> int:
+    def _parse(self, buf: bytes, pos: int, events: list[Event]) -> int:
         """Append the events of the complete frames of ``buf[pos:]``; return where they end."""
+        found: list[Found] = []
+        end = scan(buf, pos, self.limits, found)
         limits = self.limits
-        frame_length = limits.frame_length
-        max_frame = limits.max_frame
-        max_topic = limits.max_topic
         max_x_bits = limits.max_x_bits
         x_fast = max_x_bits // 8  # X of up to this many bytes is always within max_x_bits
         topics = self._topics
         append = events.append
-        unpack = HEADER.unpack_from
         new = tuple.__new__
-        end = len(buf)
-        view = buf if type(buf) is bytes else memoryview(buf)
-        # X and topic of the last data frame: a stream repeats them, so the next frame
-        # needs only a compare of those bytes, not a new int and a topic lookup.
-        memo_x_len, memo_topic_len, memo_flags, memo_route, memo_x, memo_topic = -1, -1, 0, b"", 0, ""
-        while end - pos >= HEADER_SIZE:
-            header = unpack(buf, pos)
-            version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
-            body = pos + HEADER_SIZE
-            topic_end = body + x_len + topic_len
-            stop = topic_end + payload_len
-            if version != VERSION or topic_len > max_topic or stop - pos > max_frame:
-                frame_length(header)  # raises the error that says which limit
-            if stop > end:
-                break
-            if (
-                ftype == DATA and x_len == memo_x_len and topic_len == memo_topic_len and flags == memo_flags
-                and buf.startswith(memo_route, body)
-            ):
-                append(new(DataFrame, (memo_topic, bytes(view[topic_end:stop]), memo_x, hops, msg_id, ts, flags)))
-                pos = stop
-                continue
-            x_end = body + x_len - (ROUTE_TAG_SIZE if flags & SIGNED_ROUTE and ftype == DATA else 0)
-            if x_end < body:
-                append(Rejected(RemoteProtocolError("a signed route shorter than its tag"), msg_id))
-                pos = stop
-                continue
-            x = int.from_bytes(view[body:x_end], "big")
-            if ftype == DATA and (x_end - body <= x_fast or x.bit_length() <= max_x_bits):
-                topic_b = bytes(view[body + x_len : topic_end])
-                topic = topics.get(topic_b)
-                if topic is None:
-                    topic = self._topic(topic_b)
-                    if topic is None:  # forwarded untouched by brokers; skip it, keep the stream
-                        append(Rejected(RemoteProtocolError("topic is not valid UTF-8"), msg_id))
-                        pos = stop
-                        continue
-                memo_x_len, memo_topic_len, memo_flags = x_len, topic_len, flags
-                memo_route, memo_x, memo_topic = bytes(view[body:topic_end]), x, topic
-                append(new(DataFrame, (topic, bytes(view[topic_end:stop]), x, hops, msg_id, ts, flags)))
-            else:
-                rejection = limits.rejection(header, x)
+        x, topic, skip = 0, "", None  # of the last data frame, which a repeat shares
+        for start, header, repeat in found:
+            _version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = header
+            if ftype == DATA:
+                topic_end = start + HEADER_SIZE + x_len + topic_len
+                if not repeat:
+                    route = self._route(buf, start + HEADER_SIZE, x_len, topic_len, flags, x_fast, max_x_bits, topics)
+                    if type(route) is tuple:
+                        (x, topic), skip = route, None
+                    else:
+                        skip = route
+                if skip is None:
+                    append(new(DataFrame, (topic, buf[topic_end : topic_end + payload_len], x, hops, msg_id, ts, flags)))
+                else:
+                    append(Rejected(skip, msg_id))
+            elif ftype == CONTROL:
+                rejection = limits.rejection(header, 0)
                 if rejection is not None:
                     append(Rejected(rejection, msg_id))
                 else:
-                    append(decode_control(view[body:stop], limits))
-            pos = stop
-        return pos
+                    body = start + HEADER_SIZE
+                    append(decode_control(memoryview(buf)[body : body + payload_len], limits))
+            else:
+                append(Rejected(RemoteProtocolError(f"unknown frame type {ftype}"), msg_id))
+        return end
 
-    def _topic(self, topic_b: bytes) -> str | None:
-        try:
-            topic = topic_b.decode()
-        except UnicodeDecodeError:
-            return None
-        if len(self._topics) >= 1024:
-            self._topics.clear()
-        self._topics[topic_b] = topic
-        return topic
+    def _route(
+        self, buf: bytes, body: int, x_len: int, topic_len: int, flags: int, x_fast: int, max_x_bits: int,
+        topics: dict[bytes, str],
+    ) -> tuple[int, str] | RemoteProtocolError:
+        """(X, topic) of a data frame's route bytes, or why the frame must be skipped."""
+        x_end = body + x_len - (ROUTE_TAG_SIZE if flags & SIGNED_ROUTE else 0)
+        if x_end < body:
+            return RemoteProtocolError("a signed route shorter than its tag")
+        x = int.from_bytes(buf[body:x_end], "big")
+        if x_end - body > x_fast and x.bit_length() > max_x_bits:
+            return RouteTooLarge(f"topology number of {x.bit_length()} bits exceeds max_x_bits={max_x_bits}")
+        topic_b = buf[body + x_len : body + x_len + topic_len]
+        topic = topics.get(topic_b)
+        if topic is None:
+            try:
+                topic = topic_b.decode()
+            except UnicodeDecodeError:  # forwarded untouched by brokers; skip it, keep the stream
+                return RemoteProtocolError("topic is not valid UTF-8")
+            if len(topics) >= 1024:
+                topics.clear()
+            topics[topic_b] = topic
+        return x, topic

@@ -212,7 +212,7 @@ def run_hostile(mode: str, reads: list[bytes]) -> tuple[Broker, list[BrokerConne
     for seq, data in enumerate(reads):
         bad.data_received(data)
         send(pub, encode_data(PAIR_TOPIC, b"%d" % seq, route, hops=7, msg_id=seq))
-    if not bad.closing and bad.port >= 0 and not bad._pending:  # kept, between frames: it goes on
+    if not bad.closing and bad.port >= 0 and not bad.forwarder.held:  # kept, between frames: it goes on
         send(bad, encode_data(TAIL_TOPIC, b"tail", route, hops=7))
     bad.eof_received()
     return broker, [pub, sub, bad], expected

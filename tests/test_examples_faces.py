@@ -97,7 +97,7 @@ def test_dcp_demo_runs_the_pipeline() -> None:
     out = subprocess.run([sys.executable, "-m", "dcp", "demo", "--count", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     _check_summary(out.stdout, 8)
-    assert "pipeline faces" in out.stdout  # the DO's view (dcp.cli.format_pipelines)
+    assert "pipeline faces" in out.stdout  # the DO's view (dcp.views.format_pipelines)
 
 
 def test_examples_faces_script() -> None:

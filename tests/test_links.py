@@ -17,7 +17,7 @@ import pytest
 
 import dcp
 from dcp.broker import Broker
-from dcp.cli import format_stats, stats_as_json
+from dcp.views import format_stats, stats_as_json
 from dcp.errors import ConfigError, RemoteError
 from dcp.routing import allocate_keys, encode, int_from_bytes, int_to_bytes
 from dcp.wire import DEFAULT_HOPS, ControlFrame, Decoder, encode_control

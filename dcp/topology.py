@@ -5,9 +5,10 @@ ports) and, per stream, the source endpoint and the subscriber endpoints.
 :func:`build_tree` turns that into a delivery tree and its topology number ``X``
 (:func:`dcp.routing.encode` of the tree's port bitmaps).  :func:`simulate` replays what
 the brokers would do with ``X`` using :func:`dcp.routing.forward` alone, so the routing
-invariants of DESIGN.md section 2 (one copy per subscriber, none elsewhere, nothing
-outside the tree, termination) are checked without sockets.  :func:`shape_edges` names
-the dial pairs of the overlay shapes the cluster launcher builds.
+invariants of docs/design.md (delivery contract: one copy per subscriber, none
+elsewhere, nothing outside the tree, termination) are checked without sockets.
+:func:`shape_edges` names the dial pairs of the overlay shapes the cluster launcher
+builds.
 
 Kept free of asyncio and socket so that the orchestrator, the tests and the benchmarks
 can use it without an event loop.

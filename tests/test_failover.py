@@ -40,7 +40,7 @@ TOPIC = "failover.frames"
 FRAME = struct.Struct("!QQ")  # sequence number, send time (time.monotonic_ns(); the agents share this process)
 INTERVAL_S = 0.002
 WARM_FRAMES = 250  # frames each consumer gets before the kill, and again after it
-GAP_BOUND_S = 2.0  # the hardening issue: delivery resumes within 2 s
+GAP_BOUND_S = 2.0  # the failover bound held here: delivery resumes within 2 s
 
 
 @dataclass

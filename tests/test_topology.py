@@ -1,6 +1,6 @@
 """Tests of dcp.topology: delivery trees over broker overlays, and the data-plane simulation.
 
-The property test is the routing contract of DESIGN.md section 2 on random overlays
+The property test is the routing contract of docs/design.md on random overlays
 (up to 30 brokers, cycles and parallel links): replaying ``forward`` with the tree's X
 delivers exactly one copy to every subscriber and none anywhere else, touches no
 broker outside the tree, and terminates.  Every non-link port is attached in the

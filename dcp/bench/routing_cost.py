@@ -1,11 +1,12 @@
 """What a topology number costs per tree size: header bytes and the forward decision.
 
-DESIGN.md section 2 says ``bits(X) <= sum(bits(m_b))`` over the tree, so the header
-and the ``X mod m`` a broker computes per frame grow with the tree, while a stateful
-broker's table lookup does not.  This script measures both sides for trees of N
-brokers, in the worst case for X: a line overlay of N brokers (keys from
-``allocate_keys(N, 64)``, 64 ports each) with a subscriber on one local port of every
-broker, so every broker is in the tree (built with :func:`dcp.topology.build_tree`).
+The routing contract (docs/design.md, costs) bounds ``bits(X) <= sum(bits(m_b))``
+over the tree, so the header and the ``X mod m`` a broker computes per frame grow
+with the tree, while a stateful broker's table lookup does not.  This script
+measures both sides for trees of N brokers, in the worst case for X: a line overlay
+of N brokers (keys from ``allocate_keys(N, 64)``, 64 ports each) with a subscriber on
+one local port of every broker, so every broker is in the tree (built with
+:func:`dcp.topology.build_tree`).
 
 Per size it reports the bytes and bits of X, the orchestrator's encode time, and the
 time of one forward decision:
@@ -31,15 +32,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import timeit
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dcp.routing import allocate_keys, int_to_bytes, x_bits, x_bytes  # noqa: E402
-from dcp.topology import Link, Overlay, build_tree  # noqa: E402
+from dcp.routing import allocate_keys, int_to_bytes, x_bits, x_bytes
+from dcp.topology import Link, Overlay, build_tree
 
 TOPICS = 1000
 TOPIC = "sensors/camera/{:04d}/frames"

@@ -414,7 +414,7 @@ def _cells(results: dict[str, Any], figure: str) -> list[dict[str, Any]]:
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Where each goal of the benchmark issue stands, from what was measured in this run."""
+    """Where each benchmark goal (listed below) stands, from what was measured in this run."""
     verdicts: list[dict[str, Any]] = []
 
     def verdict(goal: str, ratios: list[tuple[str, float]], limit: float, fmt: str = "{:.2f}") -> None:

@@ -9,6 +9,7 @@ from .agent import DataAgent
 from .storage import StorageAgent
 from .client import Backoff, Connection, Message, Status, connect
 from .errors import (
+    BadRequest,
     ConfigError,
     ConnectionClosed,
     DcpError,
@@ -40,6 +41,7 @@ __all__ = [
     "FrameTooLarge",
     "RouteTooLarge",
     "TruncatedFrame",
+    "BadRequest",
     "RemoteError",
     "ConnectionClosed",
     "RoutingError",

@@ -7,9 +7,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from .auth import admit
+from .control import Hello
 from .errors import AuthError
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class Serving:
     async def close(self) -> None:
         raise NotImplementedError
 
-    def admit(self, hello: dict[str, Any], peer: str) -> dict[str, Any]:
+    def admit(self, hello: Hello, peer: str) -> Hello:
         """The hello to go on with: as it came, or, with ``--require-token``, checked
         (:func:`dcp.auth.admit`) and named after its token if it gives no name.
 
@@ -41,11 +43,11 @@ class Serving:
             return hello
         assert self.secret is not None  # the config checks that require_token has secret_file
         try:
-            claims = admit(self.secret, hello, time.time())
+            claims = admit(self.secret, hello.to_body(), time.time())
         except AuthError as exc:
-            log.warning("refusing the %s hello of %s (%s): %s", hello.get("role", "agent"), hello.get("name") or "-", peer, exc)
+            log.warning("refusing the %s hello of %s (%s): %s", hello.role, hello.name or "-", peer, exc)
             raise
-        return {**hello, "name": hello.get("name") or claims.name}
+        return replace(hello, name=hello.name or claims.name)
 
     @property
     def address(self) -> tuple[str, int]:

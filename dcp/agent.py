@@ -50,9 +50,10 @@ from typing import Any
 
 from .backoff import Backoff
 from .client import OVERFLOW_POLICIES, Connection, Message, refused
+from .control import Assign, Register, Report, Route, Unassign
+from .control import Message as ControlMessage
 from .errors import ConfigError, ConnectionClosed, DcpError, RemoteError
 from .patterns import topic_matches, validate_pattern, validate_topic
-from .routing import int_from_bytes, int_to_bytes
 
 __all__ = ["DataAgent", "Element"]
 
@@ -379,57 +380,55 @@ class DataAgent:
         broker = self.broker
         assert broker is not None and broker.port is not None and broker.broker_key is not None
         consumes = sorted({p for e in self._declared.values() for p in e.consumes})
-        await conn.request({
-            "op": "register", "capabilities": sorted(self.capabilities), "consumes": consumes,
-            "produces": sorted(self.produces), "broker_key": int_to_bytes(broker.broker_key), "port": broker.port,
-        })
+        await conn.call(Register(
+            capabilities=sorted(self.capabilities), consumes=consumes, produces=sorted(self.produces),
+            broker_key=broker.broker_key, port=broker.port,
+        ))
 
     # -- the orchestrator side -------------------------------------------------------------
 
-    def _on_push(self, body: dict[str, Any]) -> None:
-        op = body.get("op")
-        if op == "route":
-            self._route(body)
-        elif op == "assign":
-            self._assign(body)
-        elif op == "unassign":
-            element = self.elements.pop(f"{body.get('pipeline')}/{body.get('element')}", None)
+    def _on_push(self, push: ControlMessage) -> None:
+        """A push of the orchestrator, checked by the connection (a malformed one is logged
+        there and never gets here)."""
+        if isinstance(push, Route):
+            self._route(push)
+        elif isinstance(push, Assign):
+            self._assign(push)
+        elif isinstance(push, Unassign):
+            element = self.elements.pop(push.key, None)
             if element is not None and element.task is not None:
                 element.task.cancel()
+        else:
+            log.warning("%s: ignoring a %s the orchestrator sent unasked", self.name, push.op)
 
-    def _route(self, body: dict[str, Any]) -> None:
-        topic, epoch = body.get("topic"), body.get("epoch", 0)
-        if not isinstance(topic, str) or not isinstance(epoch, int):
-            return
+    def _route(self, route: Route) -> None:
+        topic = route.topic
         current = self.routes.get(topic)
-        if current is not None and current[0] > epoch:
+        if current is not None and current[0] > route.epoch:
             return  # an older number arriving late
-        x = int_from_bytes(body.get("x", b""))
-        self.routes[topic] = (epoch, x)
-        tag = body.get("tag")
-        if isinstance(tag, bytes):  # the orchestrator signs routes: brokers may verify them
-            self.route_tags[topic] = tag
+        self.routes[topic] = (route.epoch, route.x)
+        if route.tag is not None:  # the orchestrator signs routes: brokers may verify them
+            self.route_tags[topic] = route.tag
         else:
             self.route_tags.pop(topic, None)
-        key = body.get("broker_key")
-        if isinstance(key, bytes):
-            self.route_brokers[topic] = int_from_bytes(key)
+        if route.broker_key is not None:
+            self.route_brokers[topic] = route.broker_key
         else:
             self.route_brokers.pop(topic, None)
-        self.consumers[topic] = list(body.get("consumers", []))
-        if body.get("refused"):
-            log.warning("%s may not publish %s: %s", self.name, topic, body["refused"])
+        self.consumers[topic] = list(route.consumers)
+        if route.refused:
+            log.warning("%s may not publish %s: %s", self.name, topic, route.refused)
         self.route_changed.set()
         self.route_changed = asyncio.Event()
 
-    def _assign(self, body: dict[str, Any]) -> None:
-        key = f"{body.get('pipeline')}/{body.get('element')}"
-        handler = self.capabilities.get(str(body.get("capability")))
+    def _assign(self, assign: Assign) -> None:
+        key = assign.key
+        handler = self.capabilities.get(assign.capability)
         if handler is None or key in self.elements:
             return
-        emits = body.get("emits")
-        params = dict(body.get("params") or {})
-        element = Element(key, str(body.get("kind")), tuple(body.get("consumes") or ()), emits, handler, params=params)
+        emits = assign.emits
+        params = dict(assign.params)
+        element = Element(key, assign.kind, tuple(assign.consumes), emits, handler, params=params)
         if element.kind != "source":  # spec params may batch or window it, like the decorators' arguments
             try:
                 element.batch = max(int(params.get("batch", 1)), 1)
@@ -444,7 +443,7 @@ class DataAgent:
             self.produces.add(emits)
         if element.kind == "source":
             element.task = self._spawn(self._run_source(element))
-        log.info("%s runs %s (%s)", self.name, key, body.get("capability"))
+        log.info("%s runs %s (%s)", self.name, key, assign.capability)
 
     # -- running elements --------------------------------------------------------------
 
@@ -564,5 +563,5 @@ class DataAgent:
         while True:
             await asyncio.sleep(self.report_interval_s)
             if self.orchestrator is not None:
-                self.orchestrator.send({"op": "report", **self.counters()})
+                self.orchestrator.send(Report(**self.counters()).to_body())
 

@@ -15,7 +15,10 @@ Bad input closes only the connection that sent it, after an error frame, when th
 stream can no longer be trusted (bad version, length over a limit, malformed
 control frame); a well-delimited frame that cannot be forwarded (hop limit 0, X over
 ``max_x_bits``, unknown type) is dropped and counted, and the sender gets a
-rate-limited error frame.
+rate-limited error frame.  A control message (:mod:`dcp.control`) that is well framed
+but has a field of the wrong type or range, or that its sender's role may not send
+(:data:`dcp.control.BROKER`), gets an error frame and the connection goes on; a bad
+hello closes it.
 
 Access is decided once, at hello, never per frame: with ``--require-token`` a hello
 without a valid token of its role (:mod:`dcp.auth`) gets a fatal error frame and the
@@ -30,16 +33,18 @@ import logging
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
+from . import control
 from .auth import RouteVerifier, issue_token, load_secret
 from .config import SLOW_CONSUMER_POLICIES, BrokerConfig, parse_address
-from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
+from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
 from ._loop import no_delay
 from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
-from .routing import allocate_keys, int_from_bytes, int_to_bytes
+from .routing import allocate_keys, int_to_bytes
 from .tls import client_context, server_context
 from .forwarding import DROP_REASONS, Drop, Forwarder, Write
 from .wire import Limits, encode_control
@@ -53,9 +58,6 @@ log = logging.getLogger(__name__)
 _TARGET_CACHE_LIMIT = 4096
 # At most one non-fatal error frame per error code per connection per interval.
 _ERROR_INTERVAL_S = 1.0
-# Error messages may quote what the peer sent (an op, a role): cut to this many
-# characters, so that the error frame always fits max_control.
-_MESSAGE_LIMIT = 1024
 # Our own tokens are made afresh for every hello; this long covers clock skew between hosts.
 _OWN_TOKEN_TTL_S = 300
 
@@ -69,14 +71,6 @@ def _policy(name: object) -> str:
     if name not in SLOW_CONSUMER_POLICIES:
         raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}")
     return "drop-newest" if name == "drop" else str(name)
-
-
-class LinkRefused(DcpError):
-    """A peer's hello that this broker will not take as a link."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Broker(Serving):
@@ -93,6 +87,8 @@ class Broker(Serving):
         self.policy = _policy(self.config.slow_consumer)  # of every port that does not choose its own
         # The secret shared with the orchestrator (--secret-file): route tags and tokens
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
+        # Who may send which op: before its hello, only a hello with --require-token
+        self.permissions = control.BROKER.requiring_token() if self.config.require_token else control.BROKER
         # --verify-routes: checks the orchestrator's tag on every topology number
         self.verifier = RouteVerifier(self.secret) if self.secret is not None and self.config.verify_routes else None
         # TLS: served with --tls-cert/--tls-key; peers and the orchestrator are dialled with it given --tls-ca
@@ -158,7 +154,7 @@ class Broker(Serving):
         self._closing = True
         assert self._server is not None and self._no_connections is not None
         self._server.close()
-        going_away = encode_control({"op": "going_away"})
+        going_away = encode_control(control.GoingAway().to_body())
         for conn in list(self._connections):
             conn.close(going_away)
         for link in self.links.values():
@@ -204,7 +200,7 @@ class Broker(Serving):
         from .client import Connection
 
         async def register(conn: Connection) -> None:
-            await conn.request(self._state())
+            await conn.call(self._state())
 
         self._orchestrator = Connection(
             f"{'dcps' if self.tls_client else 'dcp'}://{self.config.orchestrator}", name=self.name, role="broker",
@@ -225,23 +221,22 @@ class Broker(Serving):
     def _send_state(self) -> None:
         self._report_due = False
         if self._orchestrator is not None and not self._closing:
-            self._orchestrator.send(self._state())
+            self._orchestrator.send(self._state().to_body())
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self) -> control.BrokerState:
         host, port = self.address
-        return {
-            "op": "broker_state",
-            "key": int_to_bytes(self.key),
-            "address": f"{host}:{port}",
-            "ports": self.config.ports,
-            "links": [
-                {"port": p, "remote_key": int_to_bytes(link.remote_key), "remote_port": link.remote_port, "state": link.state}
+        return control.BrokerState(
+            key=self.key,
+            address=f"{host}:{port}",
+            ports=self.config.ports,
+            links=[
+                control.LinkReport(port=p, remote_key=link.remote_key, remote_port=link.remote_port, state=link.state)
                 for p, link in sorted(self.links.items())
             ],
-            "attached": [
-                {"port": p, "name": conn.name} for p, conn in enumerate(self._ports) if conn is not None and conn.link is None
+            attached=[
+                control.PortReport(port=p, name=conn.name) for p, conn in enumerate(self._ports) if conn is not None and conn.link is None
             ],
-        }
+        )
 
     # -- ports --------------------------------------------------------------
 
@@ -300,12 +295,18 @@ class Broker(Serving):
         link.start()
         return link
 
-    def accept_link(self, conn: BrokerConnection, body: dict[str, Any]) -> Link:
-        """A peer dialled us: its link gets (back) the port reserved for it."""
-        key, peer_port = body.get("key"), body.get("link")
-        if not isinstance(key, bytes) or not isinstance(peer_port, int):
-            raise RemoteProtocolError("a peer hello needs 'key' (bytes) and 'link' (int)")
-        identity = (int_from_bytes(key), peer_port)
+    def accept_link(self, conn: BrokerConnection, hello: control.Hello) -> Link:
+        """A peer dialled us: its link gets (back) the port reserved for it.
+
+        Raises:
+            BadRequest: the hello lacks the peer's key or its port for the link.
+            LinkRefused: the peer has our key, or this broker is stateful.
+            RoutingError: no free port.
+        """
+        if hello.key is None or hello.link is None:
+            missing = "key" if hello.key is None else "link"
+            raise BadRequest(control.HELLO, missing, f"a peer hello needs {missing}: key (bytes) and link (its port for the link)")
+        identity = (hello.key, hello.link)
         if identity[0] == self.key:
             raise LinkRefused("same_key", f"the peer has this broker's key {self.key}; give each broker its own --key")
         if not self.stateless:
@@ -316,8 +317,7 @@ class Broker(Serving):
             self.links[link.port] = link
             self._inbound[identity] = link
         conn.link = link
-        name = body.get("name")
-        link.accepted(conn, name if isinstance(name, str) else "")
+        link.accepted(conn, hello.name)
         return link
 
     def remove_link(self, link: Link, notify: bool) -> None:
@@ -455,7 +455,7 @@ class BrokerConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.broker.config.out_buffer_bytes)
         self.broker._connected(self)
         if self.broker._closing:
-            self.close(encode_control({"op": "going_away"}))
+            self.close(encode_control(control.GoingAway().to_body()))
         elif self.link is not None:  # we dialled a peer
             self.role = "peer"
             self.link.connection_made(self)
@@ -586,53 +586,30 @@ class BrokerConnection(asyncio.Protocol):
     # -- control frames ----------------------------------------------------------
 
     def _control(self, body: dict[str, Any]) -> None:
+        """One control frame: refused by the permission table, refused as malformed, or handled."""
         op = body["op"]
-        request_id = body.get("id")
-        broker = self.broker
-        if op == "hello":
-            self._hello(body, request_id)
-        elif not self.role and broker.config.require_token:  # nothing, stats included, before a token
-            self._fail_with("token_missing", f"{op!r} before hello: this broker admits only connections with a token", request_id)
-        elif op == "ping":
-            self.send({"op": "pong", "re": request_id})
-        elif op == "stats":
-            self.send({"op": "stats", "re": request_id, "stats": broker.stats()})
-        elif op == "policy":
-            try:
-                self.set_policy(body.get("slow_consumer"))
-            except ConfigError as exc:
-                self._reply_error(request_id, "bad_policy", str(exc))
-            else:
-                self.send({"op": "ok", "re": request_id, "slow_consumer": self.policy})
-        elif op in ("subscribe", "unsubscribe"):
-            topic = body.get("topic")
-            if broker.stateless:
-                self._reply_error(request_id, "wrong_mode", "subscribe needs a stateful broker; in stateless mode routes come from the orchestrator")
-            elif self.port < 0:
-                self._reply_error(request_id, "not_attached", "send hello before subscribe")
-            elif not isinstance(topic, str) or not 0 < len(topic.encode()) <= broker.limits.max_topic:
-                self._reply_error(request_id, "bad_topic", f"topic must be a non-empty string of at most {broker.limits.max_topic} bytes")
-            else:
-                (broker.subscribe if op == "subscribe" else broker.unsubscribe)(self, topic.encode())
-                if op == "unsubscribe":
-                    self.topics.discard(topic.encode())
-                self.send({"op": "ok", "re": request_id})
-        elif op == "going_away":
-            self.close()
-        elif op == "error":  # from a peer; never answered, or two brokers would argue forever
-            log.warning("%s (port %d) reports %s: %s", self.peer, self.port, body.get("code"), body.get("message"))
-            if self.link is not None and self.port < 0:
-                self.link.refused(self, body)
-            if body.get("fatal"):
-                self.close()
-        elif op == "welcome" and self.link is not None and self.link.outbound:
-            self.link.welcomed(self, body)
-        elif op == "pong" and self.link is not None:
-            self.link.pong(body.get("re"))
-        elif op in ("link", "unlink"):
-            self._link_op(op, body, request_id)
+        refusal = self.broker.permissions.refusal(self.role, op)
+        if refusal is not None:
+            self._error(refusal.code, refusal.message, control.request_id(body), refusal.fatal)
+            return
+        try:
+            message = control.parse_request(body)
+        except BadRequest as exc:
+            self._malformed(op, control.request_id(body), exc)
+            return
+        _HANDLERS[type(message)](self, message)
+
+    def _malformed(self, op: str, request_id: int | None, exc: BadRequest) -> None:
+        """A bad hello closes the connection; a bad request gets an error frame; a bad answer
+        (error, welcome, pong) is not answered, and refuses a link still waiting for its welcome."""
+        if op == control.HELLO:
+            self._error(exc.code, str(exc), request_id, fatal=True)
+        elif op in _NEVER_ANSWERED:
+            log.warning("%s (port %d) sent a malformed %s: %s", self.peer, self.port, op, exc)
+            if self.link is not None:
+                self.link.refuse(self, exc)
         else:
-            self._reply_error(request_id, "unknown_op", f"unknown control op {op!r}")
+            self._error(exc.code, str(exc), request_id)
 
     def set_policy(self, name: object) -> None:
         """This port's slow-consumer policy (an agent's hello or ``policy`` request).
@@ -643,106 +620,132 @@ class BrokerConnection(asyncio.Protocol):
         if self.policy != "drop-oldest" and self._queue and self.transport is not None:
             self._drain_queue(whole=True)
 
-    def _hello(self, body: dict[str, Any], request_id: Any) -> None:
-        if self.role:
-            self._reply_error(request_id, "already_attached", "hello was already sent on this connection")
-            return
-        role = body.get("role", "agent")
-        if role not in ("agent", "admin", "peer"):
-            raise RemoteProtocolError(f"unknown role {role!r}")
-        try:
-            body = self.broker.admit(body, self.peer)
-        except AuthError as exc:
-            self._fail_with(exc.code, str(exc), request_id)
-            return
-        if "slow_consumer" in body:
-            try:
-                self.set_policy(body["slow_consumer"])
-            except ConfigError as exc:
-                self._fail_with("bad_policy", str(exc), request_id)
-                return
-        name = body.get("name", "")
-        self.name = name if isinstance(name, str) else ""
-        self.role = role
-        if role == "admin":
-            self.forwarder.refusal = "an admin connection cannot publish"
+    def _on_hello(self, hello: control.Hello) -> None:
         broker = self.broker
-        reply: dict[str, Any] = {
-            "op": "welcome",
-            "re": request_id,
-            "mode": broker.config.mode,
-            "key": int_to_bytes(broker.key),
-            "ports": broker.config.ports,
-            "max_frame": broker.limits.max_frame,
-            "max_topic": broker.limits.max_topic,
-            "max_x_bits": broker.limits.max_x_bits,
-            "name": broker.name,
-            "slow_consumer": self.policy,
-        }
-        if role == "peer":
+        try:
+            broker.permissions.check_role(hello)
+            hello = broker.admit(hello, self.peer)
+        except (BadRequest, AuthError) as exc:
+            self._error(exc.code, str(exc), hello.id, fatal=True)
+            return
+        if hello.slow_consumer is not None:
+            self.set_policy(hello.slow_consumer)
+        self.name, self.role = hello.name, hello.role
+        if hello.role == "admin":
+            self.forwarder.refusal = "an admin connection cannot publish"
+        port = None
+        if hello.role == "peer":
             try:
-                broker.accept_link(self, body)
-            except (LinkRefused, RoutingError) as exc:
+                broker.accept_link(self, hello)
+            except (LinkRefused, BadRequest, RoutingError) as exc:
                 log.warning("refusing a link from %s (%s): %s", self.name or "-", self.peer, exc)
-                self._fail_with(exc.code if isinstance(exc, LinkRefused) else "no_free_port", str(exc), request_id)
+                self._error("no_free_port" if isinstance(exc, RoutingError) else exc.code, str(exc), hello.id, fatal=True)
                 return
-            reply["port"] = self.port
-        elif role == "agent":
+            port = self.port
+        elif hello.role == "agent":
             port = broker.attach(self)
             if port is None:
-                self._fail_with("no_free_port", f"all {broker.config.ports} ports are taken", request_id)
+                self._error("no_free_port", f"all {broker.config.ports} ports are taken", hello.id, fatal=True)
                 return
-            reply["port"] = port
             log.info("port %d attached (%s %s)", port, self.name or "-", self.peer)
-        self.send(reply)
+        limits = broker.limits
+        self.send(control.Welcome(
+            re=hello.id, key=broker.key, name=broker.name, mode=broker.config.mode, port=port, ports=broker.config.ports,
+            max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.policy,
+        ))
 
-    def _link_op(self, op: str, body: dict[str, Any], request_id: Any) -> None:
-        """``link``/``unlink`` from an admin client; ``unlink`` from a peer frees its link."""
+    def _on_ping(self, ping: control.Ping) -> None:
+        self.send(control.Pong(re=ping.id))
+
+    def _on_stats(self, request: control.StatsRequest) -> None:
+        self.send(control.Stats(re=request.id, stats=self.broker.stats()))
+
+    def _on_policy(self, request: control.Policy) -> None:
+        self.set_policy(request.slow_consumer)
+        self.send(control.PolicySet(re=request.id, slow_consumer=self.policy))
+
+    def _on_subscribe(self, request: control.Subscribe) -> None:
+        """``subscribe`` and ``unsubscribe``, in stateful mode."""
         broker = self.broker
-        if op == "unlink" and self.role == "peer" and self.link is not None:
-            broker.remove_link(self.link, notify=False)
-            return
-        if self.role != "admin":
-            self._reply_error(request_id, "not_admin", f"{op} needs an admin connection")
-            return
-        if op == "unlink":
-            port = body.get("port")  # from the peer: any msgpack value, a list included
-            link = broker.links.get(port) if isinstance(port, int) else None
-            if link is None:
-                self._reply_error(request_id, "no_link", f"no link on port {body.get('port')!r}")
-                return
-            broker.remove_link(link, notify=True)
-            self.send({"op": "ok", "re": request_id})
-            return
-        peer = body.get("peer")
-        try:
-            link = broker.add_link(peer if isinstance(peer, str) else "")
-        except (ConfigError, RoutingError) as exc:
-            self._reply_error(request_id, "bad_link", str(exc))
-            return
-        wait = body.get("wait")
-        if not wait:
-            self.send({"op": "ok", "re": request_id, "link": link.stats()})
-            return
-        timeout = wait if isinstance(wait, (int, float)) and not isinstance(wait, bool) else broker.config.link_timeout_s
-        broker._spawn(self._reply_when_up(link, float(timeout), request_id))
+        topic = request.topic.encode()
+        if broker.stateless:
+            self._error("wrong_mode", "subscribe needs a stateful broker; in stateless mode routes come from the orchestrator", request.id)
+        elif len(topic) > broker.limits.max_topic:
+            self._error("bad_topic", f"topic must be a non-empty string of at most {broker.limits.max_topic} bytes", request.id)
+        else:
+            if type(request) is control.Subscribe:
+                broker.subscribe(self, topic)
+            else:
+                broker.unsubscribe(self, topic)
+                self.topics.discard(topic)
+            self.send(control.Ok(re=request.id))
 
-    async def _reply_when_up(self, link: Link, timeout: float, request_id: Any) -> None:
+    def _on_link(self, request: control.Link) -> None:
+        """An admin's ``link``: dial a peer; answer now, or once the link is up (``wait``)."""
+        broker = self.broker
+        try:
+            link = broker.add_link(request.peer)
+        except (ConfigError, RoutingError) as exc:
+            self._error("bad_link", str(exc), request.id)
+            return
+        if not request.wait:
+            self.send(control.Linked(re=request.id, link=link.stats()))
+            return
+        broker._spawn(self._reply_when_up(link, request.wait, request.id))
+
+    async def _reply_when_up(self, link: Link, timeout: float, request_id: int | None) -> None:
         try:
             await link.wait_up(timeout)
         except DcpError as exc:
-            self._reply_error(request_id, "link_timeout", str(exc))
+            self._error("link_timeout", str(exc), request_id)
         else:
-            self.send({"op": "ok", "re": request_id, "link": link.stats()})
+            self.send(control.Linked(re=request_id, link=link.stats()))
+
+    def _on_unlink(self, request: control.Unlink) -> None:
+        """An admin's ``unlink`` closes a link for good; a peer's frees the link it carries."""
+        broker = self.broker
+        if self.role == "peer":
+            assert self.link is not None  # a peer connection carries its link
+            broker.remove_link(self.link, notify=False)
+            return
+        link = broker.links.get(request.port) if request.port is not None else None
+        if link is None:
+            self._error("no_link", f"no link on port {request.port}", request.id)
+            return
+        broker.remove_link(link, notify=True)
+        self.send(control.Ok(re=request.id))
+
+    def _on_error(self, error: control.Error) -> None:
+        log.warning("%s (port %d) reports %s: %s", self.peer, self.port, error.code, error.message)
+        if self.link is not None:
+            self.link.refused(self, error)
+        if error.fatal:
+            self.close()
+
+    def _on_going_away(self, _: control.GoingAway) -> None:
+        self.close()
+
+    def _on_welcome(self, welcome: control.Welcome) -> None:
+        assert self.link is not None  # only a peer link may send one
+        self.link.welcomed(self, welcome)
+
+    def _on_pong(self, pong: control.Pong) -> None:
+        assert self.link is not None  # only a peer link may send one
+        self.link.pong(pong.re)
 
     # -- errors and output ------------------------------------------------------
 
-    def send(self, body: dict[str, Any]) -> None:
+    def send(self, message: control.Message) -> None:
         if not self.closing and self.transport is not None:
-            self.transport.write(encode_control(body))
+            self.transport.write(encode_control(message.to_body()))
 
-    def _reply_error(self, request_id: Any, code: str, message: str) -> None:
-        self.send({"op": "error", "re": request_id, "code": code, "message": message[:_MESSAGE_LIMIT], "fatal": False})
+    def _error(self, code: str, message: str, request_id: int | None = None, fatal: bool = False) -> None:
+        """An error frame to the peer; ``fatal``: then close."""
+        error = control.Error(re=request_id, code=code, message=message, fatal=fatal)
+        if fatal:
+            self.close(encode_control(error.to_body()))
+        else:
+            self.send(error)
 
     def _drop(self, reason: str, message: str, count: int = 1) -> None:
         """Count ``count`` dropped frames and tell their sender, at most once a second per reason."""
@@ -752,17 +755,11 @@ class BrokerConnection(asyncio.Protocol):
         if now - self._error_sent_at.get(reason, -_ERROR_INTERVAL_S) >= _ERROR_INTERVAL_S:
             self._error_sent_at[reason] = now
             count = self._errors_unsent.pop(reason)
-            self.send({"op": "error", "code": reason, "message": message, "fatal": False, "count": count})
+            self.send(control.Error(code=reason, message=message, count=count))
 
     def _fail(self, exc: ProtocolError) -> None:
         log.warning("closing %s (port %d): %s", self.peer, self.port, exc)
-        self._fail_with(exc.code, str(exc))
-
-    def _fail_with(self, code: str, message: str, request_id: Any = None) -> None:
-        body = {"op": "error", "code": code, "message": message[:_MESSAGE_LIMIT], "fatal": True}
-        if request_id is not None:
-            body["re"] = request_id
-        self.close(encode_control(body))
+        self._error(exc.code, str(exc), fatal=True)
 
     def close(self, last_frame: bytes | None = None) -> None:
         """Send ``last_frame`` if given, flush, close; nothing more is read or forwarded."""
@@ -809,3 +806,21 @@ class BrokerConnection(asyncio.Protocol):
             "paused": self.paused,
             "reading_paused": self.reading_paused,
         }
+
+
+#: The answers: never answered, or two brokers would argue forever.
+_NEVER_ANSWERED = (control.ERROR, control.GOING_AWAY, control.WELCOME, control.PONG)
+_HANDLERS: dict[type[control.Message], Callable[[BrokerConnection, Any], None]] = {
+    control.Hello: BrokerConnection._on_hello,
+    control.Ping: BrokerConnection._on_ping,
+    control.StatsRequest: BrokerConnection._on_stats,
+    control.Policy: BrokerConnection._on_policy,
+    control.Subscribe: BrokerConnection._on_subscribe,
+    control.Unsubscribe: BrokerConnection._on_subscribe,
+    control.Link: BrokerConnection._on_link,
+    control.Unlink: BrokerConnection._on_unlink,
+    control.Error: BrokerConnection._on_error,
+    control.GoingAway: BrokerConnection._on_going_away,
+    control.Welcome: BrokerConnection._on_welcome,
+    control.Pong: BrokerConnection._on_pong,
+}

@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from . import __version__
+from . import __version__, control
 from ._loop import run
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, expiry, issue_token, load_secret
 from .config import BrokerConfig, OrchestratorConfig
@@ -28,6 +28,8 @@ from .errors import ConfigError, DcpError
 from .views import format_pipelines, format_stats, stats_as_json
 
 __all__ = ["main"]
+
+R = TypeVar("R", bound=control.Reply)
 
 
 def configure_logging(level: str) -> None:
@@ -163,31 +165,31 @@ def cmd_unlink(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _orchestrator_request(args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+async def _orchestrator_request(args: argparse.Namespace, request: control.Request[R]) -> R:
     async with _admin(args, args.orchestrator) as conn:
-        return await conn.request(body)
+        return await conn.call(request)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
-    reply = run(_orchestrator_request(args, {"op": "deploy", "spec": spec.to_dict()}))
-    print(f"deployed {reply['pipeline']}")
-    for element, agents in reply["assignments"].items():
+    reply = run(_orchestrator_request(args, control.Deploy(spec=spec.to_dict())))
+    print(f"deployed {reply.pipeline}")
+    for element, agents in reply.assignments.items():
         print(f"  {element}: {', '.join(agents) or '(waiting for an agent)'}")
     return 0
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    run(_orchestrator_request(args, {"op": "undeploy", "name": args.name}))
+    run(_orchestrator_request(args, control.Undeploy(name=args.name)))
     print(f"undeployed {args.name}")
     return 0
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    reply = run(_orchestrator_request(args, {"op": "pipelines"}))
-    print(json.dumps(reply["pipelines"], indent=2) if args.json else format_pipelines(reply["pipelines"]))
+    pipelines = run(_orchestrator_request(args, control.Pipelines())).pipelines
+    print(json.dumps(pipelines, indent=2) if args.json else format_pipelines(pipelines))
     return 0
 
 
@@ -201,8 +203,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.secret_file:
         token = issue_token(load_secret(args.secret_file), args.name, args.role, expires)
     else:
-        body = {"op": "token", "name": args.name, "role": args.role, "ttl_s": args.ttl_s}
-        token = run(_orchestrator_request(args, body))["token"]
+        token = run(_orchestrator_request(args, control.Token(name=args.name, role=args.role, ttl_s=args.ttl_s))).token
     print(token)
     return 0
 

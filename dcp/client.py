@@ -32,15 +32,32 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._loop import CoalescedWriter, no_delay
 from .auth import REFUSALS
 from .backoff import Backoff
 from .config import SLOW_CONSUMER_POLICIES
-from .errors import ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
-from .routing import int_from_bytes
+from .control import (
+    ERROR,
+    UINT,
+    Error,
+    GoingAway,
+    Hello,
+    Link,
+    Ping,
+    Policy,
+    Reply,
+    Request,
+    StatsRequest,
+    Subscribe,
+    Unlink,
+    Unsubscribe,
+    parse_answer,
+)
+from .control import Message as ControlMessage
+from .errors import BadRequest, ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
 from .tls import client_context
 from .wire import (
     DEFAULT_HOPS,
@@ -59,6 +76,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "dcp://127.0.0.1:7400"
 OVERFLOW_POLICIES = ("pause", "drop-newest", "drop-oldest", "drop")
+R = TypeVar("R", bound=Reply)
 
 #: A received data frame: ``topic``, ``payload``, ``route``, ``hops``, ``msg_id``,
 #: ``timestamp_ns``, ``flags``.
@@ -170,7 +188,7 @@ class Connection:
         tls_ca: str | None = None,
         limits: Limits | None = None,
         on_open: Callable[[Connection], Awaitable[None]] | None = None,
-        on_push: Callable[[dict[str, Any]], None] | None = None,
+        on_push: Callable[[ControlMessage], None] | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
@@ -274,13 +292,9 @@ class Connection:
         self._writer = CoalescedWriter(transport)  # type: ignore[arg-type]
         self._protocol = protocol
         try:
-            hello: dict[str, Any] = {"op": "hello", "name": self.name, "role": self.role}
-            if self.slow_consumer is not None:
-                hello["slow_consumer"] = self.slow_consumer
             token = self.token() if callable(self.token) else self.token
-            if token:
-                hello["token"] = token
-            welcome = await self._request(hello)
+            hello = Hello(name=self.name, role=self.role, slow_consumer=self.slow_consumer, token=token or None)
+            welcome = await self.call(hello)
         except ConnectionClosed:
             transport.abort()
             hint = "" if self.ssl else " (a TLS server? use dcps://)"
@@ -288,17 +302,19 @@ class Connection:
         except BaseException:
             transport.abort()
             raise
-        self.port = welcome.get("port")
-        self.broker_key = int_from_bytes(welcome["key"])
-        self.broker_mode = welcome.get("mode")
+        self.port = welcome.port
+        self.broker_key = welcome.key
+        self.broker_mode = welcome.mode
+        max_frame = welcome.max_frame or self.limits.max_frame
         self.limits = Limits(
-            max_frame=welcome.get("max_frame", self.limits.max_frame),
-            max_topic=welcome.get("max_topic", self.limits.max_topic),
-            max_x_bits=welcome.get("max_x_bits", self.limits.max_x_bits),
+            max_frame=max_frame,
+            max_topic=welcome.max_topic or self.limits.max_topic,
+            max_x_bits=welcome.max_x_bits or self.limits.max_x_bits,
+            max_control=min(self.limits.max_control, max_frame),
         )
         self._encoder = DataEncoder(self.limits)
         for topic in sorted(self._subscriptions):
-            await self._request({"op": "subscribe", "topic": topic})
+            await self.call(Subscribe(topic=topic))
         if self.on_open is not None:
             await self.on_open(self)
         self.connects += 1
@@ -463,7 +479,7 @@ class Connection:
     async def ping(self) -> float:
         """Round-trip time to the broker, seconds."""
         start = time.perf_counter()
-        await self._request({"op": "ping"})
+        await self.call(Ping())
         return time.perf_counter() - start
 
     async def subscribe(self, topic: str) -> None:
@@ -472,11 +488,11 @@ class Connection:
         Raises:
             RemoteError: the broker refused (e.g. ``wrong_mode`` on a stateless broker).
         """
-        await self._request({"op": "subscribe", "topic": topic})
+        await self.call(Subscribe(topic=topic))
         self._subscriptions.add(topic)
 
     async def unsubscribe(self, topic: str) -> None:
-        await self._request({"op": "unsubscribe", "topic": topic})
+        await self.call(Unsubscribe(topic=topic))
         self._subscriptions.discard(topic)
 
     async def set_slow_consumer(self, policy: str) -> None:
@@ -486,12 +502,11 @@ class Connection:
         if policy not in SLOW_CONSUMER_POLICIES:
             raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}; got {policy!r}")
         self.slow_consumer = policy
-        await self._request({"op": "policy", "slow_consumer": policy})
+        await self.call(Policy(slow_consumer=policy))
 
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see ``dcp stats``)."""
-        reply = await self._request({"op": "stats"})
-        return reply["stats"]
+        return (await self.call(StatsRequest())).stats
 
     async def link(self, peer: str, wait: float | None = None) -> dict[str, Any]:
         """Admin: make the broker link to the broker at ``peer`` (``HOST:PORT``).
@@ -504,28 +519,39 @@ class Connection:
             RemoteError: ``bad_link`` (bad address, no free port, stateful mode),
                 ``link_timeout`` or ``not_admin``.
         """
-        body: dict[str, Any] = {"op": "link", "peer": peer}
-        if wait is not None:
-            body["wait"] = wait
-        reply = await self._request(body, timeout=None if wait is None else wait + self.request_timeout_s)
-        return reply["link"]
+        reply = await self.call(Link(peer=peer, wait=wait), timeout=None if wait is None else wait + self.request_timeout_s)
+        return reply.link
 
     async def unlink(self, port: int) -> None:
         """Admin: close the broker's link on ``port`` for good and free both ends."""
-        await self._request({"op": "unlink", "port": port})
+        await self.call(Unlink(port=port))
 
-    async def request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send the control frame ``body`` (an ``op`` and its fields) and return the reply.
+    async def call(self, request: Request[R], timeout: float | None = None) -> R:
+        """Send ``request`` (a :mod:`dcp.control` message) and return its reply, checked.
 
         Raises:
             RemoteError: the peer answered with an error frame.
+            BadRequest: the reply is not the one ``request`` expects, or a field of it is malformed.
             DcpTimeout: no answer within ``timeout`` (default ``request_timeout_s``).
             ConnectionClosed: not connected, or lost before the answer.
         """
-        return await self._request(body, timeout)
+        reply = request.reply.from_body(await self._request(request.to_body(), timeout))
+        return reply  # type: ignore[return-value]  # request.reply is R (Request.__init_subclass__)
+
+    async def request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send the control frame ``body`` (an ``op`` and its fields) and return the reply,
+        as it came once checked (:func:`dcp.control.parse_answer`); see :meth:`call`.
+
+        Raises:
+            RemoteError, BadRequest, DcpTimeout, ConnectionClosed: as :meth:`call`.
+        """
+        reply = await self._request(body, timeout)
+        parse_answer(reply)
+        return reply
 
     def send(self, body: dict[str, Any]) -> None:
-        """Send the control frame ``body`` with no reply expected; dropped if not connected."""
+        """Send the control frame ``body`` (a message's ``to_body()``) with no reply expected;
+        dropped if not connected."""
         if self._writer is not None and self._transport is not None and not self._transport.is_closing():
             self._writer.write_uncopied(encode_control(body))
 
@@ -546,21 +572,31 @@ class Connection:
             self._requests.pop(request_id, None)
 
     def _on_control(self, body: dict[str, Any]) -> None:
-        op = body["op"]
-        future = self._requests.get(body.get("re"))  # type: ignore[arg-type]
-        if future is not None and not future.done():
-            if op == "error":
-                future.set_exception(RemoteError(str(body.get("code")), str(body.get("message"))))
+        """An answer to a pending request resolves it (checked by the requester); anything
+        else is checked here: a malformed one is logged and ignored."""
+        re = body.get("re")
+        if re is not None:
+            future = self._requests.get(re) if UINT.accepts(re) else None
+            if future is None or future.done():
+                log.debug("ignored an answer to no pending request (%s, re=%r)", body["op"], re)
+            elif body["op"] == ERROR:
+                future.set_exception(_remote_error(body))
             else:
                 future.set_result(body)
-        elif op == "error":
+            return
+        try:
+            message = parse_answer(body)
+        except BadRequest as exc:
+            log.warning("ignored a malformed control frame from %s:%d: %s", *self.address, exc)
+            return
+        if isinstance(message, Error):
             self.last_error = body
-            level = logging.ERROR if body.get("fatal") else logging.WARNING
-            log.log(level, "broker error %s: %s (x%s)", body.get("code"), body.get("message"), body.get("count", 1))
-        elif op == "going_away":
+            level = logging.ERROR if message.fatal else logging.WARNING
+            log.log(level, "broker error %s: %s (x%s)", message.code, message.message, message.count or 1)
+        elif isinstance(message, GoingAway):
             log.info("broker %s:%d is going away", *self.address)
         elif self.on_push is not None:
-            self.on_push(body)
+            self.on_push(message)
 
     # -- losing the connection -------------------------------------------------------
 
@@ -616,6 +652,15 @@ class Connection:
             self._writable = None
         if self._opened is not None:
             self._opened.set()
+
+
+def _remote_error(body: dict[str, Any]) -> RemoteError | BadRequest:
+    """What a request answered with ``body``, an error frame, raises."""
+    try:
+        error = Error.from_body(body)
+    except BadRequest as exc:
+        return exc
+    return RemoteError(error.code, error.message)
 
 
 class _Messages:
@@ -679,7 +724,7 @@ def connect(url: str = DEFAULT_URL, **options: Any) -> Connect:
     ``ssl.SSLContext`` for a ``dcps://`` URL) or ``tls_ca`` (a CA file to verify the
     server with; default: the system's CAs); ``on_open`` (awaited after every
     (re)connect, before the connection counts as open: re-register there);
-    ``on_push`` (called with every control frame that is not a reply, an error or
-    ``going_away``).
+    ``on_push`` (called with every control message, checked, that is not a reply, an
+    error or ``going_away``: the orchestrator's pushes, :mod:`dcp.control`).
     """
     return Connect(url, **options)

@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .control import SLOW_CONSUMER_POLICIES
 from .errors import ConfigError
 from .wire import DEFAULT_LIMITS, Limits
 
 __all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
 
 MODES = ("stateless", "stateful")
-# What a port does when its consumer cannot keep up: drop the new frames, drop the
-# oldest queued ones, or stop reading from the publishers.  "drop" = "drop-newest".
-SLOW_CONSUMER_POLICIES = ("drop-newest", "drop-oldest", "pause", "drop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

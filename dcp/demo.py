@@ -41,6 +41,7 @@ from typing import Any
 
 import msgpack
 
+from . import control
 from .agent import DataAgent
 from .broker import Broker
 from .client import connect
@@ -248,7 +249,7 @@ async def run_faces(
         async with connect(do_url, role="admin", name="demo", reconnect=False) as admin:
 
             async def overlay_up() -> bool:
-                status = (await admin.request({"op": "status"}))["status"]
+                status = (await admin.call(control.Status())).status
                 up = {b["name"] for b in status["brokers"] if b["online"] and any(link["state"] == "up" for link in b["links"])}
                 return up >= set(brokers)
 
@@ -315,9 +316,9 @@ async def run_faces(
                 out(f"agents on {b}: {', '.join(names)}")
 
             # -- deploy, then wait for every route ----------------------------------
-            reply = await admin.request({"op": "deploy", "spec": spec.to_dict()})
-            assigned = reply["assignments"]
-            out(f"deployed pipeline {reply['pipeline']}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
+            reply = await admin.call(control.Deploy(spec=spec.to_dict()))
+            assigned = reply.assignments
+            out(f"deployed pipeline {reply.pipeline}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
             element_agent = {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}
             for element in spec.elements:
                 if element.emits is None:
@@ -354,7 +355,7 @@ async def run_faces(
 
             # -- the pipeline as the orchestrator sees it (after the agents' next report)
             async def reported() -> bool:
-                view = (await admin.request({"op": "pipelines"}))["pipelines"]
+                view = (await admin.call(control.Pipelines())).pipelines
                 rows = {e["name"]: e["agents"] for p in view if p["name"] == spec.name for e in p["elements"]}
                 for element in spec.elements:
                     counted = local(element)
@@ -367,7 +368,7 @@ async def run_faces(
 
             out("")
             out("the pipeline as the orchestrator sees it (from the agents' reports):")
-            out(format_pipelines((await admin.request({"op": "pipelines"}))["pipelines"]))
+            out(format_pipelines((await admin.call(control.Pipelines())).pipelines))
 
             # -- the summary ------------------------------------------------------------
             summary_elements = {}

@@ -8,16 +8,20 @@
     │   └── RemoteProtocolError       the peer sent something invalid
     │       ├── FrameTooLarge         a declared length is over a limit
     │       ├── RouteTooLarge         a topology number is over max_x_bits
-    │       └── TruncatedFrame        the stream ended inside a frame
+    │       ├── TruncatedFrame        the stream ended inside a frame
+    │       └── BadRequest            a control message with a field of the wrong type or range
     ├── RemoteError                   the broker answered a request with an error frame
     ├── ConnectionClosed              the connection is gone (and will not come back)
     ├── RoutingError (ValueError)     bad keys or bitmaps given to dcp.routing
     ├── ConfigError (ValueError)      bad configuration
+    │   └── SpecError                 a pipeline spec is invalid (``field`` says where)
     ├── AuthError                     a token or route tag is missing, forged or expired
+    ├── LinkRefused                   a broker will not take a peer's hello as a link
     └── DcpTimeout (TimeoutError)     a request got no answer in time
 
 Each error that a broker reports to a peer carries a short machine-readable
-``code`` (the ``code`` class attribute), sent in the error frame.
+``code`` (the ``code`` class attribute, or the instance's for the errors whose
+code says which case: AuthError, LinkRefused, BadRequest), sent in the error frame.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ __all__ = [
     "FrameTooLarge",
     "RouteTooLarge",
     "TruncatedFrame",
+    "BadRequest",
     "RemoteError",
     "ConnectionClosed",
     "RoutingError",
     "ConfigError",
+    "SpecError",
     "AuthError",
+    "LinkRefused",
     "DcpTimeout",
 ]
 
@@ -79,6 +86,25 @@ class TruncatedFrame(RemoteProtocolError):
     code = "truncated_frame"
 
 
+class BadRequest(RemoteProtocolError):
+    """A well-framed control message whose ``field`` breaks the protocol (:mod:`dcp.control`).
+
+    ``str()`` is ``"OP: REASON"``, and the reason names the field; ``code`` is
+    ``bad_request``, or the older code clients know for that field (``bad_policy`` ...).
+    Only the message is refused: the stream is intact.
+    """
+
+    code = "bad_request"
+
+    def __init__(self, op: str, field: str, reason: str, code: str | None = None) -> None:
+        super().__init__(f"{op}: {reason}" if op else reason)
+        self.op = op
+        self.field = field
+        self.reason = reason
+        if code is not None:
+            self.code = code
+
+
 class RemoteError(DcpError):
     """The broker answered a request with an error frame."""
 
@@ -106,6 +132,17 @@ class ConfigError(DcpError, ValueError):
     code = "config_error"
 
 
+class SpecError(ConfigError):
+    """A pipeline spec is invalid; ``field`` says where (``stage[1].capability``), ``why`` what."""
+
+    code = "invalid_spec"
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
+        self.field = field
+        self.why = why
+
+
 class DcpTimeout(DcpError, TimeoutError):
     """A request to the broker got no answer in time."""
 
@@ -114,6 +151,14 @@ class DcpTimeout(DcpError, TimeoutError):
 
 class AuthError(DcpError):
     """A credential is missing, malformed, forged or expired; ``code`` says which."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LinkRefused(DcpError):
+    """A peer's hello that this broker will not take as a link; ``code`` says why."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

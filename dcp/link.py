@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from .backoff import Backoff
 from .config import BrokerConfig, parse_address
-from .errors import ConnectionClosed, DcpTimeout, RemoteError
+from .control import WELCOME, Error, Hello, Message, Ping, Unlink, Welcome
+from .errors import BadRequest, ConnectionClosed, DcpError, DcpTimeout, RemoteError
 from .routing import int_to_bytes
 
 __all__ = ["Link", "LinkHost", "LinkConnection", "LINK_COUNTERS"]
@@ -49,7 +50,7 @@ class LinkConnection(Protocol):
     bytes_out: int
     dropped: int
 
-    def send(self, body: dict[str, Any]) -> None: ...
+    def send(self, message: Message) -> None: ...
 
     def close(self) -> None: ...
 
@@ -138,7 +139,7 @@ class Link:
         conn = self.conn
         if conn is not None:
             if notify:
-                conn.send({"op": "unlink"})
+                conn.send(Unlink())
             conn.close()
 
     async def _dial_forever(self) -> None:
@@ -148,7 +149,7 @@ class Link:
         while self.state != "closed":
             try:
                 await self._dial(host, port)
-            except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError) as exc:
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError, BadRequest) as exc:
                 reason = str(exc) or type(exc).__name__
                 if reason != self.last_error:
                     log.warning("link port %d to %s: %s; redialling", self.port, self.address, reason)
@@ -173,31 +174,46 @@ class Link:
         await asyncio.wait_for(connect, timeout)
         await asyncio.wait_for(self._welcome, timeout)
 
-    def hello(self) -> dict[str, Any]:
+    def hello(self) -> Hello:
         """What the dialling end says first; with a secret, a token of our own (role ``broker``)."""
         broker = self.broker
-        hello = {"op": "hello", "id": 0, "role": "peer", "name": broker.name, "key": int_to_bytes(broker.key), "link": self.port}
-        token = broker.token()
-        if token is not None:
-            hello["token"] = token
-        return hello
+        return Hello(id=0, role="peer", name=broker.name, key=broker.key, link=self.port, token=broker.token())
 
-    def welcomed(self, conn: LinkConnection, body: dict[str, Any]) -> None:
-        """Outbound: the peer accepted the link and gave it port ``body['port']``."""
-        if self._welcome is None or self._welcome.done() or conn is not self.conn:
-            conn.abort()
+    def welcomed(self, conn: LinkConnection, welcome: Welcome) -> None:
+        """Outbound: the peer accepted the link and gave it port ``welcome.port``.
+
+        A welcome without the peer's key or port refuses the link, as a malformed one
+        does (:meth:`refuse`); one nobody waits for is ignored.
+        """
+        waiting = self._waiting(conn)
+        if waiting is None:
+            log.warning("link port %d (%s): ignoring a welcome it did not wait for", self.port, self._describe())
             return
-        self.remote_key = int.from_bytes(body.get("key", b""), "big")
-        self.remote_port = body.get("port", -1)
-        self.remote_name = conn.name = str(body.get("name", ""))
+        if welcome.key is None or welcome.port is None:
+            missing = "key" if welcome.key is None else "port"
+            self.refuse(conn, BadRequest(WELCOME, missing, f"{missing} is required: a link needs the peer's key and its port"))
+            return
+        self.remote_key, self.remote_port = welcome.key, welcome.port
+        self.remote_name = conn.name = welcome.name
         self.broker.attach(conn, self.port)
         self._set_up(conn)
-        self._welcome.set_result(None)
+        waiting.set_result(None)
 
-    def refused(self, conn: LinkConnection, body: dict[str, Any]) -> None:
+    def refused(self, conn: LinkConnection, error: Error) -> None:
         """Outbound: the peer answered the hello with an error."""
-        if self._welcome is not None and not self._welcome.done() and conn is self.conn:
-            self._welcome.set_exception(RemoteError(body.get("code", "error"), body.get("message", "")))
+        self.refuse(conn, RemoteError(error.code, error.message))
+
+    def refuse(self, conn: LinkConnection, reason: DcpError) -> None:
+        """Outbound: the answer to the hello refuses the link (the dialler logs ``reason``
+        and redials); nothing if ``conn`` no longer waits for one."""
+        waiting = self._waiting(conn)
+        if waiting is not None:
+            waiting.set_exception(reason)
+
+    def _waiting(self, conn: LinkConnection) -> asyncio.Future[None] | None:
+        """The answer to the hello of this outbound link, if ``conn`` is its and still waits for it."""
+        welcome = self._welcome
+        return welcome if welcome is not None and not welcome.done() and conn is self.conn else None
 
     def accepted(self, conn: LinkConnection, name: str) -> None:
         """Inbound: the peer dialled (again); ``conn`` now carries the link."""
@@ -283,10 +299,12 @@ class Link:
                 return
             ping_id = next(self._ping_ids)
             self._pings[ping_id] = now
-            conn.send({"op": "ping", "id": ping_id})
+            conn.send(Ping(id=ping_id))
 
-    def pong(self, ping_id: Any) -> None:
-        sent = self._pings.pop(ping_id, None) if isinstance(ping_id, int) else None
+    def pong(self, ping_id: int | None) -> None:
+        if ping_id is None:
+            return
+        sent = self._pings.pop(ping_id, None)
         if sent is not None:
             self.rtt_s = time.monotonic() - sent
             self._pings = {i: t for i, t in self._pings.items() if i > ping_id}

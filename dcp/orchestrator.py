@@ -17,9 +17,11 @@ and pushes only the numbers that changed.  Everything is kept in sqlite, so a
 restart recovers registries, pipelines, assignments and epochs; agents and brokers
 re-register by themselves when their connection comes back.
 
-Control protocol: msgpack control frames over the dcp codec, on one TCP connection
-per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with role ``agent``,
-``broker`` or ``admin`` first.  With ``--require-token`` the hello carries a token
+Control protocol: the messages of :mod:`dcp.control` over the dcp codec, on one TCP
+connection per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with role
+``agent``, ``broker`` or ``admin`` first, and then what :data:`dcp.control.ORCHESTRATOR`
+allows that role.  A malformed request gets an error frame (``bad_request`` ...), and
+the connection goes on.  With ``--require-token`` the hello carries a token
 (:mod:`dcp.auth`): agents and admins one this orchestrator issued (the admin op
 ``token``, ``dcp token``), brokers one they issue themselves from the shared secret.
 """
@@ -29,17 +31,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from . import control
 from ._serving import Serving
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, issue_token, load_secret
 from .config import OrchestratorConfig
-from .errors import AuthError, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError
+from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError, SpecError
 from .orchestrator_store import Store
 from .patterns import Policy, topic_matches, validate_pattern, validate_topic
-from .routing import int_from_bytes, int_to_bytes
-from .spec import PipelineSpec, SpecError, check_spec, parse_spec
+from .routing import int_to_bytes
+from .spec import PipelineSpec, check_spec, parse_spec
 from .tls import server_context
 from .topology import Link, Overlay, build_tree
 from .wire import ControlFrame, Decoder, Limits, encode_control
@@ -70,7 +74,7 @@ class AgentRecord:
     broker_key: int
     port: int
     conn: OrchestratorConnection | None = None
-    counters: dict[str, Any] = field(default_factory=dict)  # the agent's last report
+    report: control.Report | None = None  # the agent's last report
     registered_at: float = 0.0
     gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
 
@@ -104,6 +108,8 @@ class Orchestrator(Serving):
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
         self.signer = RouteSigner(self.secret) if self.secret is not None else None
         self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        # Who may send which op: before its hello, only a hello with --require-token
+        self.permissions = control.ORCHESTRATOR.requiring_token() if self.config.require_token else control.ORCHESTRATOR
         self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
         self._dirty = False
         self._connections: set[OrchestratorConnection] = set()
@@ -154,7 +160,7 @@ class Orchestrator(Serving):
             return
         self._server.close()
         for conn in list(self._connections):
-            conn.close({"op": "going_away"})
+            conn.close(control.GoingAway())
         self.store.close()
         log.info("dcp orchestrator stopped")
         self._closed.set()
@@ -167,26 +173,27 @@ class Orchestrator(Serving):
             self._dirty = True
             asyncio.get_running_loop().call_soon(self._recompute)
 
-    def register_agent(self, conn: OrchestratorConnection, body: dict[str, Any]) -> dict[str, Any]:
+    def register_agent(self, conn: OrchestratorConnection, request: control.Register) -> control.Registered:
+        """An agent (named by its hello) registers, or registers again.
+
+        Raises:
+            BadRequest: no name, or a topic pattern it consumes or a topic it produces is not one.
+        """
         name = conn.name
         if not name:
-            raise ConfigError("an agent registers with a name (hello 'name')")
-        capabilities = _strings(body, "capabilities")
-        consumes = _strings(body, "consumes")
-        produces = _strings(body, "produces")
-        for pattern in consumes:
-            validate_pattern(pattern)
-        for topic in produces:
-            validate_topic(topic)
-        key = body.get("broker_key")
-        port = body.get("port")
-        if not isinstance(key, bytes) or not isinstance(port, int) or port < 0:
-            raise ConfigError("register needs broker_key (bytes) and port (int >= 0): where the agent is attached")
+            raise BadRequest(control.REGISTER, "name", "name is required: an agent registers under the name of its hello")
+        for field, check, topics in (("consumes", validate_pattern, request.consumes), ("produces", validate_topic, request.produces)):
+            for i, topic in enumerate(topics):
+                try:
+                    check(topic)
+                except ConfigError as exc:
+                    raise BadRequest(control.REGISTER, f"{field}[{i}]", f"{field}[{i}]: {exc}") from None
         old = self.agents.get(name)
         if old is not None and old.conn is not None and old.conn is not conn:
             log.info("agent %s registered again from a new connection; dropping the old one", name)
-            old.conn.close({"op": "error", "code": "replaced", "message": "the agent registered again", "fatal": True})
-        record = AgentRecord(name, capabilities, consumes, produces, int_from_bytes(key), port, conn, registered_at=time.time())
+            old.conn.close(control.Error(code="replaced", message="the agent registered again", fatal=True))
+        capabilities, consumes, produces, port = request.capabilities, request.consumes, request.produces, request.port
+        record = AgentRecord(name, capabilities, consumes, produces, request.broker_key, port, conn, registered_at=time.time())
         self.agents[name] = record
         conn.agent = record
         self.store.save_agent(name, capabilities, consumes, produces, record.broker_key, port)
@@ -199,7 +206,7 @@ class Orchestrator(Serving):
             if stream.producer == name:
                 conn.send(self._route_message(stream))
         self.changed()
-        return {"assignments": sum(name in agents for agents in self.assignments.values())}
+        return control.Registered(assignments=sum(name in agents for agents in self.assignments.values()))
 
     def agent_gone(self, record: AgentRecord) -> None:
         record.conn = None
@@ -213,31 +220,27 @@ class Orchestrator(Serving):
         self._assign_all()
         self.changed()
 
-    def broker_state(self, conn: OrchestratorConnection, body: dict[str, Any]) -> None:
+    def broker_state(self, conn: OrchestratorConnection, state: control.BrokerState) -> None:
+        """A broker (named by its hello) reports its key, ports and links.
+
+        Raises:
+            BadRequest: no name, or another connected broker has its key (``same_key``).
+        """
         name = conn.name
-        key = body.get("key")
-        links = body.get("links")
-        if not name or not isinstance(key, bytes) or not isinstance(links, list):
-            raise ConfigError("broker_state needs a name (hello), key (bytes) and links (list)")
-        key_int = int_from_bytes(key)
+        if not name:
+            raise BadRequest(control.BROKER_STATE, "name", "name is required: a broker reports under the name of its hello")
         for other in self.brokers.values():
-            if other.key == key_int and other.name != name and other.conn is not None:
-                raise ConfigError(f"broker {other.name!r} already has key {key_int}; every broker needs its own key")
-        clean = []
-        for link in links:
-            if isinstance(link, dict) and isinstance(link.get("remote_key"), bytes):
-                clean.append({
-                    "port": int(link.get("port", -1)), "remote_key": int_from_bytes(link["remote_key"]),
-                    "remote_port": int(link.get("remote_port", -1)), "state": str(link.get("state", "")),
-                })
-        attached = [
-            {"port": a["port"], "name": a["name"]} for a in body.get("attached", [])
-            if isinstance(a, dict) and isinstance(a.get("port"), int) and isinstance(a.get("name"), str)
-        ]
-        record = BrokerRecord(name, key_int, str(body.get("address", "")), int(body.get("ports", 0)), clean, conn, attached=attached)
+            if other.key == state.key and other.name != name and other.conn is not None:
+                raise BadRequest(
+                    control.BROKER_STATE, "key", f"key: broker {other.name!r} already has key {state.key}; every broker needs its own key",
+                    "same_key",
+                )
+        links = [asdict(link) for link in state.links]
+        attached = [asdict(port) for port in state.attached or ()]
+        record = BrokerRecord(name, state.key, state.address, state.ports, links, conn, attached=attached)
         self.brokers[name] = record
         conn.broker = record
-        self.store.save_broker(name, key_int, record.address, record.ports, clean)
+        self.store.save_broker(name, state.key, record.address, record.ports, links)
         self._assign_all()  # an agent away from us whose port went too is gone
         self.changed()
 
@@ -262,9 +265,19 @@ class Orchestrator(Serving):
         rules = [rule for spec in self.pipelines.values() for rule in spec.policy]
         return self.file_policy.extended(rules)
 
-    def deploy(self, data: Any) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise SpecError("spec", "must be a table")
+    def deploy(self, data: dict[str, Any]) -> control.Deployed:
+        """Deploy the pipeline spec ``data`` (a spec file's table).
+
+        Raises:
+            BadRequest: the spec does not parse, or does not check against the agents and
+                pipelines there are now (code ``invalid_spec``, the field named).
+        """
+        try:
+            return self._deploy(data)
+        except SpecError as exc:
+            raise BadRequest(control.DEPLOY, f"spec.{exc.field}", f"spec.{exc}", exc.code) from None
+
+    def _deploy(self, data: dict[str, Any]) -> control.Deployed:
         spec = parse_spec(data)
         if spec.name in self.pipelines:
             raise SpecError("name", f"a pipeline named {spec.name!r} is already deployed; undeploy it first")
@@ -288,15 +301,16 @@ class Orchestrator(Serving):
         self._assign_all()
         self.changed()
         log.info("pipeline %s deployed: %d element(s)", spec.name, len(spec.elements))
-        return {"pipeline": spec.name, "assignments": self._assignments_of(spec.name)}
+        return control.Deployed(pipeline=spec.name, assignments=self._assignments_of(spec.name))
 
-    def undeploy(self, name: Any) -> None:
-        spec = self.pipelines.pop(name, None) if isinstance(name, str) else None
+    def undeploy(self, name: str) -> None:
+        """Raises BadRequest (``no_pipeline``) if no pipeline of that name is deployed."""
+        spec = self.pipelines.pop(name, None)
         if spec is None:
-            raise SpecError("name", f"no pipeline named {name!r} is deployed")
+            raise BadRequest(control.UNDEPLOY, "name", f"no pipeline named {name!r} is deployed", "no_pipeline")
         for element in spec.elements:
             for agent in self.assignments.pop((spec.name, element.name), []):
-                self._send_to_agent(agent, {"op": "unassign", "pipeline": spec.name, "element": element.name})
+                self._send_to_agent(agent, control.Unassign(pipeline=spec.name, element=element.name))
         self.deployed_at.pop(spec.name, None)
         self.store.delete_pipeline(spec.name)
         self.changed()
@@ -366,13 +380,13 @@ class Orchestrator(Serving):
             return any(a["port"] == record.port and a["name"] == record.name for a in broker.attached)
         return True
 
-    def _assign_message(self, pipeline: str, element_name: str) -> dict[str, Any]:
+    def _assign_message(self, pipeline: str, element_name: str) -> control.Assign:
         element = self.pipelines[pipeline].element(element_name)
-        return {
-            "op": "assign", "pipeline": pipeline, "element": element.name, "kind": element.kind,
-            "capability": element.capability, "params": element.params,
-            "consumes": list(element.consumes), "emits": element.emits,
-        }
+        assert element.capability is not None  # external sources are never assigned
+        return control.Assign(
+            pipeline=pipeline, element=element.name, kind=element.kind, capability=element.capability,
+            params=element.params, consumes=list(element.consumes), emits=element.emits,
+        )
 
     def _assignments_of(self, pipeline: str) -> dict[str, list[str]]:
         return {element: agents for (p, element), agents in self.assignments.items() if p == pipeline}
@@ -493,19 +507,18 @@ class Orchestrator(Serving):
         tree = build_tree(overlay, source, [endpoint for _, endpoint in reachable])
         return tree.x, [agent for agent, _ in reachable]
 
-    def _route_message(self, stream: Stream) -> dict[str, Any]:
-        body = {"op": "route", "topic": stream.topic, "x": int_to_bytes(stream.x), "epoch": stream.epoch, "consumers": stream.consumers}
-        if stream.refused:
-            body["refused"] = stream.refused
-        source = self.brokers.get(stream.broker)
-        if source is not None:  # the agent uses X only while attached there
-            body["broker_key"] = int_to_bytes(source.key)
+    def _route_message(self, stream: Stream) -> control.Route:
+        """The route push of ``stream``; with a secret, a fresh tag, which carries its own expiry."""
+        source = self.brokers.get(stream.broker)  # the agent uses X only while attached there
+        tag = None
         if self.signer is not None and stream.x:
             expires = int(time.time() + self.config.route_ttl_s)
-            body["tag"] = self.signer.sign(stream.topic, stream.x, stream.epoch, expires)
-            body["expires"] = expires
+            tag = self.signer.sign(stream.topic, stream.x, stream.epoch, expires)
             self._signed_until[(stream.producer, stream.topic)] = expires
-        return body
+        return control.Route(
+            topic=stream.topic, x=stream.x, epoch=stream.epoch, consumers=stream.consumers, refused=stream.refused or None,
+            broker_key=None if source is None else source.key, tag=tag,
+        )
 
     def _resign(self) -> None:
         """Push a fresh tag for every route whose tag has less than half its life left."""
@@ -518,26 +531,29 @@ class Orchestrator(Serving):
                 self._send_to_agent(stream.producer, self._route_message(stream))
         asyncio.get_running_loop().call_later(ttl / 4, self._resign)
 
-    def issue(self, name: Any, role: Any, ttl_s: Any) -> dict[str, Any]:
+    def issue(self, request: control.Token) -> control.Issued:
         """The admin op ``token``: a token for ``name`` in ``role`` (``agent`` or ``admin``), valid ``ttl_s`` seconds.
 
         Raises:
-            ConfigError: no secret to sign with, or a bad name, role or lifetime.
+            ConfigError: no secret to sign with.
+            BadRequest: a role it does not issue, or a lifetime over the longest.
         """
         if self.secret is None:
             raise ConfigError("this orchestrator has no --secret-file: it cannot issue tokens")
-        if not isinstance(name, str) or not name:
-            raise ConfigError("a token needs a name (the agent's, for agents)")
+        name, role = request.name, request.role
         if role not in ISSUED_ROLES:
-            raise ConfigError(f"role must be one of {', '.join(ISSUED_ROLES)}, got {role!r}")
-        expires = expiry(time.time(), ttl_s)
+            raise BadRequest(control.TOKEN, "role", f"role must be one of {', '.join(ISSUED_ROLES)}, got {role!r}")
+        try:
+            expires = expiry(time.time(), DEFAULT_TOKEN_TTL_S if request.ttl_s is None else request.ttl_s)
+        except ConfigError as exc:
+            raise BadRequest(control.TOKEN, "ttl_s", str(exc)) from None
         log.info("token issued to %s (role %s), valid until %s UTC", name, role, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)))
-        return {"token": issue_token(self.secret, name, role, expires), "name": name, "role": role, "expires": expires}
+        return control.Issued(token=issue_token(self.secret, name, role, expires), name=name, role=role, expires=expires)
 
-    def _send_to_agent(self, name: str, body: dict[str, Any]) -> None:
+    def _send_to_agent(self, name: str, message: control.Message) -> None:
         record = self.agents.get(name)
         if record is not None and record.conn is not None:
-            record.conn.send(body)
+            record.conn.send(message)
 
     # -- views ------------------------------------------------------------------------
 
@@ -550,11 +566,11 @@ class Orchestrator(Serving):
                 agents = []
                 for agent in self.assignments.get((name, element.name), []):
                     record = self.agents.get(agent)
-                    reported = record.counters if record else {}
-                    counters = reported.get("elements", {}).get(f"{name}/{element.name}", {})
+                    report = record.report if record else None
+                    counters = report.elements.get(f"{name}/{element.name}", {}) if report else {}
                     agents.append({
                         "agent": agent, "online": self._online(agent), **counters,
-                        "dropped": reported.get("dropped", 0), "unrouted": reported.get("unrouted", 0),
+                        "dropped": report.dropped if report else 0, "unrouted": report.unrouted if report else 0,
                     })
                 elements.append({
                     "name": element.name, "kind": element.kind, "capability": element.capability,
@@ -583,13 +599,6 @@ class Orchestrator(Serving):
             ],
             "recomputations": self.recomputations,
         }
-
-
-def _strings(body: dict[str, Any], name: str) -> list[str]:
-    value = body.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{name} must be a list of strings")
-    return value
 
 
 class OrchestratorConnection(asyncio.Protocol):
@@ -631,73 +640,113 @@ class OrchestratorConnection(asyncio.Protocol):
                 self._control(event.body)
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
-            self.close({"op": "error", "code": exc.code, "message": str(exc), "fatal": True})
+            self.close(control.Error(code=exc.code, message=str(exc), fatal=True))
 
     def _control(self, body: dict[str, Any]) -> None:
+        """One control frame: refused by the permission table, refused as malformed or
+        undoable, or handled; a request with an ``id`` gets its reply."""
         op = body["op"]
-        request_id = body.get("id")
-        if op == "hello":
-            role = body.get("role")
-            if role not in ("agent", "broker", "admin"):
-                raise RemoteProtocolError(f"unknown role {role!r} (agent, broker or admin)")
-            try:
-                body = self.orchestrator.admit(body, self.peer)
-            except AuthError as exc:
-                self.close({"op": "error", "re": request_id, "code": exc.code, "message": str(exc), "fatal": True})
-                return
-            name = body.get("name")
-            self.role, self.name = role, name if isinstance(name, str) else ""
-            self.send({"op": "welcome", "re": request_id, "key": b"", "name": "orchestrator", "mode": "orchestrator"})
-            return
-        if not self.role:
-            raise RemoteProtocolError("hello first")
-        if op in ("error", "going_away"):
-            log.info("%s %s says %s: %s", self.role, self.name, op, body.get("message", ""))
+        request_id = control.request_id(body)
+        refusal = self.orchestrator.permissions.refusal(self.role, op)
+        if refusal is not None:
+            self._error(refusal.code, refusal.message, request_id, refusal.fatal)
             return
         try:
-            reply = self._request(op, body)
-        except (DcpError, ConfigError) as exc:
-            code = getattr(exc, "code", "error")
-            self.send({"op": "error", "re": request_id, "code": code, "message": str(exc), "fatal": False})
+            message = control.parse_request(body)
+            reply = _HANDLERS[type(message)](self, message)
+        except BadRequest as exc:
+            if op == control.HELLO:
+                self._error(exc.code, str(exc), request_id, fatal=True)
+            elif op in (control.ERROR, control.GOING_AWAY):  # never answered
+                log.warning("%s %s sent a malformed %s: %s", self.role, self.name, op, exc)
+            else:
+                self._error(exc.code, str(exc), request_id)
             return
-        if reply is not None and request_id is not None:
-            self.send({"op": "ok", "re": request_id, **reply})
+        except DcpError as exc:  # well formed, but not to be done now (a spec that does not check, no secret)
+            self._error(exc.code, str(exc), request_id)
+            return
+        if reply is not None and request_id is not None and not self.closing:
+            self.send(replace(reply, re=request_id))
 
-    def _request(self, op: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    def _on_hello(self, hello: control.Hello) -> control.Welcome | None:
         do = self.orchestrator
-        if op == "ping":
-            return {}
-        if op == "register" and self.role == "agent":
-            return do.register_agent(self, body)
-        if op == "report" and self.agent is not None:
-            self.agent.counters = {k: v for k, v in body.items() if k not in ("op", "id")}
+        try:
+            do.permissions.check_role(hello)
+            hello = do.admit(hello, self.peer)
+        except (BadRequest, AuthError) as exc:
+            self._error(exc.code, str(exc), hello.id, fatal=True)
             return None
-        if op == "broker_state" and self.role == "broker":
-            do.broker_state(self, body)
-            return {}
-        if op == "pipelines":
-            return {"pipelines": do.pipelines_view()}
-        if op == "status":
-            return {"status": do.status()}
-        if op in ("deploy", "undeploy", "token"):
-            if self.role != "admin":
-                raise ConfigError(f"{op} needs an admin connection")
-            if op == "token":
-                return do.issue(body.get("name"), body.get("role", "agent"), body.get("ttl_s", DEFAULT_TOKEN_TTL_S))
-            if op == "deploy":
-                return do.deploy(body.get("spec"))
-            do.undeploy(body.get("name"))
-            return {}
-        raise ConfigError(f"unknown or misplaced op {op!r} for a {self.role} connection")
+        self.role, self.name = hello.role, hello.name
+        return control.Welcome(name="orchestrator", mode="orchestrator")
 
-    def send(self, body: dict[str, Any]) -> None:
+    def _on_ping(self, _: control.Ping) -> control.Pong:
+        return control.Pong()
+
+    def _on_register(self, request: control.Register) -> control.Registered:
+        return self.orchestrator.register_agent(self, request)
+
+    def _on_report(self, report: control.Report) -> None:
+        if self.agent is not None:  # else, not registered yet: nothing to count it for
+            self.agent.report = report
+
+    def _on_broker_state(self, state: control.BrokerState) -> control.Ok:
+        self.orchestrator.broker_state(self, state)
+        return control.Ok()
+
+    def _on_pipelines(self, _: control.Pipelines) -> control.PipelinesView:
+        return control.PipelinesView(pipelines=self.orchestrator.pipelines_view())
+
+    def _on_status(self, _: control.Status) -> control.StatusView:
+        return control.StatusView(status=self.orchestrator.status())
+
+    def _on_deploy(self, request: control.Deploy) -> control.Deployed:
+        return self.orchestrator.deploy(request.spec)
+
+    def _on_undeploy(self, request: control.Undeploy) -> control.Ok:
+        self.orchestrator.undeploy(request.name)
+        return control.Ok()
+
+    def _on_token(self, request: control.Token) -> control.Issued:
+        return self.orchestrator.issue(request)
+
+    def _on_error(self, error: control.Error) -> None:
+        log.info("%s %s reports %s: %s", self.role or "client", self.name, error.code, error.message)
+
+    def _on_going_away(self, _: control.GoingAway) -> None:
+        log.info("%s %s is going away", self.role or "client", self.name)
+
+    def send(self, message: control.Message) -> None:
         if not self.closing and self.transport is not None:
-            self.transport.write(encode_control(body))
+            self.transport.write(encode_control(message.to_body()))
 
-    def close(self, last: dict[str, Any] | None = None) -> None:
+    def _error(self, code: str, message: str, request_id: int | None = None, fatal: bool = False) -> None:
+        """An error frame to the client; ``fatal``: then close."""
+        error = control.Error(re=request_id, code=code, message=message, fatal=fatal)
+        if fatal:
+            self.close(error)
+        else:
+            self.send(error)
+
+    def close(self, last: control.Message | None = None) -> None:
         if self.closing or self.transport is None:
             return
         if last is not None:
             self.send(last)
         self.closing = True
         self.transport.close()
+
+
+_HANDLERS: dict[type[control.Message], Callable[[OrchestratorConnection, Any], control.Reply | None]] = {
+    control.Hello: OrchestratorConnection._on_hello,
+    control.Ping: OrchestratorConnection._on_ping,
+    control.Register: OrchestratorConnection._on_register,
+    control.Report: OrchestratorConnection._on_report,
+    control.BrokerState: OrchestratorConnection._on_broker_state,
+    control.Pipelines: OrchestratorConnection._on_pipelines,
+    control.Status: OrchestratorConnection._on_status,
+    control.Deploy: OrchestratorConnection._on_deploy,
+    control.Undeploy: OrchestratorConnection._on_undeploy,
+    control.Token: OrchestratorConnection._on_token,
+    control.Error: OrchestratorConnection._on_error,
+    control.GoingAway: OrchestratorConnection._on_going_away,
+}

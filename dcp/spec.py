@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SLOW_CONSUMER_POLICIES
-from .errors import ConfigError
+from .errors import ConfigError, SpecError
 from .patterns import Policy, Rule, read_document, rules_from_list, topic_matches, validate_pattern, validate_topic
 
 __all__ = ["SpecError", "Element", "PipelineSpec", "parse_spec", "load_spec", "check_spec"]
@@ -28,17 +28,6 @@ _KEYS = {
     "stage": ("name", "capability", "consumes", "emits", "params", "replicas", "agent"),
     "sink": ("name", "capability", "consumes", "params", "replicas", "agent"),
 }
-
-
-class SpecError(ConfigError):
-    """A pipeline spec is invalid; ``field`` says where (``stage[1].capability``), ``why`` what."""
-
-    code = "invalid_spec"
-
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(f"{field}: {why}")
-        self.field = field
-        self.why = why
 
 
 @dataclass(frozen=True)

@@ -416,8 +416,8 @@ def test_an_error_that_quotes_a_long_value_still_fits_its_frame() -> None:
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     conn.data_received(encode_control({"op": "hello", "id": 1, "role": "r" * (Limits().max_control - 40)}))
     [error] = well_formed(bytes(conn.transport.written))  # type: ignore[union-attr]
-    assert error.body["code"] == "malformed_frame" and error.body["fatal"] is True
-    assert error.body["message"].startswith("unknown role 'rrr")
+    assert error.body["code"] == "bad_request" and error.body["fatal"] is True
+    assert error.body["message"].startswith("hello: role must be one of agent, admin, peer, got 'rrr")
     assert conn.transport.closed  # type: ignore[union-attr]
 
 

@@ -29,9 +29,9 @@ from dcp.routing import encode
 LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
 
 
-def broker_process(mode: str, policy: str) -> tuple[subprocess.Popen[str], str, int]:
+def broker_process(mode: str, slow_consumer: str) -> tuple[subprocess.Popen[str], str, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--mode", mode, "--slow-consumer", policy],
+        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--mode", mode, "--slow-consumer", slow_consumer],
         stderr=subprocess.PIPE,
         text=True,
     )

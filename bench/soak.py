@@ -58,7 +58,7 @@ from dcp._loop import run
 from dcp.bench.scenarios import _finish, _json_line, _worker, run_pair
 from dcp.bench.targets import Server, start_server
 from dcp.client import Connection, connect
-from dcp.config import SLOW_CONSUMER_POLICIES
+from dcp.control import SLOW_CONSUMER_POLICIES
 from dcp.errors import DcpError
 from dcp.routing import encode
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from .backoff import Backoff
 from .client import OVERFLOW_POLICIES, Connection, Message, refused
-from .control import Assign, Register, Report, Route, Unassign
+from .control import Assign, Register, Report, Route, Unassign, slow_consumer_policy
 from .control import Message as ControlMessage
 from .errors import ConfigError, ConnectionClosed, DcpError, RemoteError
 from .patterns import topic_matches, validate_pattern, validate_topic
@@ -120,7 +120,8 @@ class DataAgent:
         self.overflow = overflow
         self.report_interval_s = report_interval_s
         self.failover_attempts = failover_attempts
-        self.slow_consumer = slow_consumer  # the broker's policy for our port (None: the broker's default)
+        # the broker's slow-consumer policy for our port (None: the broker's default)
+        self.slow_consumer = None if slow_consumer is None else slow_consumer_policy(slow_consumer)
         self.token = token  # sent to the brokers and the orchestrator (a function: called at every hello)
         self.tls_ca = tls_ca  # verifies the dcps:// servers among them (None: the system's CAs)
         #: Why the agent stopped by itself: a server refused its token.
@@ -167,21 +168,9 @@ class DataAgent:
         """Always handle ``consumes`` (topic patterns): ``async def f(msg)``, or ``f(list_of_msgs)``
         with ``batch > 1`` (called with up to ``batch`` frames, at most ``batch_timeout_s``
         after the first); what it returns is published on ``emits``."""
-        patterns = (consumes,) if isinstance(consumes, str) else tuple(consumes)
-        for pattern in patterns:
-            validate_pattern(pattern)
-        if emits is not None:
-            validate_topic(emits)
         if batch < 1:
             raise ConfigError("batch must be at least 1")
-
-        def register(handler: Handler) -> Handler:
-            element = Element(f"process:{handler.__name__}", "stage" if emits else "sink", patterns, emits, handler,
-                              batch=batch, batch_timeout_s=batch_timeout_s)
-            self._declare(element)
-            return handler
-
-        return register
+        return self._handling(consumes, emits, batch=batch, batch_timeout_s=batch_timeout_s)
 
     def consume(self, consumes: str | Sequence[str]) -> Callable[[Handler], Handler]:
         """A sink: ``async def f(msg)`` for every frame of ``consumes``."""
@@ -192,12 +181,22 @@ class DataAgent:
         that window (not called for an empty window)."""
         if window_s <= 0:
             raise ConfigError("window_s must be positive")
+        return self._handling(consumes, emits, window_s=window_s)
 
-        declare = self.process(consumes, emits)
+    def _handling(
+        self, consumes: str | Sequence[str], emits: str | None, *, batch: int = 1, batch_timeout_s: float = 0.05,
+        window_s: float | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """The decorator declaring a stage (with ``emits``) or a sink that handles ``consumes``."""
+        patterns = (consumes,) if isinstance(consumes, str) else tuple(consumes)
+        for pattern in patterns:
+            validate_pattern(pattern)
+        if emits is not None:
+            validate_topic(emits)
 
         def register(handler: Handler) -> Handler:
-            declare(handler)
-            self._last_declared.window_s = window_s
+            self._declare(Element(f"process:{handler.__name__}", "stage" if emits else "sink", patterns, emits, handler,
+                                  batch=batch, batch_timeout_s=batch_timeout_s, window_s=window_s))
             return handler
 
         return register
@@ -230,7 +229,6 @@ class DataAgent:
         if element.key in self._declared:
             raise ConfigError(f"{element.key} is declared twice")
         self._declared[element.key] = element
-        self._last_declared = element
         self.elements[element.key] = element
         if element.emits:
             self.produces.add(element.emits)

@@ -38,7 +38,7 @@ from typing import Any
 
 from . import control
 from .auth import RouteVerifier, issue_token, load_secret
-from .config import SLOW_CONSUMER_POLICIES, BrokerConfig, parse_address
+from .config import BrokerConfig, parse_address
 from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
 from ._loop import no_delay
 from ._serving import Serving
@@ -62,17 +62,6 @@ _ERROR_INTERVAL_S = 1.0
 _OWN_TOKEN_TTL_S = 300
 
 
-def _policy(name: object) -> str:
-    """A slow-consumer policy by its name (``drop`` is ``drop-newest``).
-
-    Raises:
-        ConfigError: not one of SLOW_CONSUMER_POLICIES.
-    """
-    if name not in SLOW_CONSUMER_POLICIES:
-        raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}")
-    return "drop-newest" if name == "drop" else str(name)
-
-
 class Broker(Serving):
     """One broker: a listening socket, its ports and counters.
 
@@ -84,7 +73,7 @@ class Broker(Serving):
         self.key: int = self.config.key or allocate_keys(1, self.config.ports)[0]
         self.stateless = self.config.mode == "stateless"
         self.limits: Limits = self.config.limits
-        self.policy = _policy(self.config.slow_consumer)  # of every port that does not choose its own
+        self.slow_consumer = control.slow_consumer_policy(self.config.slow_consumer)  # of every port that does not choose its own
         # The secret shared with the orchestrator (--secret-file): route tags and tokens
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
         # Who may send which op: before its hello, only a hello with --require-token
@@ -169,10 +158,6 @@ class Broker(Serving):
                 conn.abort()
         log.info("dcp broker stopped: %s", self.summary())
         self._closed.set()
-
-    async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await self._closed.wait()
 
     @property
     def closing(self) -> bool:
@@ -386,7 +371,7 @@ class Broker(Serving):
             "mode": self.config.mode,
             "key": int_to_bytes(self.key),
             "ports": self.config.ports,
-            "slow_consumer": self.policy,
+            "slow_consumer": self.slow_consumer,
             "verify_routes": self.verifier is not None,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "frames_in": self.frames_in,
@@ -428,7 +413,7 @@ class BrokerConnection(asyncio.Protocol):
         self.bit = 0
         self.topics: set[bytes] = set()
         self.paused = False  # our output buffer is past the bound
-        self.policy = broker.policy  # what to do with frames for us while paused
+        self.slow_consumer = broker.slow_consumer  # what to do with frames for us while paused
         self._queue: deque[tuple[bytes, int]] = deque()  # drop-oldest: (frames, count) held while paused
         self.queued_bytes = 0
         self.reading_paused = False
@@ -524,7 +509,7 @@ class BrokerConnection(asyncio.Protocol):
             if target.closing:
                 continue
             if target.paused:
-                policy = target.policy
+                policy = target.slow_consumer
                 if policy == "drop-newest":
                     target.dropped += frames
                     broker.drops["slow_consumer"] += frames
@@ -611,13 +596,13 @@ class BrokerConnection(asyncio.Protocol):
         else:
             self._error(exc.code, str(exc), request_id)
 
-    def set_policy(self, name: object) -> None:
+    def set_slow_consumer(self, name: object) -> None:
         """This port's slow-consumer policy (an agent's hello or ``policy`` request).
 
         Leaving drop-oldest hands what it held to the transport, so nothing is reordered.
         """
-        self.policy = _policy(name)
-        if self.policy != "drop-oldest" and self._queue and self.transport is not None:
+        self.slow_consumer = control.slow_consumer_policy(name)
+        if self.slow_consumer != "drop-oldest" and self._queue and self.transport is not None:
             self._drain_queue(whole=True)
 
     def _on_hello(self, hello: control.Hello) -> None:
@@ -629,7 +614,7 @@ class BrokerConnection(asyncio.Protocol):
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return
         if hello.slow_consumer is not None:
-            self.set_policy(hello.slow_consumer)
+            self.set_slow_consumer(hello.slow_consumer)
         self.name, self.role = hello.name, hello.role
         if hello.role == "admin":
             self.forwarder.refusal = "an admin connection cannot publish"
@@ -651,7 +636,7 @@ class BrokerConnection(asyncio.Protocol):
         limits = broker.limits
         self.send(control.Welcome(
             re=hello.id, key=broker.key, name=broker.name, mode=broker.config.mode, port=port, ports=broker.config.ports,
-            max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.policy,
+            max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.slow_consumer,
         ))
 
     def _on_ping(self, ping: control.Ping) -> None:
@@ -660,9 +645,9 @@ class BrokerConnection(asyncio.Protocol):
     def _on_stats(self, request: control.StatsRequest) -> None:
         self.send(control.Stats(re=request.id, stats=self.broker.stats()))
 
-    def _on_policy(self, request: control.Policy) -> None:
-        self.set_policy(request.slow_consumer)
-        self.send(control.PolicySet(re=request.id, slow_consumer=self.policy))
+    def _on_slow_consumer(self, request: control.SlowConsumerRequest) -> None:
+        self.set_slow_consumer(request.slow_consumer)
+        self.send(control.SlowConsumerSet(re=request.id, slow_consumer=self.slow_consumer))
 
     def _on_subscribe(self, request: control.Subscribe) -> None:
         """``subscribe`` and ``unsubscribe``, in stateful mode."""
@@ -800,7 +785,7 @@ class BrokerConnection(asyncio.Protocol):
             "frames_out": self.frames_out,
             "bytes_out": self.bytes_out,
             "dropped": self.dropped,
-            "policy": self.policy,
+            "policy": self.slow_consumer,
             "queued": self.queued_bytes,
             "buffered": self.transport.get_write_buffer_size() if self.transport and not self.closing else 0,
             "paused": self.paused,
@@ -814,7 +799,7 @@ _HANDLERS: dict[type[control.Message], Callable[[BrokerConnection, Any], None]] 
     control.Hello: BrokerConnection._on_hello,
     control.Ping: BrokerConnection._on_ping,
     control.StatsRequest: BrokerConnection._on_stats,
-    control.Policy: BrokerConnection._on_policy,
+    control.SlowConsumerRequest: BrokerConnection._on_slow_consumer,
     control.Subscribe: BrokerConnection._on_subscribe,
     control.Unsubscribe: BrokerConnection._on_subscribe,
     control.Link: BrokerConnection._on_link,

@@ -50,7 +50,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Brok
     for field in dataclasses.fields(config_class):
         meta = dict(field.metadata)
         help_text = meta.pop("help")
-        flag = meta.pop("flag", "--" + field.name.replace("_", "-"))
+        key = meta.pop("key", field.name)
+        flag = meta.pop("flag", "--" + key.replace("_", "-"))
         default = field.default if field.default not in (None, ()) else "none" if field.default == () else "see help"
         parser.add_argument(
             flag,

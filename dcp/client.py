@@ -38,7 +38,6 @@ from urllib.parse import urlsplit
 from ._loop import CoalescedWriter, no_delay
 from .auth import REFUSALS
 from .backoff import Backoff
-from .config import SLOW_CONSUMER_POLICIES
 from .control import (
     ERROR,
     UINT,
@@ -47,14 +46,15 @@ from .control import (
     Hello,
     Link,
     Ping,
-    Policy,
     Reply,
     Request,
+    SlowConsumerRequest,
     StatsRequest,
     Subscribe,
     Unlink,
     Unsubscribe,
     parse_answer,
+    slow_consumer_policy,
 )
 from .control import Message as ControlMessage
 from .errors import BadRequest, ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
@@ -167,7 +167,8 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 class Connection:
-    """An attachment to a broker.  Create it with :func:`connect`."""
+    """An attachment to a broker.  Create it with :func:`connect`, whose docstring says
+    what each option does; ``Connection(...)`` takes the same ones and does not open."""
 
     def __init__(
         self,
@@ -211,10 +212,8 @@ class Connection:
         self.connect_timeout_s = connect_timeout_s
         self.write_buffer_bytes = write_buffer_bytes
         self.hops = hops
-        if slow_consumer is not None and slow_consumer not in SLOW_CONSUMER_POLICIES:
-            raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}; got {slow_consumer!r}")
         #: What the broker does with frames for us when we fall behind (None: its default).
-        self.slow_consumer = slow_consumer
+        self.slow_consumer = None if slow_consumer is None else slow_consumer_policy(slow_consumer)
         self.limits = limits or Limits()
         #: The port this attachment got (it can change after a reconnect).
         self.port: int | None = None
@@ -492,6 +491,7 @@ class Connection:
         self._subscriptions.add(topic)
 
     async def unsubscribe(self, topic: str) -> None:
+        """Stateful mode: stop sending ``topic`` here (and no longer restore it after a reconnect)."""
         await self.call(Unsubscribe(topic=topic))
         self._subscriptions.discard(topic)
 
@@ -499,10 +499,8 @@ class Connection:
         """Change what the broker does with frames for this port when we fall behind
         ("drop-newest", "drop-oldest" or "pause"); kept for the hello of reconnects,
         also when this request fails for want of a connection."""
-        if policy not in SLOW_CONSUMER_POLICIES:
-            raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}; got {policy!r}")
-        self.slow_consumer = policy
-        await self.call(Policy(slow_consumer=policy))
+        self.slow_consumer = slow_consumer_policy(policy)
+        await self.call(SlowConsumerRequest(slow_consumer=self.slow_consumer))
 
     async def stats(self) -> dict[str, Any]:
         """The broker's counters (see ``dcp stats``)."""
@@ -692,8 +690,8 @@ class _Messages:
 class Connect:
     """What :func:`connect` returns: ``await`` it, or ``async with`` it."""
 
-    def __init__(self, url: str, **options: Any) -> None:
-        self.connection = Connection(url, **options)
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._open().__await__()
@@ -709,22 +707,62 @@ class Connect:
         await self.connection.close()
 
 
-def connect(url: str = DEFAULT_URL, **options: Any) -> Connect:
-    """Attach to the broker at ``url`` (``dcp://HOST:PORT``; ``dcps://HOST:PORT``: TLS).
+def connect(
+    url: str = DEFAULT_URL,
+    *,
+    name: str = "",
+    role: str = "agent",
+    reconnect: bool | Backoff = True,
+    max_pending: int = 10_000,
+    overflow: str = "pause",
+    request_timeout_s: float = 5.0,
+    connect_timeout_s: float = 5.0,
+    write_buffer_bytes: int = 1024 * 1024,
+    hops: int = DEFAULT_HOPS,
+    slow_consumer: str | None = None,
+    token: str | Callable[[], str | None] | None = None,
+    ssl: ssl.SSLContext | None = None,
+    tls_ca: str | None = None,
+    limits: Limits | None = None,
+    on_open: Callable[[Connection], Awaitable[None]] | None = None,
+    on_push: Callable[[ControlMessage], None] | None = None,
+) -> Connect:
+    """Attach to the broker at ``url``: ``await`` the result, or ``async with`` it.
 
-    Options (all keyword): ``name``; ``reconnect`` (True, False or a :class:`Backoff`);
-    ``max_pending`` (received frames held, default 10000); ``overflow`` ("pause",
-    "drop-newest" or "drop-oldest"); ``request_timeout_s``; ``connect_timeout_s``;
-    ``write_buffer_bytes``; ``hops`` (hop limit of published frames);
-    ``slow_consumer`` (the broker's policy for this port when we fall behind:
-    "drop-newest", "drop-oldest" or "pause"; default: the broker's); ``limits``;
-    ``token`` (sent in every hello, for servers started with ``--require-token``: a
-    string, or a function returning one; a refusal raises :class:`RemoteError` with
-    its code, ``token_expired`` ..., and is never retried); ``ssl`` (an
-    ``ssl.SSLContext`` for a ``dcps://`` URL) or ``tls_ca`` (a CA file to verify the
-    server with; default: the system's CAs); ``on_open`` (awaited after every
-    (re)connect, before the connection counts as open: re-register there);
-    ``on_push`` (called with every control message, checked, that is not a reply, an
-    error or ``going_away``: the orchestrator's pushes, :mod:`dcp.control`).
+    The options are :class:`Connection`'s; they are checked here, at the call.
+
+    Args:
+        url: ``dcp://HOST:PORT``; ``dcps://HOST:PORT`` connects over TLS.
+        name: who we are, in the broker's logs and stats (an agent token must be issued to it).
+        role: ``agent`` (takes a port: publishes and receives), ``admin`` (``stats``,
+            ``link``, ``unlink``), or ``peer`` (a broker's link).
+        reconnect: True (the default :class:`Backoff`), False, or a :class:`Backoff`.
+        max_pending: received frames held before ``overflow`` applies.
+        overflow: when ``max_pending`` frames wait: ``pause`` (stop reading the socket),
+            ``drop-newest`` (or ``drop``) or ``drop-oldest`` (counted in ``dropped``).
+        request_timeout_s: how long a request waits for its reply.
+        connect_timeout_s: how long a connection attempt may take.
+        write_buffer_bytes: the socket's output buffer above which a publish waits.
+        hops: the hop limit of published frames.
+        slow_consumer: the broker's policy for our port when we fall behind:
+            ``drop-newest``, ``drop-oldest`` or ``pause``; None: the broker's default.
+        token: sent in every hello, for servers started with ``--require-token``: a
+            string, or a function returning one; a refusal raises :class:`RemoteError`
+            with its code (``token_expired`` ...) and is never retried.
+        ssl: an ``ssl.SSLContext`` for a ``dcps://`` URL (not with ``tls_ca``).
+        tls_ca: a CA file to verify the ``dcps://`` server with; default: the system's CAs.
+        limits: the frame limits to start with; the broker's welcome sets them.
+        on_open: awaited after every (re)connect, before the connection counts as open
+            (re-register there).
+        on_push: called with every control message, checked, that is not a reply, an
+            error or ``going_away``: the orchestrator's pushes (:mod:`dcp.control`).
+
+    Raises:
+        ConfigError: a bad URL, TLS setting, ``overflow``, ``max_pending`` or ``slow_consumer``.
     """
-    return Connect(url, **options)
+    return Connect(Connection(
+        url, name=name, role=role, reconnect=reconnect, max_pending=max_pending, overflow=overflow,
+        request_timeout_s=request_timeout_s, connect_timeout_s=connect_timeout_s,
+        write_buffer_bytes=write_buffer_bytes, hops=hops, slow_consumer=slow_consumer, token=token,
+        ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push,
+    ))

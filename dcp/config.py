@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .control import SLOW_CONSUMER_POLICIES
+from .control import SLOW_CONSUMER_POLICIES, slow_consumer_policy
 from .errors import ConfigError
 from .wire import DEFAULT_LIMITS, Limits
 
-__all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "SLOW_CONSUMER_POLICIES", "parse_address"]
+__all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "parse_address"]
 
 MODES = ("stateless", "stateful")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _opt(help: str, **extra: Any) -> Any:
+    """A field's metadata: its help, and how the CLI parses it.  ``key``: the name users
+    write, as TOML key and flag, where it differs from the attribute's."""
     return {"help": help, **extra}
 
 
@@ -80,16 +82,14 @@ class _FromSources:
         Raises:
             ConfigError: an unreadable file, an unknown key or an invalid value.
         """
-        values: dict[str, Any] = {}
-        if file is not None:
-            values.update(_read_toml(Path(file), cls.SECTION))
-        values.update(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(values) - known)
+        overrides = dict(overrides or {})  # by attribute
+        table = _read_toml(Path(file), cls.SECTION) if file is not None else {}  # by the key users write
+        attribute = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted((set(table) - set(attribute)) | (set(overrides) - set(attribute.values())))
         if unknown:
             raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")
         try:
-            return cls(**values)
+            return cls(**{**{attribute[key]: value for key, value in table.items()}, **overrides})
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -181,8 +181,7 @@ class BrokerConfig(_FromSources):
             raise ConfigError(f"key {self.key} must be greater than 2**ports = {1 << self.ports}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.slow_consumer not in SLOW_CONSUMER_POLICIES:
-            raise ConfigError(f"slow_consumer must be one of {SLOW_CONSUMER_POLICIES}, got {self.slow_consumer!r}")
+        slow_consumer_policy(self.slow_consumer)
         if self.out_buffer_bytes < 1024:
             raise ConfigError(f"out_buffer_bytes must be at least 1024, got {self.out_buffer_bytes}")
         if self.shutdown_timeout_s < 0:
@@ -213,7 +212,9 @@ class OrchestratorConfig(_FromSources):
 
     listen: str = field(default="127.0.0.1:7300", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
     db: str = field(default="dcp-orchestrator.db", metadata=_opt("sqlite file holding the registries and pipelines (:memory: for none)"))
-    policy: str = field(default="", metadata=_opt("TOML/JSON file of publish/consume rules (default: allow everything)"))
+    policy_file: str = field(
+        default="", metadata=_opt("TOML/JSON file of publish/consume rules (default: allow everything)", key="policy")
+    )
     grace_s: float = field(
         default=10.0,
         metadata=_opt(

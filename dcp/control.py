@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_args, get_origin
 
-from .errors import BadRequest
+from .errors import BadRequest, ConfigError
 from .routing import int_from_bytes, int_to_bytes
 from .wire import ROUTE_TAG_SIZE, Limits
 
@@ -35,13 +35,14 @@ __all__ = [
     "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PIPELINES", "STATUS", "DEPLOY",
     "UNDEPLOY", "TOKEN", "ROUTE", "ASSIGN", "UNASSIGN",
     # vocabulary
-    "SLOW_CONSUMER_POLICIES", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT",
+    "SLOW_CONSUMER_POLICIES", "slow_consumer_policy", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT",
     # field kinds
     "Kind", "UINT", "PORT", "REMOTE_PORT", "STR", "NAME", "BOOL", "BIG_INT", "TAG", "STRS", "MAP", "MAPS",
-    "WAIT", "POSITIVE_SECONDS", "POLICY_NAME", "ELEMENT_KIND", "LIMIT_FRAME", "LIMIT_TOPIC", "LIMIT_X_BITS",
+    "WAIT", "POSITIVE_SECONDS", "SLOW_CONSUMER_NAME", "ELEMENT_KIND", "LIMIT_FRAME", "LIMIT_TOPIC", "LIMIT_X_BITS",
     "COUNTERS", "ASSIGNMENTS", "LINK_STATS", "LINK_REPORTS", "PORT_REPORTS",
     # messages
-    "Message", "Request", "Reply", "ElementPush", "Hello", "Welcome", "Ping", "Pong", "StatsRequest", "Stats", "Policy", "PolicySet",
+    "Message", "Request", "Reply", "ElementPush", "Hello", "Welcome", "Ping", "Pong", "StatsRequest", "Stats",
+    "SlowConsumerRequest", "SlowConsumerSet",
     "Subscribe", "Unsubscribe", "Link", "Linked", "Unlink", "Ok", "Error", "GoingAway", "Register", "Registered",
     "Report", "LinkReport", "PortReport", "BrokerState", "Pipelines", "PipelinesView", "Status", "StatusView",
     "Deploy", "Deployed", "Undeploy", "Token", "Issued", "Route", "Assign", "Unassign",
@@ -78,6 +79,20 @@ UNASSIGN = "unassign"
 #: What a port does when its consumer cannot keep up: drop the new frames, drop the
 #: oldest queued ones, or stop reading from the publishers.  "drop" = "drop-newest".
 SLOW_CONSUMER_POLICIES = ("drop-newest", "drop-oldest", "pause", "drop")
+
+
+def slow_consumer_policy(name: object) -> str:
+    """The slow-consumer policy ``name`` names, as a broker applies it (``drop`` is
+    ``drop-newest``): the one check of a policy name, wherever one is given.
+
+    Raises:
+        ConfigError: not one of SLOW_CONSUMER_POLICIES.
+    """
+    if type(name) is not str or name not in SLOW_CONSUMER_POLICIES:
+        raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}")
+    return "drop-newest" if name == "drop" else name
+
+
 ELEMENT_KINDS = ("source", "stage", "sink")
 #: The counters an agent reports of each element (``Report.elements``).
 ELEMENT_COUNTERS = ("in", "out", "errors", "latency_ms", "latency_max_ms")
@@ -157,7 +172,7 @@ MAP = Kind("a map", lambda v: type(v) is dict)
 MAPS = Kind("a list of maps", lambda v: type(v) is list and all(type(item) is dict for item in v))
 WAIT = Kind("a number of seconds >= 0", lambda v: _number(v) and v >= 0)
 POSITIVE_SECONDS = Kind("a positive number of seconds", lambda v: _number(v) and v > 0)
-POLICY_NAME = _one_of(SLOW_CONSUMER_POLICIES)
+SLOW_CONSUMER_NAME = _one_of(SLOW_CONSUMER_POLICIES)
 ELEMENT_KIND = _one_of(ELEMENT_KINDS)
 LIMIT_FRAME, LIMIT_TOPIC, LIMIT_X_BITS = _limit("max_frame"), _limit("max_topic"), _limit("max_x_bits")
 COUNTERS = Kind(f"a map of element names to maps of {', '.join(ELEMENT_COUNTERS)} (numbers)", _counters)
@@ -312,7 +327,7 @@ class Welcome(Reply):
     max_frame: int | None = _field(LIMIT_FRAME, None)
     max_topic: int | None = _field(LIMIT_TOPIC, None)
     max_x_bits: int | None = _field(LIMIT_X_BITS, None)
-    slow_consumer: str | None = _field(POLICY_NAME, None)
+    slow_consumer: str | None = _field(SLOW_CONSUMER_NAME, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,7 +342,7 @@ class Hello(Request[Welcome]):
     role: str = _field(STR, "agent")
     name: str = _field(STR, "")
     token: str | None = _field(STR, None)
-    slow_consumer: str | None = _field(POLICY_NAME, None, code="bad_policy")
+    slow_consumer: str | None = _field(SLOW_CONSUMER_NAME, None, code="bad_policy")
     key: int | None = _field(BIG_INT, None)
     link: int | None = _field(PORT, None)
 
@@ -358,16 +373,17 @@ class StatsRequest(Request[Stats]):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PolicySet(Ok):
-    slow_consumer: str = _field(POLICY_NAME)
+class SlowConsumerSet(Ok):
+    slow_consumer: str = _field(SLOW_CONSUMER_NAME)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Policy(Request[PolicySet]):
-    """Sets what the broker does with frames for this port when its consumer falls behind."""
+class SlowConsumerRequest(Request[SlowConsumerSet]):
+    """The ``policy`` op: sets what the broker does with frames for this port when its
+    consumer falls behind (its slow-consumer policy)."""
 
     op: ClassVar[str] = POLICY
-    slow_consumer: str = _field(POLICY_NAME, code="bad_policy")
+    slow_consumer: str = _field(SLOW_CONSUMER_NAME, code="bad_policy")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -594,7 +610,7 @@ def _registry(*types: type[Message]) -> dict[str, type[Message]]:
 
 #: What daemons receive: requests, and from a peer link the answers to a broker's hello and pings.
 REQUESTS = _registry(
-    Hello, Ping, StatsRequest, Policy, Subscribe, Unsubscribe, Link, Unlink, Register, Report, BrokerState,
+    Hello, Ping, StatsRequest, SlowConsumerRequest, Subscribe, Unsubscribe, Link, Unlink, Register, Report, BrokerState,
     Pipelines, Status, Deploy, Undeploy, Token, Error, GoingAway, Welcome, Pong,
 )
 #: What clients receive: replies (``ok`` as the plain :class:`Ok`) and pushes.

@@ -36,20 +36,21 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from . import control
-from .agent import DataAgent
+from .agent import DataAgent, Element, Handler
 from .broker import Broker
-from .client import connect
-from .views import format_pipelines
+from .client import Connection, Message, connect
 from .config import BrokerConfig, OrchestratorConfig
 from .orchestrator import Orchestrator
 from .routing import allocate_keys
-from .spec import PipelineSpec, parse_spec
+from .spec import ElementSpec, PipelineSpec, parse_spec
+from .views import format_pipelines
 
 __all__ = [
     "DEMO_SPEC", "PLACEMENT", "PATCH", "FACE_MARK", "DOG_MARK", "BACKGROUND_MAX", "AGE_BUCKETS",
@@ -169,6 +170,9 @@ def expected_counts(seed: int, frames: int, width: int, height: int) -> dict[str
 
 # --------------------------------------------------------------------------- the run
 
+R = TypeVar("R", bound=control.Reply)
+
+
 def _pack(record: Mapping[str, Any]) -> bytes:
     return msgpack.packb(record, use_bin_type=True)
 
@@ -202,6 +206,287 @@ def _spec_with(spec: PipelineSpec | Mapping[str, Any] | None, frames: int, inter
     return parse_spec(data)
 
 
+@dataclass(frozen=True)
+class _Workload:
+    """What the camera emits and, from the frame generator, what each element must count."""
+
+    frames: int
+    interval_s: float
+    seed: int
+    width: int
+    height: int
+    faces: int
+    dogs: int
+
+    @classmethod
+    def of(cls, spec: PipelineSpec, frames: int, interval_s: float) -> _Workload:
+        params = next(e for e in spec.elements if e.capability == "camera").params
+        seed, width, height = int(params.get("seed", 0)), int(params.get("width", 64)), int(params.get("height", 48))
+        expected = expected_counts(seed, frames, width, height)
+        return cls(frames, interval_s, seed, width, height, expected["faces"], expected["dogs"])
+
+    def io(self, capability: str | None) -> tuple[int, int]:
+        """(frames in, frames out) of the element running ``capability``."""
+        return {
+            "camera": (0, self.frames), "detect_faces": (self.frames, self.faces), "detect_dogs": (self.frames, self.dogs),
+            "classify_age_gender": (self.faces, self.faces), "print": (self.faces + self.dogs, 0),
+        }[capability or ""]
+
+
+class _Progress:
+    """Shared by the agents' handlers and the run: when the camera may start, what the sink got."""
+
+    def __init__(self, detections: int) -> None:
+        self.detections = detections
+        self.go = asyncio.Event()  # set once the whole pipeline has its routes
+        self.done = asyncio.Event()  # set once the sink got every detection
+        self.seen = {"people": 0, "dogs": 0}
+        if detections == 0:
+            self.done.set()
+
+    def saw(self, topic: str) -> None:
+        self.seen[topic] = self.seen.get(topic, 0) + 1
+        if self.seen["people"] + self.seen["dogs"] >= self.detections:
+            self.done.set()
+
+
+class _Plane:
+    """A data orchestrator (state in a temporary sqlite file), two linked brokers, an admin
+    connection to the orchestrator and the data agents, all in this process."""
+
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="dcp-demo-")
+        self.orchestrator = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(self.tmp.name) / "orchestrator.sqlite")))
+        self.brokers: dict[str, Broker] = {}
+        self.agents: dict[str, DataAgent] = {}
+        self.admin: Connection | None = None
+
+    async def start(self, out: Callable[[str], Any]) -> None:
+        """Start the orchestrator and the brokers (b1 links to b0); return once the orchestrator sees the link up."""
+        await self.orchestrator.start()
+        do_addr = "%s:%d" % self.orchestrator.address
+        out(f"orchestrator  {do_addr}   (state in a temporary sqlite file)")
+        peers: tuple[str, ...] = ()
+        for name, key in zip(("b0", "b1"), allocate_keys(2, 64)):
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", key=key, name=name, orchestrator=do_addr, peers=peers))
+            await broker.start()
+            self.brokers[name] = broker
+            peers = ("%s:%d" % broker.address,)
+        self.admin = await connect(f"dcp://{do_addr}", role="admin", name="demo", reconnect=False)
+        if not await _wait_for(self._overlay_up, 10.0, 0.02):
+            raise RuntimeError("the two brokers did not link up within 10 s")
+        for name, broker in self.brokers.items():
+            links = "; ".join(f"link port {ln.port} <-> {ln.remote_name or '?'} port {ln.remote_port}" for ln in broker.links.values())
+            out(f"broker {name}     %s:%d   key {broker.key}   {links}" % broker.address)
+
+    async def _overlay_up(self) -> bool:
+        status = (await self.call(control.Status())).status
+        up = {b["name"] for b in status["brokers"] if b["online"] and any(link["state"] == "up" for link in b["links"])}
+        return up >= set(self.brokers)
+
+    async def call(self, request: control.Request[R]) -> R:
+        """Ask the orchestrator, as an admin."""
+        assert self.admin is not None, "start() first"
+        return await self.admin.call(request)
+
+    def add_agent(self, name: str, broker: str) -> DataAgent:
+        """A data agent attached to ``broker`` (b0 or b1), reporting its counters often."""
+        url = "dcp://%s:%d" % self.brokers[broker].address
+        self.agents[name] = DataAgent(name, broker=url, orchestrator="dcp://%s:%d" % self.orchestrator.address, report_interval_s=0.2)
+        return self.agents[name]
+
+    async def close(self) -> None:
+        """Stop what was started, the agents first; each broker unlinks first, so its peer frees its end instead of redialling."""
+        if self.admin is not None:
+            await self.admin.close()
+        await asyncio.gather(*(a.stop() for a in self.agents.values()), return_exceptions=True)
+        for broker in reversed(list(self.brokers.values())):
+            for link in list(broker.links.values()):
+                broker.remove_link(link, notify=True)
+            await broker.close()
+        await self.orchestrator.close()
+        self.tmp.cleanup()
+
+
+@dataclass(frozen=True)
+class _Deployment:
+    """A deployed pipeline: its spec, and the agent each element went to."""
+
+    spec: PipelineSpec
+    agent_of: dict[str, str]
+    agents: dict[str, DataAgent]
+
+    def counted(self, element: ElementSpec) -> Element | None:
+        """What the agent running ``element`` counted of it (None: not running it yet)."""
+        return self.agents[self.agent_of[element.name]].elements.get(f"{self.spec.name}/{element.name}")
+
+
+# -- the agents' handlers: the stand-in models of the five capabilities
+
+def _camera(go: asyncio.Event) -> Handler:
+    async def camera_source(params: dict[str, Any]) -> Any:
+        await go.wait()  # start once the whole pipeline has its routes
+        seed, width, height = int(params.get("seed", 0)), int(params.get("width", 64)), int(params.get("height", 48))
+        for number in range(int(params.get("frames", 0))):
+            yield make_frame(seed, number, width, height)
+            await asyncio.sleep(float(params.get("interval_s", 0)))
+    return camera_source
+
+
+def _detector(model: Callable[[bytes], list[dict[str, Any]]]) -> Handler:
+    async def detect(msg: Message, params: dict[str, Any]) -> list[bytes]:
+        return [_pack({**found, "t0": msg.timestamp_ns}) for found in model(bytes(msg.payload))]
+    return detect
+
+
+async def _classify(msg: Message, params: dict[str, Any]) -> bytes:
+    face = _unpack(bytes(msg.payload))
+    age, gender = classify_age_gender(face["patch"])
+    return _pack({"frame": face["frame"], "box": face["box"], "age": age, "gender": gender, "t0": face["t0"]})
+
+
+def _printer(progress: _Progress, out: Callable[[str], Any]) -> Handler:
+    async def show(msg: Message, params: dict[str, Any]) -> None:
+        record = _unpack(bytes(msg.payload))
+        x, y = record["box"][:2]
+        ms = (time.time_ns() - record["t0"]) / 1e6
+        if msg.topic == "people":
+            what = f"face at ({x},{y}) -> age {record['age']}, {record['gender']}"
+        else:
+            what = f"dog at ({x},{y})"
+        out(f"  frame {record['frame']:>3}: {what:<40} {ms:7.2f} ms camera->sink")
+        progress.saw(msg.topic)
+    return show
+
+
+# -- the run, step by step
+
+async def _start_agents(plane: _Plane, progress: _Progress, out: Callable[[str], Any]) -> None:
+    """The agents of :data:`PLACEMENT`, each offering its capability, started."""
+    handlers = {
+        "camera": _camera(progress.go), "detect_faces": _detector(detect_faces), "detect_dogs": _detector(detect_dogs),
+        "classify_age_gender": _classify, "print": _printer(progress, out),
+    }
+    for name, broker, capability in PLACEMENT:
+        plane.add_agent(name, broker).capability(capability)(handlers[capability])
+    await asyncio.gather(*(a.start() for a in plane.agents.values()))
+    for b in plane.brokers:
+        names = [name for name, broker, _ in PLACEMENT if broker == b]
+        out(f"agents on {b}: {', '.join(names)}")
+
+
+async def _deploy(plane: _Plane, spec: PipelineSpec, out: Callable[[str], Any]) -> _Deployment:
+    """Deploy ``spec``; return once every stream it makes has its route."""
+    reply = await plane.call(control.Deploy(spec=spec.to_dict()))
+    assigned = reply.assignments
+    out(f"deployed pipeline {reply.pipeline}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
+    deployment = _Deployment(spec, {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}, plane.agents)
+    for element in spec.elements:
+        if element.emits is None:
+            continue
+        consumers = {deployment.agent_of[c.name] for c in spec.consumers_of(element.emits)}
+        producer = plane.agents[deployment.agent_of[element.name]]
+        await producer.wait_route(element.emits, consumers=len(consumers), timeout=10.0)
+        epoch, x = producer.routes[element.emits]
+        stream = f"{producer.name}/{element.emits}"
+        out(f"  route {stream:<20} -> {', '.join(sorted(producer.consumers[element.emits])):<28} "
+            f"X: {x.bit_length():>3} bits, epoch {epoch}")
+    return deployment
+
+
+async def _run_camera(
+    deployment: _Deployment, workload: _Workload, progress: _Progress, timeout_s: float, out: Callable[[str], Any]
+) -> bool:
+    """Let the camera go; whether, within ``timeout_s`` (plus the frames' time), the sink got
+    every detection and every element counted what the generator implies."""
+    w = workload
+    out(f"camera: {w.frames} frame(s) of {w.width}x{w.height} (seed {w.seed}), one every {w.interval_s} s; "
+        f"they hold {w.faces} face(s) and {w.dogs} dog(s)")
+    progress.go.set()
+    complete = True
+    try:
+        await asyncio.wait_for(progress.done.wait(), timeout_s + w.frames * w.interval_s)
+    except asyncio.TimeoutError:
+        complete = False
+        out(f"timed out: the sink got {progress.seen['people']} of {w.faces} people and {progress.seen['dogs']} of {w.dogs} dogs")
+
+    def all_counted() -> bool:
+        for element in deployment.spec.elements:
+            counted = deployment.counted(element)
+            if counted is None or (counted.received, counted.emitted) != w.io(element.capability):
+                return False
+        return True
+
+    return await _wait_for(all_counted, 2.0 if complete else 0.0) and complete
+
+
+async def _show_orchestrator_view(plane: _Plane, deployment: _Deployment, out: Callable[[str], Any]) -> None:
+    """Print the pipeline as the orchestrator sees it, once the agents' reports caught up with their counters."""
+
+    async def reported() -> bool:
+        view = (await plane.call(control.Pipelines())).pipelines
+        rows = {e["name"]: e["agents"] for p in view if p["name"] == deployment.spec.name for e in p["elements"]}
+        for element in deployment.spec.elements:
+            counted = deployment.counted(element)
+            got = rows.get(element.name) or [{}]
+            if counted is None or (got[0].get("in"), got[0].get("out")) != (counted.received, counted.emitted):
+                return False
+        return True
+
+    await _wait_for(reported, 3.0, 0.05)
+    out("")
+    out("the pipeline as the orchestrator sees it (from the agents' reports):")
+    out(format_pipelines((await plane.call(control.Pipelines())).pipelines))
+
+
+def _summary(plane: _Plane, deployment: _Deployment, workload: _Workload, complete: bool, elapsed: float) -> dict[str, Any]:
+    """What :func:`run_faces` returns (see there), from the agents' and brokers' counters."""
+    where = {name: broker for name, broker, _ in PLACEMENT}
+    elements = {}
+    for element in deployment.spec.elements:
+        counted = deployment.counted(element)
+        counters = counted.counters() if counted is not None else {"in": 0, "out": 0, "errors": 0, "latency_ms": 0.0, "latency_max_ms": 0.0}
+        name = deployment.agent_of[element.name]
+        elements[element.name] = {"agent": name, "broker": where.get(name, "?"), "capability": element.capability, **counters}
+    agents = {}
+    for name, a in plane.agents.items():
+        c = a.counters()
+        agents[name] = {"dropped": c["dropped"], "unrouted": c["unrouted"], "lost": c["lost"]}
+    brokers = {
+        name: {"frames_in": b.frames_in, "frames_out": b.frames_out, "drops": sum(b.drops.values()),
+               "drop_reasons": {k: v for k, v in b.drops.items() if v}}
+        for name, b in plane.brokers.items()
+    }
+    drops = sum(sum(a.values()) for a in agents.values()) + sum(b["drops"] for b in brokers.values())
+    errors = sum(e["errors"] for e in elements.values())
+    return {
+        "ok": complete and drops == 0 and errors == 0, "frames": workload.frames,
+        "expected": {"faces": workload.faces, "dogs": workload.dogs}, "elements": elements, "agents": agents,
+        "brokers": brokers, "elapsed_s": round(elapsed, 3), "complete": complete, "drops": drops, "errors": errors,
+    }
+
+
+def _print_summary(summary: dict[str, Any], plane: _Plane, elapsed: float, out: Callable[[str], Any]) -> None:
+    """The summary table: the verdict, then per element and per broker."""
+    expected = summary["expected"]
+    out("")
+    out(f"summary: {summary['frames']} frames, {expected['faces']} faces, {expected['dogs']} dogs expected; "
+        f"{'all delivered' if summary['complete'] else 'INCOMPLETE'}, {summary['drops']} drop(s), "
+        f"{summary['errors']} error(s), {elapsed:.2f} s")
+    out("  (latency: from publish to handling, over the frames each element received)")
+    out(f"  {'element':<14} {'agent':<14} {'broker':<6} {'in':>5} {'out':>5} {'mean ms':>8} {'max ms':>8} "
+        f"{'dropped':>7} {'unrouted':>8} {'lost':>5}")
+    for name, e in summary["elements"].items():
+        a = summary["agents"].get(e["agent"], {"dropped": 0, "unrouted": 0, "lost": 0})
+        out(f"  {name:<14} {e['agent']:<14} {e['broker']:<6} {e['in']:>5} {e['out']:>5} {e['latency_ms']:>8.3f} "
+            f"{e['latency_max_ms']:>8.3f} {a['dropped']:>7} {a['unrouted']:>8} {a['lost']:>5}")
+    out(f"  {'broker':<14} {'key':<29} {'frames in':>9} {'frames out':>10} {'drops':>6}")
+    for name, b in summary["brokers"].items():
+        reasons = ", ".join(f"{k}={v}" for k, v in b["drop_reasons"].items())
+        out(f"  {name:<14} {plane.brokers[name].key:<29} {b['frames_in']:>9} {b['frames_out']:>10} {b['drops']:>6}"
+            + (f"  ({reasons})" if reasons else ""))
+
+
 async def run_faces(
     frames: int = 12,
     interval_s: float = 0.05,
@@ -213,210 +498,30 @@ async def run_faces(
     """Run the faces pipeline (``spec``, :data:`DEMO_SPEC` by default) over ``frames`` frames.
 
     Prints through ``out``; returns the summary: ``ok`` (everything the generator
-    implies arrived, nothing dropped), ``expected``, ``elements`` (per element: agent,
-    broker, in, out, errors, latency_ms, latency_max_ms), ``agents`` (dropped, unrouted,
-    lost), ``brokers`` (frames_in, frames_out, drops) and ``elapsed_s``.
+    implies arrived, nothing dropped), ``complete`` (everything arrived), ``drops``,
+    ``errors``, ``expected``, ``elements`` (per element: agent, broker, in, out, errors,
+    latency_ms, latency_max_ms), ``agents`` (dropped, unrouted, lost), ``brokers``
+    (frames_in, frames_out, drops) and ``elapsed_s``.
     """
     if frames < 0 or interval_s < 0:
         raise ValueError("frames and interval_s must not be negative")
-    spec = _spec_with(spec, frames, interval_s)
-    by_capability = {e.capability: e for e in spec.elements}
-    camera_params = by_capability["camera"].params
-    seed, width, height = int(camera_params.get("seed", 0)), int(camera_params.get("width", 64)), int(camera_params.get("height", 48))
-    expected = expected_counts(seed, frames, width, height)
-    n_faces, n_dogs = expected["faces"], expected["dogs"]
-    expected_io = {  # capability -> (frames in, frames out)
-        "camera": (0, frames), "detect_faces": (frames, n_faces), "detect_dogs": (frames, n_dogs),
-        "classify_age_gender": (n_faces, n_faces), "print": (n_faces + n_dogs, 0),
-    }
+    pipeline = _spec_with(spec, frames, interval_s)
+    workload = _Workload.of(pipeline, frames, interval_s)
+    progress = _Progress(workload.faces + workload.dogs)
     started = time.monotonic()
-    tmp = tempfile.TemporaryDirectory(prefix="dcp-demo-")
-    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(tmp.name) / "orchestrator.sqlite")))
-    brokers: dict[str, Broker] = {}
-    agents: dict[str, DataAgent] = {}
+    plane = _Plane()
     try:
-        await do.start()
-        do_addr = "%s:%d" % do.address
-        do_url = f"dcp://{do_addr}"
-        out(f"orchestrator  {do_addr}   (state in a temporary sqlite file)")
-        keys = allocate_keys(2, 64)
-        peers: tuple[str, ...] = ()
-        for name, key in zip(("b0", "b1"), keys):
-            broker = Broker(BrokerConfig(listen="127.0.0.1:0", key=key, name=name, orchestrator=do_addr, peers=peers))
-            await broker.start()
-            brokers[name] = broker
-            peers = ("%s:%d" % broker.address,)
-        async with connect(do_url, role="admin", name="demo", reconnect=False) as admin:
-
-            async def overlay_up() -> bool:
-                status = (await admin.call(control.Status())).status
-                up = {b["name"] for b in status["brokers"] if b["online"] and any(link["state"] == "up" for link in b["links"])}
-                return up >= set(brokers)
-
-            if not await _wait_for(overlay_up, 10.0, 0.02):
-                raise RuntimeError("the two brokers did not link up within 10 s")
-            for name, broker in brokers.items():
-                links = "; ".join(f"link port {ln.port} <-> {ln.remote_name or '?'} port {ln.remote_port}" for ln in broker.links.values())
-                out(f"broker {name}     %s:%d   key {broker.key}   {links}" % broker.address)
-
-            # -- the agents and their models ----------------------------------------
-            go = asyncio.Event()
-            sink_done = asyncio.Event()
-            seen = {"people": 0, "dogs": 0}
-            if n_faces + n_dogs == 0:
-                sink_done.set()
-
-            def agent(name: str, broker: str) -> DataAgent:
-                url = "dcp://%s:%d" % brokers[broker].address
-                agents[name] = DataAgent(name, broker=url, orchestrator=do_url, report_interval_s=0.2)
-                return agents[name]
-
-            where = {name: broker for name, broker, _ in PLACEMENT}
-            camera, faces, dogs, classifier, console = (agent(name, broker) for name, broker, _ in PLACEMENT)
-
-            @camera.capability("camera")
-            async def camera_source(params: dict[str, Any]) -> Any:
-                await go.wait()  # start once the whole pipeline has its routes
-                seed_, width_, height_ = int(params.get("seed", 0)), int(params.get("width", 64)), int(params.get("height", 48))
-                for number in range(int(params.get("frames", 0))):
-                    yield make_frame(seed_, number, width_, height_)
-                    await asyncio.sleep(float(params.get("interval_s", 0)))
-
-            def detector(model: Callable[[bytes], list[dict[str, Any]]]) -> Any:
-                async def detect(msg: Any, params: dict[str, Any]) -> list[bytes]:
-                    return [_pack({**found, "t0": msg.timestamp_ns}) for found in model(bytes(msg.payload))]
-                return detect
-
-            faces.capability("detect_faces")(detector(detect_faces))
-            dogs.capability("detect_dogs")(detector(detect_dogs))
-
-            @classifier.capability("classify_age_gender")
-            async def classify(msg: Any, params: dict[str, Any]) -> bytes:
-                face = _unpack(bytes(msg.payload))
-                age, gender = classify_age_gender(face["patch"])
-                return _pack({"frame": face["frame"], "box": face["box"], "age": age, "gender": gender, "t0": face["t0"]})
-
-            @console.capability("print")
-            async def show(msg: Any, params: dict[str, Any]) -> None:
-                record = _unpack(bytes(msg.payload))
-                x, y = record["box"][:2]
-                ms = (time.time_ns() - record["t0"]) / 1e6
-                if msg.topic == "people":
-                    what = f"face at ({x},{y}) -> age {record['age']}, {record['gender']}"
-                else:
-                    what = f"dog at ({x},{y})"
-                out(f"  frame {record['frame']:>3}: {what:<40} {ms:7.2f} ms camera->sink")
-                seen[msg.topic] = seen.get(msg.topic, 0) + 1
-                if seen["people"] + seen["dogs"] >= n_faces + n_dogs:
-                    sink_done.set()
-
-            await asyncio.gather(*(a.start() for a in agents.values()))
-            for b in brokers:
-                names = [name for name, broker, _ in PLACEMENT if broker == b]
-                out(f"agents on {b}: {', '.join(names)}")
-
-            # -- deploy, then wait for every route ----------------------------------
-            reply = await admin.call(control.Deploy(spec=spec.to_dict()))
-            assigned = reply.assignments
-            out(f"deployed pipeline {reply.pipeline}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
-            element_agent = {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}
-            for element in spec.elements:
-                if element.emits is None:
-                    continue
-                consumers = {element_agent[c.name] for c in spec.consumers_of(element.emits)}
-                producer = agents[element_agent[element.name]]
-                await producer.wait_route(element.emits, consumers=len(consumers), timeout=10.0)
-                epoch, x = producer.routes[element.emits]
-                stream = f"{producer.name}/{element.emits}"
-                out(f"  route {stream:<20} -> {', '.join(sorted(producer.consumers[element.emits])):<28} "
-                    f"X: {x.bit_length():>3} bits, epoch {epoch}")
-            out(f"camera: {frames} frame(s) of {width}x{height} (seed {seed}), one every {interval_s} s; "
-                f"they hold {n_faces} face(s) and {n_dogs} dog(s)")
-            go.set()
-
-            # -- wait for everything the generator implies ----------------------------
-            def local(element: Any) -> Any:
-                return agents[element_agent[element.name]].elements.get(f"{spec.name}/{element.name}")
-
-            def all_counted() -> bool:
-                for element in spec.elements:
-                    counted = local(element)
-                    if counted is None or (counted.received, counted.emitted) != expected_io[element.capability]:
-                        return False
-                return True
-
-            complete = True
-            try:
-                await asyncio.wait_for(sink_done.wait(), timeout_s + frames * interval_s)
-            except asyncio.TimeoutError:
-                complete = False
-                out(f"timed out: the sink got {seen['people']} of {n_faces} people and {seen['dogs']} of {n_dogs} dogs")
-            complete = await _wait_for(all_counted, 2.0 if complete else 0.0) and complete
-
-            # -- the pipeline as the orchestrator sees it (after the agents' next report)
-            async def reported() -> bool:
-                view = (await admin.call(control.Pipelines())).pipelines
-                rows = {e["name"]: e["agents"] for p in view if p["name"] == spec.name for e in p["elements"]}
-                for element in spec.elements:
-                    counted = local(element)
-                    got = rows.get(element.name) or [{}]
-                    if counted is None or (got[0].get("in"), got[0].get("out")) != (counted.received, counted.emitted):
-                        return False
-                return True
-
-            await _wait_for(reported, 3.0, 0.05)
-
-            out("")
-            out("the pipeline as the orchestrator sees it (from the agents' reports):")
-            out(format_pipelines((await admin.call(control.Pipelines())).pipelines))
-
-            # -- the summary ------------------------------------------------------------
-            summary_elements = {}
-            for element in spec.elements:
-                counted = local(element)
-                counters = counted.counters() if counted is not None else {"in": 0, "out": 0, "errors": 0, "latency_ms": 0.0, "latency_max_ms": 0.0}
-                name = element_agent[element.name]
-                summary_elements[element.name] = {"agent": name, "broker": where.get(name, "?"), "capability": element.capability, **counters}
-            summary_agents = {}
-            for name, a in agents.items():
-                c = a.counters()
-                summary_agents[name] = {"dropped": c["dropped"], "unrouted": c["unrouted"], "lost": c["lost"]}
-            summary_brokers = {
-                name: {"frames_in": b.frames_in, "frames_out": b.frames_out, "drops": sum(b.drops.values()),
-                       "drop_reasons": {k: v for k, v in b.drops.items() if v}}
-                for name, b in brokers.items()
-            }
-            drops = sum(sum(a.values()) for a in summary_agents.values()) + sum(b["drops"] for b in summary_brokers.values())
-            errors = sum(e["errors"] for e in summary_elements.values())
-            ok = complete and drops == 0 and errors == 0
-            elapsed = time.monotonic() - started
-            out("")
-            out(f"summary: {frames} frames, {n_faces} faces, {n_dogs} dogs expected; "
-                f"{'all delivered' if complete else 'INCOMPLETE'}, {drops} drop(s), {errors} error(s), {elapsed:.2f} s")
-            out("  (latency: from publish to handling, over the frames each element received)")
-            out(f"  {'element':<14} {'agent':<14} {'broker':<6} {'in':>5} {'out':>5} {'mean ms':>8} {'max ms':>8} "
-                f"{'dropped':>7} {'unrouted':>8} {'lost':>5}")
-            for name, e in summary_elements.items():
-                a = summary_agents.get(e["agent"], {"dropped": 0, "unrouted": 0, "lost": 0})
-                out(f"  {name:<14} {e['agent']:<14} {e['broker']:<6} {e['in']:>5} {e['out']:>5} {e['latency_ms']:>8.3f} "
-                    f"{e['latency_max_ms']:>8.3f} {a['dropped']:>7} {a['unrouted']:>8} {a['lost']:>5}")
-            out(f"  {'broker':<14} {'key':<29} {'frames in':>9} {'frames out':>10} {'drops':>6}")
-            for name, b in summary_brokers.items():
-                reasons = ", ".join(f"{k}={v}" for k, v in b["drop_reasons"].items())
-                out(f"  {name:<14} {brokers[name].key:<29} {b['frames_in']:>9} {b['frames_out']:>10} {b['drops']:>6}"
-                    + (f"  ({reasons})" if reasons else ""))
-            return {
-                "ok": ok, "frames": frames, "expected": expected, "elements": summary_elements,
-                "agents": summary_agents, "brokers": summary_brokers, "elapsed_s": round(elapsed, 3),
-            }
+        await plane.start(out)
+        await _start_agents(plane, progress, out)
+        deployment = await _deploy(plane, pipeline, out)
+        complete = await _run_camera(deployment, workload, progress, timeout_s, out)
+        await _show_orchestrator_view(plane, deployment, out)
+        elapsed = time.monotonic() - started
+        summary = _summary(plane, deployment, workload, complete, elapsed)
+        _print_summary(summary, plane, elapsed, out)
+        return summary
     finally:
-        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
-        for broker in reversed(list(brokers.values())):
-            for link in list(broker.links.values()):  # unlink first: the peer frees its end instead of redialling
-                broker.remove_link(link, notify=True)
-            await broker.close()
-        await do.close()
-        tmp.cleanup()
+        await plane.close()
 
 
 async def run_demo(count: int = 12, interval_s: float = 0.05) -> int:

@@ -61,7 +61,7 @@ DROP_REASONS = (
     "truncated",  # the sender's stream ended inside a frame
     "link_down",  # one copy per bit naming the port of a link that is down
     "route_unsigned",  # --verify-routes: X carried no route tag
-    "route_forged",  # --verify-routes: the tag does not match topic, X, epoch and expiry
+    "route_forged",  # a signed X field shorter than its tag; --verify-routes: the tag does not match topic, X, epoch and expiry
     "route_expired",  # --verify-routes: the tag's expiry has passed
 )
 

@@ -43,9 +43,9 @@ from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError,
 from .orchestrator_store import Store
 from .patterns import Policy, topic_matches, validate_pattern, validate_topic
 from .routing import int_to_bytes
-from .spec import PipelineSpec, check_spec, parse_spec
+from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
-from .topology import Link, Overlay, build_tree
+from .topology import Overlay, OverlayLink, build_tree
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
 __all__ = ["Orchestrator"]
@@ -96,7 +96,7 @@ class Orchestrator(Serving):
     def __init__(self, config: OrchestratorConfig | None = None) -> None:
         self.config = config or OrchestratorConfig()
         self.store = Store(self.config.db)
-        self.file_policy = Policy.load(self.config.policy) if self.config.policy else Policy()
+        self.file_access_policy = Policy.load(self.config.policy_file) if self.config.policy_file else Policy()
         self.brokers: dict[str, BrokerRecord] = {}
         self.agents: dict[str, AgentRecord] = {}
         self.pipelines: dict[str, PipelineSpec] = {}
@@ -261,9 +261,10 @@ class Orchestrator(Serving):
 
     # -- pipelines ----------------------------------------------------------------------
 
-    def policy(self) -> Policy:
-        rules = [rule for spec in self.pipelines.values() for rule in spec.policy]
-        return self.file_policy.extended(rules)
+    def access_policy(self) -> Policy:
+        """Who may publish and consume what now: the policy file's rules, then every deployed spec's."""
+        rules = [rule for spec in self.pipelines.values() for rule in spec.access_rules]
+        return self.file_access_policy.extended(rules)
 
     def deploy(self, data: dict[str, Any]) -> control.Deployed:
         """Deploy the pipeline spec ``data`` (a spec file's table).
@@ -286,13 +287,13 @@ class Orchestrator(Serving):
         external = {t for a in online for t in a.produces} | {
             spec_element.emits for other in self.pipelines.values() for spec_element in other.elements if spec_element.emits
         }
-        policy = self.policy().extended(spec.policy)
+        access_policy = self.access_policy().extended(spec.access_rules)
         check_spec(
             spec,
             capabilities=capabilities,
             external_topics=external,
             agents=[a.name for a in online],
-            policy=policy,
+            access_policy=access_policy,
             agents_with=lambda capability: [a.name for a in online if capability in a.capabilities],
         )
         self.pipelines[spec.name] = spec
@@ -318,7 +319,7 @@ class Orchestrator(Serving):
 
     def _assign_all(self) -> None:
         """Give every element its replicas among the online agents offering its capability."""
-        policy = self.policy()
+        access_policy = self.access_policy()
         for spec in self.pipelines.values():
             for element in spec.elements:
                 if element.external:
@@ -328,13 +329,13 @@ class Orchestrator(Serving):
                 for agent in list(current):
                     record = self.agents.get(agent)
                     if record is None or not self._alive(record):
-                        candidates = self._candidates(element, policy, exclude=current)
+                        candidates = self._candidates(element, access_policy, exclude=current)
                         if candidates:  # hand the element to an agent that is here
                             current.remove(agent)
                             self.store.delete_assignment(spec.name, element.name, agent)
                 if sum(1 for a in current if a in self.agents and self._alive(self.agents[a])) >= element.replicas:
                     continue
-                for candidate in self._candidates(element, policy, exclude=current):
+                for candidate in self._candidates(element, access_policy, exclude=current):
                     if len(current) >= element.replicas:
                         break
                     current.append(candidate)
@@ -342,7 +343,7 @@ class Orchestrator(Serving):
                     self._send_to_agent(candidate, self._assign_message(spec.name, element.name))
                     log.info("%s/%s assigned to %s", spec.name, element.name, candidate)
 
-    def _candidates(self, element: Any, policy: Policy, exclude: list[str]) -> list[str]:
+    def _candidates(self, element: ElementSpec, access_policy: Policy, exclude: list[str]) -> list[str]:
         load: dict[str, int] = {}
         for agents in self.assignments.values():
             for agent in agents:
@@ -353,7 +354,7 @@ class Orchestrator(Serving):
                 continue
             if element.agent is not None and record.name != element.agent:
                 continue
-            if element.emits and not policy.allows(record.name, "publish", element.emits):
+            if element.emits and not access_policy.allows(record.name, "publish", element.emits):
                 continue
             found.append(record.name)
         return sorted(found, key=lambda name: (load.get(name, 0), name))
@@ -409,7 +410,7 @@ class Orchestrator(Serving):
         online = {b.name: b for b in self.brokers.values() if self.present(b)}
         by_key = {b.key: name for name, b in online.items()}
         ends = {(name, link["port"]): link for name, b in online.items() for link in b.links}
-        links: dict[frozenset[tuple[str, int]], Link] = {}
+        links: dict[frozenset[tuple[str, int]], OverlayLink] = {}
         for (name, port), link in ends.items():
             other = by_key.get(link["remote_key"])
             if other is None or link["state"] != "up":
@@ -417,7 +418,8 @@ class Orchestrator(Serving):
             back = ends.get((other, link["remote_port"]))
             if back is None or back["state"] != "up" or back["remote_key"] != online[name].key:
                 continue
-            links.setdefault(frozenset({(name, port), (other, link["remote_port"])}), Link(name, port, other, link["remote_port"]))
+            edge = frozenset({(name, port), (other, link["remote_port"])})
+            links.setdefault(edge, OverlayLink(name, port, other, link["remote_port"]))
         try:
             return Overlay({name: b.key for name, b in online.items()}, links.values())
         except RoutingError as exc:
@@ -434,7 +436,7 @@ class Orchestrator(Serving):
         self._dirty = False
         self.recomputations += 1
         overlay = self.overlay()
-        policy = self.policy()
+        access_policy = self.access_policy()
         attached = {}
         roles = {}
         for record in self.agents.values():
@@ -446,7 +448,7 @@ class Orchestrator(Serving):
         for producer, (_, produces) in roles.items():
             for topic in dict.fromkeys(produces):
                 seen.add((producer, topic))
-                self._update_stream(overlay, policy, attached, roles, producer, topic)
+                self._update_stream(overlay, access_policy, attached, roles, producer, topic)
         for key, stream in self.streams.items():
             if key not in seen and stream.x and self._online(stream.producer):  # only it can be told
                 # No longer produced, or its producer is not attached: it routes nowhere now.
@@ -456,20 +458,20 @@ class Orchestrator(Serving):
     def _update_stream(
         self,
         overlay: Overlay,
-        policy: Policy,
+        access_policy: Policy,
         attached: dict[str, tuple[str, int]],
         roles: dict[str, tuple[list[str], list[str]]],
         producer: str,
         topic: str,
     ) -> None:
-        refused = "" if policy.allows(producer, "publish", topic) else policy.why(producer, "publish", topic)
+        refused = "" if access_policy.allows(producer, "publish", topic) else access_policy.why(producer, "publish", topic)
         consumers = []
         if not refused:
             for agent, (consumes, _) in roles.items():
                 if agent == producer or not any(topic_matches(p, topic) for p in consumes):
                     continue
-                if not policy.allows(agent, "consume", topic):
-                    log.info("policy keeps %s from consuming %s: %s", agent, topic, policy.why(agent, "consume", topic))
+                if not access_policy.allows(agent, "consume", topic):
+                    log.info("policy keeps %s from consuming %s: %s", agent, topic, access_policy.why(agent, "consume", topic))
                     continue
                 consumers.append(agent)
         x, reached = self._number(overlay, attached[producer], [(a, attached[a]) for a in sorted(consumers)], topic)

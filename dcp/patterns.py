@@ -22,9 +22,7 @@ from .wire import DEFAULT_LIMITS
 __all__ = [
     "validate_topic",
     "validate_pattern",
-    "is_pattern",
     "topic_matches",
-    "patterns_overlap",
     "Rule",
     "Policy",
     "rules_from_list",
@@ -72,11 +70,6 @@ def validate_pattern(pattern: str) -> None:
             raise ConfigError(f"pattern {pattern!r}: token {token!r} mixes a wildcard with text; '*' and '>' must be whole tokens")
 
 
-def is_pattern(text: str) -> bool:
-    """Whether ``text`` has a wildcard token, i.e. names more than one topic."""
-    return any(token in (ONE, REST) for token in text.split("."))
-
-
 def topic_matches(pattern: str, topic: str) -> bool:
     """Whether the concrete ``topic`` is one of the topics ``pattern`` names."""
     want = pattern.split(".")
@@ -89,22 +82,6 @@ def topic_matches(pattern: str, topic: str) -> bool:
     elif len(have) != len(want):
         return False
     return all(w == ONE or w == h for w, h in zip(want, have))
-
-
-def patterns_overlap(a: str, b: str) -> bool:
-    """Whether some concrete topic matches both patterns (so a consumer of ``a`` may see ``b``)."""
-    left, right = a.split("."), b.split(".")
-    for i in range(max(len(left), len(right))):
-        x = left[i] if i < len(left) else None
-        y = right[i] if i < len(right) else None
-        if x == REST or y == REST:
-            # '>' takes one or more tokens: the other side needs one left here.
-            return x is not None and y is not None
-        if x is None or y is None:
-            return False
-        if x != y and ONE not in (x, y):
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -268,9 +245,6 @@ class Policy:
         """Read a policy file: TOML, or JSON when its name ends in ``.json``."""
         path = Path(path)
         return cls.from_dict(read_document(path), where=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"default": self.default, "rule": [rule.to_dict() for rule in self.rules]}
 
 
 def read_document(path: Path) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def forward(x: int, key: int, ingress_port: int, attached_mask: int) -> int:
 
 
 def ports_of(bitmap: int) -> list[int]:
-    """The port numbers whose bits are set, in increasing order."""
+    """The port numbers whose bits are set, in increasing order: what a bitmap of
+    :func:`encode` names (``ports_of(forward(...))``: where a broker sends a frame)."""
     if bitmap < 0:
         raise RoutingError(f"bitmap {bitmap} is negative")
     ports = []
@@ -153,7 +154,8 @@ def ports_of(bitmap: int) -> list[int]:
 
 
 def bitmap_of(ports: Iterable[int]) -> int:
-    """The bitmap with the bits of ``ports`` set."""
+    """The bitmap with the bits of ``ports`` set: one broker's share of a route, for
+    :func:`encode` (``encode({key: bitmap_of([sub1.port, sub2.port])})``)."""
     bitmap = 0
     for port in ports:
         if port < 0:

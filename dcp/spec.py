@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SLOW_CONSUMER_POLICIES
+from .control import slow_consumer_policy
 from .errors import ConfigError, SpecError
 from .patterns import Policy, Rule, read_document, rules_from_list, topic_matches, validate_pattern, validate_topic
 
-__all__ = ["SpecError", "Element", "PipelineSpec", "parse_spec", "load_spec", "check_spec"]
+__all__ = ["SpecError", "ElementSpec", "PipelineSpec", "parse_spec", "load_spec", "check_spec"]
 
 KINDS = ("source", "stage", "sink")
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -31,8 +31,9 @@ _KEYS = {
 
 
 @dataclass(frozen=True)
-class Element:
-    """One source, stage or sink; an external source has no capability and emits its ``topic``."""
+class ElementSpec:
+    """One source, stage or sink of a pipeline spec, as planned (what an agent runs for it is
+    :class:`dcp.agent.Element`); an external source has no capability and emits its ``topic``."""
 
     kind: str
     name: str
@@ -68,23 +69,24 @@ class Element:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A parsed pipeline: its elements in file order (sources, stages, sinks) and its own policy rules."""
+    """A parsed pipeline: its elements in file order (sources, stages, sinks) and its own
+    access-policy rules (the spec's ``[[policy]]`` tables)."""
 
     name: str
-    elements: tuple[Element, ...]
-    policy: tuple[Rule, ...] = ()
+    elements: tuple[ElementSpec, ...]
+    access_rules: tuple[Rule, ...] = ()
 
-    def element(self, name: str) -> Element:
+    def element(self, name: str) -> ElementSpec:
         for element in self.elements:
             if element.name == name:
                 return element
         raise KeyError(name)
 
-    def emitted(self) -> dict[str, Element]:
+    def emitted(self) -> dict[str, ElementSpec]:
         """Concrete topic -> the element emitting it (external sources included)."""
         return {e.emits: e for e in self.elements if e.emits is not None}
 
-    def consumers_of(self, topic: str) -> list[Element]:
+    def consumers_of(self, topic: str) -> list[ElementSpec]:
         return [e for e in self.elements if any(topic_matches(p, topic) for p in e.consumes)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,8 +96,8 @@ class PipelineSpec:
             items = [e.to_dict() for e in self.elements if e.kind == kind]
             if items:
                 data[kind] = items
-        if self.policy:
-            data["policy"] = [rule.to_dict() for rule in self.policy]
+        if self.access_rules:
+            data["policy"] = [rule.to_dict() for rule in self.access_rules]
         return data
 
 
@@ -160,7 +162,7 @@ def _json_copy(value: object, where: str) -> Any:
     raise SpecError(where, f"a {type(value).__name__} cannot be stored as JSON")
 
 
-def _element(kind: str, index: int, item: object) -> Element:
+def _element(kind: str, index: int, item: object) -> ElementSpec:
     here = f"{kind}[{index}]"
     if not isinstance(item, Mapping):
         raise SpecError(here, "must be a table")
@@ -178,7 +180,7 @@ def _element(kind: str, index: int, item: object) -> Element:
         extra = sorted(set(item) - {"name", "topic"})
         if extra:
             raise SpecError(f"{here}.{extra[0]}", "an external source (topic) takes only name and topic")
-        return Element(kind, name, None, (), _topic(item["topic"], f"{here}.topic"), field_name=here)
+        return ElementSpec(kind, name, None, (), _topic(item["topic"], f"{here}.topic"), field_name=here)
     if kind == "source" and item.get("capability") is None:
         raise SpecError(here, "needs a capability to run, or the topic of an external source")
     capability = _string(item, "capability", here, required=True)
@@ -187,14 +189,15 @@ def _element(kind: str, index: int, item: object) -> Element:
     params = item.get("params", {})
     if not isinstance(params, Mapping):
         raise SpecError(f"{here}.params", f"must be a table, got {params!r}")
-    if "slow_consumer" in params and params["slow_consumer"] not in SLOW_CONSUMER_POLICIES:
-        raise SpecError(
-            f"{here}.params.slow_consumer", f"must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {params['slow_consumer']!r}"
-        )
+    if "slow_consumer" in params:
+        try:
+            slow_consumer_policy(params["slow_consumer"])
+        except ConfigError as exc:
+            raise SpecError(f"{here}.params.slow_consumer", str(exc)) from None
     replicas = item.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise SpecError(f"{here}.replicas", f"must be an integer >= 1, got {replicas!r}")
-    return Element(
+    return ElementSpec(
         kind,
         name,
         capability,
@@ -222,7 +225,7 @@ def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
     if unknown:
         raise SpecError(unknown[0], "unknown key; a pipeline spec takes name, source, stage, sink, policy")
     name = _name(data.get("name"), "name")
-    elements: list[Element] = []
+    elements: list[ElementSpec] = []
     for kind in KINDS:
         items = data.get(kind, [])
         if not isinstance(items, list):
@@ -230,8 +233,8 @@ def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
         elements.extend(_element(kind, i, item) for i, item in enumerate(items))
     if not elements:
         raise SpecError(where, "has no elements; add a [[source]], [[stage]] or [[sink]]")
-    names: dict[str, Element] = {}
-    emitters: dict[str, Element] = {}
+    names: dict[str, ElementSpec] = {}
+    emitters: dict[str, ElementSpec] = {}
     for element in elements:
         if element.name in names:
             raise SpecError(f"{element.field_name}.name", f"duplicate element name {element.name!r} (also {names[element.name].field_name})")
@@ -286,13 +289,13 @@ def _cycle(spec: PipelineSpec) -> list[str] | None:
     return None
 
 
-def _refusal(policy: Policy, agent: str, consumed: list[str], emits: str | None) -> str | None:
-    """Why ``policy`` stops ``agent`` from running an element, or None if it does not."""
+def _refusal(access_policy: Policy, agent: str, consumed: list[str], emits: str | None) -> str | None:
+    """Why ``access_policy`` stops ``agent`` from running an element, or None if it does not."""
     for topic in consumed:
-        if not policy.allows(agent, "consume", topic):
-            return f"{agent!r} may not consume {topic!r} ({policy.why(agent, 'consume', topic)})"
-    if emits is not None and not policy.allows(agent, "publish", emits):
-        return f"{agent!r} may not publish {emits!r} ({policy.why(agent, 'publish', emits)})"
+        if not access_policy.allows(agent, "consume", topic):
+            return f"{agent!r} may not consume {topic!r} ({access_policy.why(agent, 'consume', topic)})"
+    if emits is not None and not access_policy.allows(agent, "publish", emits):
+        return f"{agent!r} may not publish {emits!r} ({access_policy.why(agent, 'publish', emits)})"
     return None
 
 
@@ -302,14 +305,14 @@ def check_spec(
     capabilities: Collection[str],
     external_topics: Collection[str],
     agents: Collection[str] = (),
-    policy: Policy | None = None,
+    access_policy: Policy | None = None,
     agents_with: Callable[[str], Collection[str]] | None = None,
 ) -> None:
     """Check ``spec`` against what the orchestrator knows now.
 
     ``capabilities``, ``agents`` and ``external_topics`` are what registered data agents
     offer, are called and produce.  With ``agents_with(capability)`` (the agents offering
-    it), some agent for each element must be allowed by ``policy`` followed by the spec's
+    it), some agent for each element must be allowed by ``access_policy`` followed by the spec's
     own ``[[policy]]`` rules to consume all it would get and to publish what it emits.
 
     Raises:
@@ -332,9 +335,9 @@ def check_spec(
     cycle = _cycle(spec)
     if cycle:
         raise SpecError("pipeline", f"cycle {' -> '.join(cycle)}")
-    if agents_with is None or (policy is None and not spec.policy):
+    if agents_with is None or (access_policy is None and not spec.access_rules):
         return
-    effective = (policy or Policy()).extended(spec.policy)
+    effective = (access_policy or Policy()).extended(spec.access_rules)
     for e in spec.elements:
         if e.capability is None:  # an external source: its producer is outside the pipeline
             continue

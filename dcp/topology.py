@@ -26,7 +26,7 @@ from .routing import encode, forward
 
 __all__ = [
     "Endpoint",
-    "Link",
+    "OverlayLink",
     "Overlay",
     "Tree",
     "build_tree",
@@ -50,17 +50,18 @@ def _port_limit(key: int) -> int:
 
 
 @dataclass(frozen=True)
-class Link:
-    """One overlay link: port a_port of broker a is connected to port b_port of broker b."""
+class OverlayLink:
+    """An edge of the overlay graph: port a_port of broker a is linked to port b_port of
+    broker b.  What the orchestrator plans with; the live link itself is :class:`dcp.link.Link`."""
 
     a: str
     a_port: int
     b: str
     b_port: int
 
-    def reversed(self) -> Link:
+    def reversed(self) -> OverlayLink:
         """The same link seen from b."""
-        return Link(self.b, self.b_port, self.a, self.a_port)
+        return OverlayLink(self.b, self.b_port, self.a, self.a_port)
 
 
 class Overlay:
@@ -77,9 +78,9 @@ class Overlay:
             out of range, or using a port that another link already uses.
     """
 
-    def __init__(self, keys: Mapping[str, int], links: Iterable[Link] = ()) -> None:
+    def __init__(self, keys: Mapping[str, int], links: Iterable[OverlayLink] = ()) -> None:
         self.keys: dict[str, int] = dict(keys)
-        self.links: tuple[Link, ...] = tuple(links)
+        self.links: tuple[OverlayLink, ...] = tuple(links)
         seen: list[tuple[str, int]] = []
         for name, key in self.keys.items():
             if not isinstance(name, str) or not name:
@@ -96,10 +97,10 @@ class Overlay:
             seen.append((name, key))
 
         self._adjacent: dict[str, list[tuple[int, str, int]]] = {name: [] for name in self.keys}
-        self._link_at: dict[Endpoint, Link] = {}
+        self._link_at: dict[Endpoint, OverlayLink] = {}
         for link in self.links:
-            if not isinstance(link, Link):
-                raise RoutingError(f"not a Link: {link!r}")
+            if not isinstance(link, OverlayLink):
+                raise RoutingError(f"not an OverlayLink: {link!r}")
             for name in (link.a, link.b):
                 if name not in self.keys:
                     raise RoutingError(f"link {link} names unknown broker {name!r}")
@@ -141,7 +142,7 @@ class Overlay:
         self._known(broker, "link_ports")
         return self._link_ports[broker]
 
-    def link_at(self, broker: str, port: int) -> Link | None:
+    def link_at(self, broker: str, port: int) -> OverlayLink | None:
         """The link on that port of that broker, seen from it (``a == broker``), or None."""
         link = self._link_at.get((broker, port))
         if link is None:
@@ -167,7 +168,7 @@ class Overlay:
                     key = int(key, 10)
                 keys[name] = key
             links = [
-                Link(item["a"], int(item["a_port"]), item["b"], int(item["b_port"]))
+                OverlayLink(item["a"], int(item["a_port"]), item["b"], int(item["b_port"]))
                 for item in data.get("links", ())
             ]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -208,7 +209,7 @@ class Tree:
     source: Endpoint
     subscribers: frozenset[Endpoint]
     bitmaps: dict[str, int] = field(hash=False)
-    links: tuple[Link, ...]
+    links: tuple[OverlayLink, ...]
     x: int
 
     @property
@@ -284,7 +285,7 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
             raise RoutingError(f"subscriber broker {broker!r} is unreachable from source broker {src!r}")
 
     in_tree = {src}
-    parent_link: dict[str, Link] = {}
+    parent_link: dict[str, OverlayLink] = {}
     for target in sorted(local, key=lambda b: (distance[b], b)):
         child = target
         while child not in in_tree:
@@ -298,7 +299,7 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
             # chosen parent, the lowest (parent port, child port)
             joined = [c for c in closer if c[0] in in_tree]
             parent, parent_port, child_port = min(joined or closer)
-            parent_link[child] = Link(parent, parent_port, child, child_port)
+            parent_link[child] = OverlayLink(parent, parent_port, child, child_port)
             in_tree.add(child)
             child = parent
 

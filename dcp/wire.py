@@ -104,10 +104,6 @@ class Limits:
         if not 0 < self.max_control <= self.max_frame:
             raise ValueError("max_control must be in (0, max_frame]")
 
-    @property
-    def max_x_bytes(self) -> int:
-        return (self.max_x_bits + 7) // 8
-
     def frame_length(self, header: tuple[int, ...]) -> int:
         """Total length of the frame whose unpacked fixed header is ``header``.
 

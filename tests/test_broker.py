@@ -8,6 +8,7 @@ the broker after the misbehaviour.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 from typing import Any
 
@@ -405,6 +406,16 @@ async def test_connect_refused_raises_at_once() -> None:
         await dcp.connect(f"dcp://127.0.0.1:{port}")
     with pytest.raises(dcp.ConfigError):
         dcp.connect("http://127.0.0.1:1")
+
+
+def test_connect_spells_out_the_options_of_a_connection() -> None:
+    """connect() lists Connection's options for users and type checkers: the same names,
+    kinds, defaults and types, and a misspelt one is a TypeError at the call."""
+    assert inspect.signature(dcp.connect).parameters == inspect.signature(dcp.Connection).parameters
+    assert all(p.kind is p.KEYWORD_ONLY for name, p in inspect.signature(dcp.connect).parameters.items() if name != "url")
+    assert all(f"{name}:" in (dcp.connect.__doc__ or "") for name in inspect.signature(dcp.connect).parameters)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nmae'"):
+        dcp.connect("dcp://127.0.0.1:1", nmae="camera")  # type: ignore[call-arg]
 
 
 async def test_good_frames_before_a_bad_one_in_the_same_read_are_delivered(broker: Broker, pair) -> None:  # type: ignore[no-untyped-def]

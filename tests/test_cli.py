@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dcp.cli import main
-from dcp.config import BrokerConfig
+from dcp.cli import build_parser, main
+from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.errors import ConfigError
 
 
@@ -22,12 +22,25 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
-def test_every_config_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command, config_class", [("broker", BrokerConfig), ("orchestrator", OrchestratorConfig)])
+def test_every_config_field_has_a_flag(capsys: pytest.CaptureFixture[str], command: str, config_class: type) -> None:
     with pytest.raises(SystemExit):
-        main(["broker", "--help"])
+        main([command, "--help"])
     text = capsys.readouterr().out
-    for name, field in BrokerConfig.__dataclass_fields__.items():
-        assert field.metadata.get("flag", "--" + name.replace("_", "-")) in text
+    for name, field in config_class.__dataclass_fields__.items():
+        assert field.metadata.get("flag", "--" + field.metadata.get("key", name).replace("_", "-")) in text
+
+
+def test_the_policy_file_keeps_its_documented_name(tmp_path: Path) -> None:
+    """The attribute says what it holds (``policy_file``); users still write ``policy``."""
+    path = tmp_path / "orchestrator.toml"
+    path.write_text('[orchestrator]\npolicy = "rules.toml"\n')
+    assert OrchestratorConfig.from_sources(path).policy_file == "rules.toml"
+    assert OrchestratorConfig.from_sources(path, {"policy_file": "flag.toml"}).policy_file == "flag.toml"
+    assert build_parser().parse_args(["orchestrator", "--policy", "flag.toml"]).policy_file == "flag.toml"
+    path.write_text('[orchestrator]\npolicy_file = "rules.toml"\n')
+    with pytest.raises(ConfigError, match=r"unknown orchestrator setting\(s\): policy_file"):
+        OrchestratorConfig.from_sources(path)
 
 
 def test_toml_then_flags(tmp_path: Path) -> None:

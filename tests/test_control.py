@@ -32,7 +32,7 @@ from dcp.broker import _HANDLERS as BROKER_HANDLERS
 from dcp.broker import Broker, BrokerConnection
 from dcp.client import Connection
 from dcp.config import OrchestratorConfig
-from dcp.errors import BadRequest, DcpError, ProtocolError
+from dcp.errors import BadRequest, ConfigError, DcpError, ProtocolError
 from dcp.link import Link
 from dcp.orchestrator import _HANDLERS as ORCHESTRATOR_HANDLERS
 from dcp.orchestrator import Orchestrator, OrchestratorConnection
@@ -76,7 +76,7 @@ SPEC = {"name": "p", "sink": [{"name": "out", "capability": "collect", "consumes
 
 #: A valid message of every op (``stats``: the request).
 EXAMPLES: dict[str, control.Message] = {message.op: message for message in (
-    control.Hello(id=ID), control.Ping(id=ID), control.StatsRequest(id=ID), control.Policy(id=ID, slow_consumer="pause"),
+    control.Hello(id=ID), control.Ping(id=ID), control.StatsRequest(id=ID), control.SlowConsumerRequest(id=ID, slow_consumer="pause"),
     control.Subscribe(id=ID, topic="t"), control.Unsubscribe(id=ID, topic="t"), control.Link(id=ID, peer="127.0.0.1:9"),
     control.Unlink(id=ID, port=9), control.Error(code="oops", message="a notice"), control.GoingAway(),
     control.Welcome(re=0, key=FAR_KEY, port=3, name="far"), control.Pong(re=ID), control.Ok(re=ID),
@@ -240,7 +240,7 @@ KIND_VALUES: dict[control.Kind, st.SearchStrategy[Any]] = {
     control.MAPS: st.lists(st.dictionaries(st.text(max_size=6), msgpack_values, max_size=3), max_size=3),
     control.WAIT: numbers,
     control.POSITIVE_SECONDS: st.integers(1, 10**9) | st.floats(1e-3, 1e9),
-    control.POLICY_NAME: st.sampled_from(control.SLOW_CONSUMER_POLICIES),
+    control.SLOW_CONSUMER_NAME: st.sampled_from(control.SLOW_CONSUMER_POLICIES),
     control.ELEMENT_KIND: st.sampled_from(control.ELEMENT_KINDS),
     control.LIMIT_FRAME: st.integers(HEADER_SIZE + 1, 2**32 - 1),
     control.LIMIT_TOPIC: st.integers(1, 0xFFFF),
@@ -273,6 +273,18 @@ def test_every_kind_and_message_type_is_covered() -> None:
     kinds = {f.metadata["kind"] for t in MESSAGE_TYPES for f in dataclasses.fields(t)}
     assert kinds == {*KIND_VALUES, control.LINK_REPORTS, control.PORT_REPORTS}
     assert {t.op for t in MESSAGE_TYPES if t.op} == {*control.REQUESTS, *control.ANSWERS}
+
+
+@given(name=st.sampled_from(control.SLOW_CONSUMER_POLICIES) | msgpack_values)
+def test_a_slow_consumer_policy_name_is_checked_one_way(name: Any) -> None:
+    """Config, spec, SDK and broker all call slow_consumer_policy; the wire takes the same names."""
+    if name in control.SLOW_CONSUMER_POLICIES and type(name) is str:
+        assert control.slow_consumer_policy(name) == ("drop-newest" if name == "drop" else name)
+        assert control.SLOW_CONSUMER_NAME.accepts(name)
+    else:
+        with pytest.raises(ConfigError, match="slow_consumer must be one of drop-newest, drop-oldest, pause, drop, got"):
+            control.slow_consumer_policy(name)
+        assert not control.SLOW_CONSUMER_NAME.accepts(name)
 
 
 @given(message=st.sampled_from(MESSAGE_TYPES).flatmap(messages_of))

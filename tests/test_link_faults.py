@@ -17,7 +17,7 @@ import pytest
 
 import dcp
 from dcp.routing import allocate_keys
-from dcp.topology import Link, Overlay, build_tree
+from dcp.topology import Overlay, OverlayLink, build_tree
 from tests.waiting import until as wait_until
 
 FAST_LINKS = ("--ports", "16", "--slow-consumer", "pause", "--link-ping-interval-s", "0.1", "--link-timeout-s", "1", "--link-retry-max-s", "0.1")
@@ -100,7 +100,7 @@ async def star(broker_process) -> Any:  # type: ignore[no-untyped-def]
         l2 = await admin.link(f"{brokers[0].host}:{brokers[0].port}", wait=10)
     overlay = Overlay(
         {f"b{i}": key for i, key in enumerate(keys)},
-        [Link("b1", l1["port"], "b0", l1["remote_port"]), Link("b2", l2["port"], "b0", l2["remote_port"])],
+        [OverlayLink("b1", l1["port"], "b0", l1["remote_port"]), OverlayLink("b2", l2["port"], "b0", l2["remote_port"])],
     )
     subs = [await dcp.connect(b.url, name=f"s{i}", reconnect=False) for i, b in enumerate(brokers)]
     pub = await dcp.connect(brokers[0].url, name="pub", reconnect=False)

@@ -313,6 +313,21 @@ async def test_batches_and_windows(plane: Plane) -> None:
     assert consumer.unrouted == len(windows)  # nobody consumes n.count: counted, not sent
 
 
+def test_each_decorator_declares_its_own_element() -> None:
+    agent = dcp.DataAgent("a")
+
+    @agent.aggregate("x.*", window_s=0.5, emits="x.mean")
+    async def mean(msgs: list[dcp.Message]) -> bytes:
+        return b""
+
+    @agent.process("x.>", batch=3)
+    async def keep(msgs: list[dcp.Message]) -> None:
+        return None
+
+    declared = {key: (e.kind, e.consumes, e.emits, e.batch, e.window_s) for key, e in agent.elements.items()}
+    assert declared == {"process:mean": ("stage", ("x.*",), "x.mean", 1, 0.5), "process:keep": ("sink", ("x.>",), None, 3, None)}
+
+
 async def test_spec_params_batch_an_assigned_stage(plane: Plane) -> None:
     await plane.start_brokers(2)
     got: list[bytes] = []

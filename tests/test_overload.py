@@ -40,7 +40,7 @@ def behind(frames: int, out_buffer: int = 4096) -> tuple[Broker, BrokerConnectio
     """A publisher, and a drop-oldest port that fell behind while ``frames`` frames came (one read each)."""
     broker = fresh_broker(out_buffer_bytes=out_buffer)
     pub, sub = attached(broker), attached(broker)
-    sub.set_policy("drop-oldest")
+    sub.set_slow_consumer("drop-oldest")
     sub.pause_writing()
     for seq in range(frames):
         pub.data_received(frame(broker, sub.port, seq))
@@ -62,7 +62,7 @@ def test_drop_oldest_keeps_the_newest_within_the_bound_and_drains_them_in_order(
 def test_drop_oldest_entries_are_reads_and_the_counts_stay_exact() -> None:
     broker = fresh_broker(out_buffer_bytes=2048)
     pub, sub = attached(broker), attached(broker)
-    sub.set_policy("drop-oldest")
+    sub.set_slow_consumer("drop-oldest")
     sub.pause_writing()
     seq = 0
     for reads in range(30):  # reads of 1 to 5 frames
@@ -97,7 +97,7 @@ def test_a_drained_queue_stops_where_the_transport_pushes_back_again() -> None:
 
 def test_leaving_drop_oldest_hands_the_queue_over_in_order() -> None:
     broker, pub, sub = behind(5)
-    sub.set_policy("drop-newest")
+    sub.set_slow_consumer("drop-newest")
     pub.data_received(frame(broker, sub.port, 5))  # paused, drop-newest: dropped
     assert seqs(sub.transport.written) == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
     assert (sub.queued_bytes, sub.dropped) == (0, 1)
@@ -106,7 +106,7 @@ def test_leaving_drop_oldest_hands_the_queue_over_in_order() -> None:
 def test_drop_newest_and_pause_hold_nothing_aside() -> None:
     broker = fresh_broker()
     pub, newest, paused = attached(broker), attached(broker), attached(broker)
-    paused.set_policy("pause")
+    paused.set_slow_consumer("pause")
     newest.pause_writing()
     paused.pause_writing()
     x = encode({broker.key: 1 << newest.port | 1 << paused.port})
@@ -149,8 +149,12 @@ async def test_a_hello_with_an_unknown_policy_is_refused(broker: Broker) -> None
 
 
 def test_the_sdk_refuses_an_unknown_policy_before_connecting() -> None:
-    with pytest.raises(dcp.ConfigError):
+    with pytest.raises(dcp.ConfigError, match="slow_consumer must be one of"):
         dcp.Connection("dcp://127.0.0.1:1", slow_consumer="sometimes")
+    with pytest.raises(dcp.ConfigError, match="slow_consumer must be one of"):
+        dcp.DataAgent("agent", slow_consumer="sometimes")
+    assert dcp.Connection("dcp://127.0.0.1:1", slow_consumer="drop").slow_consumer == "drop-newest"
+    assert dcp.DataAgent("agent", slow_consumer="drop").slow_consumer == "drop-newest"
 
 
 # -- a stalled consumer among fast ones, 100k messages, a real broker process ----------------------
@@ -262,7 +266,7 @@ async def test_a_spec_element_sets_its_agents_port_policy(tmp_path: Path) -> Non
             return {c["name"]: c["policy"] for c in broker.stats()["connections"] if c["role"] == "agent"}
 
         await until(lambda: policies().get("sink") == "drop-oldest", lambda: f"the sink's port policy (now {policies()})")
-        assert policies()["source"] == broker.policy == "pause"  # the broker default the plane sets
+        assert policies()["source"] == broker.slow_consumer == "pause"  # the broker default the plane sets
         assert sink.slow_consumer == "drop-oldest" and sink.broker is not None and sink.broker.slow_consumer == "drop-oldest"
     finally:
         await plane.close()

@@ -39,21 +39,21 @@ class OrchestratorProcess(DaemonProcess):
     db: Path
 
 
-def start_orchestrator_process(db: Path, *, port: int = 0, policy: Path | None = None, extra: tuple[str, ...] = ()) -> OrchestratorProcess:
+def start_orchestrator_process(db: Path, *, port: int = 0, policy_file: Path | None = None, extra: tuple[str, ...] = ()) -> OrchestratorProcess:
     """``python -m dcp orchestrator`` on ``port`` (0: a free one), with the flags ``extra``; returns once it listens."""
     args = ["orchestrator", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "info", *extra]
-    if policy is not None:
-        args += ["--policy", str(policy)]
+    if policy_file is not None:
+        args += ["--policy", str(policy_file)]
     process, match, seen = start_daemon(args, DO_LISTENING)
     return OrchestratorProcess(process=process, host=match[1], port=int(match[2]), db=db, log=seen)
 
 
 @pytest.fixture
 def orchestrator_process(tmp_path: Path) -> Iterator[Callable[..., OrchestratorProcess]]:
-    """``orchestrator_process(port=0, policy=None, db=None)``; killed at teardown if still running."""
+    """``orchestrator_process(port=0, policy_file=None, db=None)``; killed at teardown if still running."""
 
-    def start(*, port: int = 0, policy: Path | None = None, db: Path | None = None) -> OrchestratorProcess:
-        return start_orchestrator_process(db or tmp_path / "do.db", port=port, policy=policy)
+    def start(*, port: int = 0, policy_file: Path | None = None, db: Path | None = None) -> OrchestratorProcess:
+        return start_orchestrator_process(db or tmp_path / "do.db", port=port, policy_file=policy_file)
 
     yield from tracked(start)
 
@@ -72,10 +72,10 @@ class Plane:
 
 @pytest.fixture
 def start_plane(orchestrator_process, cluster_process) -> Callable[..., Plane]:  # type: ignore[no-untyped-def]
-    """``start_plane(n=3, policy=None)``: a DO process, then ``n`` brokers in a line registered with it."""
+    """``start_plane(n=3, policy_file=None)``: a DO process, then ``n`` brokers in a line registered with it."""
 
-    def start(n: int = 3, policy: Path | None = None) -> Plane:
-        do = orchestrator_process(policy=policy)
+    def start(n: int = 3, policy_file: Path | None = None) -> Plane:
+        do = orchestrator_process(policy_file=policy_file)
         cluster = cluster_process("-n", str(n), "--topology", "line", "--", "--orchestrator", do.address)
         return Plane(do, cluster, n)
 
@@ -527,8 +527,8 @@ async def test_agents_back_before_their_brokers_after_an_orchestrator_restart_lo
 
 
 async def test_policy_file_keeps_a_denied_agent_from_consuming(tmp_path: Path, start_plane, agents) -> None:  # type: ignore[no-untyped-def]
-    policy = tmp_path / "policy.toml"
-    policy.write_text(textwrap.dedent("""\
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(textwrap.dedent("""\
         default = "allow"
 
         [[rule]]
@@ -536,7 +536,7 @@ async def test_policy_file_keeps_a_denied_agent_from_consuming(tmp_path: Path, s
         action = "deny"
         consume = ["secret.>"]
     """))
-    plane = start_plane(2, policy=policy)
+    plane = start_plane(2, policy_file=policy_file)
     await wait_overlay(plane)
     do = plane.do.url
     allowed, spied = Counter(), Counter()

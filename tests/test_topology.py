@@ -21,7 +21,7 @@ import dcp.topology as topology
 from tests.purity import copy_with_import, loaded
 from dcp.errors import RoutingError
 from dcp.routing import allocate_keys, encode, x_bits
-from dcp.topology import Delivery, Link, Overlay, Tree, build_tree, shape_edges, simulate
+from dcp.topology import Delivery, Overlay, OverlayLink, Tree, build_tree, shape_edges, simulate
 
 
 # Ports 0..3 for every key (primes just above 2**4).
@@ -30,14 +30,14 @@ K = allocate_keys(5, 4)  # [17, 19, 23, 29, 31]
 
 def line3() -> Overlay:
     """A:0 -- 0:B:1 -- 0:C"""
-    return Overlay({"A": K[0], "B": K[1], "C": K[2]}, [Link("A", 0, "B", 0), Link("B", 1, "C", 0)])
+    return Overlay({"A": K[0], "B": K[1], "C": K[2]}, [OverlayLink("A", 0, "B", 0), OverlayLink("B", 1, "C", 0)])
 
 
 def ring4() -> Overlay:
     """A:1 -- 0:B:1 -- 0:C:1 -- 0:D:1 -- 0:A"""
     return Overlay(
         {"A": K[0], "B": K[1], "C": K[2], "D": K[3]},
-        [Link("A", 1, "B", 0), Link("B", 1, "C", 0), Link("C", 1, "D", 0), Link("D", 1, "A", 0)],
+        [OverlayLink("A", 1, "B", 0), OverlayLink("B", 1, "C", 0), OverlayLink("C", 1, "D", 0), OverlayLink("D", 1, "A", 0)],
     )
 
 
@@ -54,7 +54,7 @@ def test_line_of_three() -> None:
     overlay = line3()
     tree = build_tree(overlay, ("A", 3), [("C", 1), ("B", 2), ("C", 3)])
     assert tree.bitmaps == {"A": 0b0001, "B": 0b0110, "C": 0b1010}
-    assert tree.links == (Link("A", 0, "B", 0), Link("B", 1, "C", 0))
+    assert tree.links == (OverlayLink("A", 0, "B", 0), OverlayLink("B", 1, "C", 0))
     assert tree.brokers == {"A", "B", "C"}
     assert tree.depth == 3
     assert tree.source == ("A", 3)
@@ -70,7 +70,7 @@ def test_line_from_the_middle_and_local_only() -> None:
     overlay = line3()
     tree = build_tree(overlay, ("B", 3), [("A", 1), ("C", 2)])
     assert tree.bitmaps == {"A": 0b0010, "B": 0b0011, "C": 0b0100}
-    assert tree.links == (Link("B", 0, "A", 0), Link("B", 1, "C", 0))
+    assert tree.links == (OverlayLink("B", 0, "A", 0), OverlayLink("B", 1, "C", 0))
     assert tree.depth == 2
     local = build_tree(overlay, ("C", 3), [("C", 1), ("C", 2)])
     assert local.bitmaps == {"C": 0b0110}
@@ -85,16 +85,16 @@ def test_ring_of_four_prefers_a_predecessor_already_in_the_tree() -> None:
     # C is two hops away both ways; neither B nor D in the tree: the smaller name wins
     only_c = build_tree(overlay, ("A", 3), [("C", 2)])
     assert only_c.bitmaps == {"A": 0b0010, "B": 0b0010, "C": 0b0100}
-    assert only_c.links == (Link("A", 1, "B", 0), Link("B", 1, "C", 0))
+    assert only_c.links == (OverlayLink("A", 1, "B", 0), OverlayLink("B", 1, "C", 0))
     # D (distance 1) goes in first, then C hangs on D although B < D
     c_and_d = build_tree(overlay, ("A", 3), [("C", 2), ("D", 2)])
     assert c_and_d.bitmaps == {"A": 0b0001, "C": 0b0100, "D": 0b0101}
-    assert c_and_d.links == (Link("A", 0, "D", 1), Link("D", 0, "C", 1))
+    assert c_and_d.links == (OverlayLink("A", 0, "D", 1), OverlayLink("D", 0, "C", 1))
     assert c_and_d.brokers == {"A", "C", "D"}
     # both B and D in the tree: C hangs on B, the smaller name
     all_three = build_tree(overlay, ("A", 3), [("B", 2), ("C", 2), ("D", 2)])
     assert all_three.bitmaps == {"A": 0b0011, "B": 0b0110, "C": 0b0100, "D": 0b0100}
-    assert all_three.links == (Link("A", 0, "D", 1), Link("A", 1, "B", 0), Link("B", 1, "C", 0))
+    assert all_three.links == (OverlayLink("A", 0, "D", 1), OverlayLink("A", 1, "B", 0), OverlayLink("B", 1, "C", 0))
     for tree in (only_c, c_and_d, all_three):
         check_x(overlay, tree)
         delivery = simulate(overlay, tree.x, ("A", 3))
@@ -103,12 +103,12 @@ def test_ring_of_four_prefers_a_predecessor_already_in_the_tree() -> None:
 
 
 def test_parallel_links_use_the_lowest_port_pair() -> None:
-    overlay = Overlay({"A": K[0], "B": K[1]}, [Link("A", 2, "B", 1), Link("B", 0, "A", 1), Link("A", 0, "B", 3)])
+    overlay = Overlay({"A": K[0], "B": K[1]}, [OverlayLink("A", 2, "B", 1), OverlayLink("B", 0, "A", 1), OverlayLink("A", 0, "B", 3)])
     down = build_tree(overlay, ("A", 3), [("B", 2)])
-    assert down.links == (Link("A", 0, "B", 3),)
+    assert down.links == (OverlayLink("A", 0, "B", 3),)
     assert down.bitmaps == {"A": 0b0001, "B": 0b0100}
     up = build_tree(overlay, ("B", 2), [("A", 3)])
-    assert up.links == (Link("B", 0, "A", 1),)
+    assert up.links == (OverlayLink("B", 0, "A", 1),)
     assert up.bitmaps == {"A": 0b1000, "B": 0b0001}
     for tree in (down, up):
         delivery = simulate(overlay, tree.x, tree.source)
@@ -121,7 +121,7 @@ def test_source_on_a_link_port_never_uses_that_link() -> None:
     overlay = ring4()
     # enters A from D's link (A port 0): D must be reached the long way round
     tree = build_tree(overlay, ("A", 0), [("A", 2), ("D", 2)])
-    assert tree.links == (Link("A", 1, "B", 0), Link("B", 1, "C", 0), Link("C", 1, "D", 0))
+    assert tree.links == (OverlayLink("A", 1, "B", 0), OverlayLink("B", 1, "C", 0), OverlayLink("C", 1, "D", 0))
     assert tree.bitmaps["A"] == 0b0110
     delivery = simulate(overlay, tree.x, ("A", 0))
     assert delivery.endpoints == Counter({("A", 2): 1, ("D", 2): 1})
@@ -173,28 +173,28 @@ def test_a_wrong_bit_is_caught_by_the_simulation() -> None:
 @pytest.mark.parametrize(
     ("keys", "links", "message"),
     [
-        ({"A": 17, "B": 19}, [Link("A", 0, "Z", 0)], "unknown broker 'Z'"),
-        ({"A": 17, "B": 19}, [Link("A", 0, "A", 1)], "joins broker 'A' to itself"),
-        ({"A": 17, "B": 19, "C": 23}, [Link("A", 0, "B", 0), Link("C", 0, "A", 0)], "port 0 of broker 'A' is used by two links"),
-        ({"A": 17, "B": 19}, [Link("A", 0, "B", 0), Link("A", 1, "B", 0)], "port 0 of broker 'B' is used by two links"),
-        ({"A": 17, "B": 19}, [Link("A", 4, "B", 0)], "port 4 of broker 'A' is out of range"),
-        ({"A": 17, "B": 19}, [Link("A", 0, "B", -1)], "port -1 of broker 'B' is out of range"),
+        ({"A": 17, "B": 19}, [OverlayLink("A", 0, "Z", 0)], "unknown broker 'Z'"),
+        ({"A": 17, "B": 19}, [OverlayLink("A", 0, "A", 1)], "joins broker 'A' to itself"),
+        ({"A": 17, "B": 19, "C": 23}, [OverlayLink("A", 0, "B", 0), OverlayLink("C", 0, "A", 0)], "port 0 of broker 'A' is used by two links"),
+        ({"A": 17, "B": 19}, [OverlayLink("A", 0, "B", 0), OverlayLink("A", 1, "B", 0)], "port 0 of broker 'B' is used by two links"),
+        ({"A": 17, "B": 19}, [OverlayLink("A", 4, "B", 0)], "port 4 of broker 'A' is out of range"),
+        ({"A": 17, "B": 19}, [OverlayLink("A", 0, "B", -1)], "port -1 of broker 'B' is out of range"),
         ({"A": 17, "B": 2}, [], "key 2 of broker 'B' is below 3"),
         ({"A": 17, "B": 17}, [], "brokers 'A' (17) and 'B' (17) are not coprime"),
         ({"A": 15, "B": 35}, [], "brokers 'A' (15) and 'B' (35) are not coprime"),
         ({"A": 17, "B": "19"}, [], "key of broker 'B' is not an int"),
     ],
 )
-def test_overlay_validation(keys: dict, links: list[Link], message: str) -> None:  # type: ignore[type-arg]
+def test_overlay_validation(keys: dict, links: list[OverlayLink], message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(RoutingError, match=re.escape(message)):
         Overlay(keys, links)
 
 
 def test_port_range_follows_the_key() -> None:
     # 2**4 < 17 < 2**5: ports 0..3; a link on the key's top bit would let bitmaps reach the key
-    Overlay({"A": 17, "B": 2**61 - 1}, [Link("A", 3, "B", 59)])
+    Overlay({"A": 17, "B": 2**61 - 1}, [OverlayLink("A", 3, "B", 59)])
     with pytest.raises(RoutingError, match="port 60 of broker 'B'"):
-        Overlay({"A": 17, "B": 2**61 - 1}, [Link("A", 3, "B", 60)])
+        Overlay({"A": 17, "B": 2**61 - 1}, [OverlayLink("A", 3, "B", 60)])
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_port_range_follows_the_key() -> None:
     ],
 )
 def test_build_tree_validation(source: tuple[str, int], subscribers: list[tuple[str, int]], message: str) -> None:
-    overlay = Overlay({"A": K[0], "B": K[1], "C": K[2], "D": K[3]}, [Link("A", 0, "B", 0), Link("B", 1, "C", 0)])
+    overlay = Overlay({"A": K[0], "B": K[1], "C": K[2], "D": K[3]}, [OverlayLink("A", 0, "B", 0), OverlayLink("B", 1, "C", 0)])
     with pytest.raises(RoutingError, match=message):
         build_tree(overlay, source, subscribers)
 
@@ -221,7 +221,7 @@ def test_neighbours_and_link_ports() -> None:
     assert overlay.neighbours("A") == [(0, "D", 1), (1, "B", 0)]
     assert overlay.neighbours("C") == [(0, "B", 1), (1, "D", 0)]
     assert overlay.link_ports("A") == 0b11
-    lonely = Overlay({"A": 17, "B": 19, "C": 23}, [Link("C", 3, "A", 2)])
+    lonely = Overlay({"A": 17, "B": 19, "C": 23}, [OverlayLink("C", 3, "A", 2)])
     assert lonely.neighbours("B") == []
     assert lonely.link_ports("B") == 0
     assert lonely.link_ports("A") == 0b0100
@@ -294,7 +294,7 @@ def test_random_x_terminates_and_drops_exactly_the_last_level(shape: str, n: int
     used = dict.fromkeys(names, 0)
     links = []
     for i, j in shape_edges(shape, n):
-        links.append(Link(names[i], used[names[i]], names[j], used[names[j]]))
+        links.append(OverlayLink(names[i], used[names[i]], names[j], used[names[j]]))
         used[names[i]] += 1
         used[names[j]] += 1
     overlay = Overlay(dict(zip(names, allocate_keys(n, 8))), links)
@@ -311,7 +311,7 @@ def test_simulation_caps_its_work(monkeypatch: pytest.MonkeyPatch) -> None:
     free = dict.fromkeys(names, 0)
     links = []
     for i, j in shape_edges("mesh", 6):
-        links.append(Link(names[i], free[names[i]], names[j], free[names[j]]))
+        links.append(OverlayLink(names[i], free[names[i]], names[j], free[names[j]]))
         free[names[i]] += 1
         free[names[j]] += 1
     overlay = Overlay(dict(zip(names, keys)), links)
@@ -346,15 +346,15 @@ def overlays(draw: st.DrawFn) -> tuple[Overlay, int]:
         free[name].remove(port)
         return port
 
-    links: list[Link] = []
+    links: list[OverlayLink] = []
     for i in range(1, n):
         parents = [names[j] for j in range(i) if len(free[names[j]]) > reserve]
         parent = draw(st.sampled_from(parents))
-        links.append(Link(names[i], take(names[i]), parent, take(parent)))
+        links.append(OverlayLink(names[i], take(names[i]), parent, take(parent)))
     for _ in range(draw(st.integers(0, 2 * n if n > 1 else 0))):
         a, b = draw(st.lists(st.sampled_from(names), min_size=2, max_size=2, unique=True))
         if len(free[a]) > reserve and len(free[b]) > reserve:
-            links.append(Link(a, take(a), b, take(b)))  # may repeat a pair: parallel links
+            links.append(OverlayLink(a, take(a), b, take(b)))  # may repeat a pair: parallel links
     links = draw(st.permutations(links))
     return Overlay(keys, links), ports
 

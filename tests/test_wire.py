@@ -570,8 +570,6 @@ def test_limits_validation() -> None:
     ):
         with pytest.raises(ValueError):
             Limits(**kwargs)
-    assert SMALL.max_x_bytes == 32
-    assert Limits(max_x_bits=257).max_x_bytes == 33
 
 
 # --------------------------------------------------------------------------- encoder errors

@@ -37,7 +37,7 @@ import timeit
 from pathlib import Path
 
 from dcp.routing import allocate_keys, int_to_bytes, x_bits, x_bytes
-from dcp.topology import Link, Overlay, build_tree
+from dcp.topology import Overlay, OverlayLink, build_tree
 
 TOPICS = 1000
 TOPIC = "sensors/camera/{:04d}/frames"
@@ -49,7 +49,7 @@ def line_tree(n: int, keys: list[int]):  # type: ignore[no-untyped-def]
     The source enters broker 0 on port 2; every broker has a subscriber on port 3.
     """
     names = [f"b{i:03d}" for i in range(n)]
-    links = [Link(names[i], 1, names[i + 1], 0) for i in range(n - 1)]
+    links = [OverlayLink(names[i], 1, names[i + 1], 0) for i in range(n - 1)]
     overlay = Overlay(dict(zip(names, keys)), links)
     return overlay, build_tree(overlay, (names[0], 2), [(name, 3) for name in names])
 

@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 class Serving:
     """Mixin for a server with ``config`` (``require_token``), ``secret``, ``_server``
-    (asyncio.AbstractServer), ``_closed`` (Event), ``start()``, ``close()``."""
+    (asyncio.Server), ``_closed`` (Event), ``start()``, ``close()``."""
 
     config: Any
     secret: bytes | None
-    _server: asyncio.AbstractServer | None
+    _server: asyncio.Server | None
     _closed: asyncio.Event | None
 
     async def start(self) -> None:

@@ -335,7 +335,7 @@ class DataAgent:
             except (DcpError, OSError) as exc:
                 if refused(exc):  # the next broker would say the same: the same secret signs for all
                     log.error("%s: broker %s refused our token (%s); the agent stops", self.name, url, exc)
-                    self.failure = exc  # type: ignore[assignment]
+                    self.failure = exc
                     self._stopped.set()
                     return
                 log.warning("%s: broker %s unreachable (%s)", self.name, url, exc)

@@ -34,7 +34,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import control
 from .auth import RouteVerifier, issue_token, load_secret
@@ -101,7 +101,7 @@ class Broker(Serving):
         self._next_port = 0
         self._targets: dict[int, tuple[BrokerConnection, ...]] = {}
         self._connections: set[BrokerConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._started_at = 0.0
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -432,12 +432,12 @@ class BrokerConnection(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         no_delay(transport)
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        transport.set_write_buffer_limits(high=self.broker.config.out_buffer_bytes)
+        self.transport.set_write_buffer_limits(high=self.broker.config.out_buffer_bytes)
         self.broker._connected(self)
         if self.broker._closing:
             self.close(encode_control(control.GoingAway().to_body()))
@@ -476,7 +476,7 @@ class BrokerConnection(asyncio.Protocol):
             log.info("%s: %s", self.peer, drop.message)
         return False
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         if self.closing:
             return
         size = len(data)
@@ -486,13 +486,12 @@ class BrokerConnection(asyncio.Protocol):
         before = self.forwarder.frames_in
         try:
             for decision in self.forwarder.receive(data):
-                kind = type(decision)
-                if kind is Write:
-                    self._emit(*decision)  # type: ignore[misc]
-                elif kind is Drop:
-                    self._count(decision)  # type: ignore[arg-type]
+                if isinstance(decision, Write):
+                    self._emit(*decision)
+                elif isinstance(decision, Drop):
+                    self._count(decision)
                 else:
-                    self._control(decision.body)  # type: ignore[union-attr]
+                    self._control(decision.body)
                     if self.closing:  # nothing after a frame that closed us is read
                         break
         except ProtocolError as exc:
@@ -519,7 +518,8 @@ class BrokerConnection(asyncio.Protocol):
                     continue
                 target.blocked.add(self)
                 self._pause_reading()
-            write = target.transport.write  # type: ignore[union-attr]
+            assert target.transport is not None  # attached after connection_made
+            write = target.transport.write
             for chunk in chunks:
                 write(chunk)
             target.frames_out += frames
@@ -548,7 +548,8 @@ class BrokerConnection(asyncio.Protocol):
         """Write the held frames, oldest first, until the transport pushes back again
         (or all of them, ``whole``)."""
         queue, broker = self._queue, self.broker
-        write = self.transport.write  # type: ignore[union-attr]
+        assert self.transport is not None  # frames are held only after connection_made
+        write = self.transport.write
         while queue and (whole or not self.paused):
             data, count = queue.popleft()
             self.queued_bytes -= len(data)

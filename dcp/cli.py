@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, control
 from ._loop import run
@@ -26,6 +26,9 @@ from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, expiry, issue_token, load_s
 from .config import BrokerConfig, OrchestratorConfig
 from .errors import ConfigError, DcpError
 from .views import format_pipelines, format_stats, stats_as_json
+
+if TYPE_CHECKING:
+    from ._serving import Serving
 
 __all__ = ["main"]
 
@@ -84,12 +87,16 @@ def _install_shutdown_signals(stop: asyncio.Event) -> None:
 
 async def _serve(daemon: str, config: Any) -> None:
     if daemon == "broker":
-        from .broker import Broker as server
+        from .broker import Broker
+
+        server: Serving = Broker(config)
     else:
-        from .orchestrator import Orchestrator as server
+        from .orchestrator import Orchestrator
+
+        server = Orchestrator(config)
     stop = asyncio.Event()
     _install_shutdown_signals(stop)
-    await server(config).serve_forever(stop.wait)
+    await server.serve_forever(stop.wait)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -272,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(orchestrator, OrchestratorConfig)
     orchestrator.set_defaults(func=cmd_daemon)
 
-    do_url = {
+    do_url: dict[str, Any] = {
         "default": "127.0.0.1:7300",
         "help": "the orchestrator: HOST:PORT, or a dcp:// or dcps:// (TLS) URL (default: 127.0.0.1:7300)",
     }

@@ -32,7 +32,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar, cast
 from urllib.parse import urlsplit
 
 from ._loop import CoalescedWriter, no_delay
@@ -119,7 +119,7 @@ def tls_context(url: str, context: ssl.SSLContext | None = None, ca: str | None 
     return context or client_context(ca)
 
 
-def refused(exc: BaseException) -> bool:
+def refused(exc: BaseException) -> TypeGuard[RemoteError]:
     """Whether ``exc`` is a server refusing our token: trying again will not help."""
     return isinstance(exc, RemoteError) and exc.code in REFUSALS
 
@@ -134,11 +134,11 @@ class _ClientProtocol(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport
         no_delay(transport)
-        transport.set_write_buffer_limits(high=self.conn.write_buffer_bytes)
+        self.transport.set_write_buffer_limits(high=self.conn.write_buffer_bytes)
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         try:
             events = self.decoder.feed(data)
         except ProtocolError as exc:
@@ -287,8 +287,8 @@ class Connection:
             else:  # a certificate that does not verify says why
                 hint = getattr(exc, "verify_message", None) or exc.reason
             raise ConnectionClosed(f"TLS with {host}:{port} failed: {hint or exc}") from None
-        self._transport = transport  # type: ignore[assignment]
-        self._writer = CoalescedWriter(transport)  # type: ignore[arg-type]
+        self._transport = transport
+        self._writer = CoalescedWriter(transport)
         self._protocol = protocol
         try:
             token = self.token() if callable(self.token) else self.token

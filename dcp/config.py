@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .control import SLOW_CONSUMER_POLICIES, slow_consumer_policy
 from .errors import ConfigError
@@ -74,6 +74,8 @@ class _FromSources:
     """Defaults, then a TOML table (``SECTION``), then overrides: shared by the daemons' configs."""
 
     SECTION = ""
+    # Every subclass is a dataclass (what dataclasses.fields() needs).
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     @classmethod
     def from_sources(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
@@ -84,7 +86,7 @@ class _FromSources:
         """
         overrides = dict(overrides or {})  # by attribute
         table = _read_toml(Path(file), cls.SECTION) if file is not None else {}  # by the key users write
-        attribute = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        attribute = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}
         unknown = sorted((set(table) - set(attribute)) | (set(overrides) - set(attribute.values())))
         if unknown:
             raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")

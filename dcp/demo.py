@@ -363,7 +363,7 @@ def _printer(progress: _Progress, out: Callable[[str], Any]) -> Handler:
 
 async def _start_agents(plane: _Plane, progress: _Progress, out: Callable[[str], Any]) -> None:
     """The agents of :data:`PLACEMENT`, each offering its capability, started."""
-    handlers = {
+    handlers: dict[str, Handler] = {
         "camera": _camera(progress.go), "detect_faces": _detector(detect_faces), "detect_dogs": _detector(detect_dogs),
         "classify_age_gender": _classify, "print": _printer(progress, out),
     }
@@ -452,7 +452,7 @@ def _summary(plane: _Plane, deployment: _Deployment, workload: _Workload, comple
     for name, a in plane.agents.items():
         c = a.counters()
         agents[name] = {"dropped": c["dropped"], "unrouted": c["unrouted"], "lost": c["lost"]}
-    brokers = {
+    brokers: dict[str, dict[str, Any]] = {
         name: {"frames_in": b.frames_in, "frames_out": b.frames_out, "drops": sum(b.drops.values()),
                "drop_reasons": {k: v for k, v in b.drops.items() if v}}
         for name, b in plane.brokers.items()

@@ -87,7 +87,7 @@ class Drop(NamedTuple):
     """
 
     reason: str
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, on purpose
     message: str = ""
     ports: int = 0
 
@@ -292,7 +292,7 @@ class Forwarder:
                 if x_len < 0:
                     self._drops.append(Drop("route_forged", 1, "a signed route shorter than its tag"))
                     return -1
-            if self.verifier is not None and not self._verified(buf, start, x_len, header):
+            if self.verifier is not None and not self._verified(self.verifier, buf, start, x_len, header):
                 return -1
             x = int.from_bytes(buf[start : start + x_len], "big")
             if x_len > self._x_fast and x.bit_length() > self.limits.max_x_bits:
@@ -318,7 +318,7 @@ class Forwarder:
             self._drops.append(Drop("no_route", 1))
         return mask
 
-    def _verified(self, buf: bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
+    def _verified(self, verifier: RouteCheck, buf: bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
         """--verify-routes: is the tag after X genuine and unexpired (else a drop)?"""
         if not header[2] & SIGNED_ROUTE:
             message = "this broker forwards only topology numbers signed by the orchestrator"
@@ -326,7 +326,7 @@ class Forwarder:
             return False
         field_end = start + header[4]
         topic = bytes(buf[field_end : field_end + header[5]])
-        reason = self.verifier.check(bytes(buf[start:field_end]), x_len, topic, self.clock())  # type: ignore[union-attr]
+        reason = verifier.check(bytes(buf[start:field_end]), x_len, topic, self.clock())
         if reason is None:
             return True
         why = "expired" if reason == "route_expired" else "not signed with this broker's secret, or altered"

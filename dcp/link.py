@@ -40,15 +40,32 @@ LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")
 
 
 class LinkConnection(Protocol):
-    """What a link needs of the connection that carries it (a broker's)."""
+    """What a link needs of the connection that carries it (a broker's).
+
+    The link sets ``name`` (the peer's, from its welcome) and only reads the rest:
+    the address and the counters (``LINK_COUNTERS``), which the connection may
+    keep as attributes or properties.
+    """
 
     name: str
-    peer: str
-    frames_in: int
-    bytes_in: int
-    frames_out: int
-    bytes_out: int
-    dropped: int
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def frames_in(self) -> int: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def frames_out(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
 
     def send(self, message: Message) -> None: ...
 

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from . import control
 from ._serving import Serving
@@ -113,7 +113,7 @@ class Orchestrator(Serving):
         self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
         self._dirty = False
         self._connections: set[OrchestratorConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._closed: asyncio.Event | None = None
         self._recover()
 
@@ -618,7 +618,7 @@ class OrchestratorConnection(asyncio.Protocol):
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
@@ -632,7 +632,7 @@ class OrchestratorConnection(asyncio.Protocol):
         if self.broker is not None and self.broker.conn is self:
             self.orchestrator.broker_gone(self.broker)
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         try:
             for event in self.decoder.feed(data):
                 if self.closing:

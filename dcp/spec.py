@@ -129,6 +129,7 @@ def _topic(value: Any, where: str) -> str:
         validate_topic(value)
     except ConfigError as exc:
         raise SpecError(where, str(exc)) from None
+    assert isinstance(value, str)  # validate_topic accepts only strings
     return value
 
 

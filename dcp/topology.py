@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from math import gcd
+from typing import Any
 
 from .errors import RoutingError
 from .routing import encode, forward
@@ -150,7 +151,7 @@ class Overlay:
         return link if (link.a, link.a_port) == (broker, port) else link.reversed()
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> Overlay:  # type: ignore[type-arg]
+    def from_dict(cls, data: Mapping[str, Any]) -> Overlay:
         """Read ``{"brokers": {name: {"key": int}}, "links": [{"a", "a_port", "b", "b_port"}]}``.
 
         A key may be an int or a decimal string (JSON has no big ints everywhere);
@@ -175,7 +176,7 @@ class Overlay:
             raise RoutingError(f"malformed overlay description: {exc!r}") from None
         return cls(keys, links)
 
-    def to_dict(self) -> dict:  # type: ignore[type-arg]
+    def to_dict(self) -> dict[str, Any]:
         """The inverse of :meth:`from_dict`; keys written as ints."""
         return {
             "brokers": {name: {"key": key} for name, key in self.keys.items()},

@@ -278,7 +278,7 @@ def encode_control(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> byt
     """Encode a control frame carrying the msgpack map ``body``."""
     if not isinstance(body.get("op"), str):
         raise LocalProtocolError("a control frame needs a string 'op'")
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
     if len(packed) > limits.max_control:
         raise LocalProtocolError(f"control frame of {len(packed)} bytes exceeds max_control={limits.max_control}")
     if HEADER_SIZE + len(packed) > limits.max_frame:
@@ -344,7 +344,8 @@ def scan(buf: bytes | bytearray, pos: int, limits: Limits, found: list[Found]) -
     max_topic = limits.max_topic
     unpack = HEADER.unpack_from
     append = found.append
-    memo_lens, memo_flags, memo_route = -1, -1, b""
+    memo_lens, memo_flags = -1, -1
+    memo_route: bytes | bytearray = b""
     while end - pos >= HEADER_SIZE:
         header = unpack(buf, pos)
         route_len = header[4] + header[5]
@@ -509,7 +510,7 @@ class Decoder:
                 topic_end = start + HEADER_SIZE + x_len + topic_len
                 if not repeat:
                     route = self._route(buf, start + HEADER_SIZE, x_len, topic_len, flags, x_fast, max_x_bits, topics)
-                    if type(route) is tuple:
+                    if isinstance(route, tuple):
                         (x, topic), skip = route, None
                     else:
                         skip = route

@@ -161,8 +161,10 @@ class CommitLog:
 class LoggingConnection(BrokerConnection):
     """A broker connection that appends what it forwards to the commit log first."""
 
+    broker: RefQueue  # a RefQueue makes these (new_connection)
+
     def _emit(self, mask: int, chunks: tuple[Any, ...], size: int, frames: int) -> None:
-        self.broker.commit_log.append(chunks, size)  # type: ignore[attr-defined]
+        self.broker.commit_log.append(chunks, size)
         BrokerConnection._emit(self, mask, chunks, size, frames)
 
 

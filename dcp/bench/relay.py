@@ -26,7 +26,7 @@ import asyncio
 import signal
 import struct
 import sys
-from typing import Any
+from typing import Any, cast
 
 from .._loop import no_delay
 
@@ -58,7 +58,7 @@ class Relay:
         self.frames_out = 0
         self.bytes_out = 0
         self.dropped = 0  # frame copies a full subscriber buffer could not take
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -104,9 +104,9 @@ class RelayConnection(asyncio.Protocol):
         self._need = 0  # that frame's full length (prefix included); 0 while its prefix is cut
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         no_delay(transport)
-        self.transport.set_write_buffer_limits(high=self.relay.out_buffer_bytes)  # type: ignore[union-attr]
+        self.transport.set_write_buffer_limits(high=self.relay.out_buffer_bytes)
         self.relay.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -122,13 +122,13 @@ class RelayConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         self.relay.bytes_in += len(data)
         if self._held:
             rest = self._complete(data)
             if rest is None:
                 return
-            data = rest  # type: ignore[assignment]
+            data = rest
         self._chunk(data)
 
     # -- the data path ---------------------------------------------------------
@@ -149,7 +149,8 @@ class RelayConnection(asyncio.Protocol):
         while end - pos >= 4:
             length = 4 + _unpack_len(data, pos)[0]
             if length > MAX_FRAME:
-                self.transport.abort()  # type: ignore[union-attr]
+                assert self.transport is not None  # data comes after connection_made
+                self.transport.abort()
                 return
             if end - pos < length:
                 break
@@ -166,11 +167,13 @@ class RelayConnection(asyncio.Protocol):
         if role == SUBSCRIBE:
             self.role = role
             self.relay.subscribers = [*self.relay.subscribers, self]
-            self.transport.write(frame(SUBSCRIBE))  # type: ignore[union-attr]
+            assert self.transport is not None  # data comes after connection_made
+            self.transport.write(frame(SUBSCRIBE))
         elif role == PUBLISH:
             self.role = role
         else:
-            self.transport.abort()  # type: ignore[union-attr]
+            assert self.transport is not None  # data comes after connection_made
+            self.transport.abort()
             return -1
         return 4 + length
 
@@ -179,7 +182,8 @@ class RelayConnection(asyncio.Protocol):
         self._held_len = size
         self._need = 4 + _unpack_len(tail, 0)[0] if size >= 4 else 0
         if self._need > MAX_FRAME:
-            self.transport.abort()  # type: ignore[union-attr]
+            assert self.transport is not None  # data comes after connection_made
+            self.transport.abort()
 
     def _complete(self, data: bytes) -> Any:
         """Add a read to the held frame; forward the frame once whole; return what follows it (or None)."""

@@ -22,7 +22,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["markdown", "svg_line_chart", "figures", "write", "fmt_size", "PALETTE", "DASHES"]
 
@@ -42,7 +42,7 @@ FIGURE_FILES = {"latency": "latency.svg", "success": "success.svg", "throughput"
 # -- numbers ---------------------------------------------------------------------------------------
 
 
-def _isnum(value: Any) -> bool:
+def _isnum(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -501,7 +501,7 @@ def _domain(values: list[float], log: bool, lo_fixed: float | None, hi_fixed: fl
     ``hi_fixed`` (ignored where unusable: not positive on a log axis, or the wrong way round) stay."""
 
     def usable(value: float | None) -> bool:
-        return _isnum(value) and (not log or value > 0)  # type: ignore[operator]
+        return _isnum(value) and (not log or value > 0)
 
     lo_fixed = lo_fixed if usable(lo_fixed) else None
     hi_fixed = hi_fixed if usable(hi_fixed) else None

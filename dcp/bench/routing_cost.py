@@ -35,15 +35,16 @@ import statistics
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 from dcp.routing import allocate_keys, int_to_bytes, x_bits, x_bytes
-from dcp.topology import Overlay, OverlayLink, build_tree
+from dcp.topology import Overlay, OverlayLink, Tree, build_tree
 
 TOPICS = 1000
 TOPIC = "sensors/camera/{:04d}/frames"
 
 
-def line_tree(n: int, keys: list[int]):  # type: ignore[no-untyped-def]
+def line_tree(n: int, keys: list[int]) -> tuple[Overlay, Tree]:
     """A line of n brokers: port 1 of broker i is linked to port 0 of broker i+1.
 
     The source enters broker 0 on port 2; every broker has a subscriber on port 3.
@@ -54,7 +55,7 @@ def line_tree(n: int, keys: list[int]):  # type: ignore[no-untyped-def]
     return overlay, build_tree(overlay, (names[0], 2), [(name, 3) for name in names])
 
 
-def per_call_ns(stmts: list[str], env: dict, repeat: int, target_s: float = 0.02) -> list[float]:  # type: ignore[type-arg]
+def per_call_ns(stmts: list[str], env: dict[str, Any], repeat: int, target_s: float = 0.02) -> list[float]:
     """Median ns per execution of each statement; the repeats interleave the statements,
     so a change of load on the machine hits them alike."""
     timers = [timeit.Timer(stmt, globals=env) for stmt in stmts]

@@ -35,7 +35,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .._loop import CoalescedWriter, no_delay
 
@@ -222,8 +222,10 @@ async def _until(stop: asyncio.Event, *others: asyncio.Future[Any] | None) -> No
         if fut not in done:
             fut.cancel()
     for fut in done:
-        if fut is not waiting and not fut.cancelled() and fut.exception() is not None:
-            raise fut.exception()  # type: ignore[misc]
+        if fut is not waiting and not fut.cancelled():
+            exc = fut.exception()
+            if exc is not None:
+                raise exc
 
 
 async def _pub_dcp(args: argparse.Namespace) -> Any:
@@ -266,11 +268,11 @@ class _RelayClient(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport
         no_delay(transport)
-        self.transport.set_write_buffer_limits(high=1024 * 1024)  # type: ignore[union-attr]
+        self.transport.set_write_buffer_limits(high=1024 * 1024)
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         now = time.time_ns()
         buf = self.buf
         if buf:
@@ -317,8 +319,8 @@ async def _relay_connect(address: str, rec: Recorder | None, role: bytes) -> _Re
 
     host, port = _host_port(address)
     loop = asyncio.get_running_loop()
-    _, client = await asyncio.wait_for(loop.create_connection(lambda: _RelayClient(rec), host, port), CONNECT_TIMEOUT_S)
-    client.transport.write(frame(role))  # type: ignore[union-attr]
+    transport, client = await asyncio.wait_for(loop.create_connection(lambda: _RelayClient(rec), host, port), CONNECT_TIMEOUT_S)
+    transport.write(frame(role))
     return client
 
 
@@ -331,7 +333,8 @@ async def _sub_relay(args: argparse.Namespace, rec: Recorder, ready: Ready, stop
         ready("")
         await _until(stop, client.lost)
     finally:
-        client.transport.close()  # type: ignore[union-attr]
+        assert client.transport is not None  # connected
+        client.transport.close()
 
 
 async def _pub_relay(args: argparse.Namespace) -> Any:
@@ -662,7 +665,7 @@ async def _watch(args: argparse.Namespace, rec: Recorder, stop: asyncio.Event, a
     started = time.monotonic()
     idle_ns = int(args.idle_timeout * 1e9)
     tick = min(0.05, args.idle_timeout / 4)
-    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rec.done.wait()), adapter}
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rec.done.wait()), adapter}
     try:
         while True:
             done, _ = await asyncio.wait(waiters, timeout=tick, return_when=asyncio.FIRST_COMPLETED)

@@ -9,6 +9,7 @@ crosses the broker afterwards shows that nothing of its got through.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import json
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 import dcp
+import dcp.auth
 from dcp.auth import Claims, admit, issue_token, load_secret, verify_token
 from dcp.broker import Broker
 from dcp.cli import main
@@ -487,3 +489,76 @@ async def test_an_agent_and_a_broker_talk_tls_to_a_tls_orchestrator(  # type: ig
             await asyncio.wait_for(dcp.connect(f"dcp://{addr_of(do)}", role="admin", reconnect=False), 10)
     finally:
         await do.close()
+
+
+# -- constant-time MAC checks (a static check: `==` would pass every behavioural test) -------
+
+_MAC_WORDS = ("mac", "tag", "digest")
+_PLAIN_COMPARISONS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+
+
+def _mac_valued(node: ast.AST) -> bool:
+    """Whether an expression is a MAC, tag or digest, or made of one (a slice, a sum, a
+    conversion, a method's result): not its length, nor a constant such as ``_MAC_SIZE``."""
+    if isinstance(node, ast.Subscript):
+        return _mac_valued(node.value)
+    if isinstance(node, ast.BinOp):
+        return _mac_valued(node.left) or _mac_valued(node.right)
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+        if name in ("len", "compare_digest"):
+            return False
+        inner = [func.value] if isinstance(func, ast.Attribute) else []
+        return _mac_name(name) or any(_mac_valued(arg) for arg in (*inner, *node.args))
+    if isinstance(node, ast.Name):
+        return _mac_name(node.id)
+    if isinstance(node, ast.Attribute):
+        return _mac_name(node.attr)
+    return False
+
+
+def _mac_name(name: str) -> bool:
+    return not name.isupper() and any(word in name.lower() for word in _MAC_WORDS)
+
+
+def _plain_mac_comparisons(source: str) -> list[str]:
+    """Each ``==``, ``!=``, ``in`` or ``not in`` with a MAC-valued operand, as ``line: code``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(isinstance(op, _PLAIN_COMPARISONS) for op in node.ops):
+            if any(_mac_valued(operand) for operand in (node.left, *node.comparators)):
+                found.append(f"{node.lineno}: {ast.get_source_segment(source, node)}")
+    return found
+
+
+def _compare_digest_callers(source: str) -> set[str]:
+    """The functions that call ``hmac.compare_digest``."""
+    return {
+        function.name
+        for function in ast.walk(ast.parse(source))
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for call in ast.walk(function)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "compare_digest"
+        and isinstance(call.func.value, ast.Name) and call.func.value.id == "hmac"
+    }
+
+
+@pytest.mark.parametrize("code, flagged", [
+    ("ok = mac == _route_mac(key, topic, x, stamp)", True),
+    ("ok = mac != hmac.new(key, body, hashlib.sha256).digest()", True),
+    ("ok = tag[8:] in genuine", True),
+    ("ok = bytes(mac) == expected", True),
+    ("ok = mac.hex() != other", True),
+    ("ok = len(mac) != _MAC_SIZE", False),
+    ("ok = hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest())", False),
+    ("ok = prefix != _TOKEN_PREFIX", False),
+])
+def test_the_static_check_flags_plain_mac_comparisons_only(code: str, flagged: bool) -> None:
+    assert _plain_mac_comparisons(code) == ([f"1: {code[5:]}"] if flagged else [])
+
+
+def test_route_tags_and_token_macs_are_compared_in_constant_time_only() -> None:
+    source = Path(dcp.auth.__file__).read_text()
+    assert _plain_mac_comparisons(source) == []
+    assert _compare_digest_callers(source) == {"check", "verify_token"}  # RouteVerifier.check, verify_token

@@ -496,7 +496,13 @@ class Decoder:
     def _parse(self, buf: bytes, pos: int, events: list[Event]) -> int:
         """Append the events of the complete frames of ``buf[pos:]``; return where they end."""
         found: list[Found] = []
-        end = scan(buf, pos, self.limits, found)
+        try:
+            end = scan(buf, pos, self.limits, found)
+        except RemoteProtocolError as exc:  # the frames before the bad one first: one may fail sooner
+            error: RemoteProtocolError | None = exc
+            end = -1
+        else:
+            error = None
         limits = self.limits
         max_x_bits = limits.max_x_bits
         x_fast = max_x_bits // 8  # X of up to this many bytes is always within max_x_bits
@@ -527,6 +533,8 @@ class Decoder:
                     append(decode_control(memoryview(buf)[body : body + payload_len], limits))
             else:
                 append(Rejected(RemoteProtocolError(f"unknown frame type {ftype}"), msg_id))
+        if error is not None:
+            raise error
         return end
 
     def _route(

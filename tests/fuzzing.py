@@ -168,14 +168,16 @@ def hostile_stream(
     controls: Sequence[dict[str, Any]] = CONTROLS,
 ) -> bytes:
     """An opening control frame, then up to 8 frames a broker must forward, drop or
-    answer: data frames (some with hop limit 0, some with X over ``max_x_bits``), frames
-    with no UTF-8 topic or of no known type, control frames.
+    answer: data frames (some with hop limit 0, some with X over ``max_x_bits``, half of
+    them with the topic, route and flags of the data frame before), frames with no UTF-8
+    topic or of no known type, control frames.
 
     ``sub_bit`` is the bit of a port the routes may name, ``key`` the broker's key.
     """
     routes = (0, sub_bit, sub_bit | 1, key + sub_bit, (1 << 64) - 1, (1 << 8192) - 1, 1 << 8192, 5, 0x561)
     choice = rng.choice
     parts = [encode_control(choice(HELLOS))]
+    last = None  # (topic, route, flags) of the last data frame: the decoder's and the broker's repeat shortcuts
     for _ in range(rng.randint(1, 8)):
         kind = choice(("data", "data", "data", "control", "bad topic", "unknown type"))
         if kind == "control":
@@ -184,6 +186,9 @@ def hostile_stream(
         payload, msg_id, flags = rng.randbytes(choice(sizes)), rng.getrandbits(64), choice((0, 0, rng.getrandbits(8)))
         if kind == "data":
             topic, route, hops = choice(HOSTILE_TOPICS), choice(routes), choice((0, 1, 32))
+            if last is not None and rng.random() < 0.5:
+                topic, route, flags = last
+            last = topic, route, flags
             # flags bit 0 (SIGNED_ROUTE) says a route tag follows X: mutations set it
             parts.append(encode_data(topic, payload, route, hops=hops, msg_id=msg_id, flags=flags & 0xFE, limits=WIDE))
         else:  # well delimited, but no UTF-8 topic / no known type: skipped, the stream goes on

@@ -9,13 +9,17 @@ crosses the broker afterwards shows that nothing of its got through.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import os
 import secrets
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +30,8 @@ from typing import Any
 import pytest
 
 import dcp
-from dcp.auth import Claims, admit, issue_token, load_secret, verify_token
+import dcp.auth
+from dcp.auth import MAX_TOKEN_TTL_S, Claims, RouteSigner, admit, expiry, issue_token, load_secret, verify_token
 from dcp.broker import Broker
 from dcp.cli import main
 from dcp.config import BrokerConfig, OrchestratorConfig
@@ -487,3 +492,202 @@ async def test_an_agent_and_a_broker_talk_tls_to_a_tls_orchestrator(  # type: ig
             await asyncio.wait_for(dcp.connect(f"dcp://{addr_of(do)}", role="admin", reconnect=False), 10)
     finally:
         await do.close()
+
+
+# -- constant-time MAC checks (a static check: `==` would pass every behavioural test) -------
+
+_MAC_WORDS = ("mac", "tag", "digest")
+_PLAIN_COMPARISONS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+
+
+def _mac_valued(node: ast.AST) -> bool:
+    """Whether an expression is a MAC, tag or digest, or made of one (a slice, a sum, a
+    conversion, a method's result): not its length, nor a constant such as ``_MAC_SIZE``."""
+    if isinstance(node, ast.Subscript):
+        return _mac_valued(node.value)
+    if isinstance(node, ast.BinOp):
+        return _mac_valued(node.left) or _mac_valued(node.right)
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+        if name in ("len", "compare_digest"):
+            return False
+        inner = [func.value] if isinstance(func, ast.Attribute) else []
+        return _mac_name(name) or any(_mac_valued(arg) for arg in (*inner, *node.args))
+    if isinstance(node, ast.Name):
+        return _mac_name(node.id)
+    if isinstance(node, ast.Attribute):
+        return _mac_name(node.attr)
+    return False
+
+
+def _mac_name(name: str) -> bool:
+    return not name.isupper() and any(word in name.lower() for word in _MAC_WORDS)
+
+
+def _plain_mac_comparisons(source: str) -> list[str]:
+    """Each ``==``, ``!=``, ``in`` or ``not in`` with a MAC-valued operand, as ``line: code``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(isinstance(op, _PLAIN_COMPARISONS) for op in node.ops):
+            if any(_mac_valued(operand) for operand in (node.left, *node.comparators)):
+                found.append(f"{node.lineno}: {ast.get_source_segment(source, node)}")
+    return found
+
+
+def _compare_digest_callers(source: str) -> set[str]:
+    """The functions that call ``hmac.compare_digest``."""
+    return {
+        function.name
+        for function in ast.walk(ast.parse(source))
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for call in ast.walk(function)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "compare_digest"
+        and isinstance(call.func.value, ast.Name) and call.func.value.id == "hmac"
+    }
+
+
+@pytest.mark.parametrize("code, flagged", [
+    ("ok = mac == _route_mac(key, topic, x, stamp)", True),
+    ("ok = mac != hmac.new(key, body, hashlib.sha256).digest()", True),
+    ("ok = tag[8:] in genuine", True),
+    ("ok = bytes(mac) == expected", True),
+    ("ok = mac.hex() != other", True),
+    ("ok = len(mac) != _MAC_SIZE", False),
+    ("ok = hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest())", False),
+    ("ok = prefix != _TOKEN_PREFIX", False),
+])
+def test_the_static_check_flags_plain_mac_comparisons_only(code: str, flagged: bool) -> None:
+    assert _plain_mac_comparisons(code) == ([f"1: {code[5:]}"] if flagged else [])
+
+
+def test_route_tags_and_token_macs_are_compared_in_constant_time_only() -> None:
+    source = Path(dcp.auth.__file__).read_text()
+    assert _plain_mac_comparisons(source) == []
+    assert _compare_digest_callers(source) == {"check", "verify_token"}  # RouteVerifier.check, verify_token
+
+
+# -- dcp.auth: formats, boundaries and messages pinned by mutation testing (docs/mutation.md) ----------
+
+FIXED_SECRET = b"a fixed secret of 32 bytes, here"
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def auth_error(call: Callable[[], Any]) -> tuple[str, str]:
+    with pytest.raises(AuthError) as info:
+        call()
+    return info.value.code, str(info.value)
+
+
+def test_a_token_is_its_sorted_compact_claims_and_their_hmac_in_base64url() -> None:
+    """The token format, computed here from the stdlib: dcp1.B64(body).B64(HMAC(HMAC(secret, "dcp token"), body))."""
+    token_key = _hmac(FIXED_SECRET, b"dcp token")
+    for i in range(12):  # bodies of every length mod 3 (padding stripped or not) and mod 4 and 5 (padding added back)
+        name, role, expires = "cam" + "x" * i, ("agent", "admin", "broker")[i % 3], NOW + 1 + i
+        body = f'{{"exp":{expires},"name":"{name}","role":"{role}"}}'.encode()
+        issued = issue_token(FIXED_SECRET, name, role, expires)
+        assert issued == f"dcp1.{_b64url(body)}.{_b64url(_hmac(token_key, body))}"
+        assert "=" not in issued
+        assert verify_token(FIXED_SECRET, issued, NOW) == Claims(name, role, expires)
+
+
+def test_a_route_tag_is_its_stamp_and_a_truncated_hmac_of_topic_stamp_and_x() -> None:
+    """The tag, computed here from the stdlib: !II (epoch mod 2**32, expires), then 16 bytes of
+    HMAC(HMAC(secret, "dcp route"), len(topic) as 2 bytes + topic + stamp + X)."""
+    route_key = _hmac(FIXED_SECRET, b"dcp route")
+    signer = RouteSigner(FIXED_SECRET)
+    for topic, x, epoch, expires in [("t", 0, 0, 1), ("cam.video", 2**70 + 5, 7, NOW), ("é" * 200, 12345, 2**32 + 9, 2**32 - 1)]:
+        topic_b = topic.encode()
+        stamp = struct.pack("!II", epoch % 2**32, expires)
+        message = len(topic_b).to_bytes(2, "big") + topic_b + stamp + x.to_bytes((x.bit_length() + 7) // 8, "big")
+        assert signer.sign(topic, x, epoch, expires) == stamp + _hmac(route_key, message)[:16]
+
+
+def test_an_unreadable_secret_file_names_the_os_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.secret"
+    with pytest.raises(ConfigError) as info:
+        load_secret(missing)
+    assert str(info.value) == f"cannot read the secret file {missing}: No such file or directory"
+
+
+def test_a_secret_of_exactly_16_bytes_is_enough(tmp_path: Path) -> None:
+    path = tmp_path / "16.secret"
+    path.write_bytes(b"  " + b"s" * 16 + b"\n")
+    assert load_secret(path) == b"s" * 16
+    path.write_bytes(b"s" * 15)
+    with pytest.raises(ConfigError) as info:
+        load_secret(path)
+    assert str(info.value) == f"the secret in {path} has 15 bytes; at least 16 are needed"
+
+
+@pytest.mark.parametrize(
+    ("now", "ttl_s", "expected"),
+    [(1000, 1, 1001), (1000, 0.5, 1000), (1000.9, 60, 1060), (0, MAX_TOKEN_TTL_S, 315_360_000)],
+)
+def test_expiry_is_now_plus_the_ttl_rounded_down(now: float, ttl_s: float, expected: int) -> None:
+    assert expiry(now, ttl_s) == expected
+
+
+@pytest.mark.parametrize("ttl_s", [0, 0.0, -1, MAX_TOKEN_TTL_S + 1, float("nan"), float("inf"), True, False, "60", None])
+def test_expiry_refuses_a_ttl_that_is_not_a_positive_number_up_to_ten_years(ttl_s: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        expiry(1000, ttl_s)
+    assert str(info.value) == f"ttl_s must be a positive number of seconds, at most 315360000; got {ttl_s!r}"
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "message"),
+    [
+        (None, "token_missing", "this server admits only connections with a token (see dcp token)"),
+        (42, "token_malformed", "the token is not of the form dcp1.BODY.MAC"),
+        ("dcp1.two-parts", "token_malformed", "the token is not of the form dcp1.BODY.MAC"),
+        ("dcp1.a.AAAA", "token_malformed", "the token is not valid base64url"),
+        ("dcp1.A=A.AAAA", "token_malformed", "the token is not valid base64url"),  # '=' inside, not padding
+        ("dcp9.e30.AAAA", "token_malformed", "unknown token version 'dcp9'"),
+        ("dcp1.e30.AAAA", "token_forged", "the token was not issued with this server's secret, or was altered"),
+    ],
+)
+def test_refused_tokens_say_why(bad: object, code: str, message: str) -> None:
+    assert auth_error(lambda: verify_token(FIXED_SECRET, bad, NOW)) == (code, message)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"name":"cam","role":"agent"}', b'{"exp":"soon","name":"cam","role":"agent"}'])
+def test_a_genuine_token_with_unreadable_claims_is_malformed(body: bytes) -> None:
+    genuine = f"dcp1.{_b64url(body)}.{_b64url(_hmac(_hmac(FIXED_SECRET, b'dcp token'), body))}"
+    assert auth_error(lambda: verify_token(FIXED_SECRET, genuine, NOW)) == ("token_malformed", "the token's claims are unreadable")
+
+
+def test_an_expired_token_names_its_agent() -> None:
+    expired = issue_token(FIXED_SECRET, "cam", "agent", NOW)
+    assert auth_error(lambda: verify_token(FIXED_SECRET, expired, NOW)) == ("token_expired", "the token of 'cam' expired")
+
+
+def test_a_hello_without_a_role_is_an_agent() -> None:
+    agent = issue_token(FIXED_SECRET, "cam", "agent", NOW + 60)
+    assert admit(FIXED_SECRET, {"name": "cam", "token": agent}, NOW) == Claims("cam", "agent", NOW + 60)
+    admin = issue_token(FIXED_SECRET, "ops", "admin", NOW + 60)
+    assert auth_error(lambda: admit(FIXED_SECRET, {"name": "ops", "token": admin}, NOW)) == (
+        "token_role", "a agent connection needs a agent token; this one is a admin token"
+    )
+
+
+@pytest.mark.parametrize("role", [["agent"], {"agent": 1}, 5, None])
+def test_a_hello_whose_role_is_not_a_string_needs_a_token_no_role_has(role: object) -> None:
+    agent = issue_token(FIXED_SECRET, "cam", "agent", NOW + 60)
+    assert auth_error(lambda: admit(FIXED_SECRET, {"role": role, "name": "cam", "token": agent}, NOW)) == (
+        "token_role", f"a {role} connection needs a None token; this one is a agent token"
+    )
+
+
+def test_a_token_of_another_name_says_both_names() -> None:
+    agent = issue_token(FIXED_SECRET, "cam", "agent", NOW + 60)
+    assert auth_error(lambda: admit(FIXED_SECRET, {"role": "agent", "name": "spy", "token": agent}, NOW)) == (
+        "token_name", "the token was issued to 'cam', not to 'spy'"
+    )

@@ -6,6 +6,7 @@ Brokers and the orchestrator are real servers on OS-chosen loopback ports; agent
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 
 import dcp
+from dcp.control import Message, Route
 from tests.waiting import until
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.orchestrator import Orchestrator
-from dcp.routing import allocate_keys
+from dcp.routing import allocate_keys, encode, int_to_bytes
 
 SPEC = {
     "name": "p",
@@ -387,3 +389,143 @@ async def test_standard_functions_compress_sample_and_decompress_in_a_pipeline(p
     assert got == [bytes([i]) * 1000 for i in range(4, 41, 4)]  # msg ids count from 1
     zipped = next(w for w in workers if "dpf/zip" in w.elements).elements["dpf/zip"]
     assert (zipped.received, zipped.emitted, zipped.errors) == (10, 10, 0)
+
+
+# -- routes: who is a consumer, epochs, the publish policy, the source broker --------------------
+
+
+@pytest.fixture
+async def bare_plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    """A Plane whose orchestrator each test starts itself, with its own settings."""
+    plane = Plane(tmp_path / "do.db")
+    yield plane
+    await plane.close()
+
+
+def record_routes(agent: dcp.DataAgent) -> list[dict[str, Any]]:
+    """The route pushes ``agent`` gets, as the orchestrator sent them (set before ``start``)."""
+    pushes: list[dict[str, Any]] = []
+    handle = agent._on_push
+
+    def spy(push: Message) -> None:
+        if isinstance(push, Route):
+            pushes.append(push.to_body())
+        handle(push)
+
+    agent._on_push = spy  # type: ignore[method-assign]
+    return pushes
+
+
+async def test_an_agent_consuming_what_it_produces_is_not_a_consumer_of_its_own_stream(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    (b0,) = await plane.start_brokers(1)
+    looped, other = plane.agent("looped", 0), plane.agent("other", 0)
+    got: list[bytes] = []
+
+    @looped.consume("t")
+    async def own(msg: dcp.Message) -> None:
+        pass
+
+    @other.consume("t")
+    async def take(msg: dcp.Message) -> None:
+        got.append(bytes(msg.payload))
+
+    await looped.declare_produces("t")
+    await other.start()  # registered before looped: looped's first route already sees it
+    await looped.start()
+    await looped.wait_route("t")
+    assert looped.consumers["t"] == ["other"]
+    assert other.broker is not None and other.broker.port is not None
+    assert looped.routes["t"][1] == encode({b0.key: 1 << other.broker.port})  # other's port only, not looped's
+    assert plane.do is not None and plane.do.streams[("looped", "t")].consumers == ["other"]
+    # Not even tried as a consumer: the tree builder would refuse its own (source) port,
+    # and the orchestrator would warn that looped "cannot get" t.
+    assert [r.getMessage() for r in caplog.records if r.name == "dcp.orchestrator" and r.levelno >= logging.WARNING] == []
+    assert await looped.publish("t", b"one")
+    await until(lambda: got == [b"one"], "the other consumer's frame")
+
+
+async def test_a_route_withdrawn_when_its_stream_stops_carries_a_higher_epoch(plane: Plane) -> None:
+    await plane.start_brokers(1)
+    cam, sink = plane.agent("camera", 0), plane.agent("sink", 0)
+    got: list[bytes] = []
+
+    @cam.capability("camera")
+    async def frames(params: dict[str, Any]) -> Any:
+        yield b"first"
+
+    @sink.capability("collect")
+    async def collect(msg: dcp.Message, params: dict[str, Any]) -> None:
+        got.append(bytes(msg.payload))
+
+    await sink.start()
+    await cam.start()
+    spec = {
+        "name": "w",
+        "source": [{"name": "cam", "capability": "camera", "emits": "video"}],
+        "sink": [{"name": "out", "capability": "collect", "consumes": ["video"]}],
+    }
+    await plane.admin({"op": "deploy", "spec": spec})
+    await until(lambda: got == [b"first"], "the source's frame at the sink")
+    epoch, x = cam.routes["video"]
+    assert x != 0 and cam.consumers["video"] == ["sink"]
+    await plane.admin({"op": "undeploy", "name": "w"})  # nobody produces video any more
+    await until(lambda: cam.routes["video"][1] == 0, "the withdrawn route (X = 0)")
+    assert cam.routes["video"] == (epoch + 1, 0) and cam.consumers["video"] == []
+    assert plane.do is not None
+    stream = plane.do.streams[("camera", "video")]
+    assert (stream.epoch, stream.x, stream.consumers) == (epoch + 1, 0, [])
+
+
+async def test_a_policy_denying_publish_gives_a_refused_route_with_no_consumers(bare_plane: Plane, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "allow"\n\n[[rule]]\nagent = "producer"\naction = "deny"\npublish = ["t"]\n')
+    plane = bare_plane
+    await plane.start_do(policy_file=str(policy))
+    (b0,) = await plane.start_brokers(1)
+    producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
+    pushes = record_routes(producer)
+    got: list[bytes] = []
+
+    @consumer.consume("t")
+    async def take(msg: dcp.Message) -> None:
+        got.append(bytes(msg.payload))
+
+    await producer.declare_produces("t")
+    await consumer.start()  # registered first: a consumer the policy must keep the stream from
+    await producer.start()
+    await until(lambda: pushes, "the route of t")
+    (route,) = pushes
+    assert {k: route.get(k) for k in ("topic", "x", "epoch", "consumers", "refused", "broker_key")} == {
+        "topic": "t", "x": b"", "epoch": 1, "consumers": [],
+        "refused": "rule 0 (deny publish 't' for 'producer')", "broker_key": int_to_bytes(b0.key),
+    }
+    assert await producer.publish("t", b"denied") is False
+    assert producer.broker is not None
+    assert (producer.unrouted, producer.published, producer.broker.published) == (1, 0, 0)
+    status = (await plane.admin({"op": "status"}))["status"]
+    assert status["streams"] == [
+        {"producer": "producer", "topic": "t", "epoch": 1, "x_bytes": 0, "consumers": [],
+         "refused": "rule 0 (deny publish 't' for 'producer')"},
+    ]
+    assert got == []
+
+
+async def test_a_producer_without_consumers_that_moves_brokers_gets_a_route_naming_the_new_one(plane: Plane) -> None:
+    b0, b1 = await plane.start_brokers(2)
+    producer = plane.agent("producer", [0, 1], failover_attempts=2)
+    await producer.declare_produces("t")
+    await producer.start()
+    await until(lambda: "t" in producer.routes, "the first route of t")
+    epoch = producer.routes["t"][0]
+    assert (producer.routes["t"][1], producer.consumers["t"], producer.route_brokers["t"]) == (0, [], b0.key)
+    await b0.close()
+    assert plane.do is not None
+    do = plane.do
+    await until(lambda: do.agents["producer"].broker_key == b1.key, "the producer registered at b1")
+    await plane.admin({"op": "ping"})  # the DO has recomputed since
+    stream = do.streams[("producer", "t")]
+    assert (stream.broker, stream.epoch, stream.x, stream.consumers) == ("b1", epoch + 1, 0, [])
+    await until(lambda: producer.routes["t"][0] == epoch + 1, "the route computed at b1")
+    assert (producer.routes["t"], producer.route_brokers["t"]) == ((epoch + 1, 0), b1.key)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import dcp
@@ -46,28 +45,57 @@ def secret_file(tmp_path: Path) -> str:
     return str(path)
 
 
+def expiry(tag: bytes) -> int:
+    """The expiry a route tag carries (after its epoch)."""
+    return int.from_bytes(tag[4:8], "big")
+
+
+def x_len(x: int) -> int:
+    """The bytes of X in the X field (none for 0)."""
+    return (x.bit_length() + 7) // 8
+
+
 def x_field(x: int, tag: bytes) -> bytes:
-    return x.to_bytes((x.bit_length() + 7) // 8, "big") + tag
+    return x.to_bytes(x_len(x), "big") + tag
 
 
 # -- dcp.auth ------------------------------------------------------------------------------
 
 
 @given(st.text(min_size=1, max_size=40), st.integers(1, 2**600), st.integers(0, 2**32 - 1))
+@example("t", 0xFF, 1)  # X ^ 1 = 0xFE: a bit length that is a multiple of 8
+@example("t", 1, 1)  # X ^ 1 = 0: no X bytes at all
 def test_a_genuine_tag_passes_and_any_change_is_a_forgery(topic: str, x: int, epoch: int) -> None:
     now = 1_800_000_000
-    tag = RouteSigner(SECRET).sign(topic, x, epoch, now + 60)
+    signer = RouteSigner(SECRET)
+    tag = signer.sign(topic, x, epoch, now + 60)
     assert len(tag) == ROUTE_TAG_SIZE
-    x_len = (x.bit_length() + 7) // 8
     check = RouteVerifier(SECRET).check
-    assert check(x_field(x, tag), x_len, topic.encode(), now) is None
-    assert check(x_field(x ^ 1, tag), (x ^ 1).bit_length() // 8 + 1 if x ^ 1 else 0, topic.encode(), now) == "route_forged"
-    assert check(x_field(x, tag), x_len, topic.encode() + b"!", now) == "route_forged"
+    assert check(x_field(x, tag), x_len(x), topic.encode(), now) is None
+    # X ^ 1 in a field laid out exactly like a genuine one: with its own tag it passes,
+    # so with X's tag it is refused for its MAC, not for a misread field.
+    assert check(x_field(x ^ 1, signer.sign(topic, x ^ 1, epoch, now + 60)), x_len(x ^ 1), topic.encode(), now) is None
+    assert check(x_field(x ^ 1, tag), x_len(x ^ 1), topic.encode(), now) == "route_forged"
+    assert check(x_field(x, tag), x_len(x), topic.encode() + b"!", now) == "route_forged"
     for i in range(ROUTE_TAG_SIZE):  # epoch, expiry and MAC bytes
         altered = bytearray(tag)
         altered[i] ^= 0x40
-        assert check(x_field(x, bytes(altered)), x_len, topic.encode(), now) == "route_forged"
-    assert RouteVerifier(SECRET + b"?").check(x_field(x, tag), x_len, topic.encode(), now) == "route_forged"
+        assert check(x_field(x, bytes(altered)), x_len(x), topic.encode(), now) == "route_forged"
+    assert RouteVerifier(SECRET + b"?").check(x_field(x, tag), x_len(x), topic.encode(), now) == "route_forged"
+
+
+def test_a_tag_does_not_verify_with_the_topic_stamp_boundary_shifted() -> None:
+    """The MAC covers len(topic), topic, stamp, X: without the length, the tag of "ab" would
+    also sign "abc" with the stamp and X moved one byte along (the same bytes, cut elsewhere)."""
+    now, expires = 1_000_000_000, 1_800_000_000
+    x, epoch = 0x0102030405, 0x63000001  # the epoch's first byte is "c"
+    tag = RouteSigner(SECRET).sign("ab", x, epoch, expires)
+    stamp, mac = tag[:8], tag[8:]
+    x_bytes = x.to_bytes(5, "big")
+    assert RouteVerifier(SECRET).check(x_bytes + tag, 5, b"ab", now) is None
+    topic2, stamp2, x2 = b"ab" + stamp[:1], stamp[1:] + x_bytes[:1], x_bytes[1:]
+    assert (topic2, topic2 + stamp2 + x2) == (b"abc", b"ab" + stamp + x_bytes)
+    assert RouteVerifier(SECRET).check(x2 + stamp2 + mac, 4, topic2, now) == "route_forged"
 
 
 def test_a_tag_expires_and_the_verifier_remembers_boundedly() -> None:
@@ -192,9 +220,9 @@ async def test_signed_numbers_flow_across_verifying_brokers_and_a_forged_one_rea
 
 
 async def test_the_orchestrator_resigns_before_a_tag_expires(signing_plane: Plane, secret_file: str) -> None:
-    plane = signing_plane
-    await plane.start_do(secret_file=secret_file, route_ttl_s=2)
-    await plane.start_brokers(1, verify_routes=True, secret_file=secret_file)
+    plane, ttl = signing_plane, 2
+    await plane.start_do(secret_file=secret_file, route_ttl_s=ttl)
+    (verifier,) = await plane.start_brokers(1, verify_routes=True, secret_file=secret_file)
     producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
     got: list[bytes] = []
 
@@ -206,9 +234,20 @@ async def test_the_orchestrator_resigns_before_a_tag_expires(signing_plane: Plan
     for agent in (consumer, producer):
         await agent.start()
     await producer.wait_route("t")
-    first: Any = producer.route_tags["t"]
-    await until(lambda: producer.route_tags["t"] != first, "a fresh tag before the first expires", timeout=5)
-    fresh = producer.route_tags["t"]
-    assert fresh[:4] == first[:4] and int.from_bytes(fresh[4:8], "big") > int.from_bytes(first[4:8], "big")
-    assert await producer.publish("t", b"still valid")
-    await until(lambda: got == [b"still valid"], "delivery with the fresh tag")
+    tags: list[bytes] = [producer.route_tags["t"]]
+    sent = 0
+    # Publish, one frame delivered at a time, until two TTLs after the first tag expired:
+    # every frame carries the tag the producer has, which must never have expired.
+    while time.time() < expiry(tags[0]) + 2 * ttl:
+        assert await producer.publish("t", b"%d" % sent)
+        sent += 1
+        await until(lambda: len(got) == sent or verifier.drops["route_expired"], f"frame {sent} delivered or dropped")
+        assert verifier.drops["route_expired"] == 0, f"frame {sent - 1} was sent with an expired tag"
+        if producer.route_tags["t"] != tags[-1]:  # a fresh tag: here before the one it replaces expires
+            late = time.time() - expiry(tags[-1])
+            assert late < 0, f"the fresh tag arrived {late:.3f} s after the one it replaces expired"
+            tags.append(producer.route_tags["t"])
+    assert got == [b"%d" % i for i in range(sent)]
+    assert len(tags) >= 4  # re-signed at least every TTL / 2 + TTL / 4
+    for old, fresh in zip(tags, tags[1:]):
+        assert fresh[:4] == old[:4] and expiry(fresh) > expiry(old)  # the same epoch, a later expiry

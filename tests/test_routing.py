@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sympy
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 from sympy.ntheory.modular import crt
 
 from tests.purity import copy_with_import, loaded
@@ -137,6 +137,7 @@ def test_is_prime_known_pseudoprimes_are_composite() -> None:
         st.integers(0, 2**100),
     )
 )
+@example(3317044064679887385961981)  # psi_13: fooled Miller-Rabin with 13 fixed bases (found by this test)
 def test_is_prime_agrees_with_sympy(n: int) -> None:
     assert is_prime(n) == sympy.isprime(n)
 
@@ -334,3 +335,20 @@ def test_import_probe_detects_io_imports(tmp_path: Path) -> None:
     """The probe is not vacuous: a routing.py that imports asyncio is caught."""
     fake = copy_with_import(tmp_path, ["errors.py", "wire.py"], "routing.py", "import asyncio\nimport sympy\n")
     assert loaded(["errors", "routing", "wire"], ["asyncio", "socket", "sympy"], fake) == "['asyncio', 'socket', 'sympy']"
+
+
+# --------------------------------------------------------------------------- pinned by mutation testing (docs/mutation.md)
+
+def test_allocate_keys_defaults_to_64_ports() -> None:
+    assert allocate_keys(1) == [2**64 + 13]  # the least prime above 2**64
+    assert allocate_keys(3) == allocate_keys(3, 64)
+
+
+@pytest.mark.parametrize(
+    ("n", "ports", "message"),
+    [(-1, 64, "cannot allocate -1 keys"), (1, 0, "a broker needs at least one port, got ports=0")],
+)
+def test_allocate_keys_errors_say_why(n: int, ports: int, message: str) -> None:
+    with pytest.raises(RoutingError) as info:
+        allocate_keys(n, ports)
+    assert str(info.value) == message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -554,3 +555,116 @@ def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
     assert loaded(["patterns", "spec"], watched) == "[]"
     fake = copy_with_import(tmp_path, ["errors.py", "wire.py", "routing.py", "control.py", "patterns.py"], "spec.py", "import sqlite3\n")
     assert loaded(["patterns", "spec"], watched, fake) == "['sqlite3']"
+
+
+# --------------------------------------------------------------------------- pinned by mutation testing (docs/mutation.md)
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1], "spec: must be a table"),
+        (doc(colour="red"), "colour: unknown key; a pipeline spec takes name, source, stage, sink, policy"),
+        (doc(name=None), "name: is required"),
+        (doc(sink=["x"]), "sink[0]: must be a table"),
+        (with_element("sink", 0, emits="x"), "sink[0].emits: a sink emits nothing; make it a [[stage]]"),
+        (with_element("source", 0, consumes=["x"]), "source[0].consumes: a source consumes nothing; make it a [[stage]]"),
+        (
+            with_element("stage", 0, colour="red"),
+            "stage[0].colour: unknown key; a stage takes name, capability, consumes, emits, params, replicas, agent",
+        ),
+        (with_element("source", 0, emits=None), "source[0].emits: is required"),
+        (with_element("stage", 0, consumes=None), "stage[0].consumes: is required: list the topic patterns this element reads"),
+        (with_element("stage", 0, capability=None), "stage[0].capability: is required"),
+        (
+            with_element("source", 0, topic="video"),
+            "source[0]: has both capability and topic; give a capability to run, or the topic of an external source",
+        ),
+        (with_element("source", 0, capability=None), "source[0]: needs a capability to run, or the topic of an external source"),
+        (doc(source=[{"name": "c", "topic": "video", "emits": "video"}]), "source[0].emits: an external source (topic) takes only name and topic"),
+        (with_element("source", 0, params={"a": [1, {2, 3}]}), "source[0].params.a[1]: a set cannot be stored as JSON"),
+        (
+            doc(sink=[{"name": "out", "capability": "print", "consumes": "faces"}] * 2),
+            "sink[1].name: duplicate element name 'out' (also sink[0])",
+        ),
+    ],
+)
+def test_parse_spec_error_messages_in_full(data: Any, message: str) -> None:
+    assert str(spec_error(data)) == message
+
+
+def test_params_are_copied_deeply_in_and_out() -> None:
+    spec = parse_spec(with_element("source", 0, params={"size": {"w": 64}, "tags": ["a", ["b"]]}))
+    camera = spec.element("camera")
+    assert camera.params == {"size": {"w": 64}, "tags": ["a", ["b"]]}
+    written = camera.to_dict()
+    written["params"]["size"]["w"] = 1
+    written["params"]["tags"][1].append("c")
+    assert camera.params == {"size": {"w": 64}, "tags": ["a", ["b"]]}
+
+
+def test_replicas_are_kept_and_written_only_when_not_one() -> None:
+    spec = parse_spec(with_element("stage", 0, replicas=3))
+    assert spec.element("faces").replicas == 3
+    assert spec.element("faces").to_dict()["replicas"] == 3
+    assert parse_spec(spec.to_dict()) == spec
+    assert "replicas" not in parse_spec(EXAMPLE).element("faces").to_dict()
+
+
+def test_element_lookup_names_the_missing_element() -> None:
+    with pytest.raises(KeyError) as info:
+        parse_spec(EXAMPLE).element("nobody")
+    assert info.value.args == ("nobody",)
+
+
+EXTERNAL_FIRST = doc(
+    policy=None,
+    source=[{"name": "cam", "topic": "video"}],
+    stage=[{"name": "faces", "capability": "detect_faces", "consumes": "video", "emits": "faces"}],
+    sink=[{"name": "out", "capability": "print", "consumes": "faces"}],
+)
+
+
+def test_elements_after_an_external_source_are_checked() -> None:
+    spec = parse_spec(EXTERNAL_FIRST)
+    check(spec, external_topics={"video"})
+    error = check_error(spec, external_topics={"video"}, capabilities={"print"})
+    assert str(error) == "stage[0].capability: no registered data agent offers 'detect_faces'"
+    policy = Policy([Rule("spy*", "deny", consume=("video",))])
+    error = check_error(spec, external_topics={"video"}, access_policy=policy, agents_with=lambda capability: ["spy-1"])
+    assert str(error) == (
+        "stage[0]: policy refuses every agent offering 'detect_faces': "
+        "'spy-1' may not consume 'video' (rule 0 (deny consume 'video' for 'spy*'))"
+    )
+
+
+def test_policy_refusals_are_listed_in_full() -> None:
+    spec = parse_spec(doc(policy=None))
+    policy = Policy([Rule("spy*", "deny", consume=("video",)), Rule("detector-*", "deny", publish=("faces",))])
+    error = check_error(spec, access_policy=policy, agents_with=OFFERING.__getitem__, agents={"detector-1"})
+    assert str(error) == (
+        "stage[0]: policy refuses pinned agent 'detector-1': "
+        "'detector-1' may not publish 'faces' (rule 1 (deny publish 'faces' for 'detector-*'))"
+    )
+    unpinned = parse_spec(with_element("stage", 0, agent=None, replicas=None))
+    error = check_error(unpinned, access_policy=policy, agents_with=OFFERING.__getitem__)
+    assert str(error) == (
+        "stage[0]: policy refuses every agent offering 'detect_faces': "
+        "'detector-1' may not publish 'faces' (rule 1 (deny publish 'faces' for 'detector-*')); "
+        "'spy-faces' may not consume 'video' (rule 0 (deny consume 'video' for 'spy*'))"
+    )
+    error = check_error(spec, access_policy=Policy(), agents_with=lambda capability: [])
+    assert str(error) == "source[0]: policy refuses every agent offering 'camera': none is registered"
+
+
+def test_cycle_search_is_linear_in_a_dag_of_many_paths() -> None:
+    """24 layers of two stages, each consuming both topics of the layer before: 2**24 paths
+    through 48 stages, which a search that forgets the elements it has finished walks one by one."""
+    stages = [
+        {"name": f"s{layer}{side}", "capability": "detect_faces", "consumes": f"l{layer - 1}.*" if layer else "video", "emits": f"l{layer}.{side}"}
+        for layer in range(24)
+        for side in "ab"
+    ]
+    spec = parse_spec(doc(policy=None, stage=stages, sink=[{"name": "out", "capability": "print", "consumes": "l23.*"}]))
+    start = time.perf_counter()
+    check(spec)
+    assert time.perf_counter() - start < 5

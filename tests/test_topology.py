@@ -433,3 +433,116 @@ def test_import_probe_detects_io_imports(tmp_path: Path) -> None:
     """The probe is not vacuous: a topology.py that imports asyncio is caught."""
     fake = copy_with_import(tmp_path, ["errors.py", "routing.py"], "topology.py", "import asyncio\n")
     assert loaded(["topology"], ["asyncio", "socket"], fake) == "['asyncio', 'socket']"
+
+
+# --------------------------------------------------------------------------- pinned by mutation testing (docs/mutation.md)
+
+
+def ring3() -> Overlay:
+    """A:1 -- 0:B:1 -- 0:C:1 -- 0:A, so that X with bitmap 0b10 everywhere sends one copy round forever."""
+    return Overlay({"A": K[0], "B": K[1], "C": K[2]}, [OverlayLink("A", 1, "B", 0), OverlayLink("B", 1, "C", 0), OverlayLink("C", 1, "A", 0)])
+
+
+ROUND = encode({K[0]: 0b10, K[1]: 0b10, K[2]: 0b10})
+NOTHING_ATTACHED = {"A": 0, "B": 0, "C": 0}
+
+
+def routing_error(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(RoutingError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("keys", "links", "message"),
+    [
+        ({"": 17}, [], "broker names are non-empty strings, got ''"),
+        ({5: 17}, [], "broker names are non-empty strings, got 5"),
+        ({"A": 17, "B": 19}, [("A", 0, "B", 0)], "not an OverlayLink: ('A', 0, 'B', 0)"),
+        (
+            {"A": 17, "B": 19},
+            [OverlayLink("A", 4, "B", 0)],
+            "link OverlayLink(a='A', a_port=4, b='B', b_port=0): port 4 of broker 'A' is out of range for its key 17 (ports 0..3)",
+        ),
+        (
+            {"A": 17, "B": 19},
+            [OverlayLink("A", True, "B", 0)],  # type: ignore[arg-type]
+            "link OverlayLink(a='A', a_port=True, b='B', b_port=0): port True of broker 'A' is out of range for its key 17 (ports 0..3)",
+        ),
+    ],
+)
+def test_overlay_errors_in_full(keys: dict, links: list, message: str) -> None:  # type: ignore[type-arg]
+    assert routing_error(Overlay, keys, links) == message
+
+
+def test_a_key_of_3_is_the_least_and_gives_one_port() -> None:
+    overlay = Overlay({"A": 3, "B": 5}, [OverlayLink("A", 0, "B", 0)])
+    assert overlay.link_ports("A") == 1
+    assert routing_error(Overlay, {"A": 3}, [OverlayLink("A", 1, "A", 0)]) == "link OverlayLink(a='A', a_port=1, b='A', b_port=0) joins broker 'A' to itself"
+    assert routing_error(Overlay, {"A": 3, "B": 5}, [OverlayLink("A", 1, "B", 0)]).endswith("is out of range for its key 3 (ports 0..0)")
+
+
+def test_lookups_of_an_unknown_broker_say_which_lookup() -> None:
+    assert routing_error(ring3().neighbours, "Q") == "neighbours: unknown broker 'Q'"
+    assert routing_error(ring3().link_ports, "Q") == "link_ports: unknown broker 'Q'"
+
+
+def test_overlays_are_equal_when_keys_and_links_are() -> None:
+    keys = {"A": K[0], "B": K[1]}
+    assert Overlay(keys, [OverlayLink("A", 0, "B", 0)]) == Overlay(dict(keys), [OverlayLink("A", 0, "B", 0)])
+    assert Overlay(keys, [OverlayLink("A", 0, "B", 0)]) != Overlay(keys, [])
+    assert Overlay(keys, [OverlayLink("A", 0, "B", 0)]) != Overlay(keys, [OverlayLink("A", 0, "B", 1)])
+    assert Overlay(keys, []) != Overlay({"A": K[0], "B": K[2]}, [])
+
+
+@pytest.mark.parametrize(
+    ("source", "subscribers", "message"),
+    [
+        (("Z", 1), [("B", 2)], "source ('Z', 1): unknown broker 'Z'"),
+        (("A", 2), [("Y", 2)], "subscriber ('Y', 2): unknown broker 'Y'"),
+        (("A", 2), [("B", 4)], "subscriber ('B', 4): port 4 of broker 'B' is out of range for its key 19 (ports 0..3)"),
+    ],
+)
+def test_build_tree_errors_in_full(source: tuple[str, int], subscribers: list[tuple[str, int]], message: str) -> None:
+    assert routing_error(build_tree, ring3(), source, subscribers) == message
+
+
+def test_simulate_has_a_hop_limit_of_32_by_default() -> None:
+    delivery = simulate(ring3(), ROUND, ("A", 2), NOTHING_ATTACHED)
+    assert delivery.visits == Counter({"A": 11, "B": 11, "C": 11})  # received at limits 32 .. 0
+    assert delivery.dropped_hop_limit == 1
+
+
+def test_simulate_errors_in_full() -> None:
+    assert routing_error(simulate, ring3(), ROUND, ("Z", 0)) == "source ('Z', 0): unknown broker 'Z'"
+    assert routing_error(simulate, ring3(), ROUND, ("A", 2), hops=-1) == "hop limit -1 is negative"
+
+
+def test_simulation_cap_counts_receptions_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(topology, "_MAX_SIMULATION_STEPS", 100)
+    delivery = simulate(ring3(), ROUND, ("A", 2), NOTHING_ATTACHED, hops=99)  # one copy: 100 receptions
+    assert sum(delivery.visits.values()) == 100 and delivery.dropped_hop_limit == 1
+    with pytest.raises(RuntimeError) as info:
+        simulate(ring3(), ROUND, ("A", 2), NOTHING_ATTACHED, hops=100)
+    assert str(info.value) == f"simulation passed 100 receptions; x={ROUND} multiplies copies"
+
+
+def test_by_default_every_port_in_the_keys_range_is_attached() -> None:
+    alone = Overlay({"A": 17})  # ports 0..3
+    assert simulate(alone, 0b0111, ("A", 3)).endpoints == Counter({("A", 0): 1, ("A", 1): 1, ("A", 2): 1})
+    # 16 % 17 names port 4, which a key of 17 does not have
+    assert simulate(alone, 16, ("A", 3)) == Delivery(Counter(), Counter({"A": 1}), 0)
+
+
+def test_simulate_counts_every_copy_an_endpoint_gets() -> None:
+    # A also delivers to its port 3 each time the copy comes round: received at limits 5 and 2
+    x = encode({K[0]: 0b1010, K[1]: 0b10, K[2]: 0b10})
+    delivery = simulate(ring3(), x, ("A", 2), {"A": 0b1000, "B": 0, "C": 0}, hops=5)
+    assert delivery.endpoints == Counter({("A", 3): 2})
+    assert delivery.visits == Counter({"A": 2, "B": 2, "C": 2})
+
+
+def test_shape_edges_boundaries_and_errors() -> None:
+    assert shape_edges("ring", 3) == [(1, 0), (2, 1), (2, 0)]
+    assert routing_error(shape_edges, "tree", 3) == "unknown overlay shape 'tree' (known: line, ring, star, mesh)"
+    assert routing_error(shape_edges, "line", True) == "an overlay needs at least one broker, got n=True"

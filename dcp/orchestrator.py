@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from math import gcd
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
@@ -223,17 +224,41 @@ class Orchestrator(Serving):
     def broker_state(self, conn: OrchestratorConnection, state: control.BrokerState) -> None:
         """A broker (named by its hello) reports its key, ports and links.
 
+        A key that could not take part in the CRT with the others is refused here, so
+        that one bad registration never stops the planning of every stream.
+
         Raises:
-            BadRequest: no name, or another connected broker has its key (``same_key``).
+            BadRequest: no name; a key of no use for routing (``bad_key``: below 3, not
+                above ``2**ports``, or sharing a factor with a connected broker's key); the
+                key of another connected broker (``same_key``).  The record of a broker
+                that is not connected and clashes is dropped instead.
         """
         name = conn.name
         if not name:
             raise BadRequest(control.BROKER_STATE, "name", "name is required: a broker reports under the name of its hello")
-        for other in self.brokers.values():
-            if other.key == state.key and other.name != name and other.conn is not None:
+        key = state.key
+        if key < 3 or key <= 1 << state.ports:
+            raise BadRequest(
+                control.BROKER_STATE, "key", f"key: {key} cannot route {state.ports} ports: it must be above 2**ports and at least 3",
+                "bad_key",
+            )
+        for other in list(self.brokers.values()):
+            if other.name == name or gcd(other.key, key) == 1:
+                continue
+            if other.conn is None:  # a connected broker wins over the record of one that is not
+                log.info("broker %s (key %d) replaces the record of %s (key %d), which is not connected", name, key, other.name, other.key)
+                del self.brokers[other.name]
+                self.store.delete_broker(other.name)
+            elif other.key == key:
                 raise BadRequest(
-                    control.BROKER_STATE, "key", f"key: broker {other.name!r} already has key {state.key}; every broker needs its own key",
+                    control.BROKER_STATE, "key", f"key: broker {other.name!r} already has key {key}; every broker needs its own key",
                     "same_key",
+                )
+            else:
+                raise BadRequest(
+                    control.BROKER_STATE, "key",
+                    f"key: {key} shares a factor with the key of broker {other.name!r}; keys must be pairwise coprime (distinct primes)",
+                    "bad_key",
                 )
         links = [asdict(link) for link in state.links]
         attached = [asdict(port) for port in state.attached or ()]
@@ -423,8 +448,14 @@ class Orchestrator(Serving):
         try:
             return Overlay({name: b.key for name, b in online.items()}, links.values())
         except RoutingError as exc:
-            log.error("the brokers report an inconsistent overlay (%s); using their brokers without links", exc)
-            return Overlay({name: b.key for name, b in online.items()})
+            keys = _coprime_keys({name: b.key for name, b in online.items()})
+            log.error("the brokers report an inconsistent overlay (%s); planning with brokers %s only", exc, ", ".join(keys) or "none")
+        kept = [link for link in links.values() if link.a in keys and link.b in keys]
+        try:
+            return Overlay(keys, kept)
+        except RoutingError as exc:
+            log.error("their links are inconsistent too (%s); planning without links", exc)
+            return Overlay(keys)
 
     def _broker_name(self, key: int) -> str | None:
         for record in self.brokers.values():
@@ -601,6 +632,16 @@ class Orchestrator(Serving):
             ],
             "recomputations": self.recomputations,
         }
+
+
+def _coprime_keys(keys: dict[str, int]) -> dict[str, int]:
+    """The brokers, in name order, whose keys can route together: each at least 3 and
+    coprime to those kept before it (recovered records may predate the checks)."""
+    kept: dict[str, int] = {}
+    for name, key in sorted(keys.items()):
+        if key >= 3 and all(gcd(key, other) == 1 for other in kept.values()):
+            kept[name] = key
+    return kept
 
 
 class OrchestratorConnection(asyncio.Protocol):

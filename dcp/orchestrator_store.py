@@ -56,6 +56,9 @@ class Store:
     def save_broker(self, name: str, key: int, address: str, ports: int, links: list[dict[str, Any]]) -> None:
         self._write("INSERT OR REPLACE INTO brokers VALUES (?, ?, ?, ?, ?)", name, str(key), address, ports, json.dumps(links))
 
+    def delete_broker(self, name: str) -> None:
+        self._write("DELETE FROM brokers WHERE name = ?", name)
+
     def save_agent(
         self, name: str, capabilities: list[str], consumes: list[str], produces: list[str], broker_key: int, port: int
     ) -> None:

@@ -7,6 +7,7 @@ Brokers and the orchestrator are real servers on OS-chosen loopback ports; agent
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from dcp.control import Message, Route
 from tests.waiting import until
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
-from dcp.orchestrator import Orchestrator
+from dcp.orchestrator import BrokerRecord, Orchestrator
 from dcp.routing import allocate_keys, encode, int_to_bytes
 
 SPEC = {
@@ -265,6 +266,66 @@ async def test_registration_errors_are_clear(plane: Plane) -> None:
     async with dcp.connect(plane.do_url, role="broker", name="twin", reconnect=False) as conn:
         with pytest.raises(dcp.RemoteError, match="its own key"):
             await conn.request({"op": "broker_state", "key": plane.brokers[0].key.to_bytes(3, "big"), "links": []})
+
+
+async def register_broker(plane: Plane, name: str, key: int, ports: int = 16) -> None:
+    """Register a broker named ``name`` with ``key``, as a broker process would."""
+    async with dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) as conn:
+        await conn.request({"op": "broker_state", "key": int_to_bytes(key), "ports": ports, "links": []})
+
+
+@pytest.mark.parametrize("key, why", [
+    (2, "at least 3"),
+    (1 << 16, r"above 2\*\*ports"),
+    ("b0 * 3", "shares a factor with the key of broker 'b0'"),
+])
+async def test_a_key_that_cannot_route_is_refused_and_planning_goes_on(plane: Plane, key: Any, why: str) -> None:
+    (b0,) = await plane.start_brokers(1)
+    assert plane.do is not None
+    await until(lambda: "b0" in plane.do.brokers, "b0 registered")  # type: ignore[union-attr]
+    key = b0.key * 3 if key == "b0 * 3" else key
+    with pytest.raises(dcp.RemoteError, match=why) as info:
+        await register_broker(plane, "evil", key)
+    assert info.value.code == "bad_key"
+    producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
+    got: list[bytes] = []
+
+    @consumer.consume("t")
+    async def take(msg: dcp.Message) -> None:
+        got.append(bytes(msg.payload))
+
+    await producer.declare_produces("t")
+    await consumer.start()
+    await producer.start()
+    await until(lambda: producer.consumers.get("t") == ["consumer"], "the route of t, planned after the refusal")
+    assert await producer.publish("t", b"routed")
+    await until(lambda: got == [b"routed"], "the frame")
+
+
+async def test_a_recovered_overlay_with_clashing_keys_still_plans(plane: Plane) -> None:
+    """Records from before the checks (sqlite) may clash: planning leaves the clashing
+    broker out and keeps the others, links and all."""
+    b0, b1 = await plane.start_brokers(2)
+    assert plane.do is not None
+    await until(lambda: len(plane.do.overlay().links) == 1, "b0 - b1 registered and linked")  # type: ignore[union-attr]
+    plane.do.brokers["old"] = BrokerRecord("old", b1.key * 5, "127.0.0.1:1", 16, [], gone_at=time.monotonic())
+    overlay = plane.do.overlay()
+    assert overlay.keys == {"b0": b0.key, "b1": b1.key} and len(overlay.links) == 1
+    plane.do.brokers["old"].key = 2
+    assert plane.do.overlay().keys == {"b0": b0.key, "b1": b1.key}
+
+
+async def test_a_broker_back_under_a_new_name_takes_over_its_key(plane: Plane) -> None:
+    key = allocate_keys(1, 16)[0]
+    await register_broker(plane, "before", key)  # then its connection ends
+    await register_broker(plane, "after", key)
+    status = (await plane.admin({"op": "status"}))["status"]
+    assert [(b["name"], b["key"]) for b in status["brokers"]] == [("after", str(key))]
+    async with dcp.connect(plane.do_url, role="broker", name="after", reconnect=False) as conn:
+        await conn.request({"op": "broker_state", "key": int_to_bytes(key), "ports": 16, "links": []})
+        with pytest.raises(dcp.RemoteError, match="already has key") as info:
+            await register_broker(plane, "third", key)  # "after" is connected now
+    assert info.value.code == "same_key"
 
 
 async def test_deploy_errors_name_the_field(plane: Plane) -> None:

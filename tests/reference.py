@@ -2,10 +2,10 @@
 of the fuzz tests (tests/test_wire.py, tests/test_broker_protocol.py).
 
 Written from the specification, not from the fast code: the module docstring of
-:mod:`dcp.wire` (the fixed header, restated below), the ``Limits`` docstring, section 2
-of DESIGN.md (``out = (X mod key) & ~(1 << ingress) & attached``; hop limit; bits of
-unattached ports counted per copy) and the docstring and ``DROP_REASONS`` of
-:mod:`dcp.broker`.  Nothing here is fast: one whole ``bytes`` object, one frame at a
+:mod:`dcp.wire` (the fixed header, restated below), the ``Limits`` docstring, the
+routing contract of docs/design.md (``out = (X mod key) & ~(1 << ingress) & attached``;
+hop limit; bits of unattached ports counted per copy) and ``DROP_REASONS``
+(:mod:`dcp.forwarding`).  Nothing here is fast: one whole ``bytes`` object, one frame at a
 time, each field sliced out by its offset, no cache, no shortcut, no state carried
 from one frame to the next but where the stream is.  It imports no decoder or broker
 code: the error classes, the ``Limits`` bounds and the event types (plain

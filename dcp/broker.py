@@ -44,7 +44,7 @@ from ._loop import no_delay
 from ._serving import Serving
 from .backoff import Backoff
 from .link import Link
-from .routing import allocate_keys, int_to_bytes
+from .routing import int_to_bytes, random_key
 from .tls import client_context, server_context
 from .forwarding import DROP_REASONS, Drop, Forwarder, Write
 from .wire import Limits, encode_control
@@ -70,7 +70,7 @@ class Broker(Serving):
 
     def __init__(self, config: BrokerConfig | None = None) -> None:
         self.config = config or BrokerConfig()
-        self.key: int = self.config.key or allocate_keys(1, self.config.ports)[0]
+        self.key: int = self.config.key or random_key(self.config.ports)
         self.stateless = self.config.mode == "stateless"
         self.limits: Limits = self.config.limits
         self.slow_consumer = control.slow_consumer_policy(self.config.slow_consumer)  # of every port that does not choose its own

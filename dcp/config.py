@@ -104,7 +104,7 @@ class BrokerConfig(_FromSources):
 
     listen: str = field(default="127.0.0.1:7400", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
     name: str = field(default="", metadata=_opt("name of this broker in logs and on its links (default: its address)"))
-    key: int | None = field(default=None, metadata=_opt("prime key of this broker (default: the least prime above 2**ports)", type=int))
+    key: int | None = field(default=None, metadata=_opt("prime key of this broker, above 2**ports (default: a random prime below 2**(ports+1))", type=int))
     ports: int = field(default=64, metadata=_opt("number of ports (attachments) of this broker", type=int))
     mode: str = field(default="stateless", metadata=_opt("routing mode", choices=MODES))
     slow_consumer: str = field(

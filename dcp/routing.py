@@ -15,6 +15,7 @@ starts in milliseconds (``import sympy`` alone takes most of a second here).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 from math import gcd
 
@@ -22,6 +23,7 @@ from .errors import RoutingError
 
 __all__ = [
     "allocate_keys",
+    "random_key",
     "is_prime",
     "encode",
     "forward",
@@ -58,6 +60,27 @@ def allocate_keys(n: int, ports: int = 64, exclude: Iterable[int] = ()) -> list[
             keys.append(candidate)
     return keys
 
+
+def random_key(ports: int = 64, rng: random.Random | None = None) -> int:
+    """A prime key for a broker with ``ports`` ports, drawn at random from
+    ``(2**ports, 2**(ports + 1))``: brokers started with default settings then own
+    distinct keys (there are about ``2**ports / (ports * 0.69)`` primes to draw from;
+    the orchestrator and the link handshake refuse a clash with ``same_key``).
+
+    Raises:
+        RoutingError: ``ports < 1``.
+    """
+    if ports < 1:
+        raise RoutingError(f"a broker needs at least one port, got ports={ports}")
+    draw = rng or _SYSTEM_RANDOM
+    low = 1 << ports
+    while True:
+        candidate = low + 1 + draw.randrange(low - 1)  # in (2**ports, 2**(ports + 1))
+        if is_prime(candidate):
+            return candidate
+
+
+_SYSTEM_RANDOM = random.SystemRandom()
 
 # Bases that make Miller-Rabin exact below 3.3e24 (Sorenson and Webster, 2015): every
 # key of a broker with up to 81 ports.  Above that bound they can be fooled (psi_13 is

@@ -49,13 +49,14 @@ class Plane:
         assert self.do is not None
         return "dcp://%s:%d" % self.do.address
 
-    async def start_brokers(self, n: int, **settings: Any) -> list[Broker]:
+    async def start_brokers(self, n: int, default_keys: bool = False, **settings: Any) -> list[Broker]:
+        """``n`` brokers linked in a line; with ``default_keys``, each draws its own key."""
         assert self.do is not None
-        keys = allocate_keys(n, 16)
+        keys: list[int | None] = [None] * n if default_keys else list(allocate_keys(n, 16))
         for i, key in enumerate(keys):
             peers = (f"127.0.0.1:{self.brokers[-1].address[1]}",) if self.brokers else ()
             broker = Broker(BrokerConfig(
-                listen="127.0.0.1:0", key=key, ports=16, name=f"b{i}", peers=peers,
+                listen="127.0.0.1:0", key=key, ports=16, name=f"b{len(self.brokers)}", peers=peers,
                 orchestrator="%s:%d" % self.do.address, slow_consumer="pause", **settings,
             ))
             await broker.start()
@@ -266,6 +267,33 @@ async def test_registration_errors_are_clear(plane: Plane) -> None:
     async with dcp.connect(plane.do_url, role="broker", name="twin", reconnect=False) as conn:
         with pytest.raises(dcp.RemoteError, match="its own key"):
             await conn.request({"op": "broker_state", "key": plane.brokers[0].key.to_bytes(3, "big"), "links": []})
+
+
+async def test_brokers_with_default_settings_share_one_data_plane(plane: Plane) -> None:
+    """No hand-picked keys: four brokers started with defaults draw keys of their own,
+    and every stream crossing them is routed and delivered."""
+    brokers = await plane.start_brokers(4, default_keys=True)
+    assert len({b.key for b in brokers}) == 4
+    got: dict[str, list[bytes]] = {}
+    pairs = []
+    for i in range(4):  # a producer on each broker, its consumer on the one at the other end
+        producer, consumer = plane.agent(f"p{i}", i), plane.agent(f"c{i}", 3 - i)
+        topic = f"t{i}"
+        got[topic] = []
+
+        @consumer.consume(topic)
+        async def take(msg: dcp.Message) -> None:
+            got[msg.topic].append(bytes(msg.payload))
+
+        await producer.declare_produces(topic)
+        pairs.append((producer, consumer, topic))
+    for producer, consumer, _ in pairs:
+        await consumer.start()
+        await producer.start()
+    for producer, consumer, topic in pairs:
+        await until(lambda: producer.consumers.get(topic) == [consumer.name], f"the route of {topic}")
+        assert await producer.publish(topic, topic.encode())
+    await until(lambda: all(got[t] == [t.encode()] for t in got), "every stream delivered once")
 
 
 async def register_broker(plane: Plane, name: str, key: int, ports: int = 16) -> None:

@@ -7,6 +7,7 @@ under test must not import it.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.purity import copy_with_import, loaded
 from dcp.errors import DcpError, RoutingError
 from dcp.routing import (
     allocate_keys,
+    random_key,
     bitmap_of,
     encode,
     forward,
@@ -352,3 +354,24 @@ def test_allocate_keys_errors_say_why(n: int, ports: int, message: str) -> None:
     with pytest.raises(RoutingError) as info:
         allocate_keys(n, ports)
     assert str(info.value) == message
+
+
+# --------------------------------------------------------------------------- random_key
+
+
+@given(st.integers(1, 80), st.integers(0, 2**32))
+@settings(max_examples=60)
+def test_random_key_is_a_prime_in_the_port_range(ports: int, seed: int) -> None:
+    key = random_key(ports, random.Random(seed))
+    assert 2**ports < key < 2**(ports + 1)
+    assert sympy.isprime(key)
+
+
+def test_random_keys_of_default_brokers_differ() -> None:
+    keys = {random_key() for _ in range(50)}
+    assert len(keys) == 50  # about 2**58 primes to draw from
+
+
+def test_random_key_refuses_no_ports() -> None:
+    with pytest.raises(RoutingError, match="at least one port"):
+        random_key(0)

@@ -42,6 +42,7 @@ from tests.purity import copy_with_import, loaded
 from tests.waiting import until
 
 from .fuzzing import KEY, apply_mutations, executed, frame_starts, fuzz_settings, mutations, split
+from .loopback import LoopbackServer
 from .test_broker_protocol import FakeTransport, fresh_broker, quiet_broker_logs
 
 FAR_KEY = allocate_keys(1, 8)[0]  # the key of the peer a link dials
@@ -449,36 +450,17 @@ def test_a_valid_welcome_brings_the_link_up_and_a_second_is_ignored(loop) -> Non
     assert broker.attached >> link.port & 1 and not conn.closing
 
 
-class MalformedPeer:
+class MalformedPeer(LoopbackServer):
     """Answers every link hello with a welcome that has ``field`` set to ``value``."""
 
     def __init__(self, field: str, value: object) -> None:
+        super().__init__()
         self.welcome = encode_control({**VALID_WELCOME.to_body(), field: value})
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"{host}:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        try:
-            await reader.read(65536)  # the hello
-            writer.write(self.welcome)
-            await reader.read()  # until the broker gives up on it
-        except ConnectionError:
-            pass
-        finally:
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # the hello
+        writer.write(self.welcome)
+        await reader.read()  # until the broker gives up on it
 
 
 @pytest.mark.parametrize("field, value", [("key", "5"), ("port", "5"), ("name", 7)])

@@ -18,6 +18,7 @@ import pytest
 import dcp
 from dcp.routing import allocate_keys
 from dcp.topology import Overlay, OverlayLink, build_tree
+from tests.loopback import LoopbackServer
 from tests.waiting import until as wait_until
 
 FAST_LINKS = ("--ports", "16", "--slow-consumer", "pause", "--link-ping-interval-s", "0.1", "--link-timeout-s", "1", "--link-retry-max-s", "0.1")
@@ -26,28 +27,21 @@ FAST_LINKS = ("--ports", "16", "--slow-consumer", "pause", "--link-ping-interval
 until = partial(wait_until, timeout=15)
 
 
-class CuttableProxy:
+class CuttableProxy(LoopbackServer):
     """Forwards TCP connections to ``target``; ``cut()`` breaks them all until ``restore()``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__()
         self.target = target
         self.refusing = False
         self.accepted = 0
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"{host}:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
-            writer.transport.abort()
             return
         self.accepted += 1
         up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers |= {writer, up_writer}
+        self.writers.add(up_writer)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -59,21 +53,14 @@ class CuttableProxy:
             pass
         finally:
             writer.transport.abort()
-            self._writers.discard(writer)
+            self.writers.discard(writer)
 
     def cut(self) -> None:
         self.refusing = True
-        for writer in list(self._writers):
-            writer.transport.abort()
+        self.abort_all()
 
     def restore(self) -> None:
         self.refusing = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 async def admin_stats(url: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from dcp.wire import DEFAULT_HOPS, ControlFrame, Decoder, encode_control
 from tests.waiting import until as wait_until
 
 from .conftest import url_of
+from .loopback import LoopbackServer
 
 PORTS = 8
 
@@ -180,56 +181,40 @@ async def test_pings_measure_the_round_trip_at_both_ends(make_broker) -> None:  
         assert isinstance(stats["rtt_ms"], float) and 0 < stats["rtt_ms"] < 5000, stats
 
 
-class MutePeer:
+class MutePeer(LoopbackServer):
     """Answers a link's hello with a welcome, then never says anything again."""
 
     def __init__(self, key: int) -> None:
+        super().__init__()
         self.key = key
         self.hellos: list[dict[str, Any]] = []
         self.connections = 0
         self.second_hello = asyncio.Event()
         self.release = asyncio.Event()  # the welcome of later connections waits for this
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return f"{host}:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         number = self.connections
-        self._writers.append(writer)
         decoder = Decoder()
-        try:
-            events: list[Any] = []
-            while not events:
-                data = await reader.read(65536)
-                if not data:
-                    return
-                events.extend(decoder.feed(data))
-            assert isinstance(events[0], ControlFrame)
-            self.hellos.append(events[0].body)
-            if number >= 2:
-                self.second_hello.set()
-                await self.release.wait()
-            welcome = {"op": "welcome", "re": 0, "key": int_to_bytes(self.key), "port": 5, "name": "mute"}
-            writer.write(encode_control(welcome))
-            while await reader.read(65536):  # pings: read, never answered
-                pass
-        except ConnectionError:
+        events: list[Any] = []
+        while not events:
+            data = await reader.read(65536)
+            if not data:
+                return
+            events.extend(decoder.feed(data))
+        assert isinstance(events[0], ControlFrame)
+        self.hellos.append(events[0].body)
+        if number >= 2:
+            self.second_hello.set()
+            await self.release.wait()
+        welcome = {"op": "welcome", "re": 0, "key": int_to_bytes(self.key), "port": 5, "name": "mute"}
+        writer.write(encode_control(welcome))
+        while await reader.read(65536):  # pings: read, never answered
             pass
-        finally:
-            writer.transport.abort()
 
     async def close(self) -> None:
         self.release.set()
-        for writer in self._writers:
-            writer.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await super().close()
 
 
 async def test_a_peer_that_stops_answering_pings_is_cut_and_redialled(make_broker) -> None:  # type: ignore[no-untyped-def]

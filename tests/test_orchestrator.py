@@ -75,6 +75,20 @@ class Plane:
         self.agents.append(agent)
         return agent
 
+    async def pair(
+        self, topic: str = "t", producer_at: int = 0, consumer_at: int = 0, names: tuple[str, str] = ("producer", "consumer")
+    ) -> tuple[dcp.DataAgent, dcp.DataAgent, list[bytes]]:
+        """A producer of ``topic`` and a consumer keeping its payloads in the list returned; not started."""
+        producer, consumer = self.agent(names[0], producer_at), self.agent(names[1], consumer_at)
+        got: list[bytes] = []
+
+        @consumer.consume(topic)
+        async def take(msg: dcp.Message) -> None:
+            got.append(bytes(msg.payload))
+
+        await producer.declare_produces(topic)
+        return producer, consumer, got
+
     async def admin(self, body: dict[str, Any]) -> dict[str, Any]:
         async with dcp.connect(self.do_url, role="admin", name="test", reconnect=False) as admin:
             return await admin.request(body)
@@ -274,26 +288,15 @@ async def test_brokers_with_default_settings_share_one_data_plane(plane: Plane) 
     and every stream crossing them is routed and delivered."""
     brokers = await plane.start_brokers(4, default_keys=True)
     assert len({b.key for b in brokers}) == 4
-    got: dict[str, list[bytes]] = {}
-    pairs = []
-    for i in range(4):  # a producer on each broker, its consumer on the one at the other end
-        producer, consumer = plane.agent(f"p{i}", i), plane.agent(f"c{i}", 3 - i)
-        topic = f"t{i}"
-        got[topic] = []
-
-        @consumer.consume(topic)
-        async def take(msg: dcp.Message) -> None:
-            got[msg.topic].append(bytes(msg.payload))
-
-        await producer.declare_produces(topic)
-        pairs.append((producer, consumer, topic))
+    # a producer on each broker, its consumer on the broker at the other end
+    pairs = [await plane.pair(f"t{i}", i, 3 - i, (f"p{i}", f"c{i}")) for i in range(4)]
     for producer, consumer, _ in pairs:
         await consumer.start()
         await producer.start()
-    for producer, consumer, topic in pairs:
-        await until(lambda: producer.consumers.get(topic) == [consumer.name], f"the route of {topic}")
-        assert await producer.publish(topic, topic.encode())
-    await until(lambda: all(got[t] == [t.encode()] for t in got), "every stream delivered once")
+    for i, (producer, consumer, _) in enumerate(pairs):
+        await until(lambda: producer.consumers.get(f"t{i}") == [consumer.name], f"the route of t{i}")
+        assert await producer.publish(f"t{i}", b"%d" % i)
+    await until(lambda: [got for _, _, got in pairs] == [[b"%d" % i] for i in range(4)], "every stream delivered once")
 
 
 async def register_broker(plane: Plane, name: str, key: int, ports: int = 16) -> None:
@@ -315,14 +318,7 @@ async def test_a_key_that_cannot_route_is_refused_and_planning_goes_on(plane: Pl
     with pytest.raises(dcp.RemoteError, match=why) as info:
         await register_broker(plane, "evil", key)
     assert info.value.code == "bad_key"
-    producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
-    got: list[bytes] = []
-
-    @consumer.consume("t")
-    async def take(msg: dcp.Message) -> None:
-        got.append(bytes(msg.payload))
-
-    await producer.declare_produces("t")
+    producer, consumer, got = await plane.pair("t")
     await consumer.start()
     await producer.start()
     await until(lambda: producer.consumers.get("t") == ["consumer"], "the route of t, planned after the refusal")
@@ -573,15 +569,8 @@ async def test_a_policy_denying_publish_gives_a_refused_route_with_no_consumers(
     plane = bare_plane
     await plane.start_do(policy_file=str(policy))
     (b0,) = await plane.start_brokers(1)
-    producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
+    producer, consumer, got = await plane.pair("t")
     pushes = record_routes(producer)
-    got: list[bytes] = []
-
-    @consumer.consume("t")
-    async def take(msg: dcp.Message) -> None:
-        got.append(bytes(msg.payload))
-
-    await producer.declare_produces("t")
     await consumer.start()  # registered first: a consumer the policy must keep the stream from
     await producer.start()
     await until(lambda: pushes, "the route of t")

@@ -223,14 +223,7 @@ async def test_the_orchestrator_resigns_before_a_tag_expires(signing_plane: Plan
     plane, ttl = signing_plane, 2
     await plane.start_do(secret_file=secret_file, route_ttl_s=ttl)
     (verifier,) = await plane.start_brokers(1, verify_routes=True, secret_file=secret_file)
-    producer, consumer = plane.agent("producer", 0), plane.agent("consumer", 0)
-    got: list[bytes] = []
-
-    @consumer.consume("t")
-    async def take(msg: dcp.Message) -> None:
-        got.append(bytes(msg.payload))
-
-    await producer.declare_produces("t")
+    producer, consumer, got = await plane.pair("t")
     for agent in (consumer, producer):
         await agent.start()
     await producer.wait_route("t")

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given
@@ -631,3 +631,214 @@ def test_fuzz_orchestrator_control_gets_errors_or_valid_replies(caplog, data: st
     for conn in conns:
         for frame in control_frames(conn.transport):
             control.parse_answer(frame.body)
+
+
+# --------------------------------------------------------------------------- pinned by mutation testing
+#
+# The kinds, fields and record lists of dcp.control are built when the module is
+# imported; these build their own at test time, so that a change in how they are
+# built shows (docs/mutation.md).
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeReply(control.Reply):
+    op: ClassVar[str] = "probe_reply"
+
+
+def probe_record() -> Any:
+    """A record type (no op) with a required field and one with its own error code,
+    made at test time (a module-level one would be made before a mutant is chosen)."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ProbeRecord(control.Message):
+        n: int = control._field(control.UINT)
+        s: str = control._field(control.STR, "d", code="bad_s")
+
+    return ProbeRecord
+
+
+def test_an_int_kind_says_its_range_and_accepts_ints_within_it_only() -> None:
+    kind = control._ints(-1, 3)
+    assert kind.what == "an int in [-1, 3]"
+    assert [kind.accepts(v) for v in (-1, 0, 3)] == [True, True, True]
+    assert [kind.accepts(v) for v in (-2, 4, 1.0, "1", None, True)] == [False] * 6
+    assert kind.decode(2) == kind.encode(2) == 2
+
+
+def test_a_one_of_kind_names_its_choices_and_accepts_those_strings_only() -> None:
+    kind = control._one_of(("a", "b"))
+    assert kind.what == "one of a, b"
+    assert [kind.accepts(v) for v in ("a", "b")] == [True, True]
+    assert [kind.accepts(v) for v in ("c", "", b"a", ["a"], None)] == [False] * 5
+
+
+def test_a_limit_kind_accepts_what_limits_takes() -> None:
+    kind = control._limit("max_topic")
+    assert kind.what == "an int within the range of Limits.max_topic"
+    assert [kind.accepts(v) for v in (1, 255, 0xFFFF)] == [True, True, True]
+    assert [kind.accepts(v) for v in (0, -1, 0x10000, 255.0, "255", None)] == [False] * 6
+    frame = control._limit("max_frame")
+    assert [frame.accepts(v) for v in (HEADER_SIZE, HEADER_SIZE + 1, 2**32 - 1, 2**32)] == [False, True, True, False]
+
+
+def test_a_wait_of_true_is_not_a_number_of_seconds() -> None:
+    with pytest.raises(BadRequest) as info:
+        control.parse_request({"op": "link", "peer": "127.0.0.1:9", "wait": True})
+    assert str(info.value) == "link: wait must be a number of seconds >= 0, got True"
+    assert control.parse_request({"op": "link", "peer": "p", "wait": 0}) == control.Link(peer="p", wait=0)
+
+
+def test_counters_are_element_names_to_maps_of_known_counters_to_numbers() -> None:
+    accepts = control.COUNTERS.accepts
+    assert accepts({}) and accepts({"e": {}}) and accepts({"e": {"in": 1, "latency_ms": 2.5}})
+    bads: list[Any] = [[], {"e": 5}, {1: {"in": 1}}, {"e": {"bogus": 1}}, {"e": {"in": "x"}}, {"e": {"in": float("nan")}}]
+    for bad in bads:
+        assert not accepts(bad), bad
+
+
+def test_assignments_are_element_names_to_lists_of_agent_names() -> None:
+    accepts = control.ASSIGNMENTS.accepts
+    assert accepts({}) and accepts({"e": []}) and accepts({"e": ["a", "b"]})
+    bads: list[Any] = [[], "", {"e": 5}, {1: ["a"]}, {"e": [1]}, {"e": ["a", None]}]
+    for bad in bads:
+        assert accepts(bad) is False, bad
+
+
+def test_a_field_is_required_unless_it_has_a_default_and_keeps_its_code() -> None:
+    ProbeRecord = probe_record()
+    assert ProbeRecord.from_body({"n": 1}) == ProbeRecord(n=1, s="d")
+    assert ProbeRecord.from_body({"n": 1, "s": "x"}).to_body() == {"n": 1, "s": "x"}
+    with pytest.raises(BadRequest) as info:
+        ProbeRecord.from_body({"s": "x"})
+    assert (str(info.value), info.value.field, info.value.code) == ("n is required", "n", "bad_request")
+    with pytest.raises(BadRequest) as info:
+        ProbeRecord.from_body({"n": 1, "s": 5})
+    assert (str(info.value), info.value.field, info.value.code) == ("s must be a string, got 5", "s", "bad_s")
+    [n, s] = dataclasses.fields(ProbeRecord)
+    assert (n.default, dict(n.metadata)) == (dataclasses.MISSING, {"kind": control.UINT, "code": None})
+    assert (s.default, dict(s.metadata)) == ("d", {"kind": control.STR, "code": "bad_s"})
+
+
+def test_a_request_type_knows_the_type_of_its_reply() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ProbeRequest(control.Request[ProbeReply]):
+        op: ClassVar[str] = "probe"
+
+    class ProbeAgain(ProbeRequest):  # not generic itself: its base's reply
+        pass
+
+    assert ProbeRequest.reply is ProbeReply and ProbeAgain.reply is ProbeReply
+    assert control.Unsubscribe.reply is control.Ok and control.Hello.reply is control.Welcome
+
+
+def test_a_record_list_decodes_each_record_and_says_which_one_is_bad() -> None:
+    ProbeRecord = probe_record()
+    kind = control._records(ProbeRecord)
+    assert kind.what == "a list of maps (ProbeRecord)"
+    assert kind.accepts([]) and kind.accepts([{}, {"n": 1}])
+    values: list[Any] = [{}, [1], [{}, "x"], None]
+    assert [kind.accepts(v) for v in values] == [False] * 4
+    assert kind.decode([{"n": 1}, {"n": 2, "s": "e"}]) == [ProbeRecord(n=1), ProbeRecord(n=2, s="e")]
+    assert kind.encode([ProbeRecord(n=1), ProbeRecord(n=2, s="e")]) == [{"n": 1, "s": "d"}, {"n": 2, "s": "e"}]
+    with pytest.raises(BadRequest) as info:
+        kind.decode([{"n": 1}, {"n": 2, "s": 5}])
+    error = info.value
+    assert (error.op, error.field, error.reason, error.code) == ("", "[1].s", "[1].s must be a string, got 5", "bad_s")
+    assert str(error) == "[1].s must be a string, got 5" and error.__cause__ is None and error.__suppress_context__
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ProbeList(control.Message):
+        op: ClassVar[str] = "probe_list"
+        items: list[Any] = control._field(kind)
+
+    with pytest.raises(BadRequest) as info:
+        ProbeList.from_body({"op": "probe_list", "items": [{"n": 1, "s": 5}]})
+    error = info.value
+    assert (str(error), error.op, error.field, error.code) == (
+        "probe_list: items[0].s must be a string, got 5", "probe_list", "items[0].s", "bad_s"
+    )
+
+
+def test_a_message_of_another_op_is_refused_naming_both() -> None:
+    with pytest.raises(BadRequest) as info:
+        control.Ping.from_body({"op": "pong", "id": 1})
+    assert (str(info.value), info.value.op, info.value.field, info.value.code) == (
+        "ping: expected op 'ping', got 'pong'", "ping", "op", "bad_request"
+    )
+    with pytest.raises(BadRequest, match="^ping: expected op 'ping', got None$"):
+        control.Ping.from_body({})
+
+
+def test_a_required_field_with_its_own_code_keeps_it_when_missing() -> None:
+    for body, text, code in [
+        ({"op": "subscribe"}, "subscribe: topic is required", "bad_topic"),
+        ({"op": "policy"}, "policy: slow_consumer is required", "bad_policy"),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            control.parse_request(body)
+        assert (str(info.value), info.value.code) == (text, code)
+
+
+def test_a_quoted_value_is_cut_to_60_characters() -> None:
+    assert control._short("a" * 58) == repr("a" * 58)  # 60 characters: kept
+    assert control._short("a" * 59) == repr("a" * 59)[:57] + "..."
+    assert len(control._short("a" * 59)) == 60 and control._short(5) == "5"
+    with pytest.raises(BadRequest) as info:
+        control.parse_request({"op": "ping", "id": -1})
+    assert str(info.value) == "ping: id must be an int in [0, 18446744073709551615], got -1"
+
+
+def test_a_record_body_has_no_op() -> None:
+    assert control.PortReport(port=1, name="a").to_body() == {"port": 1, "name": "a"}
+    assert control.Ping(id=3).to_body() == {"op": "ping", "id": 3}
+
+
+@pytest.mark.parametrize("op, text", [("launch", "launch: unknown control op 'launch'"), (5, "5: unknown control op 5")])
+def test_an_unknown_op_is_named(op: object, text: str) -> None:
+    for parse in (control.parse_request, control.parse_answer):
+        with pytest.raises(BadRequest) as info:
+            parse({"op": op})
+        assert (str(info.value), info.value.op, info.value.field, info.value.code) == (text, str(op), "op", "unknown_op")
+
+
+def test_a_request_id_is_a_uint_or_none() -> None:
+    assert control.request_id({"op": "ping", "id": 5}) == 5
+    assert control.request_id({"id": 0}) == 0 and control.request_id({"id": 2**64 - 1}) == 2**64 - 1
+    for body in ({}, {"id": -1}, {"id": 2**64}, {"id": "5"}, {"ID": 5}, {"re": 5}):
+        assert control.request_id(body) is None, body
+
+
+def test_a_permission_table_must_have_a_cell_per_role_and_known_codes_only() -> None:
+    every_code = ("", *control._REASONS)
+    roles = ("", *(f"r{i}" for i in range(len(every_code) - 1)))
+    table = control.Permissions("x", roles, {"ping": every_code})  # every code used: accepted
+    assert table.code("r0", "ping") == "already_attached"
+    with pytest.raises(AssertionError, match="^x$"):
+        control.Permissions("x", ("", "a"), {"ping": ("",)})
+    with pytest.raises(AssertionError, match="^x$"):
+        control.Permissions("x", ("a", ""), {"ping": ("", "")})
+    with pytest.raises(AssertionError, match="^x$"):
+        control.Permissions("x", ("", "a"), {"ping": ("", "nope")})
+
+
+def test_a_refusal_says_the_op_the_role_and_the_daemon() -> None:
+    assert control.BROKER.refusal("agent", "launch") == control.Refusal(
+        "unknown_op", "unknown control op 'launch' for an agent connection to a broker", False
+    )
+    assert control.ORCHESTRATOR.refusal("", "token") == control.Refusal("hello_first", "send hello before token", False)
+    assert control.BROKER.requiring_token().refusal("", "ping") == control.Refusal(
+        "token_missing", "'ping' before hello: this broker admits only connections with a token", True
+    )
+    assert control.BROKER.refusal("peer", "subscribe") == control.Refusal(
+        "not_attached", "subscribe needs an agent attached by its hello, not a peer link", False
+    )
+    assert control.BROKER.refusal("agent", "ping") is None
+
+
+def test_a_hello_with_a_role_the_daemon_does_not_have_is_refused_naming_the_role() -> None:
+    with pytest.raises(BadRequest) as info:
+        control.BROKER.check_role(control.Hello(role="broker"))
+    assert (str(info.value), info.value.op, info.value.field) == (
+        "hello: role must be one of agent, admin, peer, got 'broker'", "hello", "role"
+    )
+    control.ORCHESTRATOR.check_role(control.Hello(role="broker"))

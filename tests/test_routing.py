@@ -375,3 +375,9 @@ def test_random_keys_of_default_brokers_differ() -> None:
 def test_random_key_refuses_no_ports() -> None:
     with pytest.raises(RoutingError, match="at least one port"):
         random_key(0)
+
+
+def test_random_key_defaults_to_64_ports() -> None:
+    """Pinned by the second mutation run (docs/mutation.md): the default is a key of 65 bits."""
+    assert all(random_key().bit_length() == 65 for _ in range(5))
+    assert random_key(rng=random.Random(1)).bit_length() == 65

@@ -668,3 +668,12 @@ def test_cycle_search_is_linear_in_a_dag_of_many_paths() -> None:
     start = time.perf_counter()
     check(spec)
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("policy", ["drop-newest", "drop-oldest", "pause", "drop"])
+def test_an_element_may_set_any_slow_consumer_policy_in_its_params(policy: str) -> None:
+    """Pinned by the second mutation run: the policy named in the params is the one checked."""
+    data = with_element("stage", 0, params={"slow_consumer": policy})
+    spec = parse_spec(data)
+    [stage] = [e for e in spec.elements if e.name == data["stage"][0]["name"]]
+    assert stage.params == {"slow_consumer": policy}

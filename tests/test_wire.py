@@ -925,3 +925,62 @@ def test_a_long_x_field_with_leading_zero_bytes_is_counted_in_bits() -> None:
         assert Decoder(limits).feed(raw_frame(x_field, b"t")) == [DataFrame("t", b"p", x)]
     [rejected] = Decoder(limits).feed(raw_frame(b"\x01\x00\x00", b"t", msg_id=9))
     assert isinstance(rejected.error, RouteTooLarge) and rejected.msg_id == 9
+
+
+# --------------------------------------------------------------------------- second mutation run (docs/mutation.md)
+
+from dcp.wire import Reassembly, scan  # noqa: E402
+
+
+def test_a_reassembly_needs_0_until_the_header_is_whole_and_holds_nothing_once_the_frame_is() -> None:
+    frame = encode_data("t", b"0123456789", 5)
+    held = Reassembly(Limits())
+    assert (held.pieces, held.size, held.need) == ([], 0, 0)
+    held.hold(frame[:10])
+    assert (held.pieces, held.size, held.need) == ([frame[:10]], 10, 0)
+    assert held.add(frame[10:20]) is None
+    assert (held.size, held.need) == (20, 0)
+    assert held.add(frame[20:30]) is None
+    assert (held.size, held.need) == (30, len(frame))
+    tail = frame[30:] + b"next"
+    done = held.add(tail)
+    assert done is not None
+    pieces, used = done
+    assert (b"".join(pieces), used) == (frame, len(frame) - 30)
+    assert (held.pieces, held.size, held.need) == ([], 0, 0)
+    held.hold(frame[:28])
+    assert held.need == len(frame)
+    assert held.truncated() is not None and (held.pieces, held.size, held.need) == ([], 0, 0)
+
+
+def test_scan_marks_a_data_frame_that_repeats_the_flags_lengths_and_route_bytes_of_the_data_frame_before_it() -> None:
+    a = raw_frame(b"\x05", b"t", b"1")
+    a_other_payload = raw_frame(b"\x05", b"t", b"22")
+    ping = encode_control({"op": "ping"})
+    split_otherwise = raw_frame(b"\x05t", b"")  # the same route bytes, X and topic split otherwise
+    flagged = raw_frame(b"\x05t", b"", flags=0x02)  # another flags byte
+    other_hops = HEADER.pack(VERSION, DATA, 0x02, 7, 2, 0, 1, 0, 0) + b"\x05tp"  # only the hop limit differs
+    unknown = raw_frame(b"", b"", ftype=3)
+    stream = a + a_other_payload + ping + ping + a + split_otherwise + flagged + other_hops + unknown + unknown + flagged[:30]
+    found: list = []
+    end = scan(stream, 0, Limits(), found)
+    assert end == len(stream) - 30  # the incomplete last frame is not found
+    starts = [0]
+    for f in (a, a_other_payload, ping, ping, a, split_otherwise, flagged, other_hops, unknown):
+        starts.append(starts[-1] + len(f))
+    assert [(start, header[1], repeat) for start, header, repeat in found] == [
+        (starts[0], DATA, False),
+        (starts[1], DATA, True),
+        (starts[2], CONTROL, False),
+        (starts[3], CONTROL, False),  # only data frames repeat
+        (starts[4], DATA, True),  # the data frame before it, a control frame between
+        (starts[5], DATA, False),
+        (starts[6], DATA, False),
+        (starts[7], DATA, True),
+        (starts[8], 3, False),
+        (starts[9], 3, False),
+    ]
+    assert [header for _, header, _ in found][7] == HEADER.unpack_from(other_hops)
+    later: list = []
+    assert scan(stream, starts[1], Limits(), later) == end  # a new call: the first data frame is not a repeat
+    assert later[0] == (starts[1], HEADER.unpack_from(a_other_payload), False)

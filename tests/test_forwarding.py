@@ -21,6 +21,8 @@ from dcp.errors import FrameTooLarge, RemoteProtocolError
 from dcp.forwarding import JOIN_LIMIT, Control, Drop, Forwarder, Write
 from dcp.wire import SIGNED_ROUTE, Limits
 
+from .test_reference import frame as written_frame
+
 KEY = 65537  # prime, > 2**16: X mod KEY is the out bitmap of 16 ports
 TAG = bytes(range(100, 124))  # a route tag: 24 bytes (no verifier checks its MAC unless given one)
 
@@ -35,15 +37,9 @@ class FakePorts:
     table: dict[bytes, int] = field(default_factory=dict)
 
 
-def frame(x: bytes = b"", topic: bytes = b"t", payload: bytes = b"p", *, ftype: int = 1, flags: int = 0,
-          hops: int = 5, msg_id: int = 7, ts: int = 9, version: int = 1) -> bytes:
-    """A frame, its fixed header written field by field."""
-    return (
-        bytes([version, ftype, flags, hops])
-        + len(x).to_bytes(2, "big") + len(topic).to_bytes(2, "big") + len(payload).to_bytes(4, "big")
-        + msg_id.to_bytes(8, "big") + ts.to_bytes(8, "big")
-        + x + topic + payload
-    )
+def frame(x: bytes = b"", topic: bytes = b"t", payload: bytes = b"p", **fields: int) -> bytes:
+    """A frame, its fixed header written field by field (tests/test_reference.py), payload ``b"p"`` by default."""
+    return written_frame(x, topic, payload, **fields)
 
 
 def data(out: int, topic: bytes = b"t", payload: bytes = b"p", **header: Any) -> bytes:

@@ -98,6 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         secret_file = Path(tmp) / "secret"
         secret_file.write_bytes(secret)
+        secret_file.chmod(0o600)  # load_secret refuses a secret others may read
         signer = RouteSigner(secret)
         expires = int(time.time()) + 3600
         payload = bytes(args.size)

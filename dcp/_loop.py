@@ -1,9 +1,11 @@
 """The event loop and transport set-up every dcp process shares: uvloop, no Nagle
-delay, and writes of small frames gathered into few system calls."""
+delay, writes of small frames gathered into few system calls, and the open-file limit."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -27,6 +29,40 @@ def no_delay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not a TCP socket
             pass
+
+
+# Tried in turn when the hard open-file limit is unlimited (macOS): the kernel caps the soft one.
+_UNLIMITED_TRIES = (1 << 20, 10240)
+
+
+def raise_open_file_limit() -> tuple[int, int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as far as the system
+    lets it; return (soft before, soft now, hard).  ``resource.RLIM_INFINITY`` stands
+    for no limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite:
+        for target in (hard,) if hard != infinite else _UNLIMITED_TRIES:
+            if target <= soft:
+                break
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):  # above what the kernel allows (an unlimited hard limit)
+                continue
+            soft = target
+            break
+    return before, soft, hard
+
+
+def open_file_count() -> int:
+    """The file descriptors this process has open now (0 where the system does not say)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return max(0, len(os.listdir(listing)) - 1)  # less the one listdir opened
+        except OSError:
+            continue
+    return 0
 
 
 class CoalescedWriter:

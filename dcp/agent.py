@@ -36,6 +36,10 @@ with ``--require-token``).  A refusal is never retried: ``start()`` raises it as
 the agent and ``run()`` raises it; the orchestrator refusing it at a reconnect is
 logged as an error and the agent goes on with the routes it has.  ``dcps://`` URLs
 are dialled over TLS, verified with ``tls_ca=`` (a CA file) or the system's CAs.
+``tls_ca=`` with a plain ``dcp://`` URL among them (the default orchestrator's
+included) is a ``ConfigError``: the agent would talk to that server, token and all,
+in clear.  A token sent over plain TCP to an address other than loopback is logged
+at warning.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._guard import safe
 from .backoff import Backoff
-from .client import OVERFLOW_POLICIES, Connection, Message, refused
+from .client import OVERFLOW_POLICIES, Connection, Message, parse_url, refused
 from .control import Assign, Register, Report, Route, Unassign, slow_consumer_policy
 from .control import Message as ControlMessage
 from .errors import ConfigError, ConnectionClosed, DcpError, RemoteError
@@ -61,6 +66,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ORCHESTRATOR = "dcp://127.0.0.1:7300"
 Handler = Callable[..., Awaitable[Any]]
+
+
+def _check_tls(brokers: Sequence[str], orchestrator: str) -> None:
+    """``tls_ca`` is given: every URL must be ``dcps://`` or bare (then dialled over TLS).
+
+    Raises:
+        ConfigError: a plain ``dcp://`` URL, which would be dialled without TLS.
+    """
+    named = [("broker", url) for url in brokers] + [("orchestrator", orchestrator)]
+    for what, url in named:
+        if parse_url(url)[0] == "dcp":
+            default = " (the default)" if what == "orchestrator" and url == DEFAULT_ORCHESTRATOR else ""
+            raise ConfigError(
+                f"tls_ca is given, but the {what} URL {url!r}{default} is plain dcp://: this agent would talk to it, "
+                f"token included, without TLS; use {'dcps://' + url[len('dcp://'):]!r} (tls_ca applies to every server the agent dials)"
+            )
 
 
 @dataclass
@@ -115,6 +136,8 @@ class DataAgent:
         self.brokers = [broker] if isinstance(broker, str) else list(broker)
         if not self.brokers:
             raise ConfigError("a data agent needs at least one broker URL")
+        if tls_ca:
+            _check_tls(self.brokers, orchestrator)
         self.orchestrator_url = orchestrator
         self.buffer = buffer
         self.overflow = overflow
@@ -299,9 +322,9 @@ class DataAgent:
         return task
 
     def _connection(self, url: str, **options: Any) -> Connection:
-        """A connection of this agent to ``url``, with its name, token and, unless the URL is ``dcp://``, TLS CA."""
-        tls_ca = None if url.startswith("dcp://") else self.tls_ca
-        return Connection(url, name=self.name, token=self.token, tls_ca=tls_ca, **options)
+        """A connection of this agent to ``url``, with its name, token and TLS CA (never
+        a ``dcp://`` URL with a CA: the constructor refused that)."""
+        return Connection(url, name=self.name, token=self.token, tls_ca=self.tls_ca, **options)
 
     # -- the broker side ------------------------------------------------------------------
 
@@ -334,18 +357,18 @@ class DataAgent:
                 await conn.open(retry=True)
             except (DcpError, OSError) as exc:
                 if refused(exc):  # the next broker would say the same: the same secret signs for all
-                    log.error("%s: broker %s refused our token (%s); the agent stops", self.name, url, exc)
+                    log.error("%s: broker %s refused our token (%s); the agent stops", safe(self.name), url, safe(exc))
                     self.failure = exc
                     self._stopped.set()
                     return
-                log.warning("%s: broker %s unreachable (%s)", self.name, url, exc)
+                log.warning("%s: broker %s unreachable (%s)", safe(self.name), url, safe(exc))
                 continue
             self.broker = conn
             try:
                 async for msg in conn.messages():
                     await self._dispatch(msg)
             except ConnectionClosed:
-                log.warning("%s: lost broker %s for good; trying the next one", self.name, url)
+                log.warning("%s: lost broker %s for good; trying the next one", safe(self.name), url)
             finally:
                 await conn.close()
 
@@ -358,7 +381,7 @@ class DataAgent:
         try:
             await broker.set_slow_consumer(policy)
         except (DcpError, ConfigError) as exc:
-            log.error("%s: the broker refused slow_consumer=%r for %s: %s", self.name, policy, element, exc)
+            log.error("%s: the broker refused slow_consumer=%r for %s: %s", safe(self.name), policy, safe(element), safe(exc))
 
     async def _attached_again(self, conn: Connection) -> None:
         """Every (re)attachment: the port may have changed, so tell the orchestrator."""
@@ -372,7 +395,7 @@ class DataAgent:
         try:
             await self._register(self.orchestrator)
         except DcpError as exc:
-            log.warning("%s: could not re-register: %s", self.name, exc)
+            log.warning("%s: could not re-register: %s", safe(self.name), safe(exc))
 
     async def _register(self, conn: Connection) -> None:
         broker = self.broker
@@ -397,7 +420,7 @@ class DataAgent:
             if element is not None and element.task is not None:
                 element.task.cancel()
         else:
-            log.warning("%s: ignoring a %s the orchestrator sent unasked", self.name, push.op)
+            log.warning("%s: ignoring a %s the orchestrator sent unasked", safe(self.name), safe(push.op))
 
     def _route(self, route: Route) -> None:
         topic = route.topic
@@ -415,7 +438,7 @@ class DataAgent:
             self.route_brokers.pop(topic, None)
         self.consumers[topic] = list(route.consumers)
         if route.refused:
-            log.warning("%s may not publish %s: %s", self.name, topic, route.refused)
+            log.warning("%s may not publish %s: %s", safe(self.name), safe(topic), safe(route.refused))
         self.route_changed.set()
         self.route_changed = asyncio.Event()
 
@@ -433,7 +456,7 @@ class DataAgent:
                 element.batch_timeout_s = float(params.get("batch_timeout_s", element.batch_timeout_s))
                 element.window_s = float(params["window_s"]) if "window_s" in params else None
             except (TypeError, ValueError):
-                log.error("%s: bad batch/window params for %s: %r", self.name, key, params)
+                log.error("%s: bad batch/window params for %s: %s", safe(self.name), safe(key), safe(repr(params), 512))
             if "slow_consumer" in params:
                 self._spawn(self._set_slow_consumer(str(params["slow_consumer"]), key))
         self.elements[key] = element
@@ -441,7 +464,7 @@ class DataAgent:
             self.produces.add(emits)
         if element.kind == "source":
             element.task = self._spawn(self._run_source(element))
-        log.info("%s runs %s (%s)", self.name, key, assign.capability)
+        log.info("%s runs %s (%s)", safe(self.name), safe(key), safe(assign.capability))
 
     # -- running elements --------------------------------------------------------------
 
@@ -482,7 +505,7 @@ class DataAgent:
             result = await (element.handler(arg, element.params) if element.params is not None else element.handler(arg))
         except Exception:
             element.errors += 1
-            log.exception("%s: handler of %s failed", self.name, element.key)
+            log.exception("%s: handler of %s failed", safe(self.name), safe(element.key))
             return
         await self._emit(element, result)
 
@@ -511,7 +534,7 @@ class DataAgent:
             raise
         except Exception:
             element.errors += 1
-            log.exception("%s: source %s failed", self.name, element.key)
+            log.exception("%s: source %s failed", safe(self.name), safe(element.key))
 
     # -- publishing and reporting ----------------------------------------------------------
 

@@ -21,6 +21,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import shlex
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +34,7 @@ from .wire import ROUTE_TAG_SIZE
 
 __all__ = [
     "MIN_SECRET_BYTES",
+    "SECRET_MODE_FORBIDDEN",
     "ROUTE_TAG_SIZE",
     "Claims",
     "RouteSigner",
@@ -48,6 +52,8 @@ __all__ = [
 ]
 
 MIN_SECRET_BYTES = 16
+#: Mode bits a secret file must not have: read or write for its group or for others.
+SECRET_MODE_FORBIDDEN = 0o066
 _TAG = struct.Struct("!II")
 _MAC_SIZE = 16
 _TOKEN_PREFIX = "dcp1"
@@ -57,14 +63,23 @@ def load_secret(path: str | Path) -> bytes:
     """The shared secret in ``path`` (surrounding whitespace ignored).
 
     Raises:
-        ConfigError: unreadable, or shorter than 16 bytes.
+        ConfigError: unreadable; shorter than 16 bytes; readable or writable by its
+            group or others (as ssh refuses such a private key; ``chmod 600`` fixes it).
     """
     try:
-        secret = Path(path).read_bytes().strip()
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode  # of the file read, not of what the path names later
+            secret = fh.read().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file {path}: {exc.strerror or exc}") from None
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"the secret in {path} has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed")
+    if os.name == "posix" and stat.S_ISREG(mode) and mode & SECRET_MODE_FORBIDDEN:
+        raise ConfigError(
+            f"the secret file {path} is {'readable' if mode & 0o044 else 'writable'} by its group or others "
+            f"(mode {stat.S_IMODE(mode):03o}): anyone who reads it can forge tokens and route tags; "
+            f"run: chmod 600 {shlex.quote(str(path))}"
+        )
     return secret
 
 

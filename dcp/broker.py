@@ -24,34 +24,51 @@ Access is decided once, at hello, never per frame: with ``--require-token`` a he
 without a valid token of its role (:mod:`dcp.auth`) gets a fatal error frame and the
 connection is closed unattached.  With ``--tls-cert``/``--tls-key`` the port serves
 TLS; the data path is the same on a TLS transport.
+
+At start the soft open-file limit is raised to the hard one; a connection accepted
+past what that leaves (less :data:`FD_RESERVE`) gets the fatal ``too_many_connections``
+and is closed, and the others go on.  Until its hello is accepted a connection may send
+frames of ``max_control`` bytes at most (not ``max_frame``), and it has
+``hello_timeout_s`` to do so (``hello_timeout``); one peer address and one name
+(the token's, with ``--require-token``) hold at most ``max_connections_per_address``
+and ``max_connections_per_name`` connections (``connection_limit``).  Nothing per attachment or per frame walks the
+ports: free ports come from a queue, targets from the set bits of the out bitmap, and
+the orchestrator gets the attachments once per registration (chunked within
+:data:`REPORT_FRAME_BYTES`), then only what changed, coalesced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
+
+import msgpack
 
 from . import control
 from .auth import RouteVerifier, issue_token, load_secret
 from .config import BrokerConfig, parse_address
 from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
-from ._loop import no_delay
-from ._serving import Serving
+from ._guard import safe, warn_cleartext_token
+from ._loop import no_delay, open_file_count, raise_open_file_limit
+from ._serving import Quota, Serving, pre_hello_limits
 from .backoff import Backoff
 from .link import Link
-from .routing import int_to_bytes, random_key
+from .routing import KeyLayout, int_to_bytes
 from .tls import client_context, server_context
 from .forwarding import DROP_REASONS, Drop, Forwarder, Write
-from .wire import Limits, encode_control
+from .wire import DEFAULT_LIMITS, Limits, encode_control
 
 __all__ = ["Broker", "BrokerConnection", "DROP_REASONS"]  # DROP_REASONS: from dcp.forwarding
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The out-bitmap -> target ports cache is cleared when it grows past this, so a
 # publisher cycling through bitmaps cannot grow the broker's memory.
@@ -60,6 +77,19 @@ _TARGET_CACHE_LIMIT = 4096
 _ERROR_INTERVAL_S = 1.0
 # Our own tokens are made afresh for every hello; this long covers clock skew between hosts.
 _OWN_TOKEN_TTL_S = 300
+#: File descriptors kept out of the connection capacity: the listening socket, the
+#: orchestrator's connection, log files, name lookups, and a burst of connections
+#: accepted only to be refused (``too_many_connections``).
+FD_RESERVE = 32
+# A connection refused at accept has this long to read its error frame and close.
+_REFUSE_LINGER_S = 2.0
+#: No report frame to the orchestrator is larger (header included): its max_control.
+#: A registration with more attachments than fit is sent as BrokerState, then PortsChanged frames.
+REPORT_FRAME_BYTES = DEFAULT_LIMITS.max_control
+#: Attach/detach reports are coalesced: at most one PortsChanged flush per this interval.
+REPORT_INTERVAL_S = 0.05
+# targets(): a mask with more bits than this is read from its binary string, not bit by bit.
+_SPARSE_MASK_BITS = 16
 
 
 class Broker(Serving):
@@ -70,9 +100,12 @@ class Broker(Serving):
 
     def __init__(self, config: BrokerConfig | None = None) -> None:
         self.config = config or BrokerConfig()
-        self.key: int = self.config.key or random_key(self.config.ports)
+        self.layout = KeyLayout.random(self.config.ports, root=self.config.key)  # its keys: one per 64 ports, and a directory
+        self.key: int = self.layout.root  # its name on links and to the orchestrator
+        self.decoded: dict[int, int] = {}  # X -> the ports it names here (many keys only), bounded by the forwarder
         self.stateless = self.config.mode == "stateless"
         self.limits: Limits = self.config.limits
+        self.hello_limits: Limits = pre_hello_limits(self.limits)  # of a connection until its hello is accepted
         self.slow_consumer = control.slow_consumer_policy(self.config.slow_consumer)  # of every port that does not choose its own
         # The secret shared with the orchestrator (--secret-file): route tags and tokens
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
@@ -90,7 +123,12 @@ class Broker(Serving):
         self._inbound: dict[tuple[int, int], Link] = {}  # (peer key, peer port) -> link
         self._tasks: set[asyncio.Task[None]] = set()  # control replies that wait
         self._orchestrator: Any = None  # a client Connection to the DO, with --orchestrator
-        self._report_due = False
+        self._report_due = False  # a BrokerState for a link change is scheduled
+        self._links_dirty = False  # a link changed since the last report of the links
+        # agent ports changed since the last report: port -> (name reported, name now); None: no agent
+        self._changes: dict[int, tuple[str | None, str | None]] = {}
+        self._ports_flush: asyncio.Handle | None = None  # the next PortsChanged flush, when scheduled
+        self._ports_flushed_at = float("-inf")  # loop time of the last one
         self.table: dict[bytes, int] = {}  # stateful mode: topic -> bitmap of ports
         self.frames_in = 0
         self.bytes_in = 0
@@ -98,10 +136,18 @@ class Broker(Serving):
         self.bytes_out = 0
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
         self._ports: list[BrokerConnection | None] = [None] * self.config.ports
-        self._next_port = 0
+        self._never_used = 0  # ports below this were handed out at least once
+        self._freed: deque[int] = deque()  # ports freed since, the longest free first
         self._targets: dict[int, tuple[BrokerConnection, ...]] = {}
         self._connections: set[BrokerConnection] = set()
+        self.capacity = sys.maxsize  # connections at most: set by start() from the open-file limit
+        self.refused = 0  # connections refused with too_many_connections
+        self.hello_timeouts = 0  # connections refused with hello_timeout
+        self.per_address = Quota(self.config.max_connections_per_address)  # by peer IP address, taken at accept
+        self.per_name = Quota(self.config.max_connections_per_name)  # by (token) name, taken at hello
+        self._refusals_logged_at: dict[str, float] = {}  # refusal code -> when last logged
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start(): the hello deadlines run on it
         self._started_at = 0.0
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -110,16 +156,20 @@ class Broker(Serving):
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen; log one line saying where."""
-        loop = asyncio.get_running_loop()
+        """Raise the open-file limit, listen; log where, and how many connections fit."""
+        loop = self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
+        before, soft, hard = raise_open_file_limit()
         host, port = self.config.address
+        # A TLS handshake that does not finish within the hello deadline is cut as well.
+        handshake = {"ssl_handshake_timeout": self.config.hello_timeout_s} if self.tls_server and self.config.hello_timeout_s else {}
         self._server = await loop.create_server(
-            self.new_connection, host, port, reuse_address=True, backlog=1024, ssl=self.tls_server
+            self.new_connection, host, port, reuse_address=True, backlog=1024, ssl=self.tls_server, **handshake
         )
         self._started_at = time.monotonic()
+        self._set_capacity(before, soft, hard)
         host, port = self.address
         if not self.name:  # a wildcard address means nothing to peers: name the host instead
             self.name = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
@@ -143,6 +193,8 @@ class Broker(Serving):
         self._closing = True
         assert self._server is not None and self._no_connections is not None
         self._server.close()
+        if self._ports_flush is not None:
+            self._ports_flush.cancel()
         going_away = encode_control(control.GoingAway().to_body())
         for conn in list(self._connections):
             conn.close(going_away)
@@ -158,6 +210,44 @@ class Broker(Serving):
                 conn.abort()
         log.info("dcp broker stopped: %s", self.summary())
         self._closed.set()
+
+    def _set_capacity(self, before: int, soft: int, hard: int) -> None:
+        """Connections at most: what the open-file limit leaves once the files open now
+        and :data:`FD_RESERVE` are set aside."""
+        unlimited = resource.RLIM_INFINITY
+        if soft == unlimited:
+            self.capacity = sys.maxsize
+        else:
+            self.capacity = max(0, soft - open_file_count() - FD_RESERVE)
+        log.info(
+            "open files: soft limit %s -> %s (hard %s); %s connections at most",
+            *("unlimited" if n == unlimited else n for n in (before, soft, hard)),
+            "unlimited" if self.capacity == sys.maxsize else self.capacity,
+        )
+        if self.capacity < self.config.ports:
+            log.warning(
+                "the open-file limit (%d) leaves room for %d connections, fewer than the %d ports; raise it (ulimit -n)",
+                soft, self.capacity, self.config.ports,
+            )
+
+    def _refusing(self) -> bool:
+        """A new connection is past the capacity: count it, and log it at most once a second."""
+        if len(self._connections) <= self.capacity:
+            return False
+        self.refused += 1
+        self.log_refusal(
+            "too_many_connections", "%d open, capacity %d; %d refused so far",
+            len(self._connections) - 1, self.capacity, self.refused,
+        )
+        return True
+
+    def log_refusal(self, code: str, message: str, *args: Any) -> None:
+        """Log a refusal of ``code``, at most once a second per code (a flood of
+        connections makes one line a second, not one per connection)."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at.get(code, float("-inf")) >= _ERROR_INTERVAL_S:
+            self._refusals_logged_at[code] = now
+            log.warning("refusing connections (%s): " + message, code, *args)
 
     @property
     def closing(self) -> bool:
@@ -181,11 +271,21 @@ class Broker(Serving):
     # -- reporting to the orchestrator ---------------------------------------
 
     async def _report_to_orchestrator(self) -> None:
-        """Register with the DO (again after every reconnect); it learns keys, ports and links, never topics."""
+        """Register with the DO (again after every reconnect); it learns keys, ports, links
+        and the agents on the ports, never topics.
+
+        A registration reports everything (:meth:`_full_report`).  After it, a link change
+        sends a BrokerState with ``attached`` None (attachments unchanged), and agents
+        coming and going are PortsChanged deltas, coalesced (:meth:`_port_changed`).
+        """
         from .client import Connection
 
         async def register(conn: Connection) -> None:
-            await conn.call(self._state())
+            state, rest = self._full_report()
+            await conn.call(state)
+            for frame in rest:  # before any delta: the deltas are relative to this snapshot
+                conn.send(frame.to_body())
+            asyncio.get_running_loop().call_soon(self._registered)  # the connection is open by then
 
         self._orchestrator = Connection(
             f"{'dcps' if self.tls_client else 'dcp'}://{self.config.orchestrator}", name=self.name, role="broker",
@@ -197,30 +297,105 @@ class Broker(Serving):
             if not self._closing:
                 log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, exc)
 
+    def _reporting(self) -> bool:
+        """Registered, on a connection to the DO that is open: reports may go now.  (While
+        not, changes wait; the next registration's snapshot covers them.)"""
+        from .client import Status
+
+        conn = self._orchestrator
+        return conn is not None and not self._closing and conn.status is Status.OPEN
+
+    def _registered(self) -> None:
+        """What changed while registering goes now."""
+        if self._links_dirty:
+            self.state_changed()
+        if self._changes and self._ports_flush is None:
+            self._ports_flush = asyncio.get_running_loop().call_soon(self._flush_ports)
+
     def state_changed(self) -> None:
-        """A port or link changed: send the DO one fresh snapshot at the end of this loop iteration."""
-        if self._orchestrator is not None and not self._report_due:
+        """A link changed: the DO gets a BrokerState (attachments left out: unchanged) at
+        the end of this loop iteration."""
+        if self._orchestrator is None:
+            return  # the registration will report it
+        self._links_dirty = True
+        if not self._report_due:
             self._report_due = True
             asyncio.get_running_loop().call_soon(self._send_state)
 
     def _send_state(self) -> None:
         self._report_due = False
-        if self._orchestrator is not None and not self._closing:
+        if self._links_dirty and self._reporting():
+            self._links_dirty = False
             self._orchestrator.send(self._state().to_body())
 
-    def _state(self) -> control.BrokerState:
+    def _port_changed(self, port: int, before: str | None, after: str | None) -> None:
+        """The agent on ``port`` changed (``before``, ``after``: its name, None for no agent).
+
+        Changes are collected per port, so a port that changes again before the flush
+        nets out; they are flushed at the end of this loop iteration, or
+        :data:`REPORT_INTERVAL_S` after the last flush if that is later.
+        """
+        if self._orchestrator is None:
+            return  # the registration will report it
+        change = self._changes.get(port)
+        self._changes[port] = (before if change is None else change[0], after)
+        if self._ports_flush is None:
+            loop = asyncio.get_running_loop()
+            wait = self._ports_flushed_at + REPORT_INTERVAL_S - loop.time()
+            self._ports_flush = loop.call_later(wait, self._flush_ports) if wait > 0 else loop.call_soon(self._flush_ports)
+
+    def _flush_ports(self) -> None:
+        """Send what changed since the last report, as PortsChanged frames.
+
+        A port is in at most one list of a frame: when another agent took a port within
+        the interval, its detach goes first and its new agent in a later frame.
+        """
+        self._ports_flush = None
+        if not self._changes or not self._reporting():
+            return
+        self._ports_flushed_at = asyncio.get_running_loop().time()
+        changes, self._changes = self._changes, {}
+        attached: list[control.PortReport] = []
+        detached: list[int] = []
+        replaced: list[control.PortReport] = []
+        for port, (before, after) in changes.items():
+            if before == after:
+                continue  # came and went; or went and came back under the same name
+            if after is None:
+                detached.append(port)
+            elif before is None:
+                attached.append(control.PortReport(port=port, name=after))
+            else:
+                detached.append(port)
+                replaced.append(control.PortReport(port=port, name=after))
+        for frame in _ports_changed(attached, detached) + _ports_changed(replaced, []):
+            self._orchestrator.send(frame.to_body())
+
+    def _full_report(self) -> tuple[control.BrokerState, list[control.PortsChanged]]:
+        """Everything, for a (re)registration: a BrokerState with as many attachments as fit
+        in :data:`REPORT_FRAME_BYTES`, and PortsChanged frames with the rest.  The changes
+        not reported yet are in it."""
+        self._changes.clear()
+        self._links_dirty = False
+        reports = [control.PortReport(port=p, name=conn.name) for p, conn in enumerate(self._ports) if conn is not None and conn.link is None]
+        sizes = [_packed_size(report.to_body()) for report in reports]
+        first_room = REPORT_FRAME_BYTES - len(encode_control(self._state(attached=[]).to_body())) - _ARRAY_HEADER
+        first, *rest = _chunks(reports, sizes, first_room, _ports_changed_room())
+        return self._state(attached=first), [control.PortsChanged(attached=chunk, detached=[]) for chunk in rest]
+
+    def _state(self, attached: list[control.PortReport] | None = None) -> control.BrokerState:
+        """Keys, ports, links; and ``attached``, when given (None: unchanged)."""
         host, port = self.address
         return control.BrokerState(
             key=self.key,
+            keys=self.announced_keys,
             address=f"{host}:{port}",
             ports=self.config.ports,
             links=[
                 control.LinkReport(port=p, remote_key=link.remote_key, remote_port=link.remote_port, state=link.state)
                 for p, link in sorted(self.links.items())
             ],
-            attached=[
-                control.PortReport(port=p, name=conn.name) for p, conn in enumerate(self._ports) if conn is not None and conn.link is None
-            ],
+            attached=attached,
         )
 
     # -- ports --------------------------------------------------------------
@@ -235,22 +410,37 @@ class Broker(Serving):
             port = self._free_port()
             if port is None:
                 return None
+        if self._ports[port] is not None:  # a link's new connection replaces its old one
+            self._targets.clear()
+        # else no cached bitmap has this port: bitmaps are ANDed with ``attached`` first
         self._ports[port] = conn
         conn.port, conn.bit = port, 1 << port
         conn.forwarder.attach(port)
         self.attached |= 1 << port
-        self._targets.clear()
-        self.state_changed()
+        if conn.link is None:  # a link reports its own changes
+            self._port_changed(port, None, conn.name)
         return port
 
     def _free_port(self) -> int | None:
-        size = len(self._ports)
-        for step in range(size):
-            port = (self._next_port + step) % size
-            if self._ports[port] is None and not self.reserved >> port & 1:
-                self._next_port = (port + 1) % size
+        """The next port for an agent or a link, in O(1) amortised: each port once, in
+        order, then the freed ones, longest free first; None when all are taken."""
+        ports = self._ports
+        while self._never_used < len(ports):
+            port = self._never_used
+            self._never_used += 1
+            if ports[port] is None and not self.reserved >> port & 1:
+                return port
+        freed = self._freed
+        while freed:
+            port = freed.popleft()
+            if ports[port] is None and not self.reserved >> port & 1:  # else taken since (a stale entry)
                 return port
         return None
+
+    def _port_freed(self, port: int) -> None:
+        """``port`` has neither a connection nor a link now: it queues for reuse."""
+        if port < self._never_used:  # a port never handed out is handed out in its turn
+            self._freed.append(port)
 
     def detach(self, conn: BrokerConnection) -> None:
         port = conn.port
@@ -259,7 +449,10 @@ class Broker(Serving):
         self._ports[port] = None
         self.attached &= ~(1 << port)
         self._targets.clear()
-        self.state_changed()
+        if not self.reserved >> port & 1:
+            self._port_freed(port)
+        if conn.link is None:
+            self._port_changed(port, conn.name, None)
         for topic in conn.topics:
             self.unsubscribe(conn, topic)
 
@@ -292,8 +485,9 @@ class Broker(Serving):
             missing = "key" if hello.key is None else "link"
             raise BadRequest(control.HELLO, missing, f"a peer hello needs {missing}: key (bytes) and link (its port for the link)")
         identity = (hello.key, hello.link)
-        if identity[0] == self.key:
-            raise LinkRefused("same_key", f"the peer has this broker's key {self.key}; give each broker its own --key")
+        shared = self.shared_key(hello.key, hello.keys)
+        if shared is not None:
+            raise LinkRefused("same_key", f"the peer has this broker's key {shared}; give each broker its own --key")
         if not self.stateless:
             raise LinkRefused("wrong_mode", "links need stateless mode: a stateful broker routes by its own table only")
         link = self._inbound.get(identity)
@@ -305,6 +499,17 @@ class Broker(Serving):
         link.accepted(conn, hello.name)
         return link
 
+    @property
+    def announced_keys(self) -> list[int] | None:
+        """All the keys, in hellos, welcomes and reports, when there is more than the root."""
+        return list(self.layout.keys) if len(self.layout.keys) > 1 else None
+
+    def shared_key(self, root: int, keys: list[int] | None) -> int | None:
+        """A key of this broker that a peer announcing ``root`` (and ``keys``) also has:
+        the two cannot route together; None if they share none."""
+        own = set(self.layout.keys)
+        return next((key for key in (root, *(keys or ())) if key in own), None)
+
     def remove_link(self, link: Link, notify: bool) -> None:
         """Close ``link`` and free its port; ``notify``: tell the peer to free its end too."""
         if self.links.get(link.port) is not link:
@@ -314,8 +519,10 @@ class Broker(Serving):
         if link.identity is not None:
             self._inbound.pop(link.identity, None)
         self.reserved &= ~(1 << link.port)
+        if self._ports[link.port] is None:  # else freed when its connection goes
+            self._port_freed(link.port)
         self.state_changed()
-        log.info("link port %d removed (%s)", link.port, link.address or link.remote_name or link.remote_key)
+        log.info("link port %d removed (%s)", link.port, link.address or safe(link.remote_name) or link.remote_key)
 
     def _reserve_port(self) -> int:
         port = self._free_port()
@@ -339,7 +546,8 @@ class Broker(Serving):
         if found is None:
             if len(self._targets) >= _TARGET_CACHE_LIMIT:
                 self._targets.clear()
-            found = tuple(conn for port, conn in enumerate(self._ports) if conn is not None and mask >> port & 1)
+            ports = self._ports
+            found = tuple(conn for conn in (ports[port] for port in _bits(mask)) if conn is not None)
             self._targets[mask] = found
         return found
 
@@ -374,6 +582,11 @@ class Broker(Serving):
             "slow_consumer": self.slow_consumer,
             "verify_routes": self.verifier is not None,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "capacity": None if self.capacity == sys.maxsize else self.capacity,  # connections at most
+            "refused": self.refused,  # connections refused with too_many_connections
+            "hello_timeouts": self.hello_timeouts,  # connections refused with hello_timeout
+            "refused_per_address": self.per_address.refused,  # connection_limit at accept
+            "refused_per_name": self.per_name.refused,  # connection_limit at hello
             "frames_in": self.frames_in,
             "bytes_in": self.bytes_in,
             "frames_out": self.frames_out,
@@ -399,6 +612,76 @@ class Broker(Serving):
             self._no_connections.set()
 
 
+def _bits(mask: int) -> list[int]:
+    """The set bits of ``mask``, lowest first, in time linear in the bits set (and, for
+    a dense mask, in its length at C speed): never one step per port of the broker."""
+    if mask.bit_count() <= _SPARSE_MASK_BITS:
+        found = []
+        while mask:
+            low = mask & -mask
+            found.append(low.bit_length() - 1)
+            mask ^= low
+        return found
+    digits = format(mask, "b")
+    top = len(digits) - 1
+    found = []
+    i = digits.rfind("1")
+    while i >= 0:
+        found.append(top - i)
+        i = digits.rfind("1", 0, i)
+    return found
+
+
+# -- report frames -----------------------------------------------------------
+
+# What a msgpack array header can grow by, from an empty list's (1 byte) to array 32's.
+_ARRAY_HEADER = 4
+
+
+def _packed_size(value: Any) -> int:
+    return len(msgpack.packb(value, use_bin_type=True))
+
+
+def _ports_changed_room() -> int:
+    """The bytes a PortsChanged frame has for its two lists' items."""
+    empty = encode_control(control.PortsChanged(attached=[], detached=[]).to_body())
+    return REPORT_FRAME_BYTES - len(empty) - 2 * _ARRAY_HEADER
+
+
+def _ports_changed(attached: list[control.PortReport], detached: list[int]) -> list[control.PortsChanged]:
+    """PortsChanged frames for ``attached`` and ``detached``, each within :data:`REPORT_FRAME_BYTES`."""
+    if not attached and not detached:
+        return []
+    items: list[int | control.PortReport] = [*detached, *attached]
+    sizes = [_packed_size(port) for port in detached] + [_packed_size(report.to_body()) for report in attached]
+    room = _ports_changed_room()
+    return [
+        control.PortsChanged(
+            attached=[item for item in chunk if isinstance(item, control.PortReport)],
+            detached=[item for item in chunk if isinstance(item, int)],
+        )
+        for chunk in _chunks(items, sizes, room, room)
+    ]
+
+
+def _chunks(items: list[T], sizes: list[int], first_room: int, room: int) -> list[list[T]]:
+    """``items``, in order, cut into lists whose ``sizes`` add up to at most ``first_room``
+    for the first list (which may stay empty) and ``room`` for each other; an item larger
+    than ``room`` alone is left out, and logged."""
+    chunks: list[list[T]] = [[]]
+    used, limit = 0, first_room
+    for item, size in zip(items, sizes):
+        if size > room:
+            log.warning("left out of a report to the orchestrator: %r (%d bytes) does not fit in a frame", item, size)
+            continue
+        if used + size > limit:
+            chunks.append([])
+            used, limit = 0, room
+        chunks[-1].append(item)
+        used += size
+    return chunks
+
+
 class BrokerConnection(asyncio.Protocol):
     """One TCP connection of the broker: an agent or a peer link on a port, or an admin client."""
 
@@ -418,8 +701,10 @@ class BrokerConnection(asyncio.Protocol):
         self.queued_bytes = 0
         self.reading_paused = False
         self.blocked: set[BrokerConnection] = set()  # publishers paused because of us
+        # Until its hello is accepted a connection sends control frames only: hello_limits.
+        # A link we dial speaks first; its answers come under the broker's limits.
         self.forwarder = Forwarder(
-            broker, broker.limits, stateless=broker.stateless, verifier=broker.verifier
+            broker, broker.limits if link is not None else broker.hello_limits, stateless=broker.stateless, verifier=broker.verifier
         )  # the decisions; this class writes and counts
         self.bytes_in = 0
         self.frames_out = 0
@@ -428,6 +713,10 @@ class BrokerConnection(asyncio.Protocol):
         self.closing = False
         self._error_sent_at: dict[str, float] = {}
         self._errors_unsent: Counter[str] = Counter()
+        self._linger: asyncio.TimerHandle | None = None  # refused at accept: the abort if the peer stays
+        self._hello_due: asyncio.TimerHandle | None = None  # the hello deadline, until the hello is accepted
+        self._address: str | None = None  # the peer address this connection counts under (per_address)
+        self._counted_name: str | None = None  # the name it counts under (per_name), from its hello
 
     # -- asyncio callbacks --------------------------------------------------
 
@@ -444,12 +733,81 @@ class BrokerConnection(asyncio.Protocol):
         elif self.link is not None:  # we dialled a peer
             self.role = "peer"
             self.link.connection_made(self)
-            self.send(self.link.hello())
+            hello = self.link.hello()
+            if hello.token and self.broker.tls_client is None and peername and not self.link.warned_cleartext:
+                self.link.warned_cleartext = warn_cleartext_token(log, peername[0], f"link port {self.link.port} to {self.link.address}")
+            self.send(hello)
+        elif self.broker._refusing():
+            capacity = self.broker.capacity
+            self._refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit); try later")
+        else:
+            self._admit(peername[0] if peername else "")
+
+    def _admit(self, address: str) -> None:
+        """A connection accepted within the capacity: within its address's limit, and on
+        the clock for its hello."""
+        broker = self.broker
+        if not broker.per_address.take(address):
+            limit = broker.per_address.limit
+            broker.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
+            self._refuse("connection_limit", f"this broker admits at most {limit} connections from {address}; close one, or try later")
+            return
+        if broker.per_address.limit:
+            self._address = address
+        timeout = broker.config.hello_timeout_s
+        if timeout and broker._loop is not None:  # (a broker driven without a loop, as in tests, has no clock)
+            self._hello_due = broker._loop.call_later(timeout, self._hello_overdue)
+
+    def _hello_overdue(self) -> None:
+        """No hello accepted within ``hello_timeout_s``: refused, and what it held let go."""
+        self._hello_due = None
+        if self.closing or self.role:
+            return
+        broker = self.broker
+        broker.hello_timeouts += 1
+        timeout = broker.config.hello_timeout_s
+        broker.log_refusal("hello_timeout", "no hello within %g s (%s); %d so far", timeout, self.peer, broker.hello_timeouts)
+        self._refuse("hello_timeout", f"no hello within {timeout:g} s of connecting (hello_timeout_s)")
+
+    def _hello_accepted(self) -> None:
+        """The hello is accepted: no deadline any more, and frames up to ``max_frame``."""
+        if self._hello_due is not None:
+            self._hello_due.cancel()
+            self._hello_due = None
+        self.forwarder.set_limits(self.broker.limits)
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Refused as it comes: a fatal error frame, our end shut, nothing read.  Closing at
+        once could reset the connection (its hello may be unread here) and lose the frame,
+        so the peer has :data:`_REFUSE_LINGER_S` to read it and close first."""
+        assert self.transport is not None
+        transport = self.transport
+        transport.write(encode_control(control.Error(code=code, message=message, fatal=True).to_body()))
+        self.closing = True
+        self.forwarder.close()  # what it held (a partial frame) is let go at once
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.abort)
+        else:  # TLS
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.forwarder.close()
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._hello_due is not None:
+            self._hello_due.cancel()
+            self._hello_due = None
+        broker = self.broker
+        if self._address is not None:
+            broker.per_address.give(self._address)
+            self._address = None
+        if self._counted_name is not None:
+            broker.per_name.give(self._counted_name)
+            self._counted_name = None
         if self.port >= 0:
-            log.info("port %d detached (%s %s)", self.port, self.name or "-", self.peer)
+            log.info("port %d detached (%s %s)", self.port, safe(self.name or "-"), self.peer)
         self._release_blocked()
         self.broker._disconnected(self)
         if self.link is not None:
@@ -473,7 +831,7 @@ class BrokerConnection(asyncio.Protocol):
         drop = self.forwarder.eof()
         if drop is not None:
             self.broker.drops["truncated"] += 1
-            log.info("%s: %s", self.peer, drop.message)
+            log.info("%s: %s", self.peer, safe(drop.message))
         return False
 
     def data_received(self, data: bytes) -> None:
@@ -591,7 +949,7 @@ class BrokerConnection(asyncio.Protocol):
         if op == control.HELLO:
             self._error(exc.code, str(exc), request_id, fatal=True)
         elif op in _NEVER_ANSWERED:
-            log.warning("%s (port %d) sent a malformed %s: %s", self.peer, self.port, op, exc)
+            log.warning("%s (port %d) sent a malformed %s: %s", self.peer, self.port, op, safe(exc))
             if self.link is not None:
                 self.link.refuse(self, exc)
         else:
@@ -610,10 +968,24 @@ class BrokerConnection(asyncio.Protocol):
         broker = self.broker
         try:
             broker.permissions.check_role(hello)
-            hello = broker.admit(hello, self.peer)
+            hello, counted = broker.admit_as(hello, self.peer)
         except (BadRequest, AuthError) as exc:
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return
+        if counted and broker.per_name.limit:
+            if not broker.per_name.take(counted):
+                limit = broker.per_name.limit
+                broker.log_refusal(
+                    "connection_limit", "%s holds %d connections already (max_connections_per_name); refusing %s",
+                    safe(counted), limit, self.peer,
+                )
+                message = (
+                    f"{limit} connections named {safe(counted)!r} are open on this broker already (max_connections_per_name); "
+                    "close one, or try again once the broker has seen a lost one go"
+                )
+                self._error("connection_limit", message, hello.id, fatal=True)
+                return
+            self._counted_name = counted
         if hello.slow_consumer is not None:
             self.set_slow_consumer(hello.slow_consumer)
         self.name, self.role = hello.name, hello.role
@@ -624,7 +996,7 @@ class BrokerConnection(asyncio.Protocol):
             try:
                 broker.accept_link(self, hello)
             except (LinkRefused, BadRequest, RoutingError) as exc:
-                log.warning("refusing a link from %s (%s): %s", self.name or "-", self.peer, exc)
+                log.warning("refusing a link from %s (%s): %s", safe(self.name or "-"), self.peer, exc)
                 self._error("no_free_port" if isinstance(exc, RoutingError) else exc.code, str(exc), hello.id, fatal=True)
                 return
             port = self.port
@@ -633,14 +1005,18 @@ class BrokerConnection(asyncio.Protocol):
             if port is None:
                 self._error("no_free_port", f"all {broker.config.ports} ports are taken", hello.id, fatal=True)
                 return
-            log.info("port %d attached (%s %s)", port, self.name or "-", self.peer)
+            log.info("port %d attached (%s %s)", port, safe(self.name or "-"), self.peer)
+        self._hello_accepted()
         limits = broker.limits
         self.send(control.Welcome(
-            re=hello.id, key=broker.key, name=broker.name, mode=broker.config.mode, port=port, ports=broker.config.ports,
+            re=hello.id, key=broker.key, keys=broker.announced_keys, name=broker.name, mode=broker.config.mode, port=port,
+            ports=broker.config.ports,
             max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.slow_consumer,
         ))
 
     def _on_ping(self, ping: control.Ping) -> None:
+        if self.link is not None:
+            self.link.heard(self)
         self.send(control.Pong(re=ping.id))
 
     def _on_stats(self, request: control.StatsRequest) -> None:
@@ -702,7 +1078,7 @@ class BrokerConnection(asyncio.Protocol):
         self.send(control.Ok(re=request.id))
 
     def _on_error(self, error: control.Error) -> None:
-        log.warning("%s (port %d) reports %s: %s", self.peer, self.port, error.code, error.message)
+        log.warning("%s (port %d) reports %s: %s", self.peer, self.port, safe(error.code), safe(error.message))
         if self.link is not None:
             self.link.refused(self, error)
         if error.fatal:
@@ -717,6 +1093,7 @@ class BrokerConnection(asyncio.Protocol):
 
     def _on_pong(self, pong: control.Pong) -> None:
         assert self.link is not None  # only a peer link may send one
+        self.link.heard(self)
         self.link.pong(pong.re)
 
     # -- errors and output ------------------------------------------------------
@@ -744,7 +1121,7 @@ class BrokerConnection(asyncio.Protocol):
             self.send(control.Error(code=reason, message=message, count=count))
 
     def _fail(self, exc: ProtocolError) -> None:
-        log.warning("closing %s (port %d): %s", self.peer, self.port, exc)
+        log.warning("closing %s (port %d): %s", self.peer, self.port, safe(exc))
         self._error(exc.code, str(exc), fatal=True)
 
     def close(self, last_frame: bytes | None = None) -> None:

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--topology", default="line", choices=("line", "ring", "star", "mesh"), help="overlay shape (default: line)")
     cluster.add_argument("--overlay", metavar="FILE", help="TOML/JSON file: brokers = [names], links = [[dialer, acceptor], ...]")
     cluster.add_argument("--host", default="127.0.0.1", help="address the brokers listen on (default: 127.0.0.1)")
-    cluster.add_argument("--ports", type=int, default=64, help="ports of each broker (default: 64)")
+    cluster.add_argument("--ports", type=int, default=64, help="ports of each broker (default: 64: one key each; more: key layouts)")
     cluster.add_argument("--json", action="store_true", help="print the overlay as one JSON line")
     cluster.add_argument("--write", metavar="FILE", help="also write the overlay JSON to FILE")
     cluster.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))

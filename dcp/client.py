@@ -14,7 +14,12 @@ the broker's slow-consumer policy applies) or drops a frame and counts it: the n
 (``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).
 
 A ``dcps://`` URL connects over TLS.  A ``token`` goes in the hello of every
-(re)connect; a server that refuses it is not dialled again.
+(re)connect; a server that refuses it is not dialled again.  A token sent over plain
+TCP to an address other than loopback is logged, once per connection, at warning.
+
+The limits a server announces in its welcome (``max_frame``, ``max_topic``,
+``max_x_bits``) are adopted only up to the client's own (``limits=``, default
+:class:`~dcp.wire.Limits`): a server cannot make a client accept 4 GiB frames.
 
 Small publishes are gathered into one write per event-loop iteration (or per 64 KB),
 so a fast publisher makes few system calls; a control frame, ``close()`` and the end
@@ -35,6 +40,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypeGuard, TypeVar, cast
 from urllib.parse import urlsplit
 
+from ._guard import safe, warn_cleartext_token
 from ._loop import CoalescedWriter, no_delay
 from .auth import REFUSALS
 from .backoff import Backoff
@@ -53,11 +59,13 @@ from .control import (
     Subscribe,
     Unlink,
     Unsubscribe,
+    Welcome,
     parse_answer,
     slow_consumer_policy,
 )
 from .control import Message as ControlMessage
-from .errors import BadRequest, ConfigError, ConnectionClosed, DcpTimeout, ProtocolError, RemoteError
+from .errors import BadRequest, ConfigError, ConnectionClosed, DcpError, DcpTimeout, ProtocolError, RemoteError, RoutingError
+from .routing import KeyLayout, bitmap_of, encode
 from .tls import client_context
 from .wire import (
     DEFAULT_HOPS,
@@ -142,7 +150,7 @@ class _ClientProtocol(asyncio.Protocol):
         try:
             events = self.decoder.feed(data)
         except ProtocolError as exc:
-            log.error("broker sent an invalid stream: %s; closing", exc)
+            log.error("broker sent an invalid stream: %s; closing", safe(exc))
             assert self.transport is not None
             self.transport.abort()
             return
@@ -153,7 +161,7 @@ class _ClientProtocol(asyncio.Protocol):
             elif type(event) is ControlFrame:
                 conn._on_control(event.body)
             elif isinstance(event, Rejected):
-                log.warning("skipped a frame from the broker: %s", event.error)
+                log.warning("skipped a frame from the broker: %s", safe(event.error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -215,10 +223,15 @@ class Connection:
         #: What the broker does with frames for us when we fall behind (None: its default).
         self.slow_consumer = None if slow_consumer is None else slow_consumer_policy(slow_consumer)
         self.limits = limits or Limits()
+        #: The most this client takes, whatever a server announces (its welcome may lower it).
+        self.own_limits = self.limits
+        self._warned_cleartext = False
         #: The port this attachment got (it can change after a reconnect).
         self.port: int | None = None
-        #: The broker's prime key.
+        #: The broker's prime key (the root of its key layout).
         self.broker_key: int | None = None
+        #: All the broker's keys (:meth:`route_to` builds topology numbers with them).
+        self.broker_layout: KeyLayout | None = None
         #: The broker's mode, "stateless" or "stateful".
         self.broker_mode: str | None = None
         self.status = Status.CONNECTING
@@ -228,7 +241,7 @@ class Connection:
         self.dropped = 0
         #: Connections made, the first included.
         self.connects = 0
-        #: The last non-fatal error frame the broker sent without a request.
+        #: The last error frame the broker sent without a request (on this connection).
         self.last_error: dict[str, Any] | None = None
         self._encoder = DataEncoder(self.limits)
         self._protocol: _ClientProtocol | None = None
@@ -265,7 +278,7 @@ class Connection:
                 delay = next(delays, None)
                 if delay is None or self._user_closed or refused(exc):
                     raise
-                log.info("cannot reach %s:%d yet (%s); retrying", *self.address, exc)
+                log.info("cannot reach %s:%d yet (%s); retrying", *self.address, safe(exc))
                 await asyncio.sleep(delay)
                 if self._user_closed:
                     raise ConnectionClosed("connection closed") from None
@@ -274,6 +287,7 @@ class Connection:
     async def _attach(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.address
+        self.last_error = None  # of this connection: a refusal may come before our hello
         try:
             transport, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: _ClientProtocol(self), host, port, ssl=self.ssl),
@@ -292,25 +306,31 @@ class Connection:
         self._protocol = protocol
         try:
             token = self.token() if callable(self.token) else self.token
+            if token and self.ssl is None and not self._warned_cleartext:
+                peername = transport.get_extra_info("peername")
+                self._warned_cleartext = warn_cleartext_token(log, peername[0] if peername else host, f"connection to {self.url}")
             hello = Hello(name=self.name, role=self.role, slow_consumer=self.slow_consumer, token=token or None)
             welcome = await self.call(hello)
         except ConnectionClosed:
             transport.abort()
+            refusal = self.last_error
+            if refusal is not None and refusal.get("fatal"):  # said why before it read the hello (too_many_connections)
+                raise RemoteError(refusal.get("code", ""), refusal.get("message", "")) from None
             hint = "" if self.ssl else " (a TLS server? use dcps://)"
             raise ConnectionClosed(f"{host}:{port} closed the connection before answering hello{hint}") from None
         except BaseException:
             transport.abort()
             raise
+        try:
+            layout = _layout_of(welcome)
+        except RoutingError as exc:
+            transport.abort()
+            raise ConnectionClosed(f"{host}:{port} answered hello with keys that route nothing: {exc}") from None
         self.port = welcome.port
         self.broker_key = welcome.key
+        self.broker_layout = layout
         self.broker_mode = welcome.mode
-        max_frame = welcome.max_frame or self.limits.max_frame
-        self.limits = Limits(
-            max_frame=max_frame,
-            max_topic=welcome.max_topic or self.limits.max_topic,
-            max_x_bits=welcome.max_x_bits or self.limits.max_x_bits,
-            max_control=min(self.limits.max_control, max_frame),
-        )
+        self.limits = _adopted(self.own_limits, welcome)
         self._encoder = DataEncoder(self.limits)
         for topic in sorted(self._subscriptions):
             await self.call(Subscribe(topic=topic))
@@ -430,6 +450,17 @@ class Connection:
             return await asyncio.wait_for(self._next(), timeout)
         except asyncio.TimeoutError:
             raise DcpTimeout(f"no message within {timeout} s") from None
+
+    def route_to(self, *ports: int) -> int:
+        """The topology number that sends a frame to these ports of this connection's broker
+        (what the orchestrator computes across brokers; here for one broker, by hand).
+
+        Raises:
+            DcpError: not connected to a stateless broker yet; RoutingError: a port out of range.
+        """
+        if self.broker_layout is None:
+            raise DcpError("route_to needs a connection to a stateless broker: its welcome gives the keys")
+        return encode(self.broker_layout.residues(bitmap_of(ports)))
 
     @property
     def pending(self) -> int:
@@ -576,7 +607,7 @@ class Connection:
         if re is not None:
             future = self._requests.get(re) if UINT.accepts(re) else None
             if future is None or future.done():
-                log.debug("ignored an answer to no pending request (%s, re=%r)", body["op"], re)
+                log.debug("ignored an answer to no pending request (%s, re=%r)", safe(body["op"]), re)
             elif body["op"] == ERROR:
                 future.set_exception(_remote_error(body))
             else:
@@ -585,12 +616,12 @@ class Connection:
         try:
             message = parse_answer(body)
         except BadRequest as exc:
-            log.warning("ignored a malformed control frame from %s:%d: %s", *self.address, exc)
+            log.warning("ignored a malformed control frame from %s:%d: %s", *self.address, safe(exc))
             return
         if isinstance(message, Error):
             self.last_error = body
             level = logging.ERROR if message.fatal else logging.WARNING
-            log.log(level, "broker error %s: %s (x%s)", message.code, message.message, message.count or 1)
+            log.log(level, "broker error %s: %s (x%s)", safe(message.code), safe(message.message, 1024), message.count or 1)
         elif isinstance(message, GoingAway):
             log.info("broker %s:%d is going away", *self.address)
         elif self.on_push is not None:
@@ -633,10 +664,10 @@ class Connection:
                 return
             except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
                 if refused(exc):
-                    log.error("%s:%d refused our token (%s); not reconnecting", *self.address, exc)
+                    log.error("%s:%d refused our token (%s); not reconnecting", *self.address, safe(exc))
                     self._close_reason = exc
                     break
-                log.debug("reconnect to %s:%d failed: %s", *self.address, exc)
+                log.debug("reconnect to %s:%d failed: %s", *self.address, safe(exc))
         else:
             self._close_reason = ConnectionClosed(f"gave up reconnecting to {self.url}")
         self.status = Status.CLOSED
@@ -650,6 +681,18 @@ class Connection:
             self._writable = None
         if self._opened is not None:
             self._opened.set()
+
+
+def _adopted(own: Limits, welcome: Welcome) -> Limits:
+    """The limits to use with a server: what its welcome announces, but never more than
+    ``own`` (a server announcing more is clamped, not trusted)."""
+    max_frame = min(welcome.max_frame or own.max_frame, own.max_frame)
+    return Limits(
+        max_frame=max_frame,
+        max_topic=min(welcome.max_topic or own.max_topic, own.max_topic),
+        max_x_bits=min(welcome.max_x_bits or own.max_x_bits, own.max_x_bits),
+        max_control=min(own.max_control, max_frame),
+    )
 
 
 def _remote_error(body: dict[str, Any]) -> RemoteError | BadRequest:
@@ -766,3 +809,15 @@ def connect(
         write_buffer_bytes=write_buffer_bytes, hops=hops, slow_consumer=slow_consumer, token=token,
         ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push,
     ))
+
+
+def _layout_of(welcome: Welcome) -> KeyLayout | None:
+    """A broker's key layout from its welcome: ``keys`` past 64 ports, else its one key.
+
+    Raises RoutingError: keys that do not fit its port count.
+    """
+    if welcome.key is None:
+        return None
+    if welcome.keys is not None:
+        return KeyLayout(welcome.ports or 0, welcome.keys)
+    return KeyLayout(welcome.ports, [welcome.key]) if welcome.ports else KeyLayout.single(welcome.key)

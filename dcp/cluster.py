@@ -23,7 +23,7 @@ from typing import Any
 
 from .client import connect
 from .errors import ConfigError
-from .routing import allocate_keys
+from .routing import FAN, KeyLayout, allocate_keys
 from .topology import Overlay, shape_edges
 
 __all__ = ["ClusterSpec", "BrokerSpec", "run_cluster", "SHAPES"]
@@ -31,7 +31,7 @@ __all__ = ["ClusterSpec", "BrokerSpec", "run_cluster", "SHAPES"]
 log = logging.getLogger(__name__)
 
 SHAPES = ("line", "ring", "star", "mesh")
-_LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) ")
+_LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) mode=\w+ key=(\d+) ")
 _START_TIMEOUT_S = 30.0
 
 
@@ -102,9 +102,10 @@ class ClusterSpec:
 
 
 class _BrokerProcess:
-    def __init__(self, name: str, key: int, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, key: int | None, process: asyncio.subprocess.Process) -> None:
         self.name = name
-        self.key = key
+        self.key = key or 0  # the root key, from the listening line when the broker drew it
+        self.layout: KeyLayout | None = None  # all its keys, past 64 ports
         self.process = process
         self.address = ""
         self.relay: asyncio.Task[None] | None = None
@@ -118,6 +119,7 @@ class _BrokerProcess:
                 match = _LISTENING.search(line)
                 if match:
                     self.address = f"{match[1]}:{match[2]}"
+                    self.key = int(match[3])
                     self.relay = asyncio.get_running_loop().create_task(self._relay())
                     return
         raise ConfigError(f"broker {self.name} exited before listening:\n{''.join(seen)}")
@@ -132,20 +134,29 @@ class _BrokerProcess:
 async def start_cluster(
     spec: ClusterSpec, *, host: str = "127.0.0.1", ports: int = 64, broker_args: Sequence[str] = ()
 ) -> tuple[list[_BrokerProcess], dict[str, Any]]:
-    """Start the brokers, link them; return the processes and the overlay as a dict."""
-    fresh = iter(allocate_keys(len(spec.brokers), ports, exclude=[b.key for b in spec.brokers if b.key]))
+    """Start the brokers, link them; return the processes and the overlay as a dict.
+
+    Up to 64 ports, the brokers get the least free primes above ``2**ports`` as keys;
+    with more, each draws its key layout and the overlay gives its ``ports`` and ``keys``.
+    """
+    one_key = ports <= FAN
+    fresh = iter(allocate_keys(len(spec.brokers) if one_key else 0, ports, exclude=[b.key for b in spec.brokers if b.key]))
     procs: list[_BrokerProcess] = []
     try:
         for broker in spec.brokers:
-            key = broker.key or next(fresh)
+            key = broker.key or (next(fresh) if one_key else None)
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dcp", "broker", "--listen", f"{host}:0", "--name", broker.name,
-                "--key", str(key), "--ports", str(ports), *broker_args,
+                *(("--key", str(key)) if key else ()), "--ports", str(ports), *broker_args,
                 stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the brokers in order
             )
             procs.append(_BrokerProcess(broker.name, key, process))
         await asyncio.gather(*(proc.wait_listening() for proc in procs))
+        if not one_key:
+            for proc in procs:
+                async with connect(f"dcp://{proc.address}", role="admin", reconnect=False) as admin:
+                    proc.layout = admin.broker_layout
         by_name = {proc.name: proc for proc in procs}
         links = []
         for dialer, acceptor in spec.links:
@@ -156,7 +167,11 @@ async def start_cluster(
         await stop_cluster(procs)
         raise
     overlay = {
-        "brokers": {proc.name: {"key": proc.key, "address": proc.address} for proc in procs},
+        "brokers": {
+            proc.name: {"key": proc.key, "address": proc.address}
+            if proc.layout is None else {"key": proc.key, "ports": ports, "keys": list(proc.layout.keys), "address": proc.address}
+            for proc in procs
+        },
         "links": links,
     }
     Overlay.from_dict(overlay)  # the overlay the brokers report must be a valid one

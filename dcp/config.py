@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from .control import SLOW_CONSUMER_POLICIES, slow_consumer_policy
 from .errors import ConfigError
+from .routing import MAX_PORTS, KeyLayout
 from .wire import DEFAULT_LIMITS, Limits
 
 __all__ = ["BrokerConfig", "OrchestratorConfig", "MODES", "parse_address"]
@@ -104,8 +105,15 @@ class BrokerConfig(_FromSources):
 
     listen: str = field(default="127.0.0.1:7400", metadata=_opt("HOST:PORT to listen on (port 0: any free one)"))
     name: str = field(default="", metadata=_opt("name of this broker in logs and on its links (default: its address)"))
-    key: int | None = field(default=None, metadata=_opt("prime key of this broker, above 2**ports (default: a random prime below 2**(ports+1))", type=int))
-    ports: int = field(default=64, metadata=_opt("number of ports (attachments) of this broker", type=int))
+    key: int | None = field(
+        default=None,
+        metadata=_opt(
+            "prime root key of this broker: above 2**ports up to 64 ports, above 2**(64 + banks or directories under the root) "
+            "beyond (default: a random prime of that size; the other keys of a broker with over 64 ports are always random)",
+            type=int,
+        ),
+    )
+    ports: int = field(default=10_000, metadata=_opt("number of ports (attachments) of this broker", type=int))
     mode: str = field(default="stateless", metadata=_opt("routing mode", choices=MODES))
     slow_consumer: str = field(
         default="drop-newest",
@@ -138,6 +146,29 @@ class BrokerConfig(_FromSources):
         metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
     )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
+    hello_timeout_s: float = field(
+        default=5.0,
+        metadata=_opt(
+            "a connection that has not had its hello accepted this long after it was accepted is refused "
+            "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
+        ),
+    )
+    max_connections_per_address: int = field(
+        default=0,
+        metadata=_opt(
+            "connections one peer IP address may hold at once; past it a connection is refused at accept "
+            "(connection_limit) (0: no limit, the default: many agents may share an address, behind NAT or on one host)",
+            type=int,
+        ),
+    )
+    max_connections_per_name: int = field(
+        default=16,
+        metadata=_opt(
+            "connections one name may hold at once: the token's name with --require-token, else the name a hello "
+            "gives (hellos without a name are not counted); past it the hello is refused (connection_limit) (0: no limit)",
+            type=int,
+        ),
+    )
     secret_file: str = field(
         default="",
         metadata=_opt("file holding the secret shared with the orchestrator (route tags, tokens)"),
@@ -177,10 +208,11 @@ class BrokerConfig(_FromSources):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.link_hold_s < 0:
             raise ConfigError("link_hold_s must not be negative")
-        if not 1 <= self.ports <= 4096:
-            raise ConfigError(f"ports must be in [1, 4096], got {self.ports}")
-        if self.key is not None and self.key <= 1 << self.ports:
-            raise ConfigError(f"key {self.key} must be greater than 2**ports = {1 << self.ports}")
+        if not 1 <= self.ports <= MAX_PORTS:
+            raise ConfigError(f"ports must be in [1, {MAX_PORTS}], got {self.ports}")
+        width = KeyLayout.root_width(self.ports)
+        if self.key is not None and self.key <= 1 << width:
+            raise ConfigError(f"key {self.key} must be greater than 2**{width} = {1 << width} (the root of {self.ports} ports)")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         slow_consumer_policy(self.slow_consumer)
@@ -188,6 +220,11 @@ class BrokerConfig(_FromSources):
             raise ConfigError(f"out_buffer_bytes must be at least 1024, got {self.out_buffer_bytes}")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown_timeout_s must not be negative")
+        if self.hello_timeout_s < 0:
+            raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
+        for name in ("max_connections_per_address", "max_connections_per_name"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         try:

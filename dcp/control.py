@@ -32,19 +32,19 @@ from .wire import ROUTE_TAG_SIZE, Limits
 __all__ = [
     # op names
     "HELLO", "WELCOME", "PING", "PONG", "STATS", "POLICY", "SUBSCRIBE", "UNSUBSCRIBE", "LINK", "UNLINK",
-    "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PIPELINES", "STATUS", "DEPLOY",
+    "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PORTS_CHANGED", "PIPELINES", "STATUS", "DEPLOY",
     "UNDEPLOY", "TOKEN", "ROUTE", "ASSIGN", "UNASSIGN",
     # vocabulary
     "SLOW_CONSUMER_POLICIES", "slow_consumer_policy", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT",
     # field kinds
-    "Kind", "UINT", "PORT", "REMOTE_PORT", "STR", "NAME", "BOOL", "BIG_INT", "TAG", "STRS", "MAP", "MAPS",
+    "Kind", "UINT", "PORT", "PORTS", "REMOTE_PORT", "STR", "NAME", "BOOL", "BIG_INT", "BIG_INTS", "TAG", "STRS", "MAP", "MAPS",
     "WAIT", "POSITIVE_SECONDS", "SLOW_CONSUMER_NAME", "ELEMENT_KIND", "LIMIT_FRAME", "LIMIT_TOPIC", "LIMIT_X_BITS",
     "COUNTERS", "ASSIGNMENTS", "LINK_STATS", "LINK_REPORTS", "PORT_REPORTS",
     # messages
     "Message", "Request", "Reply", "ElementPush", "Hello", "Welcome", "Ping", "Pong", "StatsRequest", "Stats",
     "SlowConsumerRequest", "SlowConsumerSet",
     "Subscribe", "Unsubscribe", "Link", "Linked", "Unlink", "Ok", "Error", "GoingAway", "Register", "Registered",
-    "Report", "LinkReport", "PortReport", "BrokerState", "Pipelines", "PipelinesView", "Status", "StatusView",
+    "Report", "LinkReport", "PortReport", "BrokerState", "PortsChanged", "Pipelines", "PipelinesView", "Status", "StatusView",
     "Deploy", "Deployed", "Undeploy", "Token", "Issued", "Route", "Assign", "Unassign",
     "REQUESTS", "ANSWERS", "parse_request", "parse_answer", "request_id",
     # permissions
@@ -67,6 +67,7 @@ GOING_AWAY = "going_away"
 REGISTER = "register"
 REPORT = "report"
 BROKER_STATE = "broker_state"
+PORTS_CHANGED = "ports_changed"
 PIPELINES = "pipelines"
 STATUS = "status"
 DEPLOY = "deploy"
@@ -166,6 +167,13 @@ STR = Kind("a string", lambda v: type(v) is str)
 NAME = Kind("a non-empty string", lambda v: type(v) is str and v != "")
 BOOL = Kind("true or false", lambda v: type(v) is bool)
 BIG_INT = Kind("bytes (a big-endian unsigned int)", lambda v: type(v) is bytes, int_from_bytes, int_to_bytes)
+BIG_INTS = Kind(
+    "a list of bytes (big-endian unsigned ints)",
+    lambda v: type(v) is list and all(type(item) is bytes for item in v),
+    lambda v: [int_from_bytes(item) for item in v],
+    lambda v: [int_to_bytes(item) for item in v],
+)
+PORTS = Kind("a list of ints in [0, 65535]", lambda v: type(v) is list and all(type(p) is int and 0 <= p <= 0xFFFF for p in v))
 TAG = Kind(f"{ROUTE_TAG_SIZE} bytes (a route tag)", lambda v: type(v) is bytes and len(v) == ROUTE_TAG_SIZE)
 STRS = Kind("a list of strings", lambda v: type(v) is list and all(type(item) is str for item in v))
 MAP = Kind("a map", lambda v: type(v) is dict)
@@ -316,10 +324,12 @@ class Error(Reply):
 @dataclass(frozen=True, kw_only=True)
 class Welcome(Reply):
     """The answer to a hello.  A broker's gives its key, its mode, its limits and, to an
-    agent or a peer, the port it is on; the orchestrator's only its name and mode."""
+    agent or a peer, the port it is on; the orchestrator's only its name and mode.  A
+    broker with more than 64 ports also gives all its ``keys`` (:class:`dcp.routing.KeyLayout`)."""
 
     op: ClassVar[str] = WELCOME
     key: int | None = _field(BIG_INT, None)
+    keys: list[int] | None = _field(BIG_INTS, None)
     name: str = _field(STR, "")
     mode: str = _field(STR, "")
     port: int | None = _field(PORT, None)
@@ -334,8 +344,9 @@ class Welcome(Reply):
 class Hello(Request[Welcome]):
     """The first request on a connection: who is calling, in which role, with which token.
 
-    A peer (a broker dialling a link) also gives its ``key`` and the port the ``link``
-    has at its end; an agent may choose its port's ``slow_consumer`` policy.
+    A peer (a broker dialling a link) also gives its ``key``, all its ``keys`` when it
+    has more than one, and the port the ``link`` has at its end; an agent may choose
+    its port's ``slow_consumer`` policy.
     """
 
     op: ClassVar[str] = HELLO
@@ -344,6 +355,7 @@ class Hello(Request[Welcome]):
     token: str | None = _field(STR, None)
     slow_consumer: str | None = _field(SLOW_CONSUMER_NAME, None, code="bad_policy")
     key: int | None = _field(BIG_INT, None)
+    keys: list[int] | None = _field(BIG_INTS, None)
     link: int | None = _field(PORT, None)
 
 
@@ -482,14 +494,26 @@ PORT_REPORTS = _records(PortReport)
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerState(Request[Ok]):
-    """A broker's key, ports and links, sent at registration and after every change."""
+    """A broker's keys, ports, links and attachments, sent at registration and after a
+    link changes; ``keys``: its whole key layout when it has more than one key."""
 
     op: ClassVar[str] = BROKER_STATE
     key: int = _field(BIG_INT)
+    keys: list[int] | None = _field(BIG_INTS, None)
     address: str = _field(STR, "")
     ports: int = _field(PORT, 0)
     links: list[LinkReport] = _field(LINK_REPORTS)
     attached: list[PortReport] | None = _field(PORT_REPORTS, None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortsChanged(Request[Ok]):
+    """Attachments since a broker's last report: a report costs what changed, not
+    what the broker holds (``detached`` are port numbers)."""
+
+    op: ClassVar[str] = PORTS_CHANGED
+    attached: list[PortReport] = _field(PORT_REPORTS)
+    detached: list[int] = _field(PORTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -511,9 +535,11 @@ class StatusView(Ok):
 
 @dataclass(frozen=True, kw_only=True)
 class Status(Request[StatusView]):
-    """The orchestrator's brokers, agents and streams."""
+    """The orchestrator's brokers, agents and streams; with ``summary``, their counts
+    only (a full status of thousands of agents does not fit a control frame)."""
 
     op: ClassVar[str] = STATUS
+    summary: bool | None = _field(BOOL, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -610,7 +636,7 @@ def _registry(*types: type[Message]) -> dict[str, type[Message]]:
 
 #: What daemons receive: requests, and from a peer link the answers to a broker's hello and pings.
 REQUESTS = _registry(
-    Hello, Ping, StatsRequest, SlowConsumerRequest, Subscribe, Unsubscribe, Link, Unlink, Register, Report, BrokerState,
+    Hello, Ping, StatsRequest, SlowConsumerRequest, Subscribe, Unsubscribe, Link, Unlink, Register, Report, BrokerState, PortsChanged,
     Pipelines, Status, Deploy, Undeploy, Token, Error, GoingAway, Welcome, Pong,
 )
 #: What clients receive: replies (``ok`` as the plain :class:`Ok`) and pushes.
@@ -772,6 +798,7 @@ ORCHESTRATOR = Permissions(
         REGISTER:     (_HF, "", "not_agent", "not_agent"),
         REPORT:       (_HF, "", "not_agent", "not_agent"),
         BROKER_STATE: (_HF, "not_broker", "", "not_broker"),
+        PORTS_CHANGED: (_HF, "not_broker", "", "not_broker"),
         PIPELINES:    (_HF, "", "", ""),
         STATUS:       (_HF, "", "", ""),
         DEPLOY:       (_HF, _NA, _NA, ""),

@@ -48,7 +48,6 @@ from .broker import Broker
 from .client import Connection, Message, connect
 from .config import BrokerConfig, OrchestratorConfig
 from .orchestrator import Orchestrator
-from .routing import allocate_keys
 from .spec import ElementSpec, PipelineSpec, parse_spec
 from .views import format_pipelines
 
@@ -267,8 +266,8 @@ class _Plane:
         do_addr = "%s:%d" % self.orchestrator.address
         out(f"orchestrator  {do_addr}   (state in a temporary sqlite file)")
         peers: tuple[str, ...] = ()
-        for name, key in zip(("b0", "b1"), allocate_keys(2, 64)):
-            broker = Broker(BrokerConfig(listen="127.0.0.1:0", key=key, name=name, orchestrator=do_addr, peers=peers))
+        for name in ("b0", "b1"):  # default settings: 10,000 ports, random keys of their own
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers))
             await broker.start()
             self.brokers[name] = broker
             peers = ("%s:%d" % broker.address,)
@@ -277,7 +276,8 @@ class _Plane:
             raise RuntimeError("the two brokers did not link up within 10 s")
         for name, broker in self.brokers.items():
             links = "; ".join(f"link port {ln.port} <-> {ln.remote_name or '?'} port {ln.remote_port}" for ln in broker.links.values())
-            out(f"broker {name}     %s:%d   key {broker.key}   {links}" % broker.address)
+            keys = len(broker.layout.keys)
+            out(f"broker {name}     %s:%d   key {broker.key} (+{keys - 1} bank keys)   {links}" % broker.address)
 
     async def _overlay_up(self) -> bool:
         status = (await self.call(control.Status())).status

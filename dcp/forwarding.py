@@ -20,8 +20,11 @@ slice.  A frame longer than a read is held as the reads that carry it
 (:class:`~dcp.wire.Reassembly`) and forwarded without a copy.
 
 The decision for a data frame arriving on port ``p`` (stateless mode) is
-``out = (X mod key) & attached & ~(1 << p)``; bits naming unattached ports, or links
-that are down, are counted per copy.  A decision that counted nothing is repeated for
+``out = (X mod key) & attached & ~(1 << p)`` for a broker with one key; with a key
+layout (over 64 ports) ``X mod key`` becomes :meth:`~dcp.routing.KeyLayout.decode`,
+memoised per X in the broker's ``decoded`` (up to ``DECODED_LIMIT`` numbers, then
+forgotten at once).  Bits naming unattached ports, or links that are down, are
+counted per copy.  A decision that counted nothing is repeated for
 the following frames of the read that :func:`~dcp.wire.scan` marks as repeating its
 route, with a hop limit above 0.
 """
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, Union
 
 from .errors import RemoteProtocolError
+from .routing import KeyLayout
 from .wire import (
     CONTROL,
     DATA,
@@ -48,7 +52,7 @@ from .wire import (
     scan,
 )
 
-__all__ = ["DROP_REASONS", "Write", "Drop", "Control", "Decision", "Ports", "RouteCheck", "Forwarder"]
+__all__ = ["DECODED_LIMIT", "DROP_REASONS", "Write", "Drop", "Control", "Decision", "Ports", "RouteCheck", "Forwarder"]
 
 #: Why a frame (or one copy of it) was not delivered; each is a counter in a broker's stats.
 DROP_REASONS = (
@@ -100,11 +104,17 @@ class Control(NamedTuple):
 
 Decision = Union[Write, Drop, Control]
 
+#: Topology numbers a broker with many keys remembers the decoding of: one per live
+#: stream through it, in practice; a flood of distinct numbers only empties the memo.
+DECODED_LIMIT = 4096
+
 
 class Ports(Protocol):
     """What the forwarder reads of its broker, at every decision."""
 
-    key: int
+    key: int  # the root key: the only one with up to 64 ports
+    layout: KeyLayout
+    decoded: dict[int, int]  # X -> layout.decode(X), kept by the forwarders
     attached: int  # bitmap of the ports with a connection
     reserved: int  # bitmap of the ports held by links, up or down
     table: dict[bytes, int]  # stateful mode: topic -> bitmap of ports
@@ -152,6 +162,14 @@ class Forwarder:
     def attach(self, port: int) -> None:
         self.port = port
         self.not_bit = ~(1 << port)
+
+    def set_limits(self, limits: Limits) -> None:
+        """Take frames within ``limits`` from now on (a broker widens a connection's
+        limits once its hello is accepted), the frames after the hello in the same read
+        included."""
+        self.limits = limits
+        self._held.limits = limits
+        self._x_fast = limits.max_x_bits // 8
 
     @property
     def held(self) -> int:
@@ -206,8 +224,9 @@ class Forwarder:
         buf = data if type(data) is bytearray else bytearray(data)  # the one copy: hops are patched in place
         view = memoryview(buf)
         found: list[Found] = []
+        limits = self.limits
         try:
-            stop = scan(buf, 0, self.limits, found)
+            stop = scan(buf, 0, limits, found)
         except RemoteProtocolError as exc:  # decide the frames before the bad one, then raise
             error: RemoteProtocolError | None = exc
             stop = _end_of(found[-1]) if found else 0
@@ -254,6 +273,9 @@ class Forwarder:
         finally:
             self.frames_in += frames
         if error is not None:
+            if self.limits is not limits:  # a hello just widened them: read the rest under the new ones
+                yield from self._chunk(view[stop:])
+                return
             raise error
         if stop < end:
             self._held.hold(view[stop:])
@@ -299,7 +321,15 @@ class Forwarder:
                 message = f"topology number of {x.bit_length()} bits exceeds max_x_bits={self.limits.max_x_bits}"
                 self._drops.append(Drop("route_too_large", 1, message))
                 return -1
-            out = x % ports.key
+            if len(ports.layout.keys) == 1:
+                out = x % ports.key
+            else:
+                decoded = ports.decoded
+                out = decoded.get(x, -1)
+                if out < 0:
+                    if len(decoded) >= DECODED_LIMIT:
+                        decoded.clear()
+                    out = decoded[x] = ports.layout.decode(x)
         else:
             topic_start = start + x_len
             out = ports.table.get(bytes(buf[topic_start : topic_start + header[5]]), 0)

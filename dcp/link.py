@@ -8,7 +8,9 @@ both ends keep the link's port reserved while it is down, so the topology number
 that name it stay valid and delivery resumes, with no process restarted, when it
 comes back.  Frames routed to a link that is down are counted (``link_down``), not
 queued.  The accepting end knows a returning peer by (peer key, peer port) and
-frees the port if the peer stays away for ``link_hold_s``.
+frees the port if the peer stays away for ``link_hold_s``, once the link has carried a
+ping or a pong from the peer (the dialler pings as soon as it is welcomed); a peer that
+said hello and went without one (never up, or a fake hello) frees its port at once.
 
 With ``--tls-ca`` the dialling end speaks TLS and verifies the peer's certificate;
 with a secret its hello carries a short-lived ``broker`` token it issues itself, which
@@ -25,10 +27,11 @@ from collections import Counter
 import ssl
 from typing import Any, Protocol
 
+from ._guard import safe
 from .backoff import Backoff
 from .config import BrokerConfig, parse_address
 from .control import WELCOME, Error, Hello, Message, Ping, Unlink, Welcome
-from .errors import BadRequest, ConnectionClosed, DcpError, DcpTimeout, RemoteError
+from .errors import BadRequest, ConnectionClosed, DcpError, DcpTimeout, LinkRefused, RemoteError
 from .routing import int_to_bytes
 
 __all__ = ["Link", "LinkHost", "LinkConnection", "LINK_COUNTERS"]
@@ -83,6 +86,12 @@ class LinkHost(Protocol):
     tls_client: ssl.SSLContext | None
 
     @property
+    def announced_keys(self) -> list[int] | None: ...
+
+    def shared_key(self, root: int, keys: list[int] | None) -> int | None:
+        """A key this broker shares with a peer announcing ``root`` and ``keys``, if any."""
+
+    @property
     def closing(self) -> bool: ...
 
     def new_connection(self, link: Link) -> asyncio.Protocol:
@@ -118,6 +127,10 @@ class Link:
         self.connects = 0
         self.undelivered = 0  # frames routed here while the link was down
         self.last_error = ""
+        #: Inbound: the peer has sent a ping or a pong on this link (it was up both ways):
+        #: only then is its port held for ``link_hold_s`` after its connection ends.
+        self.confirmed = False
+        self.warned_cleartext = False  # outbound: a token went over plain TCP, and we said so
         self._totals: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -167,7 +180,7 @@ class Link:
             try:
                 await self._dial(host, port)
             except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError, BadRequest) as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = safe(str(exc) or type(exc).__name__, 512)
                 if reason != self.last_error:
                     log.warning("link port %d to %s: %s; redialling", self.port, self.address, reason)
                 self.last_error = reason
@@ -194,7 +207,7 @@ class Link:
     def hello(self) -> Hello:
         """What the dialling end says first; with a secret, a token of our own (role ``broker``)."""
         broker = self.broker
-        return Hello(id=0, role="peer", name=broker.name, key=broker.key, link=self.port, token=broker.token())
+        return Hello(id=0, role="peer", name=broker.name, key=broker.key, keys=broker.announced_keys, link=self.port, token=broker.token())
 
     def welcomed(self, conn: LinkConnection, welcome: Welcome) -> None:
         """Outbound: the peer accepted the link and gave it port ``welcome.port``.
@@ -210,10 +223,15 @@ class Link:
             missing = "key" if welcome.key is None else "port"
             self.refuse(conn, BadRequest(WELCOME, missing, f"{missing} is required: a link needs the peer's key and its port"))
             return
+        shared = self.broker.shared_key(welcome.key, welcome.keys)
+        if shared is not None:
+            self.refuse(conn, LinkRefused("same_key", f"the peer has this broker's key {shared}; give each broker its own --key"))
+            return
         self.remote_key, self.remote_port = welcome.key, welcome.port
         self.remote_name = conn.name = welcome.name
         self.broker.attach(conn, self.port)
         self._set_up(conn)
+        self._ping(conn)  # at once: the accepting end holds the port of a link only once it heard from it
         waiting.set_result(None)
 
     def refused(self, conn: LinkConnection, error: Error) -> None:
@@ -236,7 +254,7 @@ class Link:
         """Inbound: the peer dialled (again); ``conn`` now carries the link."""
         old = self.conn
         if old is not None and old is not conn:
-            log.info("link port %d: %s dialled again; dropping the old connection", self.port, name)
+            log.info("link port %d: %s dialled again; dropping the old connection", self.port, safe(name))
             self._connection_gone(old)
             old.abort()
         if self._expiry is not None:
@@ -253,6 +271,11 @@ class Link:
         self.conn = conn
         self.connects += 1
 
+    def heard(self, conn: LinkConnection) -> None:
+        """The peer sent a ping or a pong on ``conn``: the link was up both ways."""
+        if conn is self.conn:
+            self.confirmed = True
+
     def connection_lost(self, conn: LinkConnection) -> None:
         if conn is not self.conn:
             return
@@ -260,6 +283,10 @@ class Link:
         if self._welcome is not None and not self._welcome.done():
             self._welcome.set_exception(ConnectionClosed("connection closed before the peer accepted the link"))
         if not self.outbound and self.state != "closed" and not self.broker.closing:
+            if not self.confirmed:  # a hello, then nothing: no route can name this port yet
+                log.info("link port %d (%s) went before the peer was heard from; freeing its port now", self.port, self._describe())
+                self.broker.remove_link(self, False)
+                return
             self._expiry = asyncio.get_running_loop().call_later(
                 self.broker.config.link_hold_s, self.broker.remove_link, self, False
             )
@@ -290,8 +317,8 @@ class Link:
 
     def _describe(self) -> str:
         if self.outbound:
-            return f"{self.remote_name} ({self.address})" if self.remote_name else self.address
-        return self.remote_name or str(self.remote_key)
+            return f"{safe(self.remote_name)} ({self.address})" if self.remote_name else self.address
+        return safe(self.remote_name) or str(self.remote_key)
 
     # -- health ---------------------------------------------------------------
 
@@ -314,9 +341,12 @@ class Link:
                 self._connection_gone(conn)
                 conn.abort()
                 return
-            ping_id = next(self._ping_ids)
-            self._pings[ping_id] = now
-            conn.send(Ping(id=ping_id))
+            self._ping(conn, now)
+
+    def _ping(self, conn: LinkConnection, now: float | None = None) -> None:
+        ping_id = next(self._ping_ids)
+        self._pings[ping_id] = time.monotonic() if now is None else now
+        conn.send(Ping(id=ping_id))
 
     def pong(self, ping_id: int | None) -> None:
         if ping_id is None:

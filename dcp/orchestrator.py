@@ -1,21 +1,25 @@
 """The data orchestrator (DO): registries, pipelines, delivery trees, topology numbers.
 
-It never sits on the data path.  Brokers register and report their key, ports and
-links (``broker_state``); data agents register their capabilities, the topics they
-consume (patterns allowed) and produce, and where they are attached (broker key,
-port).  A deployed pipeline assigns each stage to agents offering its capability.
-For every stream (one producing agent, one topic) the DO builds the delivery tree to
-the agents consuming it, allowed by the policy, and pushes the topology number, with
-an epoch, to the producing agent only.  Brokers are told nothing about topics.
-With ``--secret-file`` each number goes out with a route tag (:mod:`dcp.auth`) over
-topic, X, epoch and an expiry ``--route-ttl-s`` ahead, re-signed and pushed again
-when half of that is left, so brokers with ``--verify-routes`` can refuse forgeries.
+It never sits on the data path.  Brokers register and report their keys, ports and
+links (``broker_state``) and then their attachments as they change (``ports_changed``);
+data agents register their capabilities, the topics they consume (patterns allowed)
+and produce, and where they are attached (broker key, port).  A deployed pipeline
+assigns each stage to agents offering its capability.  For every stream (one producing
+agent, one topic) the DO builds the delivery tree to the agents consuming it, allowed by
+the policy, and pushes the topology number, with an epoch, to the producing agent only.
+Brokers are told nothing about topics.  With ``--secret-file`` each number goes out with
+a route tag (:mod:`dcp.auth`) over topic, X, epoch and an expiry ``--route-ttl-s``
+ahead, re-signed and pushed again when half of that is left, so brokers with
+``--verify-routes`` can refuse forgeries.
 
-Any event (an agent, broker or link joining or leaving, a deploy) marks the state
-dirty; one recomputation per loop iteration rebuilds the trees (microseconds each)
-and pushes only the numbers that changed.  Everything is kept in sqlite, so a
-restart recovers registries, pipelines, assignments and epochs; agents and brokers
-re-register by themselves when their connection comes back.
+Planning is incremental (:mod:`dcp.planner`): an event (an agent, broker or link joining
+or leaving, a deploy) tells the planner what it touches, and the planner replans only
+the streams that depend on it.  A round runs in slices of about :data:`SLICE_S`, one per
+loop iteration, so that no event waits behind a long recomputation; the routes of a
+round are stored in one sqlite transaction and then pushed, one write per agent.
+Everything is kept in sqlite, so a restart recovers registries, pipelines, assignments
+and epochs; agents and brokers re-register by themselves when their connection comes
+back.
 
 Control protocol: the messages of :mod:`dcp.control` over the dcp codec, on one TCP
 connection per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with role
@@ -29,11 +33,13 @@ the connection goes on.  With ``--require-token`` the hello carries a token
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from math import gcd
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from math import gcd
 from typing import Any, cast
 
 from . import control
@@ -42,16 +48,29 @@ from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, issue_
 from .config import OrchestratorConfig
 from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError, SpecError
 from .orchestrator_store import Store
-from .patterns import Policy, topic_matches, validate_pattern, validate_topic
-from .routing import int_to_bytes
+from .patterns import Policy, validate_pattern, validate_topic
+from .planner import AgentView, Planner, Stream
+from .routing import KeyLayout, int_to_bytes
 from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
-from .topology import Overlay, OverlayLink, build_tree
+from .topology import Overlay, OverlayLink
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
 __all__ = ["Orchestrator"]
 
 log = logging.getLogger(__name__)
+
+#: Planning and pushing per loop iteration, at most (about: one stream's tree is not cut).
+SLICE_S = 0.01
+#: A round that keeps finding work commits, and pushes what it planned, this often.
+ROUND_S = 0.25
+
+#: Registrations and routes since the last ``gc.freeze()`` that make the next one due.
+FREEZE_STEP = 1000
+#: Seconds between sqlite checkpoints, run in a worker thread after a round.
+CHECKPOINT_S = 1.0
+
+ElementKey = tuple[str, str]  # (pipeline, element)
 
 
 @dataclass
@@ -63,7 +82,12 @@ class BrokerRecord:
     links: list[dict[str, Any]]  # {"port", "remote_key", "remote_port", "state"}
     conn: OrchestratorConnection | None = None
     gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
-    attached: list[dict[str, Any]] | None = None  # its ports with an agent on them: {"port", "name"}
+    attached: dict[int, str] | None = None  # port -> the agent on it, as last reported; None: not known
+    keys: list[int] | None = None  # its whole key layout (root first), when it has more keys than ``key``
+
+    @property
+    def all_keys(self) -> list[int]:
+        return self.keys or [self.key]
 
 
 @dataclass
@@ -80,17 +104,6 @@ class AgentRecord:
     gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
 
 
-@dataclass
-class Stream:
-    producer: str
-    topic: str
-    epoch: int
-    x: int
-    consumers: list[str]
-    refused: str = ""  # why the producer may not publish, if it may not
-    broker: str = ""  # the producer's broker X was computed for: X means nothing on another
-
-
 class Orchestrator(Serving):
     """The DO daemon: ``await start()``, then ``serve_forever()`` or ``close()``."""
 
@@ -102,9 +115,14 @@ class Orchestrator(Serving):
         self.agents: dict[str, AgentRecord] = {}
         self.pipelines: dict[str, PipelineSpec] = {}
         self.deployed_at: dict[str, float] = {}
-        self.assignments: dict[tuple[str, str], list[str]] = {}  # (pipeline, element) -> agents
-        self.streams: dict[tuple[str, str], Stream] = {}
-        self.recomputations = 0
+        self.assignments: dict[ElementKey, list[str]] = {}  # (pipeline, element) -> agents
+        self.recomputations = 0  # planning rounds
+        # Indexes, so that an event costs what it touches
+        self._key_owner: dict[int, str] = {}  # every key of every broker record -> its name
+        self._agents_at: dict[int, set[str]] = {}  # broker key -> the agents registered at it
+        self._assigned: dict[str, dict[ElementKey, None]] = {}  # agent -> its elements
+        self._load: Counter[str] = Counter()  # agent -> how many elements it has
+        self._capable: dict[str, set[str]] = {}  # capability -> the connected agents offering it
         # The secret shared with the brokers (--secret-file): route tags and tokens
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
         self.signer = RouteSigner(self.secret) if self.secret is not None else None
@@ -112,34 +130,54 @@ class Orchestrator(Serving):
         # Who may send which op: before its hello, only a hello with --require-token
         self.permissions = control.ORCHESTRATOR.requiring_token() if self.config.require_token else control.ORCHESTRATOR
         self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
-        self._dirty = False
         self._connections: set[OrchestratorConnection] = set()
         self._server: asyncio.Server | None = None
         self._closed: asyncio.Event | None = None
-        self._recover()
+        # A planning round: what is left to tell the planner, and the pushes it made
+        self._dirty = False  # a slice is scheduled
+        self._overlay_dirty = True
+        self._touched: dict[str, None] = {}  # agents whose view to compute again
+        self._round_started: float | None = None  # its transaction is open
+        self._outbox: dict[str, dict[str, Stream]] = {}  # agent -> routes to push once stored
+        self._sending: deque[tuple[str, dict[str, Stream]]] = deque()  # stored, to push
+        self._slices = 0
+        self._longest_slice_s = 0.0
+        self._frozen = 0  # agents and streams at the last gc.freeze()
+        self._checkpoint: asyncio.Future[None] | None = None  # running, or done at ``_checkpointed``
+        self._checkpointed = 0.0
+        streams = self._recover()
+        self._touch(self.agents)
+        self._policy = self.access_policy()
+        self.planner = Planner(streams, self._policy)
+        self.streams = self.planner.streams  # (producer, topic) -> its route
 
     # -- life cycle -------------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self) -> list[Stream]:
+        """Registries, pipelines and assignments from sqlite; the stored routes, returned."""
         state = self.store.load()
         for b in state["brokers"]:
-            self.brokers[b["name"]] = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"], gone_at=time.monotonic())
+            record = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"], gone_at=time.monotonic(), keys=b["keys"])
+            self.brokers[record.name] = record
+            for key in record.all_keys:
+                self._key_owner.setdefault(key, record.name)
         for a in state["agents"]:
             self.agents[a["name"]] = AgentRecord(
                 a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"], gone_at=time.monotonic()
             )
+            self._agents_at.setdefault(a["broker_key"], set()).add(a["name"])
         for p in state["pipelines"]:
             self.pipelines[p["name"]] = parse_spec(p["spec"], f"stored pipeline {p['name']!r}")
             self.deployed_at[p["name"]] = p["deployed_at"]
         for pipeline, element, agent in state["assignments"]:
-            self.assignments.setdefault((pipeline, element), []).append(agent)
-        for s in state["streams"]:
-            self.streams[(s["producer"], s["topic"])] = Stream(s["producer"], s["topic"], s["epoch"], s["x"], s["consumers"])
+            self._add_assignment((pipeline, element), agent)
+        streams = [Stream(s["producer"], s["topic"], s["epoch"], s["x"], s["consumers"]) for s in state["streams"]]
         if any(state.values()):
             log.info(
                 "recovered %d broker(s), %d agent(s), %d pipeline(s), %d stream(s) from %s",
-                len(self.brokers), len(self.agents), len(self.pipelines), len(self.streams), self.store.path,
+                len(self.brokers), len(self.agents), len(self.pipelines), len(streams), self.store.path,
             )
+        return streams
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +190,7 @@ class Orchestrator(Serving):
             " tls" if self.tls else "", " require-token" if self.config.require_token else "",
         )
         if self.brokers or self.agents:  # recovered ones route until they are back, or the grace ends
+            self.changed()
             loop.call_later(self.config.grace_s, self._grace_over)
         if self.signer is not None:
             loop.call_later(self.config.route_ttl_s / 4, self._resign)
@@ -162,6 +201,8 @@ class Orchestrator(Serving):
         self._server.close()
         for conn in list(self._connections):
             conn.close(control.GoingAway())
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
         self.store.close()
         log.info("dcp orchestrator stopped")
         self._closed.set()
@@ -169,10 +210,17 @@ class Orchestrator(Serving):
     # -- events -------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Something the trees depend on changed: recompute once, at the end of this loop iteration."""
+        """Something planning depends on changed: plan, a slice per loop iteration, from the next one."""
         if not self._dirty:
             self._dirty = True
             asyncio.get_running_loop().call_soon(self._recompute)
+
+    def _touch(self, names: Iterable[str]) -> None:
+        """These agents' views may have changed: compute them again in the next slice
+        (the event then calls :meth:`changed`)."""
+        for name in names:
+            if name in self.agents:
+                self._touched[name] = None
 
     def register_agent(self, conn: OrchestratorConnection, request: control.Register) -> control.Registered:
         """An agent (named by its hello) registers, or registers again.
@@ -190,90 +238,182 @@ class Orchestrator(Serving):
                 except ConfigError as exc:
                     raise BadRequest(control.REGISTER, f"{field}[{i}]", f"{field}[{i}]: {exc}") from None
         old = self.agents.get(name)
-        if old is not None and old.conn is not None and old.conn is not conn:
-            log.info("agent %s registered again from a new connection; dropping the old one", name)
-            old.conn.close(control.Error(code="replaced", message="the agent registered again", fatal=True))
+        if old is not None:
+            if old.conn is not None and old.conn is not conn:
+                log.info("agent %s registered again from a new connection; dropping the old one", name)
+                old.conn.close(control.Error(code="replaced", message="the agent registered again", fatal=True))
+            self._offline(old)
+            self._agents_at[old.broker_key].discard(name)
         capabilities, consumes, produces, port = request.capabilities, request.consumes, request.produces, request.port
         record = AgentRecord(name, capabilities, consumes, produces, request.broker_key, port, conn, registered_at=time.time())
         self.agents[name] = record
         conn.agent = record
+        self._agents_at.setdefault(record.broker_key, set()).add(name)
+        for capability in capabilities:
+            self._capable.setdefault(capability, set()).add(name)
         self.store.save_agent(name, capabilities, consumes, produces, record.broker_key, port)
         log.info("agent %s registered at broker %s port %d", name, self._broker_name(record.broker_key) or "?", port)
-        self._assign_all()
-        for (pipeline, element), agents in self.assignments.items():
-            if name in agents:
-                conn.send(self._assign_message(pipeline, element))
-        for stream in self.streams.values():
-            if stream.producer == name:
-                conn.send(self._route_message(stream))
+        offered = set(capabilities)
+        self._assign_elements(lambda _, element: element.capability in offered)
+        conn.send_all([self._assign_message(pipeline, element) for pipeline, element in self._assigned.get(name, ())])
+        topics = self.planner.topics_of(name)
+        if topics:  # its routes as they stand, pushed with this round's changes
+            routes = self._outbox.setdefault(name, {})
+            for topic in topics:
+                routes.setdefault(topic, self.streams[(name, topic)])
+        self._touch([name])
         self.changed()
-        return control.Registered(assignments=sum(name in agents for agents in self.assignments.values()))
+        return control.Registered(assignments=len(self._assigned.get(name, ())))
+
+    def _offline(self, record: AgentRecord) -> None:
+        """``record`` no longer offers its capabilities to new elements."""
+        for capability in record.capabilities:
+            self._capable.get(capability, set()).discard(record.name)
 
     def agent_gone(self, record: AgentRecord) -> None:
         record.conn = None
         record.gone_at = time.monotonic()
+        if self.agents.get(record.name) is not record:  # it registered again from another connection
+            return
         log.info("agent %s disconnected", record.name)
+        self._offline(record)
+        self._touch([record.name])
         self.changed()
-        asyncio.get_running_loop().call_later(self.config.grace_s, self._grace_over)
+        self._when_grace_ends(record, lambda: self._agent_grace_over(record))
+
+    def _when_grace_ends(self, record: AgentRecord | BrokerRecord, then: Callable[[], None]) -> None:
+        """Call ``then`` once ``record``'s grace has run out (a loop timer may fire a little early)."""
+        left = record.gone_at + self.config.grace_s - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._when_grace_ends, record, then)
+        else:
+            then()
+
+    def _agent_grace_over(self, record: AgentRecord) -> None:
+        """The agent has not come back: it is gone; its elements go to others."""
+        if self.agents.get(record.name) is record and record.conn is None:
+            self._gone([record.name])
+
+    def _gone(self, names: Iterable[str]) -> None:
+        """These agents may be gone from the data plane: plan again, and hand their
+        elements to agents that are here."""
+        names = [name for name in names if name in self.agents]
+        self._touch(names)
+        dead = {key for name in names if not self._alive(self.agents[name]) for key in self._assigned.get(name, ())}
+        if dead:
+            self._assign_elements(lambda key, _: key in dead)
+        self.changed()
 
     def _grace_over(self) -> None:
-        """Whoever has not come back by now is gone: hand their elements on, reroute."""
-        self._assign_all()
+        """The grace of the recovered records has run out: whoever is not back is gone."""
+        self._overlay_dirty = True
+        self._touch(self.agents)
+        self._assign_elements(lambda _, __: True)
         self.changed()
 
     def broker_state(self, conn: OrchestratorConnection, state: control.BrokerState) -> None:
-        """A broker (named by its hello) reports its key, ports and links.
+        """A broker (named by its hello) reports its keys, ports, links and attachments
+        (``attached``: all of them, or the first part, the rest in ``ports_changed``;
+        None: as before).
 
-        A key that could not take part in the CRT with the others is refused here, so
-        that one bad registration never stops the planning of every stream.
+        Its keys are checked here, so that one bad registration never stops the planning
+        of every stream; keys are primes, so keys that differ can route together.
 
         Raises:
-            BadRequest: no name; a key of no use for routing (``bad_key``: below 3, not
-                above ``2**ports``, or sharing a factor with a connected broker's key); the
-                key of another connected broker (``same_key``).  The record of a broker
-                that is not connected and clashes is dropped instead.
+            BadRequest: no name; keys of no use for routing (``bad_key``: not primes
+                above their ports' bitmaps, or ``keys`` not starting with ``key``); a key
+                of another connected broker (``same_key``).  The record of a broker that
+                is not connected and shares a key is dropped instead.
         """
         name = conn.name
         if not name:
             raise BadRequest(control.BROKER_STATE, "name", "name is required: a broker reports under the name of its hello")
-        key = state.key
-        if key < 3 or key <= 1 << state.ports:
-            raise BadRequest(
-                control.BROKER_STATE, "key", f"key: {key} cannot route {state.ports} ports: it must be above 2**ports and at least 3",
-                "bad_key",
-            )
-        for other in list(self.brokers.values()):
-            if other.name == name or gcd(other.key, key) == 1:
+        keys = state.keys or [state.key]
+        if keys[0] != state.key:
+            raise BadRequest(control.BROKER_STATE, "keys", f"keys: the first must be the root key {state.key}, got {keys[0]}", "bad_key")
+        stale: dict[str, BrokerRecord] = {}
+        for key in keys:
+            owner = self._key_owner.get(key)
+            if owner is None or owner == name:
                 continue
-            if other.conn is None:  # a connected broker wins over the record of one that is not
-                log.info("broker %s (key %d) replaces the record of %s (key %d), which is not connected", name, key, other.name, other.key)
-                del self.brokers[other.name]
-                self.store.delete_broker(other.name)
-            elif other.key == key:
+            other = self.brokers[owner]
+            if other.conn is not None:
                 raise BadRequest(
-                    control.BROKER_STATE, "key", f"key: broker {other.name!r} already has key {key}; every broker needs its own key",
+                    control.BROKER_STATE, "key", f"key: broker {owner!r} already has key {key}; every broker needs its own key",
                     "same_key",
                 )
-            else:
-                raise BadRequest(
-                    control.BROKER_STATE, "key",
-                    f"key: {key} shares a factor with the key of broker {other.name!r}; keys must be pairwise coprime (distinct primes)",
-                    "bad_key",
-                )
+            stale[owner] = other
+        try:
+            KeyLayout.from_keys(state.ports, keys)
+        except RoutingError as exc:
+            raise BadRequest(control.BROKER_STATE, "keys" if state.keys else "key", f"key: {exc}", "bad_key") from None
+        for other in stale.values():  # a connected broker wins over the record of one that is not
+            log.info("broker %s (key %d) replaces the record of %s (key %d), which is not connected", name, state.key, other.name, other.key)
+            self._drop_broker(other)
+        old = self.brokers.get(name)
+        if old is not None and old.all_keys != keys:
+            self._drop_broker(old)
+        attached = {port.port: port.name for port in state.attached} if state.attached is not None else old.attached if old else None
         links = [asdict(link) for link in state.links]
-        attached = [asdict(port) for port in state.attached or ()]
-        record = BrokerRecord(name, state.key, state.address, state.ports, links, conn, attached=attached)
+        record = BrokerRecord(name, state.key, state.address, state.ports, links, conn, attached=attached, keys=state.keys)
         self.brokers[name] = record
         conn.broker = record
-        self.store.save_broker(name, state.key, record.address, record.ports, links)
-        self._assign_all()  # an agent away from us whose port went too is gone
-        self.changed()
+        for key in keys:
+            self._key_owner[key] = name
+        self.store.save_broker(name, state.key, record.address, record.ports, links, state.keys)
+        if old is None or old.conn is not conn or (old.all_keys, old.ports, old.links) != (keys, record.ports, links):
+            self._overlay_dirty = True
+        if old is None or old.conn is not conn or old.all_keys != keys or old.attached is None or attached is None:
+            self._gone(self._agents_at.get(state.key, ()))  # new, back, another broker now, or no list to compare
+        else:
+            self._gone({agent for _, agent in old.attached.items() ^ attached.items()})  # on the ports that changed
+
+    def ports_changed(self, conn: OrchestratorConnection, change: control.PortsChanged) -> None:
+        """A broker's attachments since its last report: ``detached`` ports, then ``attached``
+        ones.  Ignored (and logged) from a connection whose ``broker_state`` was not taken."""
+        record = conn.broker
+        if record is None or self.brokers.get(record.name) is not record:
+            log.warning("broker %s sent ports_changed without a broker_state that was taken: ignored", conn.name or conn.peer)
+            return
+        attached = record.attached = {} if record.attached is None else record.attached
+        touched = set()
+        for port in change.detached:
+            agent = attached.pop(port, None)
+            if agent is not None:
+                touched.add(agent)
+        for report in change.attached:
+            before = attached.get(report.port)
+            if before is not None:
+                touched.add(before)
+            attached[report.port] = report.name
+            touched.add(report.name)
+        self._gone(touched)
+
+    def _drop_broker(self, record: BrokerRecord) -> None:
+        """Forget ``record`` (its keys now name another broker, or it took new ones)."""
+        if self.brokers.get(record.name) is record:
+            del self.brokers[record.name]
+            self.store.delete_broker(record.name)
+        for key in record.all_keys:
+            if self._key_owner.get(key) == record.name:
+                del self._key_owner[key]
+        self._overlay_dirty = True
+        self._gone(self._agents_at.get(record.key, ()))
 
     def broker_gone(self, record: BrokerRecord) -> None:
         record.conn = None
         record.gone_at = time.monotonic()
+        if self.brokers.get(record.name) is not record:  # reported again since, from another connection
+            return
         log.info("broker %s disconnected; its last report stands for %.1f s", record.name, self.config.grace_s)
-        asyncio.get_running_loop().call_later(self.config.grace_s, self._grace_over)
+        self._touch(self._agents_at.get(record.key, ()))  # its reports of their ports no longer count
+        self.changed()
+        self._when_grace_ends(record, lambda: self._broker_grace_over(record))
+
+    def _broker_grace_over(self, record: BrokerRecord) -> None:
+        if self.brokers.get(record.name) is record and record.conn is None:
+            self._overlay_dirty = True
+            self._gone(self._agents_at.get(record.key, ()))
 
     def present(self, record: BrokerRecord) -> bool:
         """Whether a broker is part of the overlay: connected, or gone for less than the grace.
@@ -290,6 +430,10 @@ class Orchestrator(Serving):
         """Who may publish and consume what now: the policy file's rules, then every deployed spec's."""
         rules = [rule for spec in self.pipelines.values() for rule in spec.access_rules]
         return self.file_access_policy.extended(rules)
+
+    def _policy_changed(self) -> None:
+        self._policy = self.access_policy()
+        self.planner.set_policy(self._policy)
 
     def deploy(self, data: dict[str, Any]) -> control.Deployed:
         """Deploy the pipeline spec ``data`` (a spec file's table).
@@ -324,7 +468,8 @@ class Orchestrator(Serving):
         self.pipelines[spec.name] = spec
         self.deployed_at[spec.name] = time.time()
         self.store.save_pipeline(spec.name, spec.to_dict(), self.deployed_at[spec.name])
-        self._assign_all()
+        self._policy_changed()
+        self._assign_elements(lambda _, __: True)  # its policy may let other elements' candidates in too
         self.changed()
         log.info("pipeline %s deployed: %d element(s)", spec.name, len(spec.elements))
         return control.Deployed(pipeline=spec.name, assignments=self._assignments_of(spec.name))
@@ -335,54 +480,64 @@ class Orchestrator(Serving):
         if spec is None:
             raise BadRequest(control.UNDEPLOY, "name", f"no pipeline named {name!r} is deployed", "no_pipeline")
         for element in spec.elements:
-            for agent in self.assignments.pop((spec.name, element.name), []):
+            key = (spec.name, element.name)
+            for agent in list(self.assignments.get(key, ())):
+                self._drop_assignment(key, agent)
                 self._send_to_agent(agent, control.Unassign(pipeline=spec.name, element=element.name))
+            self.assignments.pop(key, None)
         self.deployed_at.pop(spec.name, None)
         self.store.delete_pipeline(spec.name)
+        self._policy_changed()
         self.changed()
         log.info("pipeline %s undeployed", spec.name)
 
-    def _assign_all(self) -> None:
-        """Give every element its replicas among the online agents offering its capability."""
-        access_policy = self.access_policy()
+    def _assign_elements(self, which: Callable[[ElementKey, ElementSpec], bool]) -> None:
+        """Give the elements ``which`` selects, in pipeline order, their replicas among
+        the connected agents offering their capability."""
         for spec in self.pipelines.values():
             for element in spec.elements:
-                if element.external:
-                    continue
                 key = (spec.name, element.name)
+                if element.external or not which(key, element):
+                    continue
                 current = self.assignments.setdefault(key, [])
                 for agent in list(current):
                     record = self.agents.get(agent)
                     if record is None or not self._alive(record):
-                        candidates = self._candidates(element, access_policy, exclude=current)
-                        if candidates:  # hand the element to an agent that is here
-                            current.remove(agent)
+                        if self._candidates(element, exclude=current):  # hand the element to an agent that is here
+                            self._drop_assignment(key, agent)
                             self.store.delete_assignment(spec.name, element.name, agent)
                 if sum(1 for a in current if a in self.agents and self._alive(self.agents[a])) >= element.replicas:
                     continue
-                for candidate in self._candidates(element, access_policy, exclude=current):
+                for candidate in self._candidates(element, exclude=current):
                     if len(current) >= element.replicas:
                         break
-                    current.append(candidate)
+                    self._add_assignment(key, candidate)
                     self.store.save_assignment(spec.name, element.name, candidate)
                     self._send_to_agent(candidate, self._assign_message(spec.name, element.name))
                     log.info("%s/%s assigned to %s", spec.name, element.name, candidate)
 
-    def _candidates(self, element: ElementSpec, access_policy: Policy, exclude: list[str]) -> list[str]:
-        load: dict[str, int] = {}
-        for agents in self.assignments.values():
-            for agent in agents:
-                load[agent] = load.get(agent, 0) + 1
-        found = []
-        for record in self.agents.values():
-            if record.conn is None or record.name in exclude or element.capability not in record.capabilities:
-                continue
-            if element.agent is not None and record.name != element.agent:
-                continue
-            if element.emits and not access_policy.allows(record.name, "publish", element.emits):
-                continue
-            found.append(record.name)
-        return sorted(found, key=lambda name: (load.get(name, 0), name))
+    def _add_assignment(self, key: ElementKey, agent: str) -> None:
+        self.assignments.setdefault(key, []).append(agent)
+        self._assigned.setdefault(agent, {})[key] = None
+        self._load[agent] += 1
+        self._touch([agent])
+
+    def _drop_assignment(self, key: ElementKey, agent: str) -> None:
+        self.assignments[key].remove(agent)
+        self._assigned[agent].pop(key, None)
+        self._load[agent] -= 1
+        self._touch([agent])
+
+    def _candidates(self, element: ElementSpec, exclude: list[str]) -> list[str]:
+        """Connected agents that may run ``element``, least loaded first, then by name."""
+        pool = self._capable.get(element.capability or "", set())
+        if element.agent is not None:
+            pool = pool & {element.agent}
+        found = [
+            name for name in pool
+            if name not in exclude and (not element.emits or self._policy.allows(name, "publish", element.emits))
+        ]
+        return sorted(found, key=lambda name: (self._load[name], name))
 
     def _online(self, agent: str) -> bool:
         record = self.agents.get(agent)
@@ -399,11 +554,11 @@ class Orchestrator(Serving):
             return True
         if time.monotonic() - record.gone_at >= self.config.grace_s:
             return False
-        broker = next((b for b in self.brokers.values() if b.key == record.broker_key and self.present(b)), None)
+        broker = self._broker_at(record.broker_key)
         if broker is None:
             return False
         if broker.conn is not None and broker.attached is not None:
-            return any(a["port"] == record.port and a["name"] == record.name for a in broker.attached)
+            return broker.attached.get(record.port) == record.name
         return True
 
     def _assign_message(self, pipeline: str, element_name: str) -> control.Assign:
@@ -417,128 +572,164 @@ class Orchestrator(Serving):
     def _assignments_of(self, pipeline: str) -> dict[str, list[str]]:
         return {element: agents for (p, element), agents in self.assignments.items() if p == pipeline}
 
-    # -- trees and numbers ------------------------------------------------------------
+    # -- planning -------------------------------------------------------------------
 
     def _effective(self, record: AgentRecord) -> tuple[list[str], list[str]]:
         """(consumes, produces) of an agent: its own, plus its assigned elements'."""
         consumes, produces = list(record.consumes), list(record.produces)
-        for (pipeline, element_name), agents in self.assignments.items():
-            if record.name in agents and pipeline in self.pipelines:
-                element = self.pipelines[pipeline].element(element_name)
+        for pipeline, element_name in self._assigned.get(record.name, ()):
+            spec = self.pipelines.get(pipeline)
+            if spec is not None:
+                element = spec.element(element_name)
                 consumes.extend(element.consumes)
                 if element.emits and not element.external:
                     produces.append(element.emits)
         return consumes, produces
 
+    def _view(self, record: AgentRecord) -> AgentView:
+        """What the planner needs of an agent: where it counts on the data plane, if it does."""
+        broker = self._broker_at(record.broker_key)
+        endpoint = (broker.name, record.port) if broker is not None and self._alive(record) else None
+        consumes, produces = self._effective(record)
+        return AgentView(endpoint, record.conn is not None, tuple(consumes), tuple(produces))
+
     def overlay(self) -> Overlay:
-        """The brokers online and the links both ends report up."""
-        online = {b.name: b for b in self.brokers.values() if self.present(b)}
-        by_key = {b.key: name for name, b in online.items()}
-        ends = {(name, link["port"]): link for name, b in online.items() for link in b.links}
+        """The brokers present and the links both ends report up."""
+        layouts: dict[str, KeyLayout] = {}
+        for b in self.brokers.values():
+            if self.present(b):
+                try:
+                    layouts[b.name] = KeyLayout(b.ports, b.all_keys)
+                except RoutingError as exc:  # a record from before the checks
+                    log.error("broker %s cannot route with its keys (%s); planning without it", b.name, exc)
+        by_key = {layout.root: name for name, layout in layouts.items()}
+        ends = {(name, link["port"]): link for name in layouts for link in self.brokers[name].links}
         links: dict[frozenset[tuple[str, int]], OverlayLink] = {}
         for (name, port), link in ends.items():
             other = by_key.get(link["remote_key"])
             if other is None or link["state"] != "up":
                 continue
             back = ends.get((other, link["remote_port"]))
-            if back is None or back["state"] != "up" or back["remote_key"] != online[name].key:
+            if back is None or back["state"] != "up" or back["remote_key"] != layouts[name].root:
                 continue
             edge = frozenset({(name, port), (other, link["remote_port"])})
             links.setdefault(edge, OverlayLink(name, port, other, link["remote_port"]))
         try:
-            return Overlay({name: b.key for name, b in online.items()}, links.values())
+            return Overlay(layouts, links.values())
         except RoutingError as exc:
-            keys = _coprime_keys({name: b.key for name, b in online.items()})
-            log.error("the brokers report an inconsistent overlay (%s); planning with brokers %s only", exc, ", ".join(keys) or "none")
-        kept = [link for link in links.values() if link.a in keys and link.b in keys]
+            kept = _routable(layouts)
+            log.error("the brokers report an inconsistent overlay (%s); planning with brokers %s only", exc, ", ".join(kept) or "none")
+        usable = [link for link in links.values() if link.a in kept and link.b in kept]
         try:
-            return Overlay(keys, kept)
+            return Overlay(kept, usable)
         except RoutingError as exc:
             log.error("their links are inconsistent too (%s); planning without links", exc)
-            return Overlay(keys)
+            return Overlay(kept)
+
+    def _broker_at(self, key: int) -> BrokerRecord | None:
+        """The broker present with root key ``key``, if any."""
+        name = self._key_owner.get(key)
+        record = self.brokers.get(name) if name is not None else None
+        return record if record is not None and record.key == key and self.present(record) else None
 
     def _broker_name(self, key: int) -> str | None:
-        for record in self.brokers.values():
-            if record.key == key and self.present(record):
-                return record.name
-        return None
+        record = self._broker_at(key)
+        return record.name if record is not None else None
 
     def _recompute(self) -> None:
+        """One slice of planning: events to the planner, dirty streams planned and stored
+        in the round's transaction; once none is left (or the round is old), commit, and
+        push what was stored, one write per agent.  Then, if work is left, the next slice."""
         self._dirty = False
-        self.recomputations += 1
-        overlay = self.overlay()
-        access_policy = self.access_policy()
-        attached = {}
-        roles = {}
-        for record in self.agents.values():
-            broker = self._broker_name(record.broker_key)
-            if broker is not None and self._alive(record):
-                attached[record.name] = (broker, record.port)
-                roles[record.name] = self._effective(record)
-        seen = set()
-        for producer, (_, produces) in roles.items():
-            for topic in dict.fromkeys(produces):
-                seen.add((producer, topic))
-                self._update_stream(overlay, access_policy, attached, roles, producer, topic)
-        for key, stream in self.streams.items():
-            if key not in seen and stream.x and self._online(stream.producer):  # only it can be told
-                # No longer produced, or its producer is not attached: it routes nowhere now.
-                # The record stays, so the epoch only ever grows.
-                self._set_stream(Stream(stream.producer, stream.topic, stream.epoch + 1, 0, []))
-
-    def _update_stream(
-        self,
-        overlay: Overlay,
-        access_policy: Policy,
-        attached: dict[str, tuple[str, int]],
-        roles: dict[str, tuple[list[str], list[str]]],
-        producer: str,
-        topic: str,
-    ) -> None:
-        refused = "" if access_policy.allows(producer, "publish", topic) else access_policy.why(producer, "publish", topic)
-        consumers = []
-        if not refused:
-            for agent, (consumes, _) in roles.items():
-                if agent == producer or not any(topic_matches(p, topic) for p in consumes):
-                    continue
-                if not access_policy.allows(agent, "consume", topic):
-                    log.info("policy keeps %s from consuming %s: %s", agent, topic, access_policy.why(agent, "consume", topic))
-                    continue
-                consumers.append(agent)
-        x, reached = self._number(overlay, attached[producer], [(a, attached[a]) for a in sorted(consumers)], topic)
-        old = self.streams.get((producer, topic))
-        broker = attached[producer][0]
-        if old is not None and old.x == x and old.consumers == reached and old.refused == refused and old.broker == broker:
+        if self._closed is not None and self._closed.is_set():
             return
-        self._set_stream(Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused, broker))
+        started = time.perf_counter()
+        deadline = started + SLICE_S
+        if self._planning_left():
+            if self._round_started is None:
+                self._round_started = started
+                self.recomputations += 1
+                self.store.begin()
+            self._plan(started + (SLICE_S / 2 if self._sending else SLICE_S))
+        if self._round_started is not None and (not self._planning_left() or started - self._round_started >= ROUND_S):
+            self._end_round()
+        if self._round_started is None and self._outbox:
+            self._sending.extend(self._outbox.items())
+            self._outbox = {}
+        self._send_routes(deadline)
+        took = time.perf_counter() - started
+        self._slices += 1
+        self._longest_slice_s = max(self._longest_slice_s, took)
+        if self._planning_left() or self._round_started is not None or self._sending:
+            self.changed()
 
-    def _set_stream(self, stream: Stream) -> None:
-        self.streams[(stream.producer, stream.topic)] = stream
-        self.store.save_stream(stream.producer, stream.topic, stream.epoch, stream.x, stream.consumers)
-        self._send_to_agent(stream.producer, self._route_message(stream))
-        log.info(
-            "route %s/%s epoch %d -> %s (%d bytes)",
-            stream.producer, stream.topic, stream.epoch, ", ".join(stream.consumers) or "nobody", len(int_to_bytes(stream.x)),
-        )
+    def _planning_left(self) -> bool:
+        return self._overlay_dirty or bool(self._touched) or self.planner.pending > 0
 
-    def _number(
-        self, overlay: Overlay, source: tuple[str, int], consumers: list[tuple[str, tuple[str, int]]], topic: str
-    ) -> tuple[int, list[str]]:
-        """The number reaching every consumer the overlay can reach from ``source``; who it reaches."""
-        try:  # the usual case: everyone is reachable, one tree
-            return build_tree(overlay, source, [endpoint for _, endpoint in consumers]).x, [agent for agent, _ in consumers]
-        except RoutingError:
-            pass
-        reachable = []  # someone is not: find out who, leave them out
-        for agent, endpoint in consumers:
-            try:
-                build_tree(overlay, source, [endpoint])
-            except RoutingError as exc:
-                log.warning("%s cannot get %s: %s", agent, topic, exc)
-                continue
-            reachable.append((agent, endpoint))
-        tree = build_tree(overlay, source, [endpoint for _, endpoint in reachable])
-        return tree.x, [agent for agent, _ in reachable]
+    def _plan(self, deadline: float) -> None:
+        """Until ``deadline``: tell the planner what changed, then plan; store what changed
+        (in the round's transaction) and queue its pushes."""
+        if self._overlay_dirty:
+            self._overlay_dirty = False
+            self.planner.set_overlay(self.overlay())
+        touched = self._touched
+        while touched and time.perf_counter() < deadline:
+            name, _ = touched.popitem()
+            self.planner.set_agent(name, self._view(self.agents[name]))
+        if touched or not self.planner.pending:
+            return
+        changed = self.planner.step(max(0.0, deadline - time.perf_counter()))
+        self.store.save_streams((s.producer, s.topic, s.epoch, s.x, s.consumers) for s in changed)
+        for stream in changed:
+            self._outbox.setdefault(stream.producer, {})[stream.topic] = stream
+            log.debug(
+                "route %s/%s epoch %d -> %s (%d bytes)", stream.producer, stream.topic, stream.epoch,
+                ", ".join(stream.consumers) or "nobody", len(int_to_bytes(stream.x)),
+            )
+
+    def _end_round(self) -> None:
+        """Store the round's routes for good: from now on they may be pushed."""
+        self.store.commit()
+        took = time.perf_counter() - (self._round_started or 0.0)
+        self._round_started = None
+        routes = sum(len(topics) for topics in self._outbox.values())
+        if routes:
+            partial = self.planner.partial
+            log.info(
+                "planning round %d: %d route(s) to push to %d agent(s), %.1f ms%s", self.recomputations, routes,
+                len(self._outbox), took * 1000, f"; {partial} stream(s) cannot reach every consumer" if partial else "",
+            )
+        self._freeze()
+        if (self._checkpoint is None or self._checkpoint.done()) and time.monotonic() - self._checkpointed >= CHECKPOINT_S:
+            self._checkpointed = time.monotonic()
+            self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self.store.checkpoint)
+            self._checkpoint.add_done_callback(_checkpoint_done)
+
+    def _freeze(self) -> None:
+        """Take the state planned so far out of the cyclic collector's sight, once it has grown.
+
+        Registries, routes and indexes live as long as their agents, and are freed by
+        reference counting, not by the collector; yet each full collection walks all of
+        them: 100-400 ms at 10,000 agents, a stall of the loop.  Frozen (``gc.freeze()``),
+        they are no longer walked, so a collection costs what came since.  What is frozen
+        and later becomes cyclic garbage is not collected; the state frozen here breaks
+        its cycles when it goes (a gone connection's record drops it).
+        """
+        size = len(self.agents) + len(self.streams)
+        if size - self._frozen >= FREEZE_STEP:
+            gc.freeze()
+            self._frozen = size
+
+    def _send_routes(self, deadline: float) -> None:
+        """Push stored routes until ``deadline`` (one agent at least), one write per agent."""
+        sending = self._sending
+        while sending:
+            name, streams = sending.popleft()
+            record = self.agents.get(name)
+            if record is not None and record.conn is not None:
+                record.conn.send_all([self._route_message(stream) for stream in streams.values()])
+            if time.perf_counter() >= deadline:
+                return
 
     def _route_message(self, stream: Stream) -> control.Route:
         """The route push of ``stream``; with a secret, a fresh tag, which carries its own expiry."""
@@ -561,7 +752,9 @@ class Orchestrator(Serving):
         now = time.time()
         for key, stream in self.streams.items():
             if stream.x and self._signed_until.get(key, 0) - now < ttl / 2:
-                self._send_to_agent(stream.producer, self._route_message(stream))
+                self._outbox.setdefault(stream.producer, {})[stream.topic] = stream  # signed when sent
+        if self._outbox:
+            self.changed()
         asyncio.get_running_loop().call_later(ttl / 4, self._resign)
 
     def issue(self, request: control.Token) -> control.Issued:
@@ -612,13 +805,11 @@ class Orchestrator(Serving):
             view.append({"name": name, "deployed_at": self.deployed_at.get(name), "elements": elements})
         return view
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "brokers": [
-                {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None, "routing": self.present(b),
-                 "links": [{**link, "remote_key": str(link["remote_key"])} for link in b.links]}
-                for b in self.brokers.values()
-            ],
+    def status(self, summary: bool = False) -> dict[str, Any]:
+        """Brokers, agents and streams, and the planning counters; ``summary``: the counts
+        of agents and streams instead of their lists."""
+        counters = self.planner.counters
+        listed: dict[str, Any] = {"agents": len(self.agents), "streams": len(self.streams)} if summary else {
             "agents": [
                 {"name": a.name, "online": a.conn is not None, "broker": self._broker_name(a.broker_key), "port": a.port,
                  "capabilities": a.capabilities, "consumes": consumes, "produces": produces}
@@ -630,17 +821,37 @@ class Orchestrator(Serving):
                  "consumers": s.consumers, **({"refused": s.refused} if s.refused else {})}
                 for s in self.streams.values()
             ],
+        }
+        return {
+            "brokers": [
+                {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None, "routing": self.present(b),
+                 "links": [{**link, "remote_key": str(link["remote_key"])} for link in b.links]}
+                for b in self.brokers.values()
+            ],
+            **listed,
             "recomputations": self.recomputations,
+            "planning": {
+                "rounds": self.recomputations, "slices": self._slices, "streams_planned": counters.planned,
+                "routes_changed": counters.changed, "planning_ms": round(counters.seconds * 1000, 3),
+                "longest_slice_ms": round(self._longest_slice_s * 1000, 3), "pending": self.planner.pending,
+            },
         }
 
 
-def _coprime_keys(keys: dict[str, int]) -> dict[str, int]:
-    """The brokers, in name order, whose keys can route together: each at least 3 and
-    coprime to those kept before it (recovered records may predate the checks)."""
-    kept: dict[str, int] = {}
-    for name, key in sorted(keys.items()):
-        if key >= 3 and all(gcd(key, other) == 1 for other in kept.values()):
-            kept[name] = key
+def _checkpoint_done(checkpoint: asyncio.Future[None]) -> None:
+    if not checkpoint.cancelled() and checkpoint.exception() is not None:
+        log.warning("sqlite checkpoint failed (the log is copied at the next one): %s", checkpoint.exception())
+
+
+def _routable(layouts: dict[str, KeyLayout]) -> dict[str, KeyLayout]:
+    """The brokers, in name order, whose keys can route together: no key twice, roots
+    coprime to those kept before (recovered records may predate the checks)."""
+    kept: dict[str, KeyLayout] = {}
+    owned: set[int] = set()
+    for name, layout in sorted(layouts.items()):
+        if owned.isdisjoint(layout.keys) and all(gcd(layout.root, other.root) == 1 for other in kept.values()):
+            kept[name] = layout
+            owned.update(layout.keys)
     return kept
 
 
@@ -736,11 +947,21 @@ class OrchestratorConnection(asyncio.Protocol):
         self.orchestrator.broker_state(self, state)
         return control.Ok()
 
+    def _on_ports_changed(self, change: control.PortsChanged) -> control.Ok:
+        self.orchestrator.ports_changed(self, change)
+        return control.Ok()
+
     def _on_pipelines(self, _: control.Pipelines) -> control.PipelinesView:
         return control.PipelinesView(pipelines=self.orchestrator.pipelines_view())
 
-    def _on_status(self, _: control.Status) -> control.StatusView:
-        return control.StatusView(status=self.orchestrator.status())
+    def _on_status(self, request: control.Status) -> control.StatusView:
+        """Raises BadRequest (``too_large``): the full status does not fit a control frame."""
+        view = control.StatusView(status=self.orchestrator.status(bool(request.summary)))
+        size = len(encode_control(view.to_body(), Limits(max_control=Limits().max_frame)))
+        if size > self.decoder.limits.max_control:
+            message = f"the full status takes {size} bytes, over the {self.decoder.limits.max_control} of a control frame; ask with summary=true"
+            raise BadRequest(control.STATUS, "summary", message, "too_large")
+        return view
 
     def _on_deploy(self, request: control.Deploy) -> control.Deployed:
         return self.orchestrator.deploy(request.spec)
@@ -761,6 +982,11 @@ class OrchestratorConnection(asyncio.Protocol):
     def send(self, message: control.Message) -> None:
         if not self.closing and self.transport is not None:
             self.transport.write(encode_control(message.to_body()))
+
+    def send_all(self, messages: list[control.Message]) -> None:
+        """Several messages in one write (one system call, not one each)."""
+        if messages and not self.closing and self.transport is not None:
+            self.transport.write(b"".join(encode_control(message.to_body()) for message in messages))
 
     def _error(self, code: str, message: str, request_id: int | None = None, fatal: bool = False) -> None:
         """An error frame to the client; ``fatal``: then close."""
@@ -785,6 +1011,7 @@ _HANDLERS: dict[type[control.Message], Callable[[OrchestratorConnection, Any], c
     control.Register: OrchestratorConnection._on_register,
     control.Report: OrchestratorConnection._on_report,
     control.BrokerState: OrchestratorConnection._on_broker_state,
+    control.PortsChanged: OrchestratorConnection._on_ports_changed,
     control.Pipelines: OrchestratorConnection._on_pipelines,
     control.Status: OrchestratorConnection._on_status,
     control.Deploy: OrchestratorConnection._on_deploy,

@@ -2,14 +2,19 @@
 
 Registries (brokers, data agents), deployed pipelines, stage assignments and the
 epoch and number of every stream.  Big integers (keys, X) are stored as decimal text
-or bytes, lists as JSON.  Writes are small and rare (control-plane events), so they
-run synchronously on the orchestrator's loop, each in its own transaction.
+or bytes, lists as JSON.  Writes run synchronously on the orchestrator's loop (the
+write-ahead log is copied into the file by :meth:`Store.checkpoint`, off the loop): on
+their own, each is its own transaction; within :meth:`Store.begin` ... :meth:`Store.commit`
+(a planning round, which spans several loop iterations) or :meth:`Store.transaction`,
+they share one, so that thousands of routes cost one commit.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ __all__ = ["Store"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS brokers (
-    name TEXT PRIMARY KEY, key TEXT NOT NULL, address TEXT NOT NULL, ports INTEGER NOT NULL, links TEXT NOT NULL
+    name TEXT PRIMARY KEY, key TEXT NOT NULL, address TEXT NOT NULL, ports INTEGER NOT NULL, links TEXT NOT NULL, keys TEXT
 );
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY, capabilities TEXT NOT NULL, consumes TEXT NOT NULL, produces TEXT NOT NULL,
@@ -42,49 +47,101 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(brokers)")}
+        if "keys" not in columns:  # a file from before key layouts
+            self._db.execute("ALTER TABLE brokers ADD COLUMN keys TEXT")
 
     def close(self) -> None:
+        """Commit what a round left open, and close."""
+        self.commit()
         self._db.close()
 
-    def _write(self, sql: str, *args: Any) -> None:
-        with self._db:
-            self._db.execute(sql, args)
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, on a connection of its own.
+
+        For a worker thread: a checkpoint writes and syncs the file (30 ms and more for
+        a few MB), which a commit on the loop would otherwise do every 1000 pages.
+        """
+        if self.path == ":memory:":
+            return
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    # -- transactions -----------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open a transaction that the writes from now on share, until :meth:`commit`
+        (nothing if one is open)."""
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+
+    def commit(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The writes of the block in one transaction, or in the one already open."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # -- writes ---------------------------------------------------------------
 
-    def save_broker(self, name: str, key: int, address: str, ports: int, links: list[dict[str, Any]]) -> None:
-        self._write("INSERT OR REPLACE INTO brokers VALUES (?, ?, ?, ?, ?)", name, str(key), address, ports, json.dumps(links))
+    def save_broker(
+        self, name: str, key: int, address: str, ports: int, links: list[dict[str, Any]], keys: list[int] | None = None
+    ) -> None:
+        """``keys``: the broker's whole key layout, when it has more than ``key``."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO brokers (name, key, address, ports, links, keys) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, str(key), address, ports, json.dumps(links), None if keys is None else json.dumps([str(k) for k in keys])),
+        )
 
     def delete_broker(self, name: str) -> None:
-        self._write("DELETE FROM brokers WHERE name = ?", name)
+        self._db.execute("DELETE FROM brokers WHERE name = ?", (name,))
 
     def save_agent(
         self, name: str, capabilities: list[str], consumes: list[str], produces: list[str], broker_key: int, port: int
     ) -> None:
-        self._write(
+        self._db.execute(
             "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?)",
-            name, json.dumps(capabilities), json.dumps(consumes), json.dumps(produces), str(broker_key), port,
+            (name, json.dumps(capabilities), json.dumps(consumes), json.dumps(produces), str(broker_key), port),
         )
 
     def save_pipeline(self, name: str, spec: dict[str, Any], deployed_at: float) -> None:
-        self._write("INSERT OR REPLACE INTO pipelines VALUES (?, ?, ?)", name, json.dumps(spec), deployed_at)
+        self._db.execute("INSERT OR REPLACE INTO pipelines VALUES (?, ?, ?)", (name, json.dumps(spec), deployed_at))
 
     def delete_pipeline(self, name: str) -> None:
-        with self._db:
+        with self.transaction():
             self._db.execute("DELETE FROM pipelines WHERE name = ?", (name,))
             self._db.execute("DELETE FROM assignments WHERE pipeline = ?", (name,))
 
     def save_assignment(self, pipeline: str, element: str, agent: str) -> None:
-        self._write("INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)", pipeline, element, agent)
+        self._db.execute("INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)", (pipeline, element, agent))
 
     def delete_assignment(self, pipeline: str, element: str, agent: str) -> None:
-        self._write("DELETE FROM assignments WHERE pipeline = ? AND element = ? AND agent = ?", pipeline, element, agent)
+        self._db.execute("DELETE FROM assignments WHERE pipeline = ? AND element = ? AND agent = ?", (pipeline, element, agent))
 
-    def save_stream(self, producer: str, topic: str, epoch: int, x: int, consumers: list[str]) -> None:
-        self._write(
+    def save_streams(self, streams: Iterable[tuple[str, str, int, int, list[str]]]) -> None:
+        """(producer, topic, epoch, x, consumers) of each stream, in one statement."""
+        self._db.executemany(
             "INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?, ?)",
-            producer, topic, epoch, x.to_bytes((x.bit_length() + 7) // 8, "big"), json.dumps(consumers),
+            (
+                (producer, topic, epoch, x.to_bytes((x.bit_length() + 7) // 8, "big"), json.dumps(consumers))
+                for producer, topic, epoch, x, consumers in streams
+            ),
         )
 
     # -- reads ----------------------------------------------------------------
@@ -94,8 +151,11 @@ class Store:
         db = self._db
         return {
             "brokers": [
-                {"name": n, "key": int(k), "address": a, "ports": p, "links": json.loads(links)}
-                for n, k, a, p, links in db.execute("SELECT * FROM brokers ORDER BY name")
+                {
+                    "name": n, "key": int(k), "address": a, "ports": p, "links": json.loads(links),
+                    "keys": None if keys is None else [int(key) for key in json.loads(keys)],
+                }
+                for n, k, a, p, links, keys in db.execute("SELECT name, key, address, ports, links, keys FROM brokers ORDER BY name")
             ],
             "agents": [
                 {

@@ -22,6 +22,10 @@ from math import gcd
 from .errors import RoutingError
 
 __all__ = [
+    "FAN",
+    "MAX_PORTS",
+    "ROOT_FAN",
+    "KeyLayout",
     "allocate_keys",
     "random_key",
     "is_prime",
@@ -147,20 +151,237 @@ def encode(residues: Mapping[int, int]) -> int:
     return x
 
 
-def forward(x: int, key: int, ingress_port: int, attached_mask: int) -> int:
-    """Return the out-port bitmap of a frame with number ``x`` that arrived on ``ingress_port``.
+#: Ports per bank, and children per directory, of a :class:`KeyLayout`.
+FAN = 64
+#: The most ports a broker has: control messages name a port with 16 bits.
+MAX_PORTS = 65_535
+
+
+class KeyLayout:
+    """The keys of one broker: one prime for up to 64 ports, a tree of primes above.
+
+    A broker with ``P <= 64`` ports owns one key ``m > 2**P``; the residue ``X mod m``
+    is the bitmap of its out ports, as in the article.  A broker with more ports would
+    need one key above ``2**P``, and every stream crossing it would carry ``P`` bits of
+    ``X`` whatever its fan-out.  Instead the key is a tree, every node a prime:
+
+    - the root holds ports 0..63 itself (bits 0..63 of its residue) and, in the bits
+      above, the bitmap of its children that the frame uses;
+    - the other ports are in banks of 64 (ports ``64 + 64 i ..``), each with a key in
+      ``(2**64, 2**65)`` whose residue is the bitmap of the bank's ports;
+    - when there are more than 16 banks, directories of up to 64 children (keys in
+      ``(2**64, 2**65)`` too, residue: the bitmap of the children used) group them,
+      level by level, until at most 16 nodes hang from the root (its key is then
+      below ``2**81``, where :func:`is_prime` is exact without sympy).
+
+    ``X`` carries residues only for the nodes a stream's tree uses; the residue of a
+    node left out of the CRT is arbitrary, which is why the root and the directories
+    name the children to read.  A stream reaching ``k`` ports of a broker carries at
+    most the root plus, per port, one bank and one directory per level: one level
+    up to 1,088 ports, two up to 65,600 (every port count a port number can name).
+    A broker decodes from the root down, reading only the nodes named.
+
+    ``keys`` are in a fixed order, root first, then each level of directories, then
+    the banks: with ``ports`` they are the whole layout (what a broker announces).
+    """
+
+    __slots__ = ("ports", "keys", "_children", "_bases", "_direct")
+
+    def __init__(self, ports: int, keys: Iterable[int]) -> None:
+        """Raises RoutingError: a key count that does not fit ``ports``, a key not
+        above its node's bitmaps, or two equal keys."""
+        keys = tuple(keys)
+        if not isinstance(ports, int) or isinstance(ports, bool) or ports < 1:
+            raise RoutingError(f"a broker needs at least one port, got ports={ports!r}")
+        shape = _shape(ports)
+        if len(keys) != len(shape):
+            raise RoutingError(f"a broker with {ports} ports has {len(shape)} keys, got {len(keys)}")
+        for i, (key, (width, _, _)) in enumerate(zip(keys, shape)):
+            if not isinstance(key, int) or isinstance(key, bool) or key <= 1 << width or key < 3:
+                raise RoutingError(f"key {i} of a broker with {ports} ports must be an int above 2**{width}, got {key!r}")
+        if len(set(keys)) != len(keys):
+            raise RoutingError("the keys of a broker must be distinct")
+        self.ports = ports
+        self.keys = keys
+        self._direct = shape[0][0] if len(shape) == 1 else FAN  # ports the root holds itself
+        self._children = [children for _, children, _ in shape]
+        self._bases = [base for _, _, base in shape]
+
+    @classmethod
+    def single(cls, key: int) -> KeyLayout:
+        """One key of any size, ports ``0 .. key.bit_length() - 2``: the article's layout
+        (what :class:`dcp.topology.Overlay` makes of a plain int key).
+
+        Raises RoutingError: a key that is not an int of at least 3.
+        """
+        if not isinstance(key, int) or isinstance(key, bool) or key < 3:
+            raise RoutingError(f"a key is an int of at least 3, got {key!r}")
+        layout = cls.__new__(cls)
+        layout.ports = key.bit_length() - 1
+        layout.keys = (key,)
+        layout._direct = layout.ports
+        layout._children = [[]]
+        layout._bases = [0]
+        return layout
+
+    @classmethod
+    def from_keys(cls, ports: int, keys: Iterable[int]) -> KeyLayout:
+        """The layout a broker announces, checked: the shape of ``ports``, every key prime.
+
+        Raises RoutingError: a key count that does not fit, a key out of range, a key
+        that is not prime, or two equal keys.
+        """
+        layout = cls(ports, keys)
+        for key, (width, _, _) in zip(layout.keys, _shape(ports)):
+            if key.bit_length() > width + 64 or not is_prime(key):
+                raise RoutingError(f"key {key} of a broker with {ports} ports is not a prime below 2**{width + 64}")
+        return layout
+
+    @staticmethod
+    def root_width(ports: int) -> int:
+        """Bits of the root's residue for ``ports``: the root key must be above ``2**root_width``."""
+        return _shape(ports)[0][0]
+
+    @classmethod
+    def random(cls, ports: int, root: int | None = None, rng: random.Random | None = None) -> KeyLayout:
+        """A layout of random primes (``root``: the root key, if chosen).
+
+        Raises RoutingError: ``ports < 1``, or ``root`` not above the root's bitmaps.
+        """
+        if not isinstance(ports, int) or ports < 1:
+            raise RoutingError(f"a broker needs at least one port, got ports={ports!r}")
+        keys: list[int] = []
+        for width, _, _ in _shape(ports):
+            key = root if root is not None and not keys else random_key(width, rng)
+            while key in keys:
+                key = random_key(width, rng)
+            keys.append(key)
+        return cls(ports, keys)
+
+    @property
+    def root(self) -> int:
+        """The root key: the broker's name in links and reports."""
+        return self.keys[0]
+
+    def residues(self, bitmap: int) -> dict[int, int]:
+        """``{key: residue}`` of the nodes that ``bitmap`` (out ports) uses, for :func:`encode`.
+
+        Raises RoutingError: a negative bitmap or a port past ``ports``.
+        """
+        if bitmap < 0 or bitmap >> self.ports:
+            raise RoutingError(f"bitmap {bitmap} names ports outside 0..{self.ports - 1}")
+        if len(self.keys) == 1:
+            return {self.keys[0]: bitmap} if bitmap else {}
+        found: dict[int, int] = {}
+        self._residue(0, bitmap, found)
+        return found
+
+    def _residue(self, node: int, bitmap: int, found: dict[int, int]) -> bool:
+        """Put the residues of ``node``'s subtree for ``bitmap`` in ``found``; whether any."""
+        children = self._children[node]
+        if not children:  # a bank
+            residue = bitmap >> self._bases[node] & _BANK_MASK
+        else:
+            residue = bitmap & _BANK_MASK if node == 0 else 0
+            shift = FAN if node == 0 else 0
+            for i, child in enumerate(children):
+                if self._residue(child, bitmap, found):
+                    residue |= 1 << (shift + i)
+        if residue:
+            found[self.keys[node]] = residue
+        return residue != 0
+
+    def decode(self, x: int) -> int:
+        """The bitmap of ports that ``x`` names here (what the broker forwards to,
+        before removing the ingress and unattached ports)."""
+        keys = self.keys
+        residue = x % keys[0]
+        if len(keys) == 1:
+            return residue & ((1 << self.ports) - 1)  # a key below 2**(ports + 1) leaves one bit over
+        out = residue & _BANK_MASK
+        pending = [(self._children[0], residue >> FAN)]
+        while pending:
+            children, used = pending.pop()
+            while used:
+                low = used & -used
+                used ^= low
+                index = low.bit_length() - 1
+                if index >= len(children):
+                    break  # bits past the last child name nothing
+                node = children[index]
+                residue = x % keys[node]
+                if self._children[node]:
+                    pending.append((self._children[node], residue))
+                else:
+                    out |= (residue & _BANK_MASK) << self._bases[node]
+        return out & ((1 << self.ports) - 1)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KeyLayout):
+            return NotImplemented
+        return self.ports == other.ports and self.keys == other.keys
+
+    def __hash__(self) -> int:
+        return hash((self.ports, self.keys))
+
+    def __repr__(self) -> str:
+        return f"KeyLayout(ports={self.ports}, {len(self.keys)} keys, root={self.root})"
+
+
+_BANK_MASK = (1 << FAN) - 1
+#: Children of the root, at most: its key then stays below 2**81, within the exact
+#: range of :func:`is_prime` (no sympy at start-up), for up to 64 * 16 * 64 ports.
+ROOT_FAN = 16
+
+
+def _shape(ports: int) -> list[tuple[int, list[int], int]]:
+    """The nodes of the layout for ``ports``, in key order: ``(width, children, base)``.
+
+    ``width``: the residue's bits (the key is above ``2**width``); ``children``: node
+    indexes (empty for a bank); ``base``: a bank's first port.
+    """
+    if ports <= FAN:
+        return [(ports, [], 0)]
+    banks: list[tuple[int, list[int], int]] = [(FAN, [], base) for base in range(FAN, ports, FAN)]
+    levels = [banks]
+    while len(levels[-1]) > ROOT_FAN:
+        below = len(levels[-1])
+        levels.append([(FAN, [], 0) for _ in range(-(-below // FAN))])
+    # key order: root, the top level, ..., the banks; children name indexes in that order
+    order = [level for level in reversed(levels)]
+    first = [1]
+    for level in order:
+        first.append(first[-1] + len(level))
+    nodes: list[tuple[int, list[int], int]] = [(FAN + len(order[0]), list(range(1, 1 + len(order[0]))), 0)]
+    for depth, level in enumerate(order):
+        for i, (width, _, base) in enumerate(level):
+            if depth + 1 < len(order):
+                below = len(order[depth + 1])
+                start = first[depth + 1] + i * FAN
+                children = list(range(start, min(start + FAN, first[depth + 1] + below)))
+            else:
+                children = []
+            nodes.append((width, children, base))
+    return nodes
+
+
+def forward(x: int, key: int | KeyLayout, ingress_port: int, attached_mask: int) -> int:
+    """Return the out-port bitmap of a frame with number ``x`` that arrived on ``ingress_port``
+    of a broker with this key (or key layout).
 
     Never the ingress port, never a port that is not attached.
 
     Raises:
         RoutingError: a negative number, a key below 2 or a negative port.
     """
-    if x < 0 or key < 2 or ingress_port < 0 or attached_mask < 0:
+    modulus = key.root if isinstance(key, KeyLayout) else key
+    if x < 0 or modulus < 2 or ingress_port < 0 or attached_mask < 0:
         raise RoutingError(
             f"forward needs x >= 0, key >= 2, port >= 0, mask >= 0; "
-            f"got x={x}, key={key}, port={ingress_port}, mask={attached_mask}"
+            f"got x={x}, key={modulus}, port={ingress_port}, mask={attached_mask}"
         )
-    return (x % key) & ~(1 << ingress_port) & attached_mask
+    out = key.decode(x) if isinstance(key, KeyLayout) else x % key
+    return out & ~(1 << ingress_port) & attached_mask
 
 
 def ports_of(bitmap: int) -> list[int]:

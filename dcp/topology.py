@@ -23,7 +23,7 @@ from math import gcd
 from typing import Any
 
 from .errors import RoutingError
-from .routing import encode, forward
+from .routing import KeyLayout, encode, forward
 
 __all__ = [
     "Endpoint",
@@ -45,11 +45,6 @@ SHAPES = ("line", "ring", "star", "mesh")
 _MAX_SIMULATION_STEPS = 10**6
 
 
-def _port_limit(key: int) -> int:
-    """Ports of a broker with this key are ``0 .. limit-1``: every bitmap then stays below the key."""
-    return key.bit_length() - 1
-
-
 @dataclass(frozen=True)
 class OverlayLink:
     """An edge of the overlay graph: port a_port of broker a is linked to port b_port of
@@ -66,36 +61,45 @@ class OverlayLink:
 
 
 class Overlay:
-    """Brokers with their prime keys, and the links between them (an undirected multigraph).
+    """Brokers with their keys, and the links between them (an undirected multigraph).
 
-    A broker with key ``k`` has ports ``0 .. k.bit_length()-2`` (so that any bitmap of
-    them is below ``k``; a key from ``allocate_keys(n, P)`` gives ports ``0 .. P-1``).
-    Overlays need not be connected; :func:`build_tree` raises when a subscriber is
-    unreachable.
+    A broker is given by its :class:`~dcp.routing.KeyLayout`, or by one int key ``k``:
+    then it has ports ``0 .. k.bit_length()-2`` (so that any bitmap of them is below
+    ``k``; a key from ``allocate_keys(n, P)`` gives ports ``0 .. P-1``).  Overlays need
+    not be connected; :func:`build_tree` raises when a subscriber is unreachable.
 
     Raises:
-        RoutingError: a key below 3, not an int, or sharing a factor with another key;
-            a link naming an unknown broker, joining a broker to itself, using a port
-            out of range, or using a port that another link already uses.
+        RoutingError: a key below 3, not an int, owned by two brokers, or (a root key)
+            sharing a factor with another root key; a link naming an unknown broker,
+            joining a broker to itself, using a port out of range, or using a port that
+            another link already uses.
     """
 
-    def __init__(self, keys: Mapping[str, int], links: Iterable[OverlayLink] = ()) -> None:
-        self.keys: dict[str, int] = dict(keys)
+    def __init__(self, keys: Mapping[str, int | KeyLayout], links: Iterable[OverlayLink] = ()) -> None:
+        self.layouts: dict[str, KeyLayout] = {}
         self.links: tuple[OverlayLink, ...] = tuple(links)
-        seen: list[tuple[str, int]] = []
-        for name, key in self.keys.items():
+        owner: dict[int, str] = {}
+        for name, key in keys.items():
             if not isinstance(name, str) or not name:
                 raise RoutingError(f"broker names are non-empty strings, got {name!r}")
-            if not isinstance(key, int) or isinstance(key, bool):
+            if isinstance(key, KeyLayout):
+                layout = key
+            elif not isinstance(key, int) or isinstance(key, bool):
                 raise RoutingError(f"key of broker {name!r} is not an int: {key!r}")
-            if key < 3:
+            elif key < 3:
                 raise RoutingError(f"key {key} of broker {name!r} is below 3")
-            for other, other_key in seen:
-                if gcd(key, other_key) != 1:
+            else:
+                layout = KeyLayout.single(key)
+            for other, other_layout in self.layouts.items():  # roots: any ints; the rest are primes
+                if gcd(layout.root, other_layout.root) != 1:
                     raise RoutingError(
-                        f"keys of brokers {other!r} ({other_key}) and {name!r} ({key}) are not coprime"
+                        f"keys of brokers {other!r} ({other_layout.root}) and {name!r} ({layout.root}) are not coprime"
                     )
-            seen.append((name, key))
+            for k in layout.keys:
+                if owner.setdefault(k, name) != name:
+                    raise RoutingError(f"brokers {owner[k]!r} and {name!r} both own key {k}")
+            self.layouts[name] = layout
+        self.keys: dict[str, int] = {name: layout.root for name, layout in self.layouts.items()}
 
         self._adjacent: dict[str, list[tuple[int, str, int]]] = {name: [] for name in self.keys}
         self._link_at: dict[Endpoint, OverlayLink] = {}
@@ -122,7 +126,7 @@ class Overlay:
             self._link_ports[name] |= 1 << port
 
     def _check_port(self, broker: str, port: object, what: str) -> None:
-        limit = _port_limit(self.keys[broker])
+        limit = self.layouts[broker].ports
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < limit:
             raise RoutingError(
                 f"{what}: port {port!r} of broker {broker!r} is out of range for its key "
@@ -152,7 +156,8 @@ class Overlay:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Overlay:
-        """Read ``{"brokers": {name: {"key": int}}, "links": [{"a", "a_port", "b", "b_port"}]}``.
+        """Read ``{"brokers": {name: {"key": int} or {"ports": int, "keys": [int]}},
+        "links": [{"a", "a_port", "b", "b_port"}]}``.
 
         A key may be an int or a decimal string (JSON has no big ints everywhere);
         extra fields of a broker are ignored; ``links`` may be left out.
@@ -162,12 +167,12 @@ class Overlay:
         """
         try:
             brokers = data["brokers"]
-            keys: dict[str, int] = {}
+            keys: dict[str, int | KeyLayout] = {}
             for name, entry in brokers.items():
-                key = entry["key"]
-                if isinstance(key, str):
-                    key = int(key, 10)
-                keys[name] = key
+                if "keys" in entry:
+                    keys[name] = KeyLayout(int(entry["ports"]), [_int(k) for k in entry["keys"]])
+                else:
+                    keys[name] = _int(entry["key"])
             links = [
                 OverlayLink(item["a"], int(item["a_port"]), item["b"], int(item["b_port"]))
                 for item in data.get("links", ())
@@ -179,7 +184,10 @@ class Overlay:
     def to_dict(self) -> dict[str, Any]:
         """The inverse of :meth:`from_dict`; keys written as ints."""
         return {
-            "brokers": {name: {"key": key} for name, key in self.keys.items()},
+            "brokers": {
+                name: {"key": layout.root} if len(layout.keys) == 1 else {"ports": layout.ports, "keys": list(layout.keys)}
+                for name, layout in self.layouts.items()
+            },
             "links": [
                 {"a": link.a, "a_port": link.a_port, "b": link.b, "b_port": link.b_port} for link in self.links
             ],
@@ -188,12 +196,17 @@ class Overlay:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Overlay):
             return NotImplemented
-        return self.keys == other.keys and self.links == other.links
+        return self.layouts == other.layouts and self.links == other.links
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Overlay({len(self.keys)} brokers, {len(self.links)} links)"
+
+
+def _int(value: int | str) -> int:
+    """A key as JSON may carry it: an int or a decimal string."""
+    return int(value, 10) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -309,7 +322,10 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
         bitmaps[link.a] = bitmaps.get(link.a, 0) | 1 << link.a_port
     bitmaps = {broker: bitmaps[broker] for broker in sorted(bitmaps)}
     links = tuple(sorted(parent_link.values(), key=lambda l: (distance[l.b], l.a, l.a_port, l.b_port)))
-    x = encode({overlay.keys[broker]: bitmap for broker, bitmap in bitmaps.items()})
+    residues: dict[int, int] = {}
+    for broker, bitmap in bitmaps.items():
+        residues.update(overlay.layouts[broker].residues(bitmap))
+    x = encode(residues)
     return Tree(source, frozenset(wanted), bitmaps, links, x)
 
 
@@ -336,7 +352,7 @@ def simulate(
 
     The frame enters broker ``source[0]`` on port ``source[1]`` with hop limit
     ``hops``.  A broker that receives a copy with hop limit 0 drops it; otherwise it
-    sends one copy on each port of ``forward(x, key, ingress, link ports | attached)``:
+    sends one copy on each port of ``forward(x, layout, ingress, link ports | attached)``:
     a copy on a link port enters the broker at the other end with the hop limit minus
     one, a copy on any other port is delivered to that endpoint.  ``attached`` maps a
     broker to the bitmap of its attached local ports; a broker left out has every
@@ -367,13 +383,13 @@ def simulate(
         if limit <= 0:
             dropped += 1
             continue
-        key = overlay.keys[broker]
+        layout = overlay.layouts[broker]
         mask = masks.get(broker)
         if mask is None:
             links = overlay._link_ports[broker]
-            default = ((1 << _port_limit(key)) - 1) & ~links
+            default = ((1 << layout.ports) - 1) & ~links
             mask = masks[broker] = links | attached.get(broker, default)
-        out = forward(x, key, ingress, mask)
+        out = forward(x, layout, ingress, mask)
         while out:
             low = out & -out
             out ^= low

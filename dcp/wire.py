@@ -86,12 +86,13 @@ class Limits:
     """Bounds on what one frame may declare; they bound every buffer in dcp.
 
     ``max_frame`` counts the whole frame, header included.  ``max_x_bits`` bounds the
-    topology number: 8192 bits covers a tree of over a hundred 65-bit keys.
+    topology number: 131,072 bits (16 KiB) covers a tree of 2,000 65-bit keys, e.g.
+    one stream to a thousand ports spread over the banks of ten 10,000-port brokers.
     """
 
     max_frame: int = 8 * 1024 * 1024
     max_topic: int = 255
-    max_x_bits: int = 8192
+    max_x_bits: int = 131_072
     max_control: int = 64 * 1024
 
     def __post_init__(self) -> None:

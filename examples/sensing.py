@@ -43,7 +43,6 @@ import dcp
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.orchestrator import Orchestrator
-from dcp.routing import allocate_keys
 from dcp.spec import load_spec
 from dcp.storage import StorageAgent
 
@@ -116,9 +115,9 @@ async def run(count: int, interval: float, seed: int) -> int:
         do_addr = "%s:%d" % do.address
         do_url = f"dcp://{do_addr}"
         brokers: list[Broker] = []
-        for name, key in zip(("edge-a", "edge-b"), allocate_keys(2, 64)):
+        for name in ("edge-a", "edge-b"):  # keys of their own, drawn at random
             peers = tuple("%s:%d" % b.address for b in brokers)
-            broker = Broker(BrokerConfig(listen="127.0.0.1:0", key=key, name=name, orchestrator=do_addr, peers=peers,
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers,
                                          slow_consumer="pause"))
             await broker.start()
             brokers.append(broker)

@@ -135,8 +135,9 @@ def apply_mutations(data: bytes, ops: Sequence[tuple[str, int, int]]) -> bytes:
 HOSTILE_TOPICS = ("t", "fuzz", "a/b", "é", "")
 #: The topic of the well-behaved pair: no hostile template uses it.
 PAIR_TOPIC = "pair/seq"
-#: A prime over 2**64: a broker key that fresh brokers need not look for.
+#: A prime over 2**64: the key of a 64-port broker, that fresh brokers need not look for.
 KEY = 18446744073709551629
+PORTS = 64
 #: The bit of the port that the in-process tests' subscriber is on (port 1).
 SUB_BIT = 1 << 1
 #: Encodes what the broker's default limits refuse (X up to 65535 bytes).

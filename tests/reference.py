@@ -250,6 +250,25 @@ ECHO_ROOM = 8192
 POLICIES = ("drop-newest", "drop-oldest", "pause", "drop")
 
 
+#: What each field of a hello may hold, written out here rather than taken from
+#: dcp.control: a hello with any other value is refused, and the connection closed.
+_HELLO_FIELDS: dict[str, Any] = {
+    "id": lambda v: type(v) is int and 0 <= v < 2**64,
+    "role": lambda v: type(v) is str,
+    "name": lambda v: type(v) is str,
+    "token": lambda v: type(v) is str,
+    "slow_consumer": lambda v: v in POLICIES and type(v) is str,
+    "key": lambda v: type(v) is bytes,
+    "keys": lambda v: type(v) is list and all(type(k) is bytes for k in v),
+    "link": lambda v: type(v) is int and 0 <= v <= 0xFFFF,
+}
+
+
+def _hello_fields_valid(body: dict[str, Any]) -> bool:
+    """Whether every field of a hello that is there (nil counts as absent) has a valid value."""
+    return all(body.get(name) is None or valid(body[name]) for name, valid in _HELLO_FIELDS.items())
+
+
 def reference_forward(
     stream: bytes,
     *,
@@ -273,7 +292,9 @@ def reference_forward(
     length, a control frame that is malformed, carries X or a topic, or has a body over
     ``max_control``, a data frame before an agent hello (counted ``rejected``), a refused
     hello.  With ``eof``, a stream that ends inside a frame
-    counts one ``truncated``.
+    counts one ``truncated``.  With ``hello``, until a hello is taken no frame may be
+    longer than ``max_control`` and its header (the broker's pre-hello limit), so a
+    longer one before it is fatal.
 
     Of control ops, only what decides the port and the closing is modelled: ``hello``
     (role agent by default, or admin; an unknown role or slow-consumer policy is
@@ -285,14 +306,22 @@ def reference_forward(
             ``id`` within ECHO_ROOM of ``max_control`` (not a u64: refused as a bad request).
     """
     stream = bytes(stream)
-    frames, end, fatal = _split(stream, limits)
+    before_hello = Limits(  # dcp._serving.pre_hello_limits, written out
+        max_frame=min(limits.max_frame, HEADER_LEN + limits.max_control), max_topic=limits.max_topic,
+        max_x_bits=limits.max_x_bits, max_control=limits.max_control,
+    ) if hello else limits
+    frames, end, fatal = _split(stream, before_hello)
     drops: Counter[str] = Counter()
     out = {port: bytearray() for port in range(attached.bit_length()) if attached >> port & 1 and port != ingress}
     role = "agent" if not hello else ""
     port = ingress if not hello else None
     frames_in = 0
     closed = False
-    for header, frame in frames:
+    index, pos = 0, 0
+    while index < len(frames):
+        header, frame = frames[index]
+        index += 1
+        pos += len(frame)
         if header.type == DATA:
             if port is None:  # no hello, or an admin's: nothing to publish from
                 drops["rejected"] += 1
@@ -340,12 +369,16 @@ def reference_forward(
                 new_role = body.get("role", "agent")
                 if new_role == "peer":
                     raise NotModeled("a peer hello makes a link")
-                if new_role not in ("agent", "admin") or ("slow_consumer" in body and body["slow_consumer"] not in POLICIES):
+                if new_role not in ("agent", "admin") or not _hello_fields_valid(body):
                     closed = True
                     break
                 role = new_role
                 if role == "agent":
                     port = ingress
+                if before_hello is not limits:  # what follows the hello is read under the limits
+                    rest, rest_end, fatal = _split(stream[pos:], limits)
+                    frames[index:] = rest
+                    end = pos + rest_end
             elif op == "going_away" or (op == "error" and body.get("fatal")):
                 closed = True
                 break
@@ -353,7 +386,7 @@ def reference_forward(
                 raise NotModeled(f"op {op!r}")
         else:
             drops["rejected"] += 1
-    else:
+    if not closed:
         if fatal is not None:
             closed = True
         elif end < len(stream) and eof:

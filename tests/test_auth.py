@@ -53,6 +53,7 @@ STRANGER = b"a secret nobody here shares, 32b"
 def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secret") / "dcp.secret"
     path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)  # load_secret refuses a secret others may read
     return path
 
 
@@ -294,6 +295,7 @@ async def test_linked_brokers_requiring_tokens_link_and_forward(make_broker, sec
 
     other = tmp_path / "other.secret"
     other.write_text(secrets.token_hex(32))
+    other.chmod(0o600)
     stranger = await make_broker(key=key_c, name="stranger", secret_file=str(other), ports=PORTS)
     refused = stranger.add_link(addr_of(a))
     await until(lambda: "token_forged" in refused.last_error, lambda: f"a refusal for the token, not {refused.last_error!r}")
@@ -620,6 +622,7 @@ def test_an_unreadable_secret_file_names_the_os_reason(tmp_path: Path) -> None:
 def test_a_secret_of_exactly_16_bytes_is_enough(tmp_path: Path) -> None:
     path = tmp_path / "16.secret"
     path.write_bytes(b"  " + b"s" * 16 + b"\n")
+    path.chmod(0o600)
     assert load_secret(path) == b"s" * 16
     path.write_bytes(b"s" * 15)
     with pytest.raises(ConfigError) as info:

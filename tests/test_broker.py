@@ -8,6 +8,7 @@ the broker after the misbehaviour.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 from typing import Any
@@ -171,6 +172,27 @@ async def test_all_ports_taken_is_a_clear_refusal(make_broker) -> None:  # type:
         with pytest.raises(dcp.RemoteError) as info:
             await dcp.connect(url_of(broker), reconnect=False)
         assert info.value.code == "no_free_port"
+
+
+async def test_a_default_broker_routes_to_ports_in_its_root_and_in_its_banks(broker: Broker) -> None:
+    """Past port 63 a port is in a bank: route_to names it through the root's bitmap of
+    banks; every subscriber gets one copy and the one left out none."""
+    assert broker.config.ports == 10_000 and len(broker.layout.keys) == 160
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(dcp.connect(url_of(broker), name=f"c{i}")) for i in range(130)]
+        pub, low, mid, high = conns[0], conns[1], conns[70], conns[129]
+        assert (low.port, mid.port, high.port) == (1, 70, 129)  # root, bank 0, bank 1
+        assert pub.broker_layout == broker.layout
+        await pub.publish("t", b"three", route=pub.route_to(low.port, mid.port, high.port))
+        await pub.publish("t", b"one", route=pub.route_to(high.port))
+        for sub, expected in ((low, [b"three"]), (mid, [b"three"]), (high, [b"three", b"one"])):
+            await pub.ping()  # the broker forwarded both before this pong
+            await sub.ping()
+            assert [(await sub.next_message(timeout=5)).payload for _ in expected] == expected
+            assert sub.pending == 0
+        await conns[2].ping()
+        assert conns[2].pending == 0
+    assert broker.drops["unattached_port"] == 0 and broker.drops["no_route"] == 0
 
 
 # -- bad input: an error frame, that connection closed, nothing else lost -----------
@@ -393,7 +415,7 @@ async def test_publish_checks_limits_locally(broker: Broker) -> None:
         with pytest.raises(dcp.LocalProtocolError):
             await pub.publish("t", b"x" * (broker.limits.max_frame + 1))
         with pytest.raises(dcp.LocalProtocolError):
-            await pub.publish("t", b"x", route=1 << 10_000)
+            await pub.publish("t", b"x", route=1 << broker.limits.max_x_bits)
         assert await pub.ping() > 0  # nothing invalid reached the broker
 
 

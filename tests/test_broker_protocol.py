@@ -32,6 +32,7 @@ from dcp.wire import HEADER_SIZE, HOPS_OFFSET, ControlFrame, Decoder, Event, Lim
 from .conftest import url_of
 from .fuzzing import (
     KEY,
+    PORTS,
     PAIR_TOPIC,
     SUB_BIT,
     apply_mutations,
@@ -198,7 +199,7 @@ def run_hostile(mode: str, reads: list[bytes], **settings: Any) -> tuple[Broker,
     ``sub`` on port 1) and a hostile connection ``bad`` that sends ``reads`` (its hello
     puts it on port BAD_PORT); ``pub`` publishes one frame to ``sub`` after each read.
     Returns the broker, [pub, sub, bad] and what ``sub`` must get."""
-    broker = fresh_broker(mode=mode, key=KEY, **settings)
+    broker = fresh_broker(mode=mode, key=KEY, ports=PORTS, **settings)
     pub, sub = attached(broker), attached(broker)
     assert sub.bit == SUB_BIT
     for topic in PAIR_TOPICS:  # stateful mode routes by them
@@ -314,6 +315,20 @@ def test_fuzz_broker_framing_keeps_the_other_ports_whole(caplog, mode: str, data
     assert hostile_frames(same[:2]) == hostile_frames(conns[:2])
     assert reference.drops == broker.drops
     assert (same[2].frames_in, same[2].transport.closed) == (bad.frames_in, bad.transport.closed)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("field, value", [("id", True), ("id", -1), ("name", 5), ("keys", [1]), ("link", 70_000)])
+def test_a_hello_with_a_malformed_field_closes_the_connection_as_the_reference_says(field: str, value: Any) -> None:
+    """Found by the fuzz run: a hello whose id was ``True``.  The broker refuses it with
+    a fatal error frame; the reference closes the connection too, and nothing is forwarded."""
+    hello = encode_control({"op": "hello", field: value})
+    data = encode_data("t", b"after", encode({KEY: SUB_BIT}))
+    broker, (pub, sub, bad), _ = run_hostile("stateless", [hello + data])
+    ref = reference_forward(hello + data, key=KEY, attached=pub.bit | sub.bit, ingress=BAD_PORT, limits=broker.limits, hello=True)
+    assert ref.closed and bad.transport.closed  # type: ignore[union-attr]
+    last = well_formed(bytes(bad.transport.written))[-1]  # type: ignore[union-attr]
+    assert isinstance(last, ControlFrame) and last.body["fatal"] is True and last.body["code"] == "bad_request"
+    assert hostile_frames([pub, sub]) == [[], []]
 
 
 def count_rejected(conn: dcp.Connection) -> Counter[str]:
@@ -435,7 +450,7 @@ def test_an_error_that_quotes_a_long_value_still_fits_its_frame() -> None:
     "unknown role '...'" longer than max_control, so the fatal error frame could not be
     encoded and LocalProtocolError escaped data_received (the connection was cut with no
     error frame, the loop logged a traceback).  Messages are cut to fit."""
-    broker = fresh_broker(key=KEY)
+    broker = fresh_broker(key=KEY, ports=PORTS)
     conn = BrokerConnection(broker)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     conn.data_received(encode_control({"op": "hello", "id": 1, "role": "r" * (Limits().max_control - 40)}))
@@ -448,7 +463,7 @@ def test_an_error_that_quotes_a_long_value_still_fits_its_frame() -> None:
 def test_unlink_of_a_port_that_is_no_number_is_an_error_reply() -> None:
     """An admin's unlink with an unhashable port (a list) raised TypeError out of
     data_received: the loop cut the connection with no error frame."""
-    broker = fresh_broker(key=KEY)
+    broker = fresh_broker(key=KEY, ports=PORTS)
     admin = BrokerConnection(broker)
     admin.connection_made(FakeTransport())  # type: ignore[arg-type]
     admin.data_received(encode_control({"op": "hello", "id": 1, "role": "admin"}))
@@ -466,7 +481,7 @@ def test_nothing_after_a_fatal_frame_that_spans_reads_is_read() -> None:
     read that completes it, and when it closed the connection without raising (a hello
     refused), that rest was still read: here a second hello attached the closed
     connection and its data frame was forwarded."""
-    broker = fresh_broker(key=KEY)
+    broker = fresh_broker(key=KEY, ports=PORTS)
     sub = attached(broker)
     bad = BrokerConnection(broker)
     bad.connection_made(FakeTransport())  # type: ignore[arg-type]
@@ -485,7 +500,7 @@ def test_a_request_whose_id_fills_its_frame_is_refused_and_the_connection_kept()
     whose ``id`` fills a control frame was answered with ``"re": id``, an answer over
     max_control, and the broker closed the connection.  An id is a u64 (dcp.control):
     any other is a bad request, answered without echoing it."""
-    broker = fresh_broker(key=KEY)
+    broker = fresh_broker(key=KEY, ports=PORTS)
     conn = attached(broker)
     conn.data_received(control_frame(({"op": "policy", "slow_consumer": "never"}, "id", 0)))
     assert not conn.transport.closed  # type: ignore[union-attr]

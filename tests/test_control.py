@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import dcp
 from dcp import control
 from dcp.auth import issue_token
 from dcp.broker import _HANDLERS as BROKER_HANDLERS
@@ -41,7 +42,7 @@ from dcp.wire import CONTROL, DATA, HEADER_SIZE, ControlFrame, Decoder, decode_c
 from tests.purity import copy_with_import, loaded
 from tests.waiting import until
 
-from .fuzzing import KEY, apply_mutations, executed, frame_starts, fuzz_settings, mutations, split
+from .fuzzing import KEY, PORTS, apply_mutations, executed, frame_starts, fuzz_settings, mutations, split
 from .loopback import LoopbackServer
 from .test_broker_protocol import FakeTransport, fresh_broker, quiet_broker_logs
 
@@ -84,6 +85,7 @@ EXAMPLES: dict[str, control.Message] = {message.op: message for message in (
     control.Register(id=ID, capabilities=["collect"], consumes=["t"], produces=["u"], broker_key=KEY, port=0),
     control.Report(elements={"p/out": {"in": 1, "latency_ms": 0.5}}, published=1, unrouted=0, lost=0, dropped=0, pending=0),
     control.BrokerState(id=ID, key=KEY, address="127.0.0.1:1", ports=8, links=[], attached=[]),
+    control.PortsChanged(id=ID, attached=[], detached=[]),
     control.Pipelines(id=ID), control.Status(id=ID), control.Deploy(id=ID, spec=SPEC), control.Undeploy(id=ID, name="p"),
     control.Token(id=ID, name="cam"), control.Route(topic="t", x=5, epoch=1, consumers=["b"]),
     control.Assign(pipeline="p", element="e", kind="stage", capability="c", params={}, consumes=["t"]),
@@ -101,7 +103,7 @@ REFUSAL_CODES = {code for table in (control.BROKER, control.ORCHESTRATOR) for _,
 REFUSAL_CODES |= {"unknown_op", "bad_request", "token_missing"}
 #: The reply an allowed request gets when it is done (the others get a handler's error or nothing).
 DONE = {"hello": "welcome", "ping": "pong", "stats": "stats", "policy": "ok", "subscribe": "ok", "unsubscribe": "ok",
-        "register": "ok", "broker_state": "ok", "pipelines": "ok", "status": "ok"}
+        "register": "ok", "broker_state": "ok", "ports_changed": "ok", "pipelines": "ok", "status": "ok"}
 
 
 def assert_decided(table: control.Permissions, role: str, op: str, body: dict[str, Any], conn: Any) -> None:
@@ -162,7 +164,7 @@ def broker_connection(broker: Broker, role: str, token: str | None = None) -> Br
 def test_the_broker_allows_or_refuses_every_op_of_every_role_as_its_table_says(role: str, caplog: pytest.LogCaptureFixture) -> None:
     quiet_broker_logs(caplog)
     for op in OPS:
-        broker = served_broker(mode="stateful", key=KEY)
+        broker = served_broker(mode="stateful", key=KEY, ports=PORTS)
         conn = broker_connection(broker, role)
         body = example(op)
         conn.data_received(encode_control(body))
@@ -174,7 +176,8 @@ def test_before_its_hello_a_broker_requiring_tokens_takes_a_hello_only(op: str, 
     quiet_broker_logs(caplog)
     secret = tmp_path / "secret"
     secret.write_text(secrets.token_hex(16))
-    broker = served_broker(key=KEY, require_token=True, secret_file=str(secret))
+    secret.chmod(0o600)
+    broker = served_broker(key=KEY, ports=PORTS, require_token=True, secret_file=str(secret))
     conn = broker_connection(broker, "")
     body = example(op)
     if op == "hello":
@@ -206,6 +209,7 @@ async def test_the_orchestrator_allows_or_refuses_every_op_of_every_role_as_its_
 async def test_before_its_hello_an_orchestrator_requiring_tokens_takes_a_hello_only(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text(secrets.token_hex(16))
+    secret.chmod(0o600)
     for op in OPS:
         do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:", require_token=True, secret_file=str(secret)))
         conn = await orchestrator_connection(do, "")
@@ -235,6 +239,8 @@ KIND_VALUES: dict[control.Kind, st.SearchStrategy[Any]] = {
     control.NAME: st.text(min_size=1, max_size=12),
     control.BOOL: st.booleans(),
     control.BIG_INT: st.integers(0, 2**300),
+    control.BIG_INTS: st.lists(st.integers(0, 2**100), max_size=4),
+    control.PORTS: st.lists(st.integers(0, 0xFFFF), max_size=4),
     control.TAG: st.binary(min_size=24, max_size=24),
     control.STRS: st.lists(text, max_size=4),
     control.MAP: st.dictionaries(st.text(max_size=6), msgpack_values, max_size=4),
@@ -401,7 +407,7 @@ ANSWER_KEYS = ("re", "key", "port", "name", "mode", "ports", "max_frame", "max_t
 
 def dialling_link(loop: asyncio.AbstractEventLoop) -> tuple[Broker, Link, BrokerConnection]:
     """A broker's outbound link whose hello is out: it waits for the peer's answer."""
-    broker = served_broker(key=KEY)
+    broker = served_broker(key=KEY, ports=PORTS)
     link = Link(broker, broker._reserve_port(), address="127.0.0.1:9")
     broker.links[link.port] = link
     link._welcome = loop.create_future()  # what Link._dial waits on
@@ -468,11 +474,33 @@ async def test_a_live_link_to_a_peer_with_a_malformed_welcome_stays_down_and_say
     peer = MalformedPeer(field, value)
     address = await peer.start()
     try:
-        broker = await make_broker(key=KEY, link_retry_max_s=0.05)
+        broker = await make_broker(key=KEY, ports=PORTS, link_retry_max_s=0.05)
         link = broker.add_link(address)
         await until(lambda: link.connects >= 2, "a redial after the refusal")
         assert link.last_error.startswith(f"welcome: {field} must be"), link.last_error
         assert link.state == "down" and not broker.attached >> link.port & 1
+    finally:
+        await peer.close()
+
+
+def test_a_malformed_pong_refuses_a_link_waiting_for_its_welcome(loop: asyncio.AbstractEventLoop) -> None:
+    """Found by the link handshake fuzz run (``re: []``); a welcome after it changes nothing."""
+    broker, link, conn = dialling_link(loop)
+    conn.data_received(encode_control({"op": "pong", "re": []}) + encode_control(VALID_WELCOME.to_body()))
+    assert link._welcome is not None and link._welcome.done()
+    assert isinstance(link._welcome.exception(), BadRequest) and link.state != "up"
+
+
+@pytest.mark.parametrize(("keys", "ports"), [([FAR_KEY], 200), ([FAR_KEY, 3, 5, 7], 200), ([5], 8)])
+async def test_a_client_refuses_a_welcome_whose_keys_cannot_route(keys: list[int], ports: int) -> None:
+    """Keys that do not fit the port count (too few, too small) would make route_to
+    build numbers the broker reads otherwise: the connection is refused, saying why."""
+    peer = MalformedPeer("keys", [])
+    peer.welcome = encode_control(control.Welcome(re=1, key=keys[0], keys=keys, port=5, ports=ports).to_body())
+    address = await peer.start()
+    try:
+        with pytest.raises(dcp.ConnectionClosed, match="keys that route nothing"):
+            await dcp.connect(f"dcp://{address}", reconnect=False)
     finally:
         await peer.close()
 
@@ -503,6 +531,12 @@ def decision(body: dict[str, Any]) -> str | None:
         return "up" if welcome.key is not None and welcome.port is not None else "refused"
     if op == "error":
         return "refused"
+    if op == "pong":  # a malformed one refuses the link too (found by this fuzz test: re=[])
+        try:
+            control.Pong.from_body(body)
+        except BadRequest:
+            return "refused"
+        return None
     if op == "going_away":
         return "closed"
     if op == "unlink":

@@ -161,8 +161,8 @@ class Measures:
 async def test_a_killed_broker_under_load_fails_over_within_two_seconds(orchestrator_process, broker_process) -> None:  # type: ignore[no-untyped-def]
     do = orchestrator_process()
     keys = allocate_keys(2, 64)
-    doomed = broker_process("--name", "b0", "--key", str(keys[0]), "--orchestrator", do.address)
-    survivor = broker_process("--name", "b1", "--key", str(keys[1]), "--orchestrator", do.address, "--peer", doomed.address)
+    doomed = broker_process("--name", "b0", "--ports", "64", "--key", str(keys[0]), "--orchestrator", do.address)
+    survivor = broker_process("--name", "b1", "--ports", "64", "--key", str(keys[1]), "--orchestrator", do.address, "--peer", doomed.address)
     await wait_overlay(Plane(do, None, 2))
 
     src = dcp.DataAgent("src", broker=[doomed.url, survivor.url], orchestrator=do.url)

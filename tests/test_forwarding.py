@@ -9,6 +9,7 @@ testing (docs/mutation.md).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcp.errors import FrameTooLarge, RemoteProtocolError
-from dcp.forwarding import JOIN_LIMIT, Control, Drop, Forwarder, Write
+from dcp.forwarding import DECODED_LIMIT, JOIN_LIMIT, Control, Drop, Forwarder, Write
+from dcp.routing import KeyLayout, encode, int_to_bytes
 from dcp.wire import SIGNED_ROUTE, Limits
 
 from .test_reference import frame as written_frame
@@ -35,6 +37,8 @@ class FakePorts:
     attached: int = 0
     reserved: int = 0
     table: dict[bytes, int] = field(default_factory=dict)
+    layout: KeyLayout = KeyLayout.single(KEY)
+    decoded: dict[int, int] = field(default_factory=dict)
 
 
 def frame(x: bytes = b"", topic: bytes = b"t", payload: bytes = b"p", **fields: int) -> bytes:
@@ -100,6 +104,29 @@ def test_a_data_frame_goes_to_x_mod_key_but_the_ingress() -> None:
     f = data(0b1110)
     assert plain(fw.receive(f)) == [Sent(0b1100, less_one(f), len(f), 1)]
     assert fw.frames_in == 1 and fw.held == 0
+
+
+LAYOUT = KeyLayout.random(300, rng=random.Random(7))
+
+
+def test_with_many_keys_a_frame_goes_where_its_decoded_x_says_and_the_decoding_is_memoised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports in the root and in two banks; the second frame with that X is not decoded
+    again; a flood of distinct numbers empties the memo instead of growing it."""
+    ports = FakePorts(key=LAYOUT.root, attached=(1 << 300) - 1, layout=LAYOUT)
+    fw = Forwarder(ports, Limits())
+    fw.attach(5)
+    out = 1 << 3 | 1 << 5 | 1 << 70 | 1 << 299
+    x = encode(LAYOUT.residues(out))
+    f = frame(int_to_bytes(x))
+    assert plain(fw.receive(f)) == [Sent(out & ~(1 << 5), less_one(f), len(f), 1)]
+    assert ports.decoded == {x: out}
+    monkeypatch.setattr(KeyLayout, "decode", lambda self, x: pytest.fail("decoded again"))
+    assert plain(fw.receive(f)) == [Sent(out & ~(1 << 5), less_one(f), len(f), 1)]
+    monkeypatch.undo()
+    ports.decoded.update((-i, 0) for i in range(1, DECODED_LIMIT))  # full
+    other = frame(int_to_bytes(encode(LAYOUT.residues(1 << 100))))
+    assert plain(fw.receive(other)) == [Sent(1 << 100, less_one(other), len(other), 1)]
+    assert len(ports.decoded) == 1
 
 
 def test_a_defaults_forwarder_is_stateless_without_a_verifier() -> None:

@@ -209,12 +209,14 @@ def test_a_broker_drops_an_x_over_max_x_bits_as_route_too_large(bits: int, ok: b
 # --------------------------------------------------------------------------- the key bound
 
 
-@pytest.mark.parametrize("ports", [1, 4, 64])
-def test_a_key_must_exceed_two_to_the_ports(ports: int) -> None:
-    for key in ((1 << ports) - 1, 1 << ports):
-        with pytest.raises(ConfigError, match="greater than 2\\*\\*ports"):
+@pytest.mark.parametrize(("ports", "width"), [(1, 1), (4, 4), (64, 64), (65, 65), (10_000, 67), (65_535, 80)])
+def test_a_key_must_exceed_two_to_the_root_width(ports: int, width: int) -> None:
+    """Up to 64 ports the key is above 2**ports; beyond, the root's residue also names
+    its banks or directories (1 to 16 of them)."""
+    for key in ((1 << width) - 1, 1 << width):
+        with pytest.raises(ConfigError, match=f"greater than 2\\*\\*{width} "):
             BrokerConfig(key=key, ports=ports)
-    assert BrokerConfig(key=(1 << ports) + 1, ports=ports).key == (1 << ports) + 1
+    assert BrokerConfig(key=(1 << width) + 1, ports=ports).key == (1 << width) + 1
 
 
 # --------------------------------------------------------------------------- counted decisions

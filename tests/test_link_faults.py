@@ -78,7 +78,7 @@ def link_on(stats: dict[str, Any], port: int) -> dict[str, Any]:
 async def star(broker_process) -> Any:  # type: ignore[no-untyped-def]
     """b0 in the middle; b1 -> proxy -> b0, b2 -> b0; subscribers s0, s1, s2, publisher on b0."""
     keys = allocate_keys(3, 16)
-    brokers = [broker_process("--key", str(key), "--name", f"b{i}", *FAST_LINKS) for i, key in enumerate(keys)]
+    brokers = [broker_process("--ports", "16", "--key", str(key), "--name", f"b{i}", *FAST_LINKS) for i, key in enumerate(keys)]
     proxy = CuttableProxy((brokers[0].host, brokers[0].port))
     via_proxy = await proxy.start()
     async with dcp.connect(brokers[1].url, role="admin") as admin:

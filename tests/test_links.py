@@ -19,7 +19,8 @@ import dcp
 from dcp.broker import Broker
 from dcp.views import format_stats, stats_as_json
 from dcp.errors import ConfigError, RemoteError
-from dcp.routing import allocate_keys, encode, int_from_bytes, int_to_bytes
+from dcp.config import BrokerConfig
+from dcp.routing import KeyLayout, allocate_keys, encode, int_from_bytes, int_to_bytes
 from dcp.wire import DEFAULT_HOPS, ControlFrame, Decoder, encode_control
 from tests.waiting import until as wait_until
 
@@ -113,6 +114,26 @@ async def test_a_peer_with_the_same_key_is_refused(make_broker) -> None:  # type
     assert link.state == "down"
     assert "same_key" in link.last_error and str(key) in link.last_error
     assert a.links == {} and a.reserved == 0 and a.attached == 0
+
+
+@pytest.mark.parametrize("dialler", ["many", "few"])
+async def test_a_peer_sharing_a_bank_key_is_refused_whichever_end_dials(make_broker, dialler: str) -> None:  # type: ignore[no-untyped-def]
+    """A broker of 200 ports whose last bank has the key of a 64-port broker: the keys
+    could not route together, so the link is refused (``same_key``), from either end."""
+    few = await make_broker(ports=64, name="few")
+    many = Broker(BrokerConfig(listen="127.0.0.1:0", ports=200, name="many"))
+    many.layout = KeyLayout(200, (*many.layout.keys[:-1], few.key))
+    await many.start()
+    try:
+        a, b = (many, few) if dialler == "many" else (few, many)
+        async with dcp.connect(url_of(a), role="admin", reconnect=False) as admin:
+            with pytest.raises(RemoteError) as info:
+                await admin.link(addr_of(b), wait=1)
+        assert info.value.code == "link_timeout"
+        assert "same_key" in only_link(a).last_error and str(few.key) in only_link(a).last_error
+        assert b.links == {} and b.attached == 0
+    finally:
+        await many.close()
 
 
 async def test_a_stateful_broker_takes_no_links(make_broker) -> None:  # type: ignore[no-untyped-def]

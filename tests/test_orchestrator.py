@@ -7,6 +7,7 @@ Brokers and the orchestrator are real servers on OS-chosen loopback ports; agent
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from tests.waiting import until
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.orchestrator import BrokerRecord, Orchestrator
-from dcp.routing import allocate_keys, encode, int_to_bytes
+from dcp.orchestrator_store import Store
+from dcp.routing import KeyLayout, allocate_keys, encode, int_to_bytes
 
 SPEC = {
     "name": "p",
@@ -306,9 +308,9 @@ async def register_broker(plane: Plane, name: str, key: int, ports: int = 16) ->
 
 
 @pytest.mark.parametrize("key, why", [
-    (2, "at least 3"),
-    (1 << 16, r"above 2\*\*ports"),
-    ("b0 * 3", "shares a factor with the key of broker 'b0'"),
+    (2, r"above 2\*\*16, got 2"),
+    (1 << 16, r"above 2\*\*16"),
+    ("b0 * 3", "is not a prime"),
 ])
 async def test_a_key_that_cannot_route_is_refused_and_planning_goes_on(plane: Plane, key: Any, why: str) -> None:
     (b0,) = await plane.start_brokers(1)
@@ -607,3 +609,81 @@ async def test_a_producer_without_consumers_that_moves_brokers_gets_a_route_nami
     assert (stream.broker, stream.epoch, stream.x, stream.consumers) == ("b1", epoch + 1, 0, [])
     await until(lambda: producer.routes["t"][0] == epoch + 1, "the route computed at b1")
     assert (producer.routes["t"], producer.route_brokers["t"]) == ((epoch + 1, 0), b1.key)
+
+
+# -- broker reports: attachments as deltas, key layouts -------------------------------------
+
+
+async def test_a_broker_reports_attachments_in_a_state_then_as_changes(plane: Plane) -> None:
+    """An agent away from the orchestrator counts while its broker reports it attached:
+    a later state without ``attached`` leaves that as it was; ``ports_changed`` detaching
+    its port drops it from the route, attaching it again brings it back."""
+    do = plane.do
+    assert do is not None
+    key = allocate_keys(1, 16)[0]
+    reg = {"op": "register", "capabilities": [], "broker_key": int_to_bytes(key)}
+    async with dcp.connect(plane.do_url, role="broker", name="b0", reconnect=False) as broker, \
+            dcp.connect(plane.do_url, role="agent", name="producer", reconnect=False) as producer:
+        attached = [{"port": 1, "name": "away"}, {"port": 2, "name": "producer"}]
+        await broker.request({"op": "broker_state", "key": int_to_bytes(key), "ports": 16, "links": [], "attached": attached})
+        await producer.request({**reg, "consumes": [], "produces": ["t"], "port": 2})
+        async with dcp.connect(plane.do_url, role="agent", name="away", reconnect=False) as away:
+            await away.request({**reg, "consumes": ["t"], "produces": [], "port": 1})
+            await until(lambda: do.streams[("producer", "t")].consumers == ["away"], "the route to away")
+        await until(lambda: do.agents["away"].conn is None, "away disconnected")
+        await broker.request({"op": "broker_state", "key": int_to_bytes(key), "ports": 16, "links": []})  # attached: as before
+        await broker.request({"op": "ping"})
+        assert do.brokers["b0"].attached == {1: "away", 2: "producer"}
+        assert do.streams[("producer", "t")].consumers == ["away"]
+        epoch = do.streams[("producer", "t")].epoch
+        await broker.request({"op": "ports_changed", "attached": [], "detached": [1]})
+        await until(lambda: do.streams[("producer", "t")].consumers == [], "away dropped with its port")
+        assert do.streams[("producer", "t")].epoch == epoch + 1 and do.streams[("producer", "t")].x == 0
+        await broker.request({"op": "ports_changed", "attached": [{"port": 1, "name": "away"}], "detached": []})
+        await until(lambda: do.streams[("producer", "t")].consumers == ["away"], "away back on its port")
+
+
+async def test_a_broker_with_many_keys_owns_them_all_and_they_are_stored(plane: Plane) -> None:
+    do = plane.do
+    assert do is not None
+    layout = KeyLayout.random(200)
+    assert len(layout.keys) > 1
+    async with dcp.connect(plane.do_url, role="broker", name="big", reconnect=False) as big:
+        await big.request({
+            "op": "broker_state", "key": int_to_bytes(layout.root), "keys": [int_to_bytes(k) for k in layout.keys],
+            "ports": 200, "links": [],
+        })
+        assert do.brokers["big"].keys == list(layout.keys)
+        assert do.overlay().layouts == {"big": layout}
+        bank = layout.keys[-1]  # a prime above 2**64: a good key for a broker of 64 ports, but big's
+        with pytest.raises(dcp.RemoteError, match=f"broker 'big' already has key {bank}") as info:
+            await register_broker(plane, "other", bank, ports=64)
+        assert info.value.code == "same_key"
+        with pytest.raises(dcp.RemoteError, match="keys: the first must be the root key") as info:
+            await register_broker_keys(plane, "mixed", layout.keys[1], list(layout.keys), 200)
+        assert info.value.code == "bad_key"
+    (stored,) = do.store.load()["brokers"]
+    assert (stored["name"], stored["key"], stored["keys"], stored["ports"]) == ("big", layout.root, list(layout.keys), 200)
+
+
+async def register_broker_keys(plane: Plane, name: str, key: int, keys: list[int], ports: int) -> None:
+    async with dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) as conn:
+        await conn.request({
+            "op": "broker_state", "key": int_to_bytes(key), "keys": [int_to_bytes(k) for k in keys], "ports": ports, "links": [],
+        })
+
+
+def test_a_store_from_before_key_layouts_gains_its_keys_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE brokers (name TEXT PRIMARY KEY, key TEXT NOT NULL, address TEXT NOT NULL, ports INTEGER NOT NULL, links TEXT NOT NULL)")
+    db.execute("INSERT INTO brokers VALUES ('b0', '65537', '127.0.0.1:1', 16, '[]')")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.load()["brokers"] == [{"name": "b0", "key": 65537, "address": "127.0.0.1:1", "ports": 16, "links": [], "keys": None}]
+    store.save_broker("b1", 7, "127.0.0.1:2", 2, [], keys=[7, 11])
+    store.close()
+    store = Store(path)  # and opened again, nothing to migrate
+    assert [b["keys"] for b in store.load()["brokers"]] == [None, [7, 11]]
+    store.close()

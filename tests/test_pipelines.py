@@ -476,8 +476,8 @@ async def test_agents_back_before_their_brokers_after_an_orchestrator_restart_lo
 
     do = orchestrator_process()
     keys = allocate_keys(2, 64)
-    b0 = broker_process("--name", "b0", "--key", str(keys[0]), "--orchestrator", do.address)
-    b1 = broker_process("--name", "b1", "--key", str(keys[1]), "--orchestrator", do.address, "--peer", f"{b0.host}:{b0.port}")
+    b0 = broker_process("--name", "b0", "--ports", "64", "--key", str(keys[0]), "--orchestrator", do.address)
+    b1 = broker_process("--name", "b1", "--ports", "64", "--key", str(keys[1]), "--orchestrator", do.address, "--peer", f"{b0.host}:{b0.port}")
     plane = Plane(do, None, 2)
     await wait_overlay(plane)
     producer = agents("early-producer", b0.url, do.url)

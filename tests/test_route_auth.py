@@ -42,6 +42,7 @@ async def signing_plane(tmp_path: Path) -> AsyncIterator[Plane]:
 def secret_file(tmp_path: Path) -> str:
     path = tmp_path / "secret"
     path.write_bytes(SECRET + b"\n")
+    path.chmod(0o600)  # load_secret refuses a secret others may read
     return str(path)
 
 

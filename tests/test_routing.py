@@ -6,8 +6,11 @@ under test must not import it.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,9 @@ from sympy.ntheory.modular import crt
 from tests.purity import copy_with_import, loaded
 from dcp.errors import DcpError, RoutingError
 from dcp.routing import (
+    FAN,
+    ROOT_FAN,
+    KeyLayout,
     allocate_keys,
     random_key,
     bitmap_of,
@@ -381,3 +387,129 @@ def test_random_key_defaults_to_64_ports() -> None:
     """Pinned by the second mutation run (docs/mutation.md): the default is a key of 65 bits."""
     assert all(random_key().bit_length() == 65 for _ in range(5))
     assert random_key(rng=random.Random(1)).bit_length() == 65
+
+
+# --------------------------------------------------------------------------- key layouts
+
+#: Port counts at the edges of the layout's shapes: one key; one bank; 16 banks under
+#: the root; the first directory; the default; the most a port number names.
+LAYOUT_PORTS = (1, 8, 64, 65, 128, 200, 1088, 1089, 4161, 10_000, 65_535)
+
+
+@functools.cache
+def layout_of(ports: int, seed: int = 0) -> KeyLayout:
+    """A random layout, the same for the same arguments (65,535 ports take ~0.5 s)."""
+    return KeyLayout.random(ports, rng=random.Random(f"{ports}/{seed}"))
+
+
+@st.composite
+def layouts_and_ports(draw: st.DrawFn) -> tuple[int, list[int]]:
+    """A port count and the out ports of one stream there (a random sample past 10)."""
+    count = draw(st.sampled_from(LAYOUT_PORTS))
+    fan_out = draw(st.sampled_from([0, 1, 2, 10, 100, 1000]))
+    if fan_out <= 10:
+        return count, draw(st.lists(st.integers(0, count - 1), max_size=fan_out, unique=True))
+    return count, random.Random(draw(st.integers(0, 2**32))).sample(range(count), min(fan_out, count))
+
+
+def expected_nodes(ports: int, bitmap: int) -> int:
+    """How many residues a bitmap needs: the root, each bank it uses, each directory above them."""
+    if not bitmap:
+        return 0
+    if ports <= FAN:
+        return 1
+    used = ports_of(bitmap)
+    banks = {(p - FAN) // FAN for p in used if p >= FAN}
+    total_banks = -(-(ports - FAN) // FAN)
+    directories: set[tuple[int, int]] = set()
+    width, level = total_banks, 0
+    nodes = set(banks)
+    while width > ROOT_FAN:  # one more level of directories of FAN children
+        level += 1
+        nodes = {n // FAN for n in nodes}
+        directories |= {(level, n) for n in nodes}
+        width = -(-width // FAN)
+    return 1 + len(banks) + len(directories)
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts_and_ports())
+@example((65_535, [65_534, 64, 0]))
+@example((1089, [1088]))
+def test_a_layout_decodes_what_the_crt_of_its_residues_encodes(case: tuple[int, list[int]]) -> None:
+    """sympy's CRT over the residues is a number the broker decodes to exactly the bitmap,
+    with one residue per node used and none for the rest."""
+    layout, bitmap = layout_of(case[0]), bitmap_of(case[1])
+    residues = layout.residues(bitmap)
+    assert len(residues) == expected_nodes(layout.ports, bitmap)
+    assert set(residues) <= set(layout.keys)
+    if not residues:
+        assert bitmap == 0 and layout.decode(0) == 0
+        return
+    x = int(crt(list(residues), list(residues.values()))[0])
+    assert encode(residues) == x
+    assert layout.decode(x) == bitmap
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(layouts_and_ports(), min_size=2, max_size=4))
+def test_brokers_with_layouts_read_their_own_part_of_one_number(cases: list[tuple[int, list[int]]]) -> None:
+    """One X for several brokers (distinct layouts): each decodes its own bitmap."""
+    layouts = [layout_of(count, seed) for seed, (count, _) in enumerate(cases)]
+    keys = [k for layout in layouts for k in layout.keys]
+    assume(len(set(keys)) == len(keys))  # a few ports leave few primes to draw: the orchestrator refuses a clash
+    bitmaps = [bitmap_of(ports) for _, ports in cases]
+    residues: dict[int, int] = {}
+    for layout, bitmap in zip(layouts, bitmaps):
+        residues.update(layout.residues(bitmap))
+    x = int(crt(list(residues), list(residues.values()))[0]) if residues else 0
+    for layout, bitmap in zip(layouts, bitmaps):
+        if bitmap:  # a broker left out of X reads an arbitrary residue: no tree sends it the frame
+            assert layout.decode(x) == bitmap
+
+
+@pytest.mark.parametrize("ports", LAYOUT_PORTS)
+def test_a_layout_has_prime_keys_in_their_ranges_and_a_small_root(ports: int) -> None:
+    layout = layout_of(ports)
+    assert len(set(layout.keys)) == len(layout.keys) and all(sympy.isprime(k) for k in layout.keys)
+    root_width = KeyLayout.root_width(ports)
+    assert 1 << root_width < layout.root < 1 << (root_width + 1) < 2**81 + 1
+    top = -(-(ports - FAN) // FAN)  # banks
+    while top > ROOT_FAN:
+        top = -(-top // FAN)  # directories above them
+    assert root_width == (ports if ports <= FAN else FAN + top)
+    assert all(2**64 < k < 2**65 for k in layout.keys[1:])
+    assert KeyLayout.from_keys(ports, layout.keys) == layout
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(LAYOUT_PORTS), st.binary(max_size=2500))
+def test_any_number_decodes_to_ports_of_the_broker(ports: int, x: bytes) -> None:
+    """A forged X names ports in range only: directory bits past the last child name nothing."""
+    assert layout_of(ports).decode(int.from_bytes(x, "big")) >> ports == 0
+
+
+def test_a_layout_refuses_keys_that_do_not_fit() -> None:
+    layout = layout_of(200)
+    with pytest.raises(RoutingError, match="has 4 keys, got 3"):
+        KeyLayout(200, layout.keys[:3])
+    with pytest.raises(RoutingError, match="distinct"):
+        KeyLayout(200, (layout.keys[0], layout.keys[1], layout.keys[1], layout.keys[3]))
+    with pytest.raises(RoutingError, match="above 2\\*\\*64"):
+        KeyLayout(200, (*layout.keys[:3], 2**64))
+    with pytest.raises(RoutingError, match="not a prime"):
+        KeyLayout.from_keys(200, (*layout.keys[:3], 2**64 + 1))
+    with pytest.raises(RoutingError, match="ports outside 0..199"):
+        layout.residues(1 << 200)
+    with pytest.raises(RoutingError, match="at least one port"):
+        KeyLayout.random(0)
+
+
+def test_a_layout_of_the_most_ports_is_drawn_without_sympy() -> None:
+    """Every key is below 2**81, where is_prime is exact without sympy (whose import
+    alone takes most of a second): a broker starts fast at any port count."""
+    probe = "import time; t = time.perf_counter(); from dcp.routing import KeyLayout; KeyLayout.random(65535); import sys; print('sympy' in sys.modules, time.perf_counter() - t)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    imported, seconds = result.stdout.split()
+    assert imported == "False"
+    print(f"65,535 ports: {float(seconds) * 1000:.0f} ms")

@@ -10,6 +10,7 @@ simulation, so a wrong bit in X would deliver somewhere and fail the test.
 from __future__ import annotations
 
 import re
+import random
 from collections import Counter, deque
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 import dcp.topology as topology
 from tests.purity import copy_with_import, loaded
 from dcp.errors import RoutingError
-from dcp.routing import allocate_keys, encode, x_bits
+from dcp.routing import KeyLayout, allocate_keys, encode, x_bits
 from dcp.topology import Delivery, Overlay, OverlayLink, Tree, build_tree, shape_edges, simulate
 
 
@@ -42,9 +43,9 @@ def ring4() -> Overlay:
 
 
 def check_x(overlay: Overlay, tree: Tree) -> None:
-    assert tree.x == encode({overlay.keys[b]: r for b, r in tree.bitmaps.items()})
+    assert tree.x == encode({k: r for b, bitmap in tree.bitmaps.items() for k, r in overlay.layouts[b].residues(bitmap).items()})
     for broker, bitmap in tree.bitmaps.items():
-        assert tree.x % overlay.keys[broker] == bitmap
+        assert overlay.layouts[broker].decode(tree.x) == bitmap
 
 
 # --------------------------------------------------------------------------- worked examples
@@ -146,7 +147,7 @@ def test_no_subscribers_routes_nowhere() -> None:
 
 def test_trees_are_deterministic_and_independent_of_input_order() -> None:
     overlay = ring4()
-    flipped = Overlay(overlay.keys, [link.reversed() for link in reversed(overlay.links)])
+    flipped = Overlay(overlay.layouts, [link.reversed() for link in reversed(overlay.links)])
     subs = [("B", 2), ("C", 2), ("D", 3)]
     first = build_tree(overlay, ("A", 3), subs)
     assert build_tree(overlay, ("A", 3), reversed(subs)) == first
@@ -243,6 +244,10 @@ def test_dict_round_trip() -> None:
     assert read.keys == {"A": 17, "B": big}
     assert read.to_dict()["brokers"] == {"A": {"key": 17}, "B": {"key": big}}
     assert Overlay.from_dict({"brokers": {"A": {"key": 17}}}).links == ()
+    layout = _layout(200, 0)
+    many = Overlay({"A": 17, "B": layout}, [OverlayLink("A", 0, "B", 199)])
+    assert many.to_dict()["brokers"]["B"] == {"ports": 200, "keys": list(layout.keys)}
+    assert Overlay.from_dict(many.to_dict()) == many
 
 
 @pytest.mark.parametrize(
@@ -331,14 +336,26 @@ def _keys(ports: int) -> tuple[int, ...]:
     return tuple(allocate_keys(30, ports))
 
 
+@lru_cache(maxsize=None)
+def _layout(ports: int, seed: int) -> KeyLayout:
+    return KeyLayout.random(ports, rng=random.Random(f"{ports}/{seed}"))
+
+
 @st.composite
-def overlays(draw: st.DrawFn) -> tuple[Overlay, int]:
-    """A random connected overlay: a random spanning tree plus extra edges (cycles, parallel links)."""
+def overlays(draw: st.DrawFn) -> tuple[Overlay, dict[str, list[int]]]:
+    """A random connected overlay: a random spanning tree plus extra edges (cycles, parallel
+    links); and the port numbers each broker uses.  Some brokers may have a key layout of
+    many ports, of which 8 to 16 are used, in its banks as in its root."""
     n = draw(st.integers(1, 30))
     ports = draw(st.integers(8, 16))
     names = [f"b{i}" for i in range(n)]  # b10 < b2: names do not sort like indices
-    keys = dict(zip(names, draw(st.permutations(_keys(ports)[:n]))))
-    free = {name: set(range(ports)) for name in names}
+    keys: dict[str, int | KeyLayout] = dict(zip(names, draw(st.permutations(_keys(ports)[:n]))))
+    usable = {name: list(range(ports)) for name in names}
+    for i in draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n)):
+        layout = _layout(draw(st.sampled_from([200, 1100, 10_000])), i)
+        keys[names[i]] = layout
+        usable[names[i]] = sorted(random.Random(i).sample(range(layout.ports), ports))
+    free = {name: set(usable[name]) for name in names}
     reserve = 2  # every broker keeps local ports for a source or subscribers
 
     def take(name: str) -> int:
@@ -356,7 +373,7 @@ def overlays(draw: st.DrawFn) -> tuple[Overlay, int]:
         if len(free[a]) > reserve and len(free[b]) > reserve:
             links.append(OverlayLink(a, take(a), b, take(b)))  # may repeat a pair: parallel links
     links = draw(st.permutations(links))
-    return Overlay(keys, links), ports
+    return Overlay(keys, links), usable
 
 
 def _distances(overlay: Overlay, source: str) -> dict[str, int]:
@@ -374,8 +391,8 @@ def _distances(overlay: Overlay, source: str) -> dict[str, int]:
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_every_subscriber_gets_exactly_one_copy(data: st.DataObject) -> None:
-    overlay, ports = data.draw(overlays())
-    local = {b: [p for p in range(ports) if not overlay.link_ports(b) >> p & 1] for b in overlay.keys}
+    overlay, usable = data.draw(overlays())
+    local = {b: [p for p in usable[b] if not overlay.link_ports(b) >> p & 1] for b in overlay.keys}
     endpoints = sorted((b, p) for b, ps in local.items() for p in ps)
     source = data.draw(st.sampled_from(endpoints), label="source")
     others = [e for e in endpoints if e != source]
@@ -393,7 +410,7 @@ def test_every_subscriber_gets_exactly_one_copy(data: st.DataObject) -> None:
     assert set(delivery.visits) <= tree.brokers
     assert delivery.visits == Counter(dict.fromkeys(tree.brokers, 1))
     assert delivery.dropped_hop_limit == 0
-    assert x_bits(tree.x) <= sum(overlay.keys[b].bit_length() for b in tree.brokers)
+    assert x_bits(tree.x) <= sum(k.bit_length() for b in tree.brokers for k in overlay.layouts[b].keys)
     check_x(overlay, tree)
 
     # the tree: overlay links, parent before child, shortest paths, no useless leaves
@@ -419,7 +436,7 @@ def test_every_subscriber_gets_exactly_one_copy(data: st.DataObject) -> None:
     assert tree.bitmaps == expected  # child links and local subscribers, nothing else
 
     # deterministic, whatever the order of the links and of the subscribers
-    shuffled = Overlay(overlay.keys, [link.reversed() for link in reversed(overlay.links)])
+    shuffled = Overlay(overlay.layouts, [link.reversed() for link in reversed(overlay.links)])
     assert build_tree(shuffled, source, sorted(subscribers, reverse=True)) == tree
 
 

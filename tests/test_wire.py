@@ -865,7 +865,7 @@ def test_a_payload_of_wide_items_counts_its_bytes() -> None:
         ({"topic": "a" * 256}, "topic of 256 bytes exceeds max_topic=255"),
         ({"route": -1}, "route must be a non-negative int, got -1"),
         ({"route": "5"}, "route must be a non-negative int, got '5'"),
-        ({"route": 2**8192}, "route of 8193 bits exceeds max_x_bits=8192"),
+        ({"route": 2**131_072}, "route of 131073 bits exceeds max_x_bits=131072"),
         ({"tag": b"t" * 23}, "a route tag has 24 bytes, got 23"),
     ],
 )

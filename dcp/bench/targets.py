@@ -106,6 +106,7 @@ def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[lis
             workdir.mkdir(parents=True, exist_ok=True)
             own_dir = Path(tempfile.mkdtemp(prefix="verified-", dir=workdir))
             (own_dir / "secret").write_bytes(os.urandom(32).hex().encode())
+            (own_dir / "secret").chmod(0o600)  # load_secret refuses a secret others may read
             mode = ["--verify-routes", "--secret-file", str(own_dir / "secret")]
         # --log-level info: the listening line is an info line (one more line per attach, none per frame)
         argv = [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", *mode, *extra_args]

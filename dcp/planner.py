@@ -1,0 +1,528 @@
+"""Incremental stream planning for the orchestrator (pure: no asyncio, sockets or sqlite).
+
+The orchestrator tells a :class:`Planner` what changed: an agent's view (where it is
+attached, whether it is connected, the topics it consumes and produces, pipeline
+elements included), the overlay, the access policy.  Each event marks dirty only the
+streams it can change, found through indexes, and :meth:`Planner.step` replans dirty
+streams in slices of bounded time, returning the streams whose route changed, each
+with its epoch one higher, for the orchestrator to store and push.
+
+What a stream's plan depends on, and the index that finds it when that changes:
+
+- its producer's view: the streams are keyed by producer;
+- the consumers of its topic: consumer patterns in a trie over topic levels
+  (:class:`_PatternIndex`, the consumers of a topic), produced topics in another
+  (:class:`_TopicIndex`, the streams a pattern names);
+- its tree: brokers and links -> the streams whose tree uses them; a link that comes
+  up changes only trees that reach where it brings a broker closer to their source
+  (:meth:`Planner._mark_shortcuts`);
+- the policy: every stream.
+
+A stream with a consumer left out (unreachable, or on a bad endpoint) or an unusable
+source is replanned on every overlay change, so that nothing it waits for is missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import RoutingError
+from .patterns import Policy
+from .topology import Endpoint, Overlay, OverlayLink, build_tree
+
+__all__ = ["AgentView", "Stream", "Planner"]
+
+log = logging.getLogger(__name__)
+
+StreamKey = tuple[str, str]  # (producer, topic)
+Edge = tuple[Endpoint, Endpoint]  # a link, its two ends in order: the same seen from either side
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """What planning knows of one agent.
+
+    ``endpoint``: ``(broker, port)`` while the agent counts on the data plane (alive,
+    and its broker present); None: it neither produces nor consumes.  ``online``: its
+    connection to the orchestrator is up, so a route it no longer needs can be
+    withdrawn (only the producer can be told).
+    """
+
+    endpoint: Endpoint | None
+    online: bool
+    consumes: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The route of one stream (one producer, one topic) as last planned and pushed."""
+
+    producer: str
+    topic: str
+    epoch: int
+    x: int
+    consumers: list[str]
+    refused: str = ""  # why the producer may not publish, if it may not
+    broker: str = ""  # the producer's broker X was computed for: X means nothing on another
+
+
+@dataclass
+class _Tree:
+    """Where a planned stream's tree lies, to find it again when that part changes."""
+
+    source: str
+    brokers: frozenset[str]
+    edges: frozenset[Edge]
+    partial: bool  # a consumer was left out, or the source cannot be planned
+
+
+class _PatternIndex:
+    """Consumer patterns by topic level: the consumers of a topic cost the levels of the
+    topic and the wildcards on its way, not a scan of the agents."""
+
+    __slots__ = ("children", "agents", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _PatternIndex] = {}
+        self.agents: set[str] = set()  # patterns that end at this node
+        self.rest: set[str] = set()  # patterns that end with '>' below this node
+
+    def add(self, pattern: str, agent: str) -> None:
+        *path, last = pattern.split(".")
+        node = self
+        for token in path:
+            node = node.children.setdefault(token, _PatternIndex())
+        if last == ">":
+            node.rest.add(agent)
+        else:
+            node.children.setdefault(last, _PatternIndex()).agents.add(agent)
+
+    def discard(self, pattern: str, agent: str) -> None:
+        *path, last = pattern.split(".")
+        trail = [self]
+        for token in path:
+            child = trail[-1].children.get(token)
+            if child is None:
+                return
+            trail.append(child)
+        if last == ">":
+            trail[-1].rest.discard(agent)
+        else:
+            child = trail[-1].children.get(last)
+            if child is None:
+                return
+            child.agents.discard(agent)
+            trail.append(child)
+        _prune(trail, pattern.split("."))
+
+    def empty(self) -> bool:
+        return not (self.children or self.agents or self.rest)
+
+    def match(self, topic: str) -> set[str]:
+        """The agents with a pattern that names ``topic``."""
+        found: set[str] = set()
+        frontier = [self]
+        for token in topic.split("."):
+            below = []
+            for node in frontier:
+                found |= node.rest  # '>' here takes this token and any after it
+                for child in (node.children.get(token), node.children.get("*")):
+                    if child is not None:
+                        below.append(child)
+            if not below:
+                return found
+            frontier = below
+        for node in frontier:
+            found |= node.agents
+        return found
+
+
+class _TopicIndex:
+    """Produced topics by level: the streams a consumer pattern names cost the branches
+    the pattern walks, not a scan of every stream."""
+
+    __slots__ = ("children", "producers", "topic")
+
+    def __init__(self, topic: str = "") -> None:
+        self.children: dict[str, _TopicIndex] = {}
+        self.producers: set[str] = set()  # of the topic that ends at this node
+        self.topic = topic
+
+    def add(self, topic: str, producer: str) -> None:
+        node = self
+        tokens = topic.split(".")
+        for i, token in enumerate(tokens):
+            child = node.children.get(token)
+            if child is None:
+                child = node.children[token] = _TopicIndex(".".join(tokens[: i + 1]))
+            node = child
+        node.producers.add(producer)
+
+    def discard(self, topic: str, producer: str) -> None:
+        tokens = topic.split(".")
+        trail = [self]
+        for token in tokens:
+            child = trail[-1].children.get(token)
+            if child is None:
+                return
+            trail.append(child)
+        trail[-1].producers.discard(producer)
+        _prune(trail, tokens)
+
+    def empty(self) -> bool:
+        return not (self.children or self.producers)
+
+    def streams(self, pattern: str) -> Iterator[StreamKey]:
+        """Every (producer, topic) whose topic ``pattern`` names."""
+        tokens = pattern.split(".")
+        pending = [(self, 0)]
+        while pending:
+            node, depth = pending.pop()
+            if depth == len(tokens):
+                yield from ((producer, node.topic) for producer in node.producers)
+                continue
+            token = tokens[depth]
+            if token == ">":  # one or more levels: every topic under every child
+                subtree = list(node.children.values())
+                while subtree:
+                    below = subtree.pop()
+                    yield from ((producer, below.topic) for producer in below.producers)
+                    subtree.extend(below.children.values())
+            elif token == "*":
+                pending.extend((child, depth + 1) for child in node.children.values())
+            else:
+                child = node.children.get(token)
+                if child is not None:
+                    pending.append((child, depth + 1))
+
+
+def _prune(trail: list[_PatternIndex] | list[_TopicIndex], tokens: list[str]) -> None:
+    """Drop the nodes of ``trail`` (root first, one per token) left empty, deepest first."""
+    for depth in range(len(trail) - 1, 0, -1):
+        if not trail[depth].empty():
+            return
+        del trail[depth - 1].children[tokens[depth - 1]]
+
+
+def _edge(link: OverlayLink) -> Edge:
+    a, b = (link.a, link.a_port), (link.b, link.b_port)
+    return (a, b) if a <= b else (b, a)
+
+
+def _adjacency(edges: Iterable[Edge]) -> dict[str, set[str]]:
+    """Broker -> its neighbours over ``edges``."""
+    adjacent: dict[str, set[str]] = {}
+    for (a, _), (b, _) in edges:
+        adjacent.setdefault(a, set()).add(b)
+        adjacent.setdefault(b, set()).add(a)
+    return adjacent
+
+
+def _distances(adjacent: dict[str, set[str]], source: str) -> dict[str, int]:
+    """Hops from ``source`` to every broker it reaches (breadth first, as build_tree)."""
+    distance = {source: 0}
+    queue = deque([source])
+    while queue:
+        broker = queue.popleft()
+        for other in adjacent.get(broker, ()):
+            if other not in distance:
+                distance[other] = distance[broker] + 1
+                queue.append(other)
+    return distance
+
+
+def _number(
+    overlay: Overlay, source: Endpoint, consumers: list[tuple[str, Endpoint]]
+) -> tuple[int, list[str], frozenset[str], frozenset[Edge], bool]:
+    """The number reaching every consumer the overlay can reach from ``source``.
+
+    Returns ``(x, consumers reached, tree brokers, tree links, partial)``; ``partial``:
+    someone was left out (logged at debug), or the source itself cannot be planned (then
+    ``x`` is 0).  Finding who is left out costs one tree per consumer broker, not one
+    per consumer: the endpoint checks of :func:`build_tree`, then whether the broker is
+    reachable.
+    """
+    try:  # the usual case: everyone is reachable, one tree
+        tree = build_tree(overlay, source, [endpoint for _, endpoint in consumers])
+        return tree.x, [agent for agent, _ in consumers], tree.brokers, frozenset(_edge(link) for link in tree.links), False
+    except RoutingError:
+        pass
+    try:
+        build_tree(overlay, source, [])
+    except RoutingError as exc:  # the source itself: no broker of that name, or a bad port
+        log.debug("no tree from %s: %s", source, exc)
+        return 0, [], frozenset(), frozenset(), True
+    reachable: dict[str, bool] = {}
+    kept = []
+    for agent, (broker, port) in consumers:
+        layout = overlay.layouts.get(broker)
+        if layout is None or not 0 <= port < layout.ports or (broker, port) == source or overlay.link_ports(broker) >> port & 1:
+            log.debug("%s cannot get a stream of %s: endpoint %s", agent, source, (broker, port))
+            continue
+        if broker not in reachable:
+            try:
+                build_tree(overlay, source, [(broker, port)])
+                reachable[broker] = True
+            except RoutingError as exc:
+                log.debug("%s cannot get a stream of %s: %s", agent, source, exc)
+                reachable[broker] = False
+        if reachable[broker]:
+            kept.append((agent, (broker, port)))
+    tree = build_tree(overlay, source, [endpoint for _, endpoint in kept])
+    return tree.x, [agent for agent, _ in kept], tree.brokers, frozenset(_edge(link) for link in tree.links), True
+
+
+@dataclass
+class _Counters:
+    planned: int = 0  # streams planned (dirty streams taken), since the start
+    changed: int = 0  # of which the route changed
+    seconds: float = 0.0  # spent in step()
+
+
+class Planner:
+    """The routes of every stream, kept up to date one event at a time.
+
+    Feed it events (:meth:`set_agent`, :meth:`set_overlay`, :meth:`set_policy`), then
+    call :meth:`step` until :attr:`pending` is 0.  ``streams`` are the routes planned
+    so far (recovered ones included), which only ever grow in epoch.
+    """
+
+    def __init__(self, streams: Iterable[Stream] = (), policy: Policy | None = None) -> None:
+        self.streams: dict[StreamKey, Stream] = {}
+        self._topics_of: dict[str, dict[str, None]] = {}  # producer -> topics with a route record
+        for stream in streams:
+            self._record(stream)
+        self.agents: dict[str, AgentView] = {}
+        self.overlay = Overlay({})
+        self.policy = policy or Policy()
+        self.counters = _Counters()
+        self._dirty: dict[StreamKey, None] = {}
+        self._consumers = _PatternIndex()  # patterns of the agents with an endpoint
+        self._produced = _TopicIndex()  # topics of the agents with an endpoint
+        self._at: dict[Endpoint, set[str]] = {}  # endpoint -> agents there
+        self._trees: dict[StreamKey, _Tree] = {}
+        self._by_broker: dict[str, set[StreamKey]] = {}  # broker -> streams whose tree reaches it
+        self._by_edge: dict[Edge, set[StreamKey]] = {}  # link -> streams whose tree uses it
+        self._by_source: dict[str, set[StreamKey]] = {}  # broker -> streams that start there
+        self._partial: set[StreamKey] = set()
+
+    @property
+    def pending(self) -> int:
+        """Dirty streams not yet planned."""
+        return len(self._dirty)
+
+    @property
+    def partial(self) -> int:
+        """Streams planned without some consumer (unreachable, or on a bad endpoint), or without a usable source."""
+        return len(self._partial)
+
+    def topics_of(self, producer: str) -> list[str]:
+        """The topics ``producer`` has a route for (withdrawn ones too)."""
+        return list(self._topics_of.get(producer, ()))
+
+    # -- events -----------------------------------------------------------------
+
+    def set_agent(self, name: str, view: AgentView) -> None:
+        """Agent ``name`` is now ``view``: dirty what it produces, and what its patterns
+        name, of the old view and the new."""
+        old = self.agents.get(name)
+        if old == view:
+            return
+        self.agents[name] = view
+        was = old.endpoint if old is not None else None
+        now = view.endpoint
+        old_topics = set(old.produces) if old is not None and was is not None else set()
+        new_topics = set(view.produces) if now is not None else set()
+        old_patterns = set(old.consumes) if old is not None and was is not None else set()
+        new_patterns = set(view.consumes) if now is not None else set()
+        if old is None or old.online != view.online:
+            self._mark((name, topic) for topic in self._topics_of.get(name, ()))  # withdrawals depend on it
+        moved = was != now  # then all of it changes, else only what was added or dropped
+        self._mark((name, topic) for topic in (old_topics | new_topics if moved else old_topics ^ new_topics))
+        for pattern in old_patterns | new_patterns if moved else old_patterns ^ new_patterns:
+            self._mark(self._produced.streams(pattern))
+        for topic in old_topics - new_topics:
+            self._produced.discard(topic, name)
+        for topic in new_topics - old_topics:
+            self._produced.add(topic, name)
+        for pattern in old_patterns - new_patterns:
+            self._consumers.discard(pattern, name)
+        for pattern in new_patterns - old_patterns:
+            self._consumers.add(pattern, name)
+        if moved and was is not None:
+            _unindex(self._at, was, name)
+        if moved and now is not None:
+            self._at.setdefault(now, set()).add(name)
+
+    def set_policy(self, policy: Policy) -> None:
+        """A new access policy: every produced stream is dirty."""
+        if policy == self.policy:
+            return
+        self.policy = policy
+        for name, view in self.agents.items():
+            if view.endpoint is not None:
+                self._mark((name, topic) for topic in view.produces)
+
+    def set_overlay(self, overlay: Overlay) -> None:
+        """A new overlay: dirty the streams over a broker whose keys changed or a link
+        that went, the sources for which a new link may shorten a path, and the partial."""
+        old = self.overlay
+        self.overlay = overlay
+        for name in old.layouts.keys() | overlay.layouts.keys():
+            if old.layouts.get(name) != overlay.layouts.get(name):
+                self._mark(self._by_broker.get(name, ()))
+        old_edges = {_edge(link): link for link in old.links}
+        new_edges = {_edge(link): link for link in overlay.links}
+        gone = old_edges.keys() - new_edges.keys()
+        came = new_edges.keys() - old_edges.keys()
+        for edge in gone:
+            self._mark(self._by_edge.get(edge, ()))
+        if came:
+            self._mark_shortcuts(_adjacency(old_edges.keys() - gone), _adjacency(new_edges), came)
+        # An agent on a link's port: build_tree treats it apart (ingress, or not a subscriber).
+        ends = {end for edge in gone | came for end in edge} | {end for edge in new_edges for end in edge}
+        for end in ends & self._at.keys():
+            for agent in self._at[end]:
+                self._mark_agent(agent)
+        self._mark(list(self._partial))
+
+    def _mark_agent(self, name: str) -> None:
+        """Dirty everything agent ``name`` (with an endpoint) produces or consumes."""
+        view = self.agents[name]
+        self._mark((name, topic) for topic in view.produces)
+        for pattern in set(view.consumes):
+            self._mark(self._produced.streams(pattern))
+
+    def _mark_shortcuts(self, before: dict[str, set[str]], after: dict[str, set[str]], came: set[Edge]) -> None:
+        """Dirty the trees that new links (``came``) may change.
+
+        build_tree hangs each broker on a neighbour one hop closer to the source, so a
+        tree can change only where a broker got closer, where a broker one hop further
+        than such a broker can now hang on it, or at the far end of a new link.  Every
+        other tree, from every source, stays as it is.
+        """
+        for source, keys in self._by_source.items():
+            old = _distances(before, source)
+            new = _distances(after, source)
+            closer = {broker for broker, hops in new.items() if old.get(broker) != hops}
+            touched = set(closer)
+            for broker in closer:
+                touched.update(other for other in after[broker] if new.get(other) == new[broker] + 1)
+            for (a, _), (b, _) in came:
+                if a in new and new[a] != new[b]:
+                    touched.add(b if new[a] < new[b] else a)
+            touched.discard(source)  # never hung on anything
+            for broker in touched:
+                self._mark(keys & self._by_broker.get(broker, set()))
+
+    def _mark(self, keys: Iterable[StreamKey]) -> None:
+        dirty = self._dirty
+        for key in keys:
+            dirty[key] = None
+
+    # -- planning ---------------------------------------------------------------
+
+    def step(self, budget_s: float | None = None) -> list[Stream]:
+        """Plan dirty streams for about ``budget_s`` seconds (at least one; None: all).
+
+        Returns the streams whose route (X, consumers, refusal or source broker)
+        changed, each with its epoch one higher; they are in ``streams`` already.
+        """
+        started = time.perf_counter()
+        deadline = None if budget_s is None else started + budget_s
+        changed = []
+        dirty = self._dirty
+        planned = 0
+        while dirty:
+            key, _ = dirty.popitem()
+            planned += 1
+            stream = self._plan(key)
+            if stream is not None:
+                self._record(stream)
+                changed.append(stream)
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+        counters = self.counters
+        counters.planned += planned
+        counters.changed += len(changed)
+        counters.seconds += time.perf_counter() - started
+        return changed
+
+    def _plan(self, key: StreamKey) -> Stream | None:
+        """The new route of ``key``, or None if it stays as it is."""
+        producer, topic = key
+        view = self.agents.get(producer)
+        old = self.streams.get(key)
+        if view is None or view.endpoint is None or topic not in view.produces:
+            self._untrack(key)
+            # No longer produced, or its producer is not attached: it routes nowhere now.
+            # The record stays, so the epoch only ever grows; only the producer can be told.
+            if old is not None and old.x and view is not None and view.online:
+                return Stream(producer, topic, old.epoch + 1, 0, [])
+            return None
+        policy = self.policy
+        refused = "" if policy.allows(producer, "publish", topic) else policy.why(producer, "publish", topic)
+        consumers = []
+        if not refused:
+            for agent in sorted(self._consumers.match(topic)):
+                if agent == producer:
+                    continue
+                if not policy.allows(agent, "consume", topic):
+                    log.debug("policy keeps %s from consuming %s: %s", agent, topic, policy.why(agent, "consume", topic))
+                    continue
+                at = self.agents[agent].endpoint
+                assert at is not None  # only agents with an endpoint are indexed
+                consumers.append((agent, at))
+        endpoint = view.endpoint
+        x, reached, brokers, edges, partial = _number(self.overlay, endpoint, consumers)
+        self._track(key, _Tree(endpoint[0], brokers, edges, partial))
+        broker = endpoint[0]
+        if old is not None and old.x == x and old.consumers == reached and old.refused == refused and old.broker == broker:
+            return None
+        return Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused, broker)
+
+    def _record(self, stream: Stream) -> None:
+        self.streams[(stream.producer, stream.topic)] = stream
+        self._topics_of.setdefault(stream.producer, {})[stream.topic] = None
+
+    def _track(self, key: StreamKey, tree: _Tree) -> None:
+        """Index ``key`` under its new tree."""
+        old = self._trees.get(key)
+        if old == tree:
+            return
+        self._untrack(key)
+        self._trees[key] = tree
+        self._by_source.setdefault(tree.source, set()).add(key)
+        for broker in tree.brokers:
+            self._by_broker.setdefault(broker, set()).add(key)
+        for edge in tree.edges:
+            self._by_edge.setdefault(edge, set()).add(key)
+        if tree.partial:
+            self._partial.add(key)
+
+    def _untrack(self, key: StreamKey) -> None:
+        tree = self._trees.pop(key, None)
+        if tree is None:
+            return
+        _unindex(self._by_source, tree.source, key)
+        for broker in tree.brokers:
+            _unindex(self._by_broker, broker, key)
+        for edge in tree.edges:
+            _unindex(self._by_edge, edge, key)
+        self._partial.discard(key)
+
+
+def _unindex(index: dict[K, set[V]], at: K, item: V) -> None:
+    """Take ``item`` out of ``index[at]``, and the entry with it once empty."""
+    items = index[at]
+    items.discard(item)
+    if not items:
+        del index[at]

@@ -90,6 +90,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of this host
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when this process goes (no daemons left behind by a killed run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def raise_fd_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -250,12 +260,16 @@ class Worker:
 
     async def publish(self) -> None:
         ok = unrouted = 0
+        errors: Counter[str] = Counter()
         for i, agent in self.agents.items():
-            if await agent.publish(self.scheme.topic(i), str(i).encode()):
-                ok += 1
-            else:
-                unrouted += 1
-        self.emit(ev="published", ok=ok, not_sent=unrouted)
+            try:
+                if await agent.publish(self.scheme.topic(i), str(i).encode()):
+                    ok += 1
+                else:
+                    unrouted += 1
+            except Exception as exc:  # e.g. a route the broker's limits refuse: counted, not fatal
+                errors[f"{type(exc).__name__}: {re.sub(r'[0-9]+', 'N', str(exc))}"] += 1
+        self.emit(ev="published", ok=ok, not_sent=unrouted, errors=dict(errors))
 
     def deliveries(self) -> None:
         expected = received = missing = duplicates = unexpected = 0
@@ -398,7 +412,7 @@ class Daemon:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dcp", *argv], stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            cwd=PACKAGE_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=PACKAGE_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent,
         )
         self.pid = self.process.pid
         self.listening = listening
@@ -467,6 +481,7 @@ class WorkerProc:
         process = await asyncio.create_subprocess_exec(
             sys.executable, os.path.abspath(__file__), "--worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=open(tmp / f"worker{index}.log", "w"), cwd=PACKAGE_ROOT, limit=1 << 24,
+            preexec_fn=die_with_parent,
         )
         return cls(index, process)
 
@@ -552,17 +567,18 @@ class Pinger:
 class Plane:
     """An orchestrator and brokers as processes, linked."""
 
-    def __init__(self, tmp: Path, brokers: int, ports: int | None, topology: str) -> None:
-        self.tmp, self.n, self.ports, self.topology = tmp, brokers, ports, topology
+    def __init__(self, tmp: Path, brokers: int, ports: int | None, topology: str, auth: list[str]) -> None:
+        self.tmp, self.n, self.ports, self.topology, self.auth = tmp, brokers, ports, topology, auth
         self.do: Daemon | None = None
         self.brokers: list[Daemon] = []
         self.startup: dict[str, Any] = {}
 
     async def start(self) -> None:
         tmp = self.tmp
-        self.do = Daemon("orchestrator", ["orchestrator", "--listen", "127.0.0.1:0", "--db", str(tmp / "do.db")], DO_LISTENING, tmp)
+        self.do = Daemon("orchestrator", ["orchestrator", "--listen", "127.0.0.1:0", "--db", str(tmp / "do.db"), *self.auth],
+                         DO_LISTENING, tmp)
         self.startup["orchestrator_s"] = round(await self.do.wait_listening(60), 3)
-        extra = ["--ports", str(self.ports)] if self.ports is not None else []
+        extra = [*(["--ports", str(self.ports)] if self.ports is not None else []), *self.auth]
         self.brokers = [
             Daemon(f"b{i}", ["broker", "--listen", "127.0.0.1:0", "--name", f"b{i}", "--orchestrator", self.do.address, *extra],
                    BROKER_LISTENING, tmp)
@@ -628,7 +644,10 @@ async def status_scalars(url: str, timeout: float) -> dict[str, Any]:
     started = now()
     try:
         async with dcp.connect(url, role="admin", name="scale-status", reconnect=False, request_timeout_s=timeout) as admin:
-            status = (await admin.request({"op": "status"}))["status"]
+            try:  # counts only: a full status of thousands of agents does not fit a control frame
+                status = (await admin.request({"op": "status", "summary": True}))["status"]
+            except dcp.RemoteError:  # an orchestrator that has no summary: the whole map
+                status = (await admin.request({"op": "status"}))["status"]
     except (dcp.DcpError, OSError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "after_s": round(now() - started, 3)}
     out: dict[str, Any] = {"read_s": round(now() - started, 3)}
@@ -660,7 +679,7 @@ async def scale_run(args: argparse.Namespace, n: int, variant: str, tmp: Path) -
     if wildcard and (n % args.group_size or n // args.group_size < 2):
         return {**result, "error": "--agents must be a multiple of --group-size, with two groups at least"}
     log(f"run: {n} agents, {variant}")
-    plane = Plane(tmp, args.brokers, args.ports, args.topology)
+    plane = Plane(tmp, args.brokers, args.ports, args.topology, args.auth_flags)
     workers: list[WorkerProc] = []
     pinger: Pinger | None = None
     try:
@@ -747,7 +766,11 @@ async def scale_run(args: argparse.Namespace, n: int, variant: str, tmp: Path) -
         for w in workers:
             w.send(cmd="publish")
         published = await asyncio.gather(*(w.expect("published", 300) for w in workers))
-        delivery: dict[str, Any] = {"published": sum(p["ok"] for p in published), "not_sent": sum(p["not_sent"] for p in published)}
+        publish_errors: Counter[str] = Counter()
+        for p in published:
+            publish_errors.update(p["errors"])
+        delivery: dict[str, Any] = {"published": sum(p["ok"] for p in published), "not_sent": sum(p["not_sent"] for p in published),
+                                    "publish_errors": dict(publish_errors)}
         settle_until = now() + args.settle_s
         while True:
             for w in workers:
@@ -809,7 +832,8 @@ def worker_problems(tmp: Path, count: int) -> dict[str, Any]:
     for i in range(count):
         lines = (tmp / f"worker{i}.log").read_text(errors="replace").splitlines()
         if lines:
-            out[f"worker{i}"] = {"lines": len(lines), "first": [line[:300] for line in lines[:3]]}
+            out[f"worker{i}"] = {"lines": len(lines), "first": [line[:300] for line in lines[:3]],
+                                 "last": [line[:300] for line in lines[-3:]]}
     return out
 
 
@@ -821,7 +845,7 @@ async def fanout_run(args: argparse.Namespace, spec: str, tmp: Path) -> dict[str
     result: dict[str, Any] = {"brokers": brokers, "topology": topology if brokers > 1 else None, "ports": ports,
                               "subscribers": subs, "frames": frames}
     log(f"fan-out: 1 publisher -> {subs} subscribers over {brokers} broker(s) {result['topology'] or ''}")
-    plane = Plane(tmp, brokers, ports, topology)
+    plane = Plane(tmp, brokers, ports, topology, args.auth_flags)
     workers: list[WorkerProc] = []
     publisher: dcp.DataAgent | None = None
     try:
@@ -910,6 +934,19 @@ def goals(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def auth_flags(auth: str) -> list[str]:
+    """The daemons' flags for ``--auth``; ``auto``: ``--insecure`` where the daemons refuse to
+    start without a secret or it (they have the flag), nothing where they do not have it."""
+    if auth == "none":
+        return []
+    if auth == "auto":
+        help_text = subprocess.run([sys.executable, "-m", "dcp", "broker", "--help"], capture_output=True, text=True,
+                                   cwd=PACKAGE_ROOT, timeout=60).stdout
+        if "--insecure" not in help_text:
+            return []
+    return ["--insecure"]
+
+
 def log(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
@@ -990,6 +1027,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fanout-subscribers", type=int, default=1000, help="subscribers of the fan-out runs (default: 1000)")
     parser.add_argument("--fanout-frames", type=int, default=200, help="frames the fan-out publisher sends (default: 200)")
     parser.add_argument("--fanout-ports", type=int, default=None, help="--ports of the fan-out brokers (default: the broker's default)")
+    parser.add_argument("--auth", choices=("auto", "none", "insecure"), default="auto",
+                        help="access control of the daemons: none (no flag), insecure (--insecure: every role admitted without "
+                             "a token, loopback only), auto: insecure if the daemons have that flag, else none (default: auto)")
     parser.add_argument("--label", default="", help="free text stored in the output (e.g. before, after)")
     parser.add_argument("--out", metavar="PATH", help="write the results as JSON here (they are printed too)")
     return parser.parse_args(argv)
@@ -1001,6 +1041,7 @@ def main() -> int:
         return 0
     args = parse_args()
     raise_fd_limit()  # inherited by the daemons
+    args.auth_flags = auth_flags(args.auth)
     out = uvloop.run(main_async(args))
     text = json.dumps(out, indent=2)
     if args.out:

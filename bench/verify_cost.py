@@ -52,8 +52,8 @@ class _Sink:
         return False
 
 
-def _broker(verify: bool, secret_file: str) -> tuple[Broker, BrokerConnection, BrokerConnection]:
-    broker = Broker(BrokerConfig(verify_routes=verify, secret_file=secret_file))
+def _broker(verify: bool, secret_file: str, key: int | None = None) -> tuple[Broker, BrokerConnection, BrokerConnection]:
+    broker = Broker(BrokerConfig(verify_routes=verify, secret_file=secret_file, key=key))
     broker._no_connections = asyncio.Event()
     conns = []
     for _ in range(2):
@@ -113,12 +113,13 @@ def main() -> None:
                 for i in range(args.frames):
                     topic = topics[i % len(topics)]
                     epoch = i if name == "new tag each frame" else 1
-                    tag = signer.sign(topic, x, epoch, expires) if verify else None
+                    tag = signer.sign(topic, x, epoch, expires, producer=pub.name, broker_key=broker.key) if verify else None
                     frames.append(encode_data(topic, payload, x, tag=tag))
                 reads = _reads(frames)
                 if name == "new tag each frame" and verify:  # every pass must meet tags it has not verified yet
                     times[verify] = min(
-                        _per_frame_ns(*_broker(verify, str(secret_file))[:2], reads, args.frames, 1) for _ in range(args.repeat)
+                        _per_frame_ns(*_broker(verify, str(secret_file), broker.key)[:2], reads, args.frames, 1)  # tags name the key
+                        for _ in range(args.repeat)
                     )
                 else:
                     times[verify] = _per_frame_ns(broker, pub, reads, args.frames, args.repeat)

@@ -1,6 +1,7 @@
-"""What the two daemons (broker, orchestrator) share: the bound address, admitting
-hellos by their token, bounding what one address or one name may hold, and serving
-until told to stop.
+"""What the two daemons (broker, orchestrator) share: the bound address, who needs a
+token (:func:`access_table`: secure by default, ``--insecure`` only when asked, and
+said at start by :meth:`Serving.warn_exposure`), admitting hellos by their token,
+bounding what one address or one name may hold, and serving until told to stop.
 
 What bounds a connection before its hello, for a daemon to adopt in a few lines (the
 broker does): :func:`pre_hello_limits` for its decoder until the hello is accepted;
@@ -19,13 +20,46 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from ._guard import safe
-from .auth import admit
-from .control import Hello
-from .errors import AuthError
+from ._guard import is_loopback, safe
+from .auth import ORCHESTRATOR_AUDIENCE, admit
+from .control import Hello, Permissions
+from .errors import AuthError, ConfigError
 from .wire import HEADER_SIZE, Limits
 
 log = logging.getLogger(__name__)
+
+#: A refusal code is logged at most once per this interval (:meth:`Serving.log_refusal`).
+REFUSAL_LOG_INTERVAL_S = 1.0
+
+#: What an unauthenticated client may do at each daemon with ``--insecure``, for the
+#: refusal to start without a secret and for the warning at start.
+_UNGUARDED = {
+    "broker": "link and unlink this broker, read its stats (every client's address and name) and link to it as a peer",
+    "orchestrator": "register as a broker or under any free agent name, deploy and undeploy pipelines, and read status",
+}
+
+
+def access_table(table: Permissions, config: Any) -> Permissions:
+    """The permission table a daemon serves with: ``table`` as it is (its ``token_roles``
+    need a token), every role needing one with ``require_token`` (or when every role
+    does anyway), none with ``insecure``.
+
+    Raises:
+        ConfigError: neither ``secret_file`` (to check tokens with) nor ``insecure``:
+            the daemon refuses to start rather than admit its privileged roles unchecked.
+    """
+    if config.insecure:
+        return table.insecure()
+    if not config.secret_file:
+        needs = ", ".join(role for role in table.hello_roles if table.needs_token(role))
+        raise ConfigError(
+            f"refusing to start without authentication: {needs} connections need a token, checked with the secret "
+            f"the orchestrator and the brokers share; pass --secret-file FILE (secret_file), or --insecure (insecure) to "
+            f"let anyone who can connect {_UNGUARDED.get(table.daemon, 'do anything')}"
+        )
+    if config.require_token or table.token_roles == set(table.hello_roles):
+        return table.requiring_token()
+    return table
 
 
 def pre_hello_limits(limits: Limits) -> Limits:
@@ -70,11 +104,14 @@ class Quota:
 
 
 class Serving:
-    """Mixin for a server with ``config`` (``require_token``), ``secret``, ``_server``
-    (asyncio.Server), ``_closed`` (Event), ``start()``, ``close()``."""
+    """Mixin for a server with ``config`` (``insecure``, ``require_token``, ``tls_cert``),
+    ``secret``, ``permissions`` (:func:`access_table`), ``_server`` (asyncio.Server),
+    ``_closed`` (Event), ``start()``, ``close()``."""
 
     config: Any
     secret: bytes | None
+    permissions: Permissions
+    _refusals_logged_at: dict[str, float]  # refusal code -> when last logged (log_refusal)
     _server: asyncio.Server | None
     _closed: asyncio.Event | None
 
@@ -84,32 +121,71 @@ class Serving:
     async def close(self) -> None:
         raise NotImplementedError
 
+    def audiences(self, local: str) -> frozenset[str]:
+        """What this server answers to as the audience of a broker token, on a connection
+        whose local end is ``local`` (``HOST:PORT``, :func:`dcp.auth.endpoint`): the
+        orchestrator's name for itself; the broker overrides it with its own."""
+        return frozenset({ORCHESTRATOR_AUDIENCE})
+
     def admit(self, hello: Hello, peer: str) -> Hello:
-        """The hello to go on with: as it came, or, with ``--require-token``, checked
-        (:func:`dcp.auth.admit`) and named after its token if it gives no name.
+        """The hello to go on with: as it came, or, where its role needs a token
+        (``permissions.needs_token``), checked (:func:`dcp.auth.admit`) and named after
+        its token if it gives no name.
 
         Raises:
             AuthError: the token does not admit it (logged); refuse the connection.
         """
         return self.admit_as(hello, peer)[0]
 
-    def admit_as(self, hello: Hello, peer: str) -> tuple[Hello, str]:
+    def admit_as(self, hello: Hello, peer: str, local: str = "") -> tuple[Hello, str]:
         """:meth:`admit`, and the name the connection counts under for a per-name
-        limit: its token's with ``--require-token`` (an admin token's name too, whatever
-        the hello says), else the name its hello gives ("" for none).
+        limit: its token's where its role needs one (an admin token's name too,
+        whatever the hello says), else the name its hello gives ("" for none).  A
+        broker token must name one of :meth:`audiences` for ``local``.
 
         Raises:
             AuthError: the token does not admit it (logged); refuse the connection.
         """
-        if not self.config.require_token:
+        permissions = self.permissions
+        if not permissions.needs_token(hello.role):
             return hello, hello.name
-        assert self.secret is not None  # the config checks that require_token has secret_file
+        assert self.secret is not None  # access_table: a role needs a token only where there is a secret
         try:
-            claims = admit(self.secret, hello.to_body(), time.time())
+            claims = admit(self.secret, hello.to_body(), time.time(), self.audiences(local))
         except AuthError as exc:
-            log.warning("refusing the %s hello of %s (%s): %s", safe(hello.role), safe(hello.name or "-"), peer, exc)
+            log.warning("refusing the %s hello of %s (%s): %s", safe(hello.role), safe(hello.name or "-"), peer, safe(exc))
+            if exc.code == "token_missing" and not permissions.token_required:
+                raise AuthError(
+                    "token_missing",
+                    f"this {permissions.daemon} admits {hello.role} connections only with a token (see dcp token); "
+                    "it was not started with --insecure",
+                ) from None
             raise
         return replace(hello, name=hello.name or claims.name), claims.name
+
+    def log_refusal(self, code: str, message: str, *args: Any) -> None:
+        """Log a refusal of ``code``, at most once a second per code (a flood of
+        connections makes one line a second, not one per connection)."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at.get(code, float("-inf")) >= REFUSAL_LOG_INTERVAL_S:
+            self._refusals_logged_at[code] = now
+            log.warning("refusing connections (%s): " + message, code, *args)
+
+    def warn_exposure(self, host: str, port: int) -> None:
+        """At start, one warning line per way this daemon is exposed: ``--insecure``
+        (its privileged roles admit anyone), and no TLS on an address other than
+        loopback (tokens, control frames and data in clear on the network)."""
+        daemon = self.permissions.daemon
+        if self.config.insecure:
+            log.warning(
+                "INSECURE: dcp %s on %s:%d runs with --insecure: anyone who can connect may %s, without a token",
+                daemon, host, port, _UNGUARDED.get(daemon, "do anything"),
+            )
+        if not self.config.tls_cert and not is_loopback(host):
+            log.warning(
+                "dcp %s listens on %s:%d, beyond loopback, without TLS: tokens, control frames and data travel in clear "
+                "(serve TLS with --tls-cert and --tls-key)", daemon, host, port,
+            )
 
     @property
     def address(self) -> tuple[str, int]:

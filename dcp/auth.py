@@ -3,14 +3,25 @@
 One secret, shared by the orchestrator and the brokers (a file, ``--secret-file``),
 keys two independent MACs, so neither can stand in for the other:
 
-* a **route tag** binds a stream's topology number X to its topic, epoch and expiry.
-  The orchestrator signs it; a broker with ``--verify-routes`` forwards a data frame
-  only if its tag is genuine and unexpired, so a publisher cannot forge X to reach
-  agents it was not given.  On the wire the 24-byte tag follows X in the X field and
-  the ``SIGNED_ROUTE`` flag says so (see :mod:`dcp.wire`).
+* a **route tag** binds a stream's topology number X to its topic, epoch and expiry,
+  and to its producer: the producing agent's name and the root key of the broker it
+  publishes on (the stream's source broker).  The orchestrator signs it; a broker with
+  ``--verify-routes`` forwards a data frame arriving from an agent only if its tag is
+  genuine for that agent's name (the one its connection was admitted under) and this
+  broker, unexpired, and of an epoch no older than the newest one the broker has
+  verified for that (producer, topic); frames arriving over a peer link are not checked
+  again (their source broker did).  So a consumer that copies the X field of a frame
+  it received cannot publish with it.  On the wire the 24-byte tag follows X in the X
+  field and the ``SIGNED_ROUTE`` flag says so (see :mod:`dcp.wire`).
 * an **agent token** names an agent, its role and an expiry.  The orchestrator
   issues it; brokers and the orchestrator started with ``--require-token`` admit a
-  connection only with a valid one.
+  connection only with a valid one.  A broker's own token (role ``broker``, which it
+  issues itself for its hellos to peers and to the orchestrator) also names its
+  **audience** (claim ``aud``: the addresses or the name of the server it is presented
+  to), and a server admits a broker token only if it is one of them
+  (``token_audience``): a token captured by whatever a broker was pointed at is of no
+  use anywhere else.  The claim is optional in the format (tokens without it still
+  read, and older servers ignore it), but a broker token without one is refused.
 
 Nothing here reads a clock: callers pass ``now`` (seconds since the epoch).
 """
@@ -20,12 +31,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import shlex
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,6 +51,7 @@ __all__ = [
     "Claims",
     "RouteSigner",
     "RouteVerifier",
+    "ProducerRoutes",
     "load_secret",
     "issue_token",
     "expiry",
@@ -49,6 +62,8 @@ __all__ = [
     "MAX_TOKEN_TTL_S",
     "TOKEN_ROLES",
     "REFUSALS",
+    "ORCHESTRATOR_AUDIENCE",
+    "endpoint",
 ]
 
 MIN_SECRET_BYTES = 16
@@ -87,57 +102,122 @@ def _subkey(secret: bytes, purpose: bytes) -> bytes:
     return hmac.new(secret, b"dcp " + purpose, hashlib.sha256).digest()
 
 
-def _route_mac(key: bytes, topic: bytes, x_bytes: bytes, stamp: bytes) -> bytes:
-    message = len(topic).to_bytes(2, "big") + topic + stamp + x_bytes
+#: The subkey of route tags; "dcp route" keyed the tags that named no producer (refused now).
+_ROUTE_PURPOSE = b"route producer"
+
+
+def _field(data: bytes) -> bytes:
+    """``data`` after its length (u32): the MAC's fields cannot be cut elsewhere."""
+    return len(data).to_bytes(4, "big") + data
+
+
+def _key_bytes(key: int) -> bytes:
+    return key.to_bytes((key.bit_length() + 7) // 8, "big")
+
+
+def _route_mac(key: bytes, topic: bytes, producer: bytes, broker_key: bytes, x_bytes: bytes, stamp: bytes) -> bytes:
+    message = b"".join((_field(topic), _field(producer), _field(broker_key), stamp, x_bytes))
     return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_SIZE]
 
 
 class RouteSigner:
-    """The orchestrator's side: tags for (topic, X, epoch, expiry)."""
+    """The orchestrator's side: tags for (topic, X, epoch, expiry, producer, source broker)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._key = _subkey(secret, b"route")
+        self._key = _subkey(secret, _ROUTE_PURPOSE)
 
-    def sign(self, topic: str, x: int, epoch: int, expires: int) -> bytes:
-        """The 24-byte tag that travels after X."""
-        x_bytes = x.to_bytes((x.bit_length() + 7) // 8, "big")
+    def sign(self, topic: str, x: int, epoch: int, expires: int, *, producer: str, broker_key: int) -> bytes:
+        """The 24-byte tag that travels after X: valid only in frames that ``producer``
+        publishes on the broker whose root key is ``broker_key``."""
         stamp = _TAG.pack(epoch & 0xFFFFFFFF, expires)
-        return stamp + _route_mac(self._key, topic.encode(), x_bytes, stamp)
+        return stamp + _route_mac(self._key, topic.encode(), producer.encode(), _key_bytes(broker_key), _key_bytes(x), stamp)
 
 
 class RouteVerifier:
-    """The broker's side: checks tags, remembering the genuine ones (bounded).
+    """The broker's side: checks the tags of the frames its agents publish, remembering
+    the genuine ones and the newest epoch of each stream (both bounded).
 
-    A stream's frames repeat one (X, topic, tag), so after the first frame a check
-    is one dictionary lookup and a comparison with the expiry.
+    ``broker_key``: this broker's root key, which a tag must name.  A stream's frames
+    repeat one (producer, X field, topic), so after the first frame a check is one
+    dictionary lookup and two comparisons (expiry, epoch).
     """
 
-    def __init__(self, secret: bytes, cache_size: int = 4096) -> None:
-        self._key = _subkey(secret, b"route")
-        self._genuine: dict[bytes, int] = {}  # X field + topic -> expiry
+    def __init__(self, secret: bytes, broker_key: int, cache_size: int = 4096) -> None:
+        self._key = _subkey(secret, _ROUTE_PURPOSE)
+        self._broker_key = _key_bytes(broker_key)
+        # (producer, X field, topic) -> (expiry, epoch, the stream's newest [epoch, expiry])
+        self._genuine: dict[tuple[str, bytes, bytes], tuple[int, int, list[int]]] = {}
+        # (producer, topic) -> [the newest epoch verified, the latest expiry seen for it]
+        self._latest: dict[tuple[str, bytes], list[int]] = {}
         self._cache_size = cache_size
 
-    def check(self, route_field: bytes, x_len: int, topic: bytes, now: float) -> str | None:
-        """None if the frame may pass, else the drop reason.
+    def bind(self, producer: str) -> ProducerRoutes:
+        """The checks for the frames of one connection, admitted as ``producer``."""
+        return ProducerRoutes(self, producer)
+
+    def check(self, route_field: bytes, x_len: int, topic: bytes, now: float, *, producer: str) -> str | None:
+        """None if ``producer`` may publish the frame here, else the drop reason.
 
         ``route_field`` is the whole X field (X, then the tag); ``x_len`` the bytes
         of X in it.  Reasons: ``route_forged`` (the MAC does not match: X, topic,
-        epoch or expiry altered, or another secret), ``route_expired``.
+        epoch or expiry altered, another producer, another source broker, or another
+        secret), ``route_expired``, ``route_stale`` (genuine, but of an epoch older
+        than one verified for this producer and topic, while that one is unexpired).
         """
-        key = route_field + topic
-        expires = self._genuine.get(key)
-        if expires is None:
+        key = (producer, route_field, topic)
+        entry = self._genuine.get(key)
+        if entry is None:
             stamp = route_field[x_len : x_len + _TAG.size]
             mac = route_field[x_len + _TAG.size :]
-            if len(mac) != _MAC_SIZE or not hmac.compare_digest(mac, _route_mac(self._key, topic, route_field[:x_len], stamp)):
+            expected = _route_mac(self._key, topic, producer.encode(), self._broker_key, route_field[:x_len], stamp)
+            if len(mac) != _MAC_SIZE or not hmac.compare_digest(mac, expected):
                 return "route_forged"
-            expires = _TAG.unpack(stamp)[1]
-            if len(self._genuine) >= self._cache_size:
-                self._genuine.clear()
-            self._genuine[key] = expires
+            epoch, expires = _TAG.unpack(stamp)
+            entry = self._remember(key, epoch, expires, now)
+        expires, epoch, latest = entry
         if now >= expires:
             return "route_expired"
+        if epoch < latest[0] and now < latest[1]:
+            return "route_stale"
         return None
+
+    def _remember(self, key: tuple[str, bytes, bytes], epoch: int, expires: int, now: float) -> tuple[int, int, list[int]]:
+        """Remember a genuine tag, and the newest epoch of its stream.
+
+        The newest epoch gives way to an older one only once its own tags have all
+        expired (an orchestrator that lost its state starts again from epoch 1).  Both
+        memos are emptied when full; the streams' epochs with them, since the tags
+        remembered point to them.
+        """
+        stream = (key[0], key[2])
+        latest = self._latest.get(stream)
+        if latest is None:
+            if len(self._latest) >= self._cache_size:
+                self._latest.clear()
+                self._genuine.clear()
+            latest = self._latest[stream] = [epoch, expires]
+        elif epoch > latest[0] or now >= latest[1]:
+            latest[0], latest[1] = epoch, expires
+        elif epoch == latest[0] and expires > latest[1]:
+            latest[1] = expires
+        if len(self._genuine) >= self._cache_size:
+            self._genuine.clear()
+        entry = self._genuine[key] = (expires, epoch, latest)
+        return entry
+
+
+class ProducerRoutes:
+    """A :class:`RouteVerifier`'s checks for one connection's frames
+    (:class:`dcp.forwarding.RouteCheck`): its tags must name ``producer``."""
+
+    __slots__ = ("verifier", "producer")
+
+    def __init__(self, verifier: RouteVerifier, producer: str) -> None:
+        self.verifier = verifier
+        self.producer = producer
+
+    def check(self, route_field: bytes, x_len: int, topic: bytes, now: float) -> str | None:
+        return self.verifier.check(route_field, x_len, topic, now, producer=self.producer)
 
 
 class Claims(NamedTuple):
@@ -146,6 +226,8 @@ class Claims(NamedTuple):
     name: str
     role: str
     expires: int
+    #: Whom the token may be presented to (claim ``aud``); () when it names none.
+    audience: tuple[str, ...] = ()
 
 
 def _token_key(secret: bytes) -> bytes:
@@ -160,9 +242,14 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue_token(secret: bytes, name: str, role: str, expires: int) -> str:
-    """A token for agent ``name`` in ``role`` (``agent``, ``admin`` ...) valid until ``expires``."""
-    body = json.dumps({"name": name, "role": role, "exp": int(expires)}, separators=(",", ":"), sort_keys=True).encode()
+def issue_token(secret: bytes, name: str, role: str, expires: int, audience: Iterable[str] = ()) -> str:
+    """A token for agent ``name`` in ``role`` (``agent``, ``admin`` ...) valid until ``expires``;
+    with an ``audience`` (a broker's own tokens), valid only at the servers it names."""
+    claims: dict[str, Any] = {"name": name, "role": role, "exp": int(expires)}
+    aud = list(audience)
+    if aud:
+        claims["aud"] = aud
+    body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
     mac = hmac.new(_token_key(secret), body, hashlib.sha256).digest()
     return f"{_TOKEN_PREFIX}.{_b64(body)}.{_b64(mac)}"
 
@@ -200,8 +287,11 @@ def verify_token(secret: bytes, token: object, now: float, *, check: Callable[[C
         raise AuthError("token_forged", "the token was not issued with this server's secret, or was altered")
     try:
         fields = json.loads(body)
-        claims = Claims(str(fields["name"]), str(fields["role"]), int(fields["exp"]))
-    except (ValueError, KeyError, TypeError):
+        aud = fields.get("aud", [])
+        if not isinstance(aud, list) or not all(isinstance(item, str) for item in aud):
+            raise TypeError("aud is not a list of strings")
+        claims = Claims(str(fields["name"]), str(fields["role"]), int(fields["exp"]), tuple(aud))
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise AuthError("token_malformed", "the token's claims are unreadable") from None
     if now >= claims.expires:
         raise AuthError("token_expired", f"the token of {claims.name!r} expired")
@@ -218,18 +308,39 @@ MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600.0
 #: from the shared secret, both on a peer link (hello role ``peer``) and to the orchestrator.
 TOKEN_ROLES = {"agent": "agent", "admin": "admin", "peer": "broker", "broker": "broker"}
 #: The codes of the error frame that refuses a hello for its token.
-REFUSALS = frozenset({"token_missing", "token_malformed", "token_forged", "token_expired", "token_role", "token_name"})
+REFUSALS = frozenset(
+    {"token_missing", "token_malformed", "token_forged", "token_expired", "token_role", "token_name", "token_audience"}
+)
+#: The audience of the broker tokens presented to the orchestrator (there is one per secret).
+ORCHESTRATOR_AUDIENCE = "orchestrator"
 
 
-def admit(secret: bytes, hello: Mapping[str, Any], now: float) -> Claims:
+def endpoint(host: str, port: int) -> str:
+    """``HOST:PORT`` as audiences name an address: IPv6 in brackets, an IPv4 address
+    mapped into IPv6 as IPv4, so the two ends of a connection spell it alike."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return f"{host}:{port}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"{ip.ipv4_mapped}:{port}"
+        return f"[{ip}]:{port}"
+    return f"{ip}:{port}"
+
+
+def admit(secret: bytes, hello: Mapping[str, Any], now: float, audiences: Collection[str] = ()) -> Claims:
     """The claims of the token a ``hello`` carries, if they admit it.
 
     The token must be genuine and unexpired, of the role the hello's role needs
     (:data:`TOKEN_ROLES`) and, but for admins, issued to the name the hello gives
     (an empty name takes the token's): the orchestrator's policy rules go by name.
+    A ``broker`` token must also name one of ``audiences`` (what this server answers
+    to: its name, its addresses) in its ``aud``.
 
     Raises:
-        AuthError: as :func:`verify_token`, or ``token_role``, ``token_name``.
+        AuthError: as :func:`verify_token`, or ``token_role``, ``token_name``,
+            ``token_audience``.
     """
     role = hello.get("role", "agent")
     name = hello.get("name") or ""
@@ -240,5 +351,12 @@ def admit(secret: bytes, hello: Mapping[str, Any], now: float) -> Claims:
             raise AuthError("token_role", f"a {role} connection needs a {needed} token; this one is a {claims.role} token")
         if role != "admin" and name and claims.name != name:
             raise AuthError("token_name", f"the token was issued to {claims.name!r}, not to {name!r}")
+        if claims.role == "broker" and not set(claims.audience) & set(audiences):
+            if not claims.audience:
+                raise AuthError(
+                    "token_audience", "the broker token names no audience (a broker older than this server?): "
+                    "broker tokens must name the server they are presented to",
+                )
+            raise AuthError("token_audience", f"the broker token is for {', '.join(claims.audience)}, not for this server")
 
     return verify_token(secret, hello.get("token"), now, check=fits)

@@ -20,9 +20,10 @@ but has a field of the wrong type or range, or that its sender's role may not se
 (:data:`dcp.control.BROKER`), gets an error frame and the connection goes on; a bad
 hello closes it.
 
-Access is decided once, at hello, never per frame: with ``--require-token`` a hello
-without a valid token of its role (:mod:`dcp.auth`) gets a fatal error frame and the
-connection is closed unattached.  With ``--tls-cert``/``--tls-key`` the port serves
+Access is decided once, at hello, never per frame: an admin or peer hello (and, with
+``--require-token``, an agent's) without a valid token of its role (:mod:`dcp.auth`)
+gets a fatal error frame and the connection is closed unattached; a broker with
+neither ``--secret-file`` nor ``--insecure`` refuses to start.  With ``--tls-cert``/``--tls-key`` the port serves
 TLS; the data path is the same on a TLS transport.
 
 At start the soft open-file limit is raised to the hard one; a connection accepted
@@ -30,7 +31,7 @@ past what that leaves (less :data:`FD_RESERVE`) gets the fatal ``too_many_connec
 and is closed, and the others go on.  Until its hello is accepted a connection may send
 frames of ``max_control`` bytes at most (not ``max_frame``), and it has
 ``hello_timeout_s`` to do so (``hello_timeout``); one peer address and one name
-(the token's, with ``--require-token``) hold at most ``max_connections_per_address``
+(the token's, where the hello needs one) hold at most ``max_connections_per_address``
 and ``max_connections_per_name`` connections (``connection_limit``).  Nothing per attachment or per frame walks the
 ports: free ports come from a queue, targets from the set bits of the out bitmap, and
 the orchestrator gets the attachments once per registration (chunked within
@@ -46,18 +47,18 @@ import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 import msgpack
 
 from . import control
-from .auth import RouteVerifier, issue_token, load_secret
+from .auth import ORCHESTRATOR_AUDIENCE, RouteVerifier, admit, endpoint, issue_token, load_secret
 from .config import BrokerConfig, parse_address
 from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
 from ._guard import safe, warn_cleartext_token
 from ._loop import no_delay, open_file_count, raise_open_file_limit
-from ._serving import Quota, Serving, pre_hello_limits
+from ._serving import Quota, Serving, access_table, pre_hello_limits
 from .backoff import Backoff
 from .link import Link
 from .routing import KeyLayout, int_to_bytes
@@ -109,10 +110,12 @@ class Broker(Serving):
         self.slow_consumer = control.slow_consumer_policy(self.config.slow_consumer)  # of every port that does not choose its own
         # The secret shared with the orchestrator (--secret-file): route tags and tokens
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
-        # Who may send which op: before its hello, only a hello with --require-token
-        self.permissions = control.BROKER.requiring_token() if self.config.require_token else control.BROKER
-        # --verify-routes: checks the orchestrator's tag on every topology number
-        self.verifier = RouteVerifier(self.secret) if self.secret is not None and self.config.verify_routes else None
+        # Who may send which op, and which roles need a token: admins and peers unless --insecure,
+        # agents too with --require-token (then before its hello only a hello); no secret, no --insecure: refused
+        self.permissions = access_table(control.BROKER, self.config)
+        # --verify-routes: checks the orchestrator's tag on every topology number its agents publish,
+        # bound to the agent's name and to this broker's root key (links are not checked again)
+        self.verifier = RouteVerifier(self.secret, self.key) if self.secret is not None and self.config.verify_routes else None
         # TLS: served with --tls-cert/--tls-key; peers and the orchestrator are dialled with it given --tls-ca
         self.tls_server = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         self.tls_client = client_context(self.config.tls_ca) if self.config.tls_ca else None
@@ -176,8 +179,9 @@ class Broker(Serving):
         log.info(
             "dcp broker listening on %s:%d mode=%s key=%d ports=%d%s%s",
             host, port, self.config.mode, self.key, self.config.ports,
-            " tls" if self.tls_server else "", " require-token" if self.config.require_token else "",
+            " tls" if self.tls_server else "", " require-token" if self.config.require_token else " insecure" if self.config.insecure else "",
         )
+        self.warn_exposure(host, port)
         for peer in self.config.peers:
             self.add_link(peer)
         if self.config.orchestrator:
@@ -241,14 +245,6 @@ class Broker(Serving):
         )
         return True
 
-    def log_refusal(self, code: str, message: str, *args: Any) -> None:
-        """Log a refusal of ``code``, at most once a second per code (a flood of
-        connections makes one line a second, not one per connection)."""
-        now = time.monotonic()
-        if now - self._refusals_logged_at.get(code, float("-inf")) >= _ERROR_INTERVAL_S:
-            self._refusals_logged_at[code] = now
-            log.warning("refusing connections (%s): " + message, code, *args)
-
     @property
     def closing(self) -> bool:
         return self._closing
@@ -261,12 +257,23 @@ class Broker(Serving):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def token(self) -> str | None:
-        """A fresh ``broker`` token of our own for the hellos we send (to peers, to the
-        orchestrator), which check it if they ``--require-token``; None without a secret."""
+    def token(self, audience: Iterable[str]) -> str | None:
+        """A fresh ``broker`` token of our own for a hello we send (to a peer, to the
+        orchestrator), valid only at the servers ``audience`` names (a peer's addresses,
+        :data:`~dcp.auth.ORCHESTRATOR_AUDIENCE`); None without a secret."""
         if self.secret is None:
             return None
-        return issue_token(self.secret, self.name, "broker", int(time.time()) + _OWN_TOKEN_TTL_S)
+        return issue_token(self.secret, self.name, "broker", int(time.time()) + _OWN_TOKEN_TTL_S, audience)
+
+    def audiences(self, local: str) -> frozenset[str]:
+        """What this broker answers to as a broker token's audience: its name, the address
+        it listens on and ``local``, the address the connection reached (a peer dialling
+        by host name, or through an address translation, needs ``--name`` to be that)."""
+        found = {self.name, local}
+        if self._server is not None:
+            found.add(endpoint(*self.address))
+        found.discard("")
+        return frozenset(found)
 
     # -- reporting to the orchestrator ---------------------------------------
 
@@ -289,13 +296,14 @@ class Broker(Serving):
 
         self._orchestrator = Connection(
             f"{'dcps' if self.tls_client else 'dcp'}://{self.config.orchestrator}", name=self.name, role="broker",
-            on_open=register, reconnect=Backoff(initial_s=0.05, max_s=1.0), token=self.token, ssl=self.tls_client,
+            on_open=register, reconnect=Backoff(initial_s=0.05, max_s=1.0), ssl=self.tls_client,
+            token=lambda: self.token((ORCHESTRATOR_AUDIENCE,)),  # only to the orchestrator we were configured with
         )
         try:
             await self._orchestrator.open(retry=True)
         except DcpError as exc:
             if not self._closing:
-                log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, exc)
+                log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, safe(exc))
 
     def _reporting(self) -> bool:
         """Registered, on a connection to the DO that is open: reports may go now.  (While
@@ -461,13 +469,23 @@ class Broker(Serving):
     def add_link(self, address: str) -> Link:
         """Dial ``address`` and keep a link to it on a port of its own.
 
+        With ``--verify-routes`` the frames a link brings are forwarded unchecked (the
+        broker they entered at checked them), so this broker links at run time only to
+        a peer it can vouch for: over TLS (``--tls-ca``), or a configured ``--peer``.
+
         Raises:
-            ConfigError: a bad address, or stateful mode (links need topology numbers).
+            ConfigError: a bad address; stateful mode (links need topology numbers); a
+                peer --verify-routes cannot vouch for.
             RoutingError: no free port.
         """
         parse_address(address)
         if not self.stateless:
             raise ConfigError("links need stateless mode: a stateful broker routes by its own table only")
+        if self.verifier is not None and self.tls_client is None and address not in self.config.peers:
+            raise ConfigError(
+                f"this broker verifies routes (--verify-routes) and forwards what its links bring unchecked: it links only "
+                f"over TLS (--tls-ca) or to a configured --peer, and {address} is neither"
+            )
         link = Link(self, self._reserve_port(), address=address)
         self.links[link.port] = link
         link.start()
@@ -672,7 +690,7 @@ def _chunks(items: list[T], sizes: list[int], first_room: int, room: int) -> lis
     used, limit = 0, first_room
     for item, size in zip(items, sizes):
         if size > room:
-            log.warning("left out of a report to the orchestrator: %r (%d bytes) does not fit in a frame", item, size)
+            log.warning("left out of a report to the orchestrator: %s (%d bytes) does not fit in a frame", safe(repr(item)), size)
             continue
         if used + size > limit:
             chunks.append([])
@@ -703,9 +721,13 @@ class BrokerConnection(asyncio.Protocol):
         self.blocked: set[BrokerConnection] = set()  # publishers paused because of us
         # Until its hello is accepted a connection sends control frames only: hello_limits.
         # A link we dial speaks first; its answers come under the broker's limits.
+        # With --verify-routes an agent's frames are checked against the name its hello is admitted
+        # under (bound at the hello; until then, no name: nothing passes); a link's are not checked.
+        verifier = broker.verifier.bind("") if broker.verifier is not None and link is None else None
         self.forwarder = Forwarder(
-            broker, broker.limits if link is not None else broker.hello_limits, stateless=broker.stateless, verifier=broker.verifier
+            broker, broker.limits if link is not None else broker.hello_limits, stateless=broker.stateless, verifier=verifier
         )  # the decisions; this class writes and counts
+        self.local = ""  # the address this connection reached (HOST:PORT, dcp.auth.endpoint): an audience of broker tokens
         self.bytes_in = 0
         self.frames_out = 0
         self.bytes_out = 0
@@ -726,6 +748,9 @@ class BrokerConnection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            self.local = endpoint(str(sockname[0]), int(sockname[1]))
         self.transport.set_write_buffer_limits(high=self.broker.config.out_buffer_bytes)
         self.broker._connected(self)
         if self.broker._closing:
@@ -733,7 +758,7 @@ class BrokerConnection(asyncio.Protocol):
         elif self.link is not None:  # we dialled a peer
             self.role = "peer"
             self.link.connection_made(self)
-            hello = self.link.hello()
+            hello = self.link.hello(peername if isinstance(peername, tuple) else None)
             if hello.token and self.broker.tls_client is None and peername and not self.link.warned_cleartext:
                 self.link.warned_cleartext = warn_cleartext_token(log, peername[0], f"link port {self.link.port} to {self.link.address}")
             self.send(hello)
@@ -968,7 +993,9 @@ class BrokerConnection(asyncio.Protocol):
         broker = self.broker
         try:
             broker.permissions.check_role(hello)
-            hello, counted = broker.admit_as(hello, self.peer)
+            hello, counted = broker.admit_as(hello, self.peer, self.local)
+            if hello.role == "peer":
+                self._vouched_for(hello)
         except (BadRequest, AuthError) as exc:
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return
@@ -996,11 +1023,14 @@ class BrokerConnection(asyncio.Protocol):
             try:
                 broker.accept_link(self, hello)
             except (LinkRefused, BadRequest, RoutingError) as exc:
-                log.warning("refusing a link from %s (%s): %s", safe(self.name or "-"), self.peer, exc)
+                log.warning("refusing a link from %s (%s): %s", safe(self.name or "-"), self.peer, safe(exc))
                 self._error("no_free_port" if isinstance(exc, RoutingError) else exc.code, str(exc), hello.id, fatal=True)
                 return
             port = self.port
+            self.forwarder.verifier = None  # what a link brings was checked where it entered
         elif hello.role == "agent":
+            if broker.verifier is not None:  # its tags must name it, as the hello was admitted
+                self.forwarder.verifier = broker.verifier.bind(self.name)
             port = broker.attach(self)
             if port is None:
                 self._error("no_free_port", f"all {broker.config.ports} ports are taken", hello.id, fatal=True)
@@ -1013,6 +1043,23 @@ class BrokerConnection(asyncio.Protocol):
             ports=broker.config.ports,
             max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.slow_consumer,
         ))
+
+    def _vouched_for(self, hello: control.Hello) -> None:
+        """With ``--verify-routes`` a link's frames are forwarded unchecked, so a peer
+        needs a valid broker token for this broker even where peers need none (``--insecure``).
+
+        Raises:
+            AuthError: it has none (logged).
+        """
+        broker = self.broker
+        if broker.verifier is None or broker.permissions.needs_token("peer"):
+            return  # nothing to vouch for, or admit_as checked it
+        assert broker.secret is not None  # --verify-routes needs it
+        try:
+            admit(broker.secret, hello.to_body(), time.time(), broker.audiences(self.local))
+        except AuthError as exc:
+            log.warning("refusing the peer hello of %s (%s): %s (--verify-routes)", safe(hello.name or "-"), self.peer, safe(exc))
+            raise AuthError(exc.code, f"{exc} (this broker verifies routes: its peers need a broker token)") from None
 
     def _on_ping(self, ping: control.Ping) -> None:
         if self.link is not None:

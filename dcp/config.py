@@ -38,6 +38,12 @@ _ACCESS = {
         "(dcp token), brokers one they issue themselves from the shared secret (needs --secret-file)",
         action="store_true",
     )),
+    "insecure": (False, _opt(
+        "admit every role without a token: admins, brokers and peers, and at the orchestrator agents too (anyone who "
+        "can connect may then link, deploy, register under a free name, read stats and status); without it the daemon "
+        "needs --secret-file, and refuses to start otherwise. For a trusted network or loopback only: logged at warning",
+        action="store_true",
+    )),
     "tls_cert": ("", _opt("PEM certificate (chain) to serve TLS with (with --tls-key)")),
     "tls_key": ("", _opt("PEM private key of --tls-cert")),
 }
@@ -52,6 +58,8 @@ def _check_access(config: Any) -> None:
     """The checks of the ``_ACCESS`` settings."""
     if config.require_token and not config.secret_file:
         raise ConfigError("require_token needs secret_file (the secret tokens are checked with)")
+    if config.require_token and config.insecure:
+        raise ConfigError("insecure and require_token contradict each other: give one of them")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("tls_cert and tls_key go together: give both to serve TLS, or neither")
 
@@ -164,8 +172,9 @@ class BrokerConfig(_FromSources):
     max_connections_per_name: int = field(
         default=16,
         metadata=_opt(
-            "connections one name may hold at once: the token's name with --require-token, else the name a hello "
-            "gives (hellos without a name are not counted); past it the hello is refused (connection_limit) (0: no limit)",
+            "connections one name may hold at once: the token's name where the hello needs a token (admins and peers; "
+            "every role with --require-token), else the name a hello gives (hellos without a name are not counted); past "
+            "it the hello is refused (connection_limit) (0: no limit)",
             type=int,
         ),
     )
@@ -181,6 +190,7 @@ class BrokerConfig(_FromSources):
         ),
     )
     require_token: bool = _access("require_token")
+    insecure: bool = _access("insecure")
     tls_cert: str = _access("tls_cert")
     tls_key: str = _access("tls_key")
     tls_ca: str = field(
@@ -270,8 +280,41 @@ class OrchestratorConfig(_FromSources):
         metadata=_opt("how long a signed topology number stays valid; it is re-signed when half of it is left, seconds", type=float),
     )
     require_token: bool = _access("require_token")
+    insecure: bool = _access("insecure")
     tls_cert: str = _access("tls_cert")
     tls_key: str = _access("tls_key")
+    hello_timeout_s: float = field(
+        default=5.0,
+        metadata=_opt(
+            "a connection that has not had its hello accepted this long after it was accepted is refused "
+            "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
+        ),
+    )
+    max_connections_per_address: int = field(
+        default=0,
+        metadata=_opt(
+            "connections one peer IP address may hold at once; past it a connection is refused at accept "
+            "(connection_limit) (0: no limit, the default: agents and brokers behind one address each hold one)",
+            type=int,
+        ),
+    )
+    max_connections_per_name: int = field(
+        default=16,
+        metadata=_opt(
+            "connections one name may hold at once: its token's name (the hello's with --insecure; hellos without a "
+            "name are not counted); past it the hello is refused (connection_limit) (0: no limit)",
+            type=int,
+        ),
+    )
+    max_capabilities: int = field(
+        default=64, metadata=_opt("capabilities one agent may register; a register with more is refused (too_large)", type=int)
+    )
+    max_consumes: int = field(
+        default=1024, metadata=_opt("topic patterns one agent may consume; a register with more is refused (too_large)", type=int)
+    )
+    max_produces: int = field(
+        default=1024, metadata=_opt("topics one agent may produce; a register with more is refused (too_large)", type=int)
+    )
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
@@ -279,6 +322,14 @@ class OrchestratorConfig(_FromSources):
         _check_access(self)
         if self.grace_s < 0:
             raise ConfigError("grace_s must not be negative")
+        if self.hello_timeout_s < 0:
+            raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
+        for name in ("max_connections_per_address", "max_connections_per_name"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")
+        for name in ("max_capabilities", "max_consumes", "max_produces"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.route_ttl_s < 2:
             raise ConfigError(f"route_ttl_s must be at least 2 seconds, got {self.route_ttl_s}")
         if self.log_level not in LOG_LEVELS:

@@ -717,18 +717,22 @@ class Permissions:
     ``roles`` are the columns: ``""`` is a connection before its hello, the others the
     roles a hello may name.  ``rows`` gives, for each op, per role, ``""`` (allowed) or
     the code it is refused with; an op with no row is refused everywhere, ``unknown_op``.
-    ``token_required`` (``--require-token``): before its hello, a connection may send
-    nothing else, whatever its rows say (``token_missing``, fatal).
+    ``token_roles``: the roles whose hello needs a token, unless the daemon runs
+    ``--insecure`` (:meth:`insecure`: none).  ``token_required`` (``--require-token``,
+    :meth:`requiring_token`): every role's hello needs one, and before its hello a
+    connection may send nothing else, whatever its rows say (``token_missing``, fatal).
     """
 
     daemon: str
     roles: tuple[str, ...]
     rows: Mapping[str, tuple[str, ...]]
     token_required: bool = False
+    token_roles: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         assert self.roles[0] == "" and all(len(row) == len(self.roles) for row in self.rows.values()), self.daemon
         assert {code for row in self.rows.values() for code in row} <= {"", *_REASONS}, self.daemon
+        assert self.token_roles <= set(self.hello_roles), self.daemon
 
     @property
     def hello_roles(self) -> tuple[str, ...]:
@@ -754,9 +758,17 @@ class Permissions:
         if hello.role not in self.hello_roles:
             raise BadRequest(HELLO, "role", f"role must be one of {', '.join(self.hello_roles)}, got {_short(hello.role)}")
 
+    def needs_token(self, role: str) -> bool:
+        """Whether a hello naming ``role`` is admitted only with a valid token."""
+        return self.token_required or role in self.token_roles
+
     def requiring_token(self) -> Permissions:
-        """The table of this daemon started with ``--require-token``."""
-        return replace(self, token_required=True)
+        """The table of this daemon started with ``--require-token``: every role needs a token."""
+        return replace(self, token_required=True, token_roles=frozenset(self.hello_roles))
+
+    def insecure(self) -> Permissions:
+        """The table of this daemon started with ``--insecure``: no role needs a token."""
+        return replace(self, token_required=False, token_roles=frozenset())
 
     def pairs(self) -> Iterator[tuple[str, str, str]]:
         """Every (role, op, code) of the table's rows."""
@@ -775,7 +787,7 @@ BROKER = Permissions(
         #             before hello  agent  admin  peer
         HELLO:        ("", _A, _A, _A),
         PING:         ("", "", "", ""),
-        STATS:        ("", "", "", ""),
+        STATS:        (_NA, _NA, "", _NA),  # every client's address and name: admins only
         POLICY:       ("", "", "", ""),
         SUBSCRIBE:    (_AT, "", _AT, _AT),
         UNSUBSCRIBE:  (_AT, "", _AT, _AT),
@@ -786,6 +798,7 @@ BROKER = Permissions(
         WELCOME:      (_UN, _UN, _UN, ""),  # the answer to a link's hello
         PONG:         (_UN, _UN, _UN, ""),  # the answer to a link's ping
     },
+    token_roles=frozenset({"admin", "peer"}),  # agents attach without one, unless --require-token
 )
 
 ORCHESTRATOR = Permissions(
@@ -799,12 +812,13 @@ ORCHESTRATOR = Permissions(
         REPORT:       (_HF, "", "not_agent", "not_agent"),
         BROKER_STATE: (_HF, "not_broker", "", "not_broker"),
         PORTS_CHANGED: (_HF, "not_broker", "", "not_broker"),
-        PIPELINES:    (_HF, "", "", ""),
-        STATUS:       (_HF, "", "", ""),
+        PIPELINES:    (_HF, _NA, _NA, ""),
+        STATUS:       (_HF, _NA, _NA, ""),
         DEPLOY:       (_HF, _NA, _NA, ""),
         UNDEPLOY:     (_HF, _NA, _NA, ""),
         TOKEN:        (_HF, _NA, _NA, ""),
         ERROR:        ("", "", "", ""),
         GOING_AWAY:   ("", "", "", ""),
     },
+    token_roles=frozenset({"agent", "broker", "admin"}),  # every role: it runs as with --require-token
 )

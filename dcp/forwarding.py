@@ -65,8 +65,10 @@ DROP_REASONS = (
     "truncated",  # the sender's stream ended inside a frame
     "link_down",  # one copy per bit naming the port of a link that is down
     "route_unsigned",  # --verify-routes: X carried no route tag
-    "route_forged",  # a signed X field shorter than its tag; --verify-routes: the tag does not match topic, X, epoch and expiry
+    "route_forged",  # a signed X field shorter than its tag; --verify-routes: the tag does not match topic, X, epoch,
+    # expiry, the name the publishing agent was admitted under and this broker's key
     "route_expired",  # --verify-routes: the tag's expiry has passed
+    "route_stale",  # --verify-routes: a genuine tag of an epoch older than one verified for the same producer and topic
 )
 
 # Frames up to this size that span reads are joined to the rest of the read and
@@ -121,7 +123,9 @@ class Ports(Protocol):
 
 
 class RouteCheck(Protocol):
-    """``--verify-routes``: the reason a route tag is refused, or None (:class:`dcp.auth.RouteVerifier`)."""
+    """``--verify-routes``: the reason a route tag is refused, or None.  One per connection:
+    an agent's checks its tags against the name it was admitted under
+    (:class:`dcp.auth.ProducerRoutes`); a link's frames are not checked (no verifier)."""
 
     def check(self, field: bytes, x_len: int, topic: bytes, now: float) -> str | None: ...
 
@@ -133,7 +137,8 @@ class Forwarder:
         ports: the broker's port state, read at every decision.
         limits: the frame limits.
         stateless: route by ``X mod key`` (True) or by the topic table (False).
-        verifier: with ``--verify-routes``, checks the route tag of every new route.
+        verifier: with ``--verify-routes``, checks the route tag of every new route
+            (the broker sets it per connection at the hello: ``verifier`` may change).
         clock: wall-clock seconds, for route tag expiry.
     """
 
@@ -359,7 +364,10 @@ class Forwarder:
         reason = verifier.check(bytes(buf[start:field_end]), x_len, topic, self.clock())
         if reason is None:
             return True
-        why = "expired" if reason == "route_expired" else "not signed with this broker's secret, or altered"
+        if reason == "route_stale":
+            why = "of an older epoch than one this broker has seen for the stream (replaced by a newer route)"
+        else:
+            why = "expired" if reason == "route_expired" else "not signed with this broker's secret, or altered"
         self._drops.append(Drop(reason, 1, f"the route tag of topic {topic.decode(errors='replace')!r} is {why}"))
         return False
 

@@ -14,7 +14,11 @@ said hello and went without one (never up, or a fake hello) frees its port at on
 
 With ``--tls-ca`` the dialling end speaks TLS and verifies the peer's certificate;
 with a secret its hello carries a short-lived ``broker`` token it issues itself, which
-a peer started with ``--require-token`` checks.
+the peer checks (:mod:`dcp.auth`).  The token names its audience, the address dialled
+and the address the connection reached, so the peer refuses one meant for another
+server; and it goes only to a peer the broker trusts: over verified TLS, or to an
+address it was configured with (``--peer``).  A link to any other address (the admin
+op ``link``) dials without one, and says so in the log.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import logging
 import time
 from collections import Counter
 import ssl
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from ._guard import safe
+from .auth import endpoint
 from .backoff import Backoff
 from .config import BrokerConfig, parse_address
 from .control import WELCOME, Error, Hello, Message, Ping, Unlink, Welcome
@@ -104,7 +110,8 @@ class LinkHost(Protocol):
 
     def remove_link(self, link: Link, notify: bool) -> None: ...
 
-    def token(self) -> str | None: ...
+    def token(self, audience: Iterable[str]) -> str | None:
+        """A fresh ``broker`` token for the servers named in ``audience``; None without a secret."""
 
 
 class Link:
@@ -131,6 +138,7 @@ class Link:
         #: only then is its port held for ``link_hold_s`` after its connection ends.
         self.confirmed = False
         self.warned_cleartext = False  # outbound: a token went over plain TCP, and we said so
+        self.warned_untrusted = False  # outbound: a token was held back from an untrusted peer, and we said so
         self._totals: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -204,10 +212,32 @@ class Link:
         await asyncio.wait_for(connect, timeout)
         await asyncio.wait_for(self._welcome, timeout)
 
-    def hello(self) -> Hello:
-        """What the dialling end says first; with a secret, a token of our own (role ``broker``)."""
+    @property
+    def trusted(self) -> bool:
+        """Outbound: a peer our token may go to: verified by TLS (``--tls-ca``), or one
+        this broker was configured with (``--peer``), not merely told to dial at run time."""
         broker = self.broker
-        return Hello(id=0, role="peer", name=broker.name, key=broker.key, keys=broker.announced_keys, link=self.port, token=broker.token())
+        return broker.tls_client is not None or self.address in broker.config.peers
+
+    def hello(self, reached: tuple[Any, ...] | None = None) -> Hello:
+        """What the dialling end says first; with a secret and a :attr:`trusted` peer, a
+        token of our own (role ``broker``) for the address dialled and ``reached`` (the
+        connection's peer address)."""
+        broker = self.broker
+        audience = [self.address]
+        if reached:
+            audience.append(endpoint(str(reached[0]), int(reached[1])))
+        token = broker.token(dict.fromkeys(audience))
+        if token is not None and not self.trusted:
+            token = None
+            if not self.warned_untrusted:
+                self.warned_untrusted = True
+                log.warning(
+                    "link port %d to %s: dialling without this broker's token: the address is not a configured --peer and "
+                    "the link is not TLS (--tls-ca), so nothing vouches for who answers; a peer that needs a token refuses it",
+                    self.port, safe(self.address),
+                )
+        return Hello(id=0, role="peer", name=broker.name, key=broker.key, keys=broker.announced_keys, link=self.port, token=token)
 
     def welcomed(self, conn: LinkConnection, welcome: Welcome) -> None:
         """Outbound: the peer accepted the link and gave it port ``welcome.port``.
@@ -283,7 +313,7 @@ class Link:
         if self._welcome is not None and not self._welcome.done():
             self._welcome.set_exception(ConnectionClosed("connection closed before the peer accepted the link"))
         if not self.outbound and self.state != "closed" and not self.broker.closing:
-            if not self.confirmed:  # a hello, then nothing: no route can name this port yet
+            if not self.confirmed:  # a hello, then nothing from the peer: nothing to hold the port for
                 log.info("link port %d (%s) went before the peer was heard from; freeing its port now", self.port, self._describe())
                 self.broker.remove_link(self, False)
                 return

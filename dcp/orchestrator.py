@@ -25,9 +25,18 @@ Control protocol: the messages of :mod:`dcp.control` over the dcp codec, on one 
 connection per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with role
 ``agent``, ``broker`` or ``admin`` first, and then what :data:`dcp.control.ORCHESTRATOR`
 allows that role.  A malformed request gets an error frame (``bad_request`` ...), and
-the connection goes on.  With ``--require-token`` the hello carries a token
+the connection goes on.  Unless it runs ``--insecure``, every hello carries a token
 (:mod:`dcp.auth`): agents and admins one this orchestrator issued (the admin op
-``token``, ``dcp token``), brokers one they issue themselves from the shared secret.
+``token``, ``dcp token``), brokers one they issue themselves from the shared secret;
+without ``--secret-file`` or ``--insecure`` it refuses to start.
+
+Bounded as the broker is (:mod:`dcp._serving`): control frames only (``max_control``,
+never a data frame's 8 MiB), a hello within ``hello_timeout_s``, at most
+``max_connections_per_name`` (and ``_per_address``) connections, registrations of at
+most ``max_capabilities``, ``max_consumes`` and ``max_produces`` entries, agent records
+deleted once gone for longer than ``grace_s``, and planning that logs and skips a
+stream it cannot plan rather than stop.  Names go into log lines through
+:func:`dcp._guard.safe`.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from math import gcd
 from typing import Any, cast
 
 from . import control
-from ._serving import Serving
+from ._guard import safe
+from ._serving import Quota, Serving, access_table, pre_hello_limits
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, issue_token, load_secret
 from .config import OrchestratorConfig
 from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError, SpecError
@@ -55,6 +66,18 @@ from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
 from .topology import Overlay, OverlayLink
 from .wire import ControlFrame, Decoder, Limits, encode_control
+
+#: What a connection to the orchestrator may send: control frames only, before and
+#: after its hello (the orchestrator carries no data frames).
+CONTROL_LIMITS = pre_hello_limits(Limits())
+#: An agent's connection that has sent nothing for this long (or ``grace_s``, if longer)
+#: no longer holds its name against a registration without a token (agents report every
+#: second): a connection the network lost without a word does not lock its agent out.
+SILENT_S = 5.0
+# A connection refused as it comes has this long to read its error frame and close.
+_REFUSE_LINGER_S = 2.0
+# At most one log line per refusal code per this interval.
+_REFUSAL_LOG_S = 1.0
 
 __all__ = ["Orchestrator"]
 
@@ -127,8 +150,16 @@ class Orchestrator(Serving):
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
         self.signer = RouteSigner(self.secret) if self.secret is not None else None
         self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
-        # Who may send which op: before its hello, only a hello with --require-token
-        self.permissions = control.ORCHESTRATOR.requiring_token() if self.config.require_token else control.ORCHESTRATOR
+        # Who may send which op: every role needs a token, so before its hello only a hello;
+        # --insecure: no token at all; neither a secret nor --insecure: refused (ConfigError)
+        self.permissions = access_table(control.ORCHESTRATOR, self.config)
+        self.per_address = Quota(self.config.max_connections_per_address)  # by peer IP address, taken at accept
+        self.per_name = Quota(self.config.max_connections_per_name)  # by (token) name, taken at hello
+        self.hello_timeouts = 0  # connections refused with hello_timeout
+        self.names_taken = 0  # registrations refused with name_taken
+        self.expired = 0  # agent records deleted after their grace
+        self._refusals_logged_at: dict[str, float] = {}  # refusal code -> when last logged
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start(): the hello deadlines run on it
         self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
         self._connections: set[OrchestratorConnection] = set()
         self._server: asyncio.Server | None = None
@@ -180,18 +211,26 @@ class Orchestrator(Serving):
         return streams
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         host, port = self.config.address
-        self._server = await loop.create_server(lambda: OrchestratorConnection(self), host, port, reuse_address=True, ssl=self.tls)
+        # A TLS handshake that does not finish within the hello deadline is cut as well.
+        timeout = self.config.hello_timeout_s
+        handshake = {"ssl_handshake_timeout": timeout} if self.tls and timeout else {}
+        self._server = await loop.create_server(
+            lambda: OrchestratorConnection(self), host, port, reuse_address=True, ssl=self.tls, **handshake
+        )
         host, port = self.address
         log.info(
             "dcp orchestrator listening on %s:%d db=%s%s%s", host, port, self.store.path,
-            " tls" if self.tls else "", " require-token" if self.config.require_token else "",
+            " tls" if self.tls else "", " insecure" if self.config.insecure else " require-token",
         )
+        self.warn_exposure(host, port)
         if self.brokers or self.agents:  # recovered ones route until they are back, or the grace ends
             self.changed()
             loop.call_later(self.config.grace_s, self._grace_over)
+            for record in list(self.agents.values()):  # deleted then, unless they registered again
+                self._when_grace_ends(record, partial(self._agent_grace_over, record))
         if self.signer is not None:
             loop.call_later(self.config.route_ttl_s / 4, self._resign)
 
@@ -226,11 +265,25 @@ class Orchestrator(Serving):
         """An agent (named by its hello) registers, or registers again.
 
         Raises:
-            BadRequest: no name, or a topic pattern it consumes or a topic it produces is not one.
+            BadRequest: no name; a topic pattern it consumes or a topic it produces is
+                not one; more capabilities, patterns or topics than the limits
+                (``too_large``, naming the field and the limit).
+            AuthError: ``name_taken`` (fatal): another live connection holds the name,
+                and this one has no token for it (``--insecure``).
         """
         name = conn.name
         if not name:
             raise BadRequest(control.REGISTER, "name", "name is required: an agent registers under the name of its hello")
+        config = self.config
+        for field, values, limit, setting in (
+            ("capabilities", request.capabilities, config.max_capabilities, "max_capabilities"),
+            ("consumes", request.consumes, config.max_consumes, "max_consumes"),
+            ("produces", request.produces, config.max_produces, "max_produces"),
+        ):
+            if len(values) > limit:
+                raise BadRequest(
+                    control.REGISTER, field, f"{field}: {len(values)} entries, over the limit of {limit} ({setting})", "too_large"
+                )
         for field, check, topics in (("consumes", validate_pattern, request.consumes), ("produces", validate_topic, request.produces)):
             for i, topic in enumerate(topics):
                 try:
@@ -240,7 +293,15 @@ class Orchestrator(Serving):
         old = self.agents.get(name)
         if old is not None:
             if old.conn is not None and old.conn is not conn:
-                log.info("agent %s registered again from a new connection; dropping the old one", name)
+                if not conn.authenticated and old.conn.live(max(SILENT_S, config.grace_s)):
+                    self.names_taken += 1
+                    self.log_refusal("name_taken", "agent %s is connected already; refusing a registration without a token from %s", safe(name), conn.peer)
+                    raise AuthError(
+                        "name_taken",
+                        f"an agent named {safe(name)!r} is connected already; a second registration under that name needs a token "
+                        "for it (this orchestrator runs --insecure: see dcp token)",
+                    )
+                log.info("agent %s registered again from a new connection; dropping the old one", safe(name))
                 old.conn.close(control.Error(code="replaced", message="the agent registered again", fatal=True))
             self._offline(old)
             self._agents_at[old.broker_key].discard(name)
@@ -252,7 +313,7 @@ class Orchestrator(Serving):
         for capability in capabilities:
             self._capable.setdefault(capability, set()).add(name)
         self.store.save_agent(name, capabilities, consumes, produces, record.broker_key, port)
-        log.info("agent %s registered at broker %s port %d", name, self._broker_name(record.broker_key) or "?", port)
+        log.info("agent %s registered at broker %s port %d", safe(name), safe(self._broker_name(record.broker_key) or "?"), port)
         offered = set(capabilities)
         self._assign_elements(lambda _, element: element.capability in offered)
         conn.send_all([self._assign_message(pipeline, element) for pipeline, element in self._assigned.get(name, ())])
@@ -275,7 +336,7 @@ class Orchestrator(Serving):
         record.gone_at = time.monotonic()
         if self.agents.get(record.name) is not record:  # it registered again from another connection
             return
-        log.info("agent %s disconnected", record.name)
+        log.info("agent %s disconnected", safe(record.name))
         self._offline(record)
         self._touch([record.name])
         self.changed()
@@ -290,9 +351,40 @@ class Orchestrator(Serving):
             then()
 
     def _agent_grace_over(self, record: AgentRecord) -> None:
-        """The agent has not come back: it is gone; its elements go to others."""
+        """The agent has not come back: it is gone; its elements go to others, and its
+        record is deleted."""
         if self.agents.get(record.name) is record and record.conn is None:
             self._gone([record.name])
+            self._forget_agent(record)
+
+    def _forget_agent(self, record: AgentRecord) -> None:
+        """Delete the record of an agent gone for longer than the grace period, in memory
+        and in sqlite, with its assignments (its elements go to others, or wait for an
+        agent).  The records of its streams stay, so that their epochs only ever grow
+        if it comes back."""
+        name = record.name
+        dropped = set()
+        for key in list(self._assigned.get(name, ())):
+            self._drop_assignment(key, name)
+            self.store.delete_assignment(key[0], key[1], name)
+            dropped.add(key)
+        self._offline(record)
+        del self.agents[name]
+        self._assigned.pop(name, None)
+        self._load.pop(name, None)
+        self._touched.pop(name, None)
+        at = self._agents_at.get(record.broker_key)
+        if at is not None:
+            at.discard(name)
+            if not at:
+                del self._agents_at[record.broker_key]
+        self.planner.remove_agent(name)
+        self.store.delete_agent(name)
+        self.expired += 1
+        log.info("agent %s gone for over %.1f s: its record is deleted", safe(name), self.config.grace_s)
+        if dropped:
+            self._assign_elements(lambda key, _: key in dropped)
+        self.changed()
 
     def _gone(self, names: Iterable[str]) -> None:
         """These agents may be gone from the data plane: plan again, and hand their
@@ -305,7 +397,8 @@ class Orchestrator(Serving):
         self.changed()
 
     def _grace_over(self) -> None:
-        """The grace of the recovered records has run out: whoever is not back is gone."""
+        """The grace of the recovered records has run out: whoever is not back is gone
+        (the records of agents not back are deleted by their own timers)."""
         self._overlay_dirty = True
         self._touch(self.agents)
         self._assign_elements(lambda _, __: True)
@@ -348,7 +441,9 @@ class Orchestrator(Serving):
         except RoutingError as exc:
             raise BadRequest(control.BROKER_STATE, "keys" if state.keys else "key", f"key: {exc}", "bad_key") from None
         for other in stale.values():  # a connected broker wins over the record of one that is not
-            log.info("broker %s (key %d) replaces the record of %s (key %d), which is not connected", name, state.key, other.name, other.key)
+            log.info(
+                "broker %s (key %d) replaces the record of %s (key %d), which is not connected", safe(name), state.key, safe(other.name), other.key,
+            )
             self._drop_broker(other)
         old = self.brokers.get(name)
         if old is not None and old.all_keys != keys:
@@ -373,7 +468,7 @@ class Orchestrator(Serving):
         ones.  Ignored (and logged) from a connection whose ``broker_state`` was not taken."""
         record = conn.broker
         if record is None or self.brokers.get(record.name) is not record:
-            log.warning("broker %s sent ports_changed without a broker_state that was taken: ignored", conn.name or conn.peer)
+            log.warning("broker %s sent ports_changed without a broker_state that was taken: ignored", safe(conn.name or conn.peer))
             return
         attached = record.attached = {} if record.attached is None else record.attached
         touched = set()
@@ -405,7 +500,7 @@ class Orchestrator(Serving):
         record.gone_at = time.monotonic()
         if self.brokers.get(record.name) is not record:  # reported again since, from another connection
             return
-        log.info("broker %s disconnected; its last report stands for %.1f s", record.name, self.config.grace_s)
+        log.info("broker %s disconnected; its last report stands for %.1f s", safe(record.name), self.config.grace_s)
         self._touch(self._agents_at.get(record.key, ()))  # its reports of their ports no longer count
         self.changed()
         self._when_grace_ends(record, lambda: self._broker_grace_over(record))
@@ -471,7 +566,7 @@ class Orchestrator(Serving):
         self._policy_changed()
         self._assign_elements(lambda _, __: True)  # its policy may let other elements' candidates in too
         self.changed()
-        log.info("pipeline %s deployed: %d element(s)", spec.name, len(spec.elements))
+        log.info("pipeline %s deployed: %d element(s)", safe(spec.name), len(spec.elements))
         return control.Deployed(pipeline=spec.name, assignments=self._assignments_of(spec.name))
 
     def undeploy(self, name: str) -> None:
@@ -489,7 +584,7 @@ class Orchestrator(Serving):
         self.store.delete_pipeline(spec.name)
         self._policy_changed()
         self.changed()
-        log.info("pipeline %s undeployed", spec.name)
+        log.info("pipeline %s undeployed", safe(spec.name))
 
     def _assign_elements(self, which: Callable[[ElementKey, ElementSpec], bool]) -> None:
         """Give the elements ``which`` selects, in pipeline order, their replicas among
@@ -514,7 +609,7 @@ class Orchestrator(Serving):
                     self._add_assignment(key, candidate)
                     self.store.save_assignment(spec.name, element.name, candidate)
                     self._send_to_agent(candidate, self._assign_message(spec.name, element.name))
-                    log.info("%s/%s assigned to %s", spec.name, element.name, candidate)
+                    log.info("%s/%s assigned to %s", safe(spec.name), safe(element.name), safe(candidate))
 
     def _add_assignment(self, key: ElementKey, agent: str) -> None:
         self.assignments.setdefault(key, []).append(agent)
@@ -601,7 +696,7 @@ class Orchestrator(Serving):
                 try:
                     layouts[b.name] = KeyLayout(b.ports, b.all_keys)
                 except RoutingError as exc:  # a record from before the checks
-                    log.error("broker %s cannot route with its keys (%s); planning without it", b.name, exc)
+                    log.error("broker %s cannot route with its keys (%s); planning without it", safe(b.name), exc)
         by_key = {layout.root: name for name, layout in layouts.items()}
         ends = {(name, link["port"]): link for name in layouts for link in self.brokers[name].links}
         links: dict[frozenset[tuple[str, int]], OverlayLink] = {}
@@ -618,12 +713,14 @@ class Orchestrator(Serving):
             return Overlay(layouts, links.values())
         except RoutingError as exc:
             kept = _routable(layouts)
-            log.error("the brokers report an inconsistent overlay (%s); planning with brokers %s only", exc, ", ".join(kept) or "none")
+            log.error(
+                "the brokers report an inconsistent overlay (%s); planning with brokers %s only", safe(exc), safe(", ".join(kept) or "none", 1024),
+            )
         usable = [link for link in links.values() if link.a in kept and link.b in kept]
         try:
             return Overlay(kept, usable)
         except RoutingError as exc:
-            log.error("their links are inconsistent too (%s); planning without links", exc)
+            log.error("their links are inconsistent too (%s); planning without links", safe(exc))
             return Overlay(kept)
 
     def _broker_at(self, key: int) -> BrokerRecord | None:
@@ -683,8 +780,8 @@ class Orchestrator(Serving):
         for stream in changed:
             self._outbox.setdefault(stream.producer, {})[stream.topic] = stream
             log.debug(
-                "route %s/%s epoch %d -> %s (%d bytes)", stream.producer, stream.topic, stream.epoch,
-                ", ".join(stream.consumers) or "nobody", len(int_to_bytes(stream.x)),
+                "route %s/%s epoch %d -> %s (%d bytes)", safe(stream.producer), safe(stream.topic), stream.epoch,
+                safe(", ".join(stream.consumers) or "nobody"), len(int_to_bytes(stream.x)),
             )
 
     def _end_round(self) -> None:
@@ -732,12 +829,16 @@ class Orchestrator(Serving):
                 return
 
     def _route_message(self, stream: Stream) -> control.Route:
-        """The route push of ``stream``; with a secret, a fresh tag, which carries its own expiry."""
+        """The route push of ``stream``; with a secret, a fresh tag, which carries its own
+        expiry and is valid only in frames its producer publishes on its source broker
+        (none while that broker is not known here: X means nothing elsewhere)."""
         source = self.brokers.get(stream.broker)  # the agent uses X only while attached there
         tag = None
-        if self.signer is not None and stream.x:
+        if self.signer is not None and stream.x and source is not None:
             expires = int(time.time() + self.config.route_ttl_s)
-            tag = self.signer.sign(stream.topic, stream.x, stream.epoch, expires)
+            tag = self.signer.sign(
+                stream.topic, stream.x, stream.epoch, expires, producer=stream.producer, broker_key=source.key
+            )
             self._signed_until[(stream.producer, stream.topic)] = expires
         return control.Route(
             topic=stream.topic, x=stream.x, epoch=stream.epoch, consumers=stream.consumers, refused=stream.refused or None,
@@ -745,7 +846,8 @@ class Orchestrator(Serving):
         )
 
     def _resign(self) -> None:
-        """Push a fresh tag for every route whose tag has less than half its life left."""
+        """Push a fresh tag for every route whose tag has less than half its life left
+        (same epoch, later expiry: a verifying broker takes it as the stream's newest)."""
         if self._closed is None or self._closed.is_set():
             return
         ttl = self.config.route_ttl_s
@@ -773,7 +875,7 @@ class Orchestrator(Serving):
             expires = expiry(time.time(), DEFAULT_TOKEN_TTL_S if request.ttl_s is None else request.ttl_s)
         except ConfigError as exc:
             raise BadRequest(control.TOKEN, "ttl_s", str(exc)) from None
-        log.info("token issued to %s (role %s), valid until %s UTC", name, role, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)))
+        log.info("token issued to %s (role %s), valid until %s UTC", safe(name), role, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires)))
         return control.Issued(token=issue_token(self.secret, name, role, expires), name=name, role=role, expires=expires)
 
     def _send_to_agent(self, name: str, message: control.Message) -> None:
@@ -893,7 +995,7 @@ class OrchestratorConnection(asyncio.Protocol):
                     raise RemoteProtocolError("the orchestrator carries no data frames")
                 self._control(event.body)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
+            log.warning("closing %s: %s", self.peer, safe(exc))
             self.close(control.Error(code=exc.code, message=str(exc), fatal=True))
 
     def _control(self, body: dict[str, Any]) -> None:
@@ -912,7 +1014,7 @@ class OrchestratorConnection(asyncio.Protocol):
             if op == control.HELLO:
                 self._error(exc.code, str(exc), request_id, fatal=True)
             elif op in (control.ERROR, control.GOING_AWAY):  # never answered
-                log.warning("%s %s sent a malformed %s: %s", self.role, self.name, op, exc)
+                log.warning("%s %s sent a malformed %s: %s", self.role, safe(self.name), safe(op), safe(exc))
             else:
                 self._error(exc.code, str(exc), request_id)
             return
@@ -974,10 +1076,10 @@ class OrchestratorConnection(asyncio.Protocol):
         return self.orchestrator.issue(request)
 
     def _on_error(self, error: control.Error) -> None:
-        log.info("%s %s reports %s: %s", self.role or "client", self.name, error.code, error.message)
+        log.info("%s %s reports %s: %s", self.role or "client", safe(self.name), safe(error.code), safe(error.message))
 
     def _on_going_away(self, _: control.GoingAway) -> None:
-        log.info("%s %s is going away", self.role or "client", self.name)
+        log.info("%s %s is going away", self.role or "client", safe(self.name))
 
     def send(self, message: control.Message) -> None:
         if not self.closing and self.transport is not None:

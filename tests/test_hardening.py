@@ -144,7 +144,7 @@ async def test_a_connection_without_hello_is_cut_at_the_deadline(make_broker, ra
 
 
 async def test_a_hello_in_time_stops_the_clock(make_broker, raws) -> None:  # type: ignore[no-untyped-def]
-    broker = await make_broker(ports=PORTS, hello_timeout_s=0.2)
+    broker = await make_broker(ports=PORTS, hello_timeout_s=1.0)  # room for a loaded machine to say hello in time
     async with dcp.connect(url_of(broker), name="prompt", reconnect=False) as agent:
         admin = await raws(broker)
         assert (await admin.hello(role="admin"))["op"] == "welcome"
@@ -207,19 +207,38 @@ async def test_after_its_hello_a_connection_sends_frames_up_to_max_frame_in_the_
         assert (msg.topic, msg.payload) == ("big", payload)
 
 
-def test_a_forwarder_widened_by_the_hello_reads_the_rest_of_the_same_read() -> None:
+@pytest.mark.parametrize("cut", [None, 5, "in hello", "after hello", "in header", "in body"])
+def test_a_forwarder_widened_by_the_hello_reads_what_follows_it_under_the_new_limits(cut: object) -> None:
     small = Limits(max_frame=HEADER_SIZE + 1000, max_control=1000)
     fw, _ = forwarder(port=-1, limits=small)
+    hello = encode_control({"op": "hello", "id": 1, "name": "x" * 900})
     big = data_frame(0b10, payload=b"p" * 5000)
+    stream = hello + big
+    at = {None: len(stream), "in hello": len(hello) - 1, "after hello": len(hello), "in header": len(hello) + 5,
+          "in body": len(hello) + 3000}.get(cut, cut)
     decisions = []
-    for decision in fw.receive(encode_control({"op": "hello", "id": 1}) + big):
-        decisions.append(decision)
-        if isinstance(decision, Control):  # what the broker does at an accepted hello
-            fw.attach(0)
-            fw.set_limits(Limits())
+    for read in (stream[:at], stream[at:]):
+        for decision in fw.receive(read):
+            decisions.append(decision)
+            if isinstance(decision, Control):  # what the broker does at an accepted hello
+                fw.attach(0)
+                fw.set_limits(Limits())
     assert isinstance(decisions[0], Control)
-    [write] = decisions[1:]
-    assert isinstance(write, Write) and write.mask == 0b10 and write.size == len(big)
+    writes = decisions[1:]
+    assert all(isinstance(w, Write) and w.mask == 0b10 for w in writes) and sum(w.size for w in writes) == len(big)
+    assert b"".join(bytes(c) for w in writes for c in w.chunks) == big[:3] + bytes([big[3] - 1]) + big[4:]
+
+
+def test_before_the_hello_a_forwarder_refuses_a_frame_over_its_limits_in_any_read() -> None:
+    from dcp.errors import FrameTooLarge
+
+    small = Limits(max_frame=HEADER_SIZE + 1000, max_control=1000)
+    big = data_frame(0b10, payload=b"p" * 5000)
+    for at in (5, HEADER_SIZE, 100):
+        fw, _ = forwarder(port=-1, limits=small)
+        with pytest.raises(FrameTooLarge):
+            list(fw.receive(big[:at]))
+            list(fw.receive(big[at:]))
 
 
 # -- connections per address, per name ----------------------------------------------------------

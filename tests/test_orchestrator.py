@@ -687,3 +687,25 @@ def test_a_store_from_before_key_layouts_gains_its_keys_column(tmp_path: Path) -
     store = Store(path)  # and opened again, nothing to migrate
     assert [b["keys"] for b in store.load()["brokers"]] == [None, [7, 11]]
     store.close()
+
+
+def test_a_status_too_large_for_a_frame_is_refused_and_its_summary_is_not(tmp_path: Path) -> None:
+    """Thousands of agents list into more than a control frame: the full status is
+    refused with ``too_large``, saying what to ask for; the summary gives the counts."""
+    from dcp import control
+    from dcp.errors import BadRequest
+    from dcp.orchestrator import AgentRecord, OrchestratorConnection
+
+    do = Orchestrator(OrchestratorConfig(db=str(tmp_path / "do.db")))
+    try:
+        conn = OrchestratorConnection(do)
+        assert len(conn._on_status(control.Status()).status["agents"]) == 0
+        for i in range(3000):
+            do.agents[f"agent-{i:05d}"] = AgentRecord(f"agent-{i:05d}", ["detect"], ["cam.*"], [f"cam.{i}"], 12345, i)
+        with pytest.raises(BadRequest, match="summary=true") as info:
+            conn._on_status(control.Status())
+        assert info.value.code == "too_large"
+        summary = conn._on_status(control.Status(summary=True)).status
+        assert (summary["agents"], summary["streams"], summary["planning"]["pending"] >= 0) == (3000, 0, True)
+    finally:
+        do.store.close()

@@ -18,27 +18,30 @@ per stream must arrive exactly once, at its consumer only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dcp
-from tests import test_pipelines
+from dcp.config import BrokerConfig
 from tests.conftest import BrokerProcess
+from tests.test_pipelines import start_orchestrator_process
 from tests.waiting import until
 
 pytestmark = pytest.mark.slow
-
-orchestrator_process = test_pipelines.orchestrator_process
 
 AGENTS = int(os.environ.get("DCP_SCALE_AGENTS", "2000"))
 BROKERS = 4
 IN_FLIGHT = 200  # start() calls at a time: the servers' accept backlogs are not what this test is about
 ROUTED_WITHIN_S = 180.0
+# daemons that refuse to start without a secret take --insecure (loopback): no tokens in this test
+INSECURE = ("--insecure",) if any(f.name == "insecure" for f in dataclasses.fields(BrokerConfig)) else ()
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -62,16 +65,23 @@ async def wait_plane(do_url: str, brokers: int, timeout: float) -> None:
     await until(ready, "the brokers registered with the orchestrator, linked", timeout=timeout, interval=0.05)
 
 
-async def test_2000_agents_are_all_routed_and_every_stream_delivered_exactly_once(  # type: ignore[no-untyped-def]
-    orchestrator_process, broker_process: Callable[..., BrokerProcess]
+async def test_2000_agents_are_all_routed_and_every_stream_delivered_exactly_once(
+    tmp_path: Path, broker_process: Callable[..., BrokerProcess]
 ) -> None:
     n = AGENTS
     raise_fd_limit(2 * n + 1000)  # this process holds two connections per agent; the orchestrator one
-    do = orchestrator_process()
+    do = start_orchestrator_process(tmp_path / "do.db", extra=INSECURE)
+    try:
+        await two_thousand_agents(n, do, broker_process)
+    finally:
+        do.stop()
+
+
+async def two_thousand_agents(n: int, do: Any, broker_process: Callable[..., BrokerProcess]) -> None:
     brokers: list[BrokerProcess] = []
     for i in range(BROKERS):
         peer = ("--peer", brokers[-1].address) if brokers else ()
-        brokers.append(broker_process("--name", f"b{i}", "--orchestrator", do.address, *peer))
+        brokers.append(broker_process("--name", f"b{i}", "--orchestrator", do.address, *peer, *INSECURE))
     await wait_plane(do.url, BROKERS, timeout=60)
 
     def topic(i: int) -> str:

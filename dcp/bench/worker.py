@@ -241,7 +241,10 @@ async def _pub_dcp(args: argparse.Namespace) -> Any:
     if args.secret_file:  # dcp-verified: sign X as the orchestrator would
         from ..auth import RouteSigner, load_secret
 
-        tag = RouteSigner(load_secret(args.secret_file)).sign(topic, route, 1, int(time.time()) + 3600)
+        assert conn.broker_key is not None  # welcomed
+        tag = RouteSigner(load_secret(args.secret_file)).sign(
+            topic, route, 1, int(time.time()) + 3600, producer=conn.name, broker_key=conn.broker_key
+        )
 
     async def send(payload: bytes) -> None:
         await publish(topic, payload, route, tag=tag)

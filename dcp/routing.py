@@ -15,9 +15,9 @@ starts in milliseconds (``import sympy`` alone takes most of a second here).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping
-from math import gcd
 
 from .errors import RoutingError
 
@@ -143,7 +143,7 @@ def encode(residues: Mapping[int, int]) -> int:
         try:
             inverse = pow(modulus, -1, key)
         except ValueError:
-            other = next(k for k in seen if gcd(k, key) != 1)
+            other = next(k for k in seen if math.gcd(k, key) != 1)
             raise RoutingError(f"keys {other} and {key} are not coprime") from None
         x += modulus * (((bitmap - x) * inverse) % key)
         modulus *= key
@@ -185,7 +185,7 @@ class KeyLayout:
     the banks: with ``ports`` they are the whole layout (what a broker announces).
     """
 
-    __slots__ = ("ports", "keys", "_children", "_bases", "_direct")
+    __slots__ = ("ports", "keys", "_children", "_bases", "_direct", "_modulus")
 
     def __init__(self, ports: int, keys: Iterable[int]) -> None:
         """Raises RoutingError: a key count that does not fit ``ports``, a key not
@@ -206,6 +206,7 @@ class KeyLayout:
         self._direct = shape[0][0] if len(shape) == 1 else FAN  # ports the root holds itself
         self._children = [children for _, children, _ in shape]
         self._bases = [base for _, _, base in shape]
+        self._modulus = math.prod(keys)  # X reduced by it first: it keeps every residue here
 
     @classmethod
     def single(cls, key: int) -> KeyLayout:
@@ -222,6 +223,7 @@ class KeyLayout:
         layout._direct = layout.ports
         layout._children = [[]]
         layout._bases = [0]
+        layout._modulus = key
         return layout
 
     @classmethod
@@ -295,9 +297,11 @@ class KeyLayout:
         """The bitmap of ports that ``x`` names here (what the broker forwards to,
         before removing the ingress and unattached ports)."""
         keys = self.keys
-        residue = x % keys[0]
         if len(keys) == 1:
-            return residue & ((1 << self.ports) - 1)  # a key below 2**(ports + 1) leaves one bit over
+            return x % keys[0] & ((1 << self.ports) - 1)  # a key below 2**(ports + 1) leaves one bit over
+        if x > self._modulus:  # X of a tree over many brokers: each remainder below costs less on what is left
+            x %= self._modulus
+        residue = x % keys[0]
         out = residue & _BANK_MASK
         pending = [(self._children[0], residue >> FAN)]
         while pending:

@@ -53,14 +53,17 @@ def coprime_moduli(n: int, ports: int) -> list[int]:
 
 
 def stream(brokers: int, ports: int, fan_out: int, rng: random.Random) -> tuple[list[OverlayLink], tuple[str, int], list[tuple[str, int]]]:
-    """A line of brokers with links on random ports, a source and ``fan_out`` subscribers on random free ports."""
+    """A line of brokers with links on random ports, a source on the first and ``fan_out``
+    subscribers on random free ports, dealt from the last broker back (so one subscriber
+    is a stream across every broker)."""
     names = [f"b{i:02d}" for i in range(brokers)]
     free = {name: list(range(ports)) for name in names}
     for name in names:
         rng.shuffle(free[name])
     links = [OverlayLink(names[i], free[names[i]].pop(), names[i + 1], free[names[i + 1]].pop()) for i in range(brokers - 1)]
     source = (names[0], free[names[0]].pop())
-    subscribers = [(names[i % brokers], free[names[i % brokers]].pop()) for i in range(fan_out)]
+    spread = [names[(brokers - 1 - i) % brokers] for i in range(fan_out)]  # the farthest broker first: one subscriber crosses the line
+    subscribers = [(name, free[name].pop()) for name in spread]
     return links, source, subscribers
 
 

@@ -75,8 +75,16 @@ class BrokerProcess:
             self.process.wait()
 
 
+def access_flags(tree: Path, python: str) -> list[str]:
+    """``--insecure`` where ``tree``'s broker refuses to start without a secret or that flag (loopback only here)."""
+    code = "import dataclasses\nfrom dcp.config import BrokerConfig\nprint('insecure' in {f.name for f in dataclasses.fields(BrokerConfig)})\n"
+    out = subprocess.run([python, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, check=True)
+    return ["--insecure"] if out.stdout.strip() == "True" else []
+
+
 def start_broker(tree: Path, python: str, args: list[str]) -> BrokerProcess:
-    argv = [python, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--ports", "64", "--log-level", "info", *args]
+    argv = [python, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--ports", "64", "--log-level", "info",
+            *access_flags(tree, python), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)}
     process = subprocess.Popen(argv, cwd=tree, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stderr is not None

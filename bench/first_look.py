@@ -31,7 +31,7 @@ LISTENING = re.compile(r"listening on (\S+):(\d+) mode=(\w+) key=(\d+)")
 
 def broker_process(mode: str, slow_consumer: str) -> tuple[subprocess.Popen[str], str, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--mode", mode, "--slow-consumer", slow_consumer],
+        [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--mode", mode, "--slow-consumer", slow_consumer, "--insecure"],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -53,7 +53,8 @@ def _drain(stream: Any) -> None:
 def start_processes(tmp: Path) -> tuple[list[subprocess.Popen[str]], str, dict[str, str]]:
     """The orchestrator and a 2-broker cluster; (processes, orchestrator URL, broker name -> URL)."""
     do = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "orchestrator", "--listen", "127.0.0.1:0", "--db", str(tmp / "do.db"), "--log-level", "info"],
+        [sys.executable, "-m", "dcp", "orchestrator", "--listen", "127.0.0.1:0", "--db", str(tmp / "do.db"), "--log-level", "info",
+         "--insecure"],  # loopback only: the bench's agents and admin have no tokens
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -68,7 +69,7 @@ def start_processes(tmp: Path) -> tuple[list[subprocess.Popen[str]], str, dict[s
         raise RuntimeError("the orchestrator did not start")
     threading.Thread(target=_drain, args=(do.stderr,), daemon=True).start()
     cluster = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "cluster", "-n", "2", "--topology", "line", "--json", "--", "--orchestrator", address],
+        [sys.executable, "-m", "dcp", "cluster", "-n", "2", "--topology", "line", "--json", "--insecure", "--", "--orchestrator", address],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -53,7 +53,7 @@ class _Sink:
 
 
 def _broker(verify: bool, secret_file: str, key: int | None = None) -> tuple[Broker, BrokerConnection, BrokerConnection]:
-    broker = Broker(BrokerConfig(verify_routes=verify, secret_file=secret_file, key=key))
+    broker = Broker(BrokerConfig(verify_routes=verify, secret_file=secret_file, key=key))  # a secret: agents need no token
     broker._no_connections = asyncio.Event()
     conns = []
     for _ in range(2):

@@ -466,12 +466,15 @@ class Broker(Serving):
 
     # -- links --------------------------------------------------------------
 
-    def add_link(self, address: str) -> Link:
+    def add_link(self, address: str, vouched: bool = False) -> Link:
         """Dial ``address`` and keep a link to it on a port of its own.
 
-        With ``--verify-routes`` the frames a link brings are forwarded unchecked (the
-        broker they entered at checked them), so this broker links at run time only to
-        a peer it can vouch for: over TLS (``--tls-ca``), or a configured ``--peer``.
+        ``vouched``: someone this broker authenticated asked for it (an admin whose token
+        it checked); a configured ``--peer`` is vouched for too.  Only over TLS
+        (``--tls-ca``) or to a vouched-for peer does the link's hello carry this broker's
+        token (:meth:`Link.hello`).  With ``--verify-routes`` the frames a link brings are
+        forwarded unchecked (the broker they entered at checked them), so such a broker
+        dials no other peer.
 
         Raises:
             ConfigError: a bad address; stateful mode (links need topology numbers); a
@@ -481,12 +484,13 @@ class Broker(Serving):
         parse_address(address)
         if not self.stateless:
             raise ConfigError("links need stateless mode: a stateful broker routes by its own table only")
-        if self.verifier is not None and self.tls_client is None and address not in self.config.peers:
+        vouched = vouched or address in self.config.peers
+        if self.verifier is not None and self.tls_client is None and not vouched:
             raise ConfigError(
                 f"this broker verifies routes (--verify-routes) and forwards what its links bring unchecked: it links only "
-                f"over TLS (--tls-ca) or to a configured --peer, and {address} is neither"
+                f"over TLS (--tls-ca), to a configured --peer, or when an admin with a token asks, and {address} is none of these"
             )
-        link = Link(self, self._reserve_port(), address=address)
+        link = Link(self, self._reserve_port(), address=address, vouched=vouched)
         self.links[link.port] = link
         link.start()
         return link
@@ -1093,7 +1097,7 @@ class BrokerConnection(asyncio.Protocol):
         """An admin's ``link``: dial a peer; answer now, or once the link is up (``wait``)."""
         broker = self.broker
         try:
-            link = broker.add_link(request.peer)
+            link = broker.add_link(request.peer, vouched=broker.permissions.needs_token("admin"))  # its token was checked
         except (ConfigError, RoutingError) as exc:
             self._error("bad_link", str(exc), request.id)
             return

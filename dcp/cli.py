@@ -250,7 +250,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _install_shutdown_signals(stop)
         return await run_cluster(
-            spec, stop, host=args.host, ports=args.ports, broker_args=broker_args, as_json=args.json, write=args.write
+            spec, stop, host=args.host, ports=args.ports, broker_args=broker_args, as_json=args.json, write=args.write,
+            secret_file=args.secret_file or "", insecure=args.insecure,
         )
 
     return run(serve())
@@ -360,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--ports", type=int, default=64, help="ports of each broker (default: 64: one key each; more: key layouts)")
     cluster.add_argument("--json", action="store_true", help="print the overlay as one JSON line")
     cluster.add_argument("--write", metavar="FILE", help="also write the overlay JSON to FILE")
+    access = cluster.add_mutually_exclusive_group()
+    access.add_argument(
+        "--secret-file", metavar="FILE",
+        help="the secret the brokers share (admin and peer tokens; and with an orchestrator, give it the same file) "
+        "(default: a fresh one in a temporary file, deleted when the cluster stops; its path goes to stderr)",
+    )
+    access.add_argument(
+        "--insecure", action="store_true",
+        help="start the brokers with --insecure: anyone who can connect may link, unlink and read stats",
+    )
     cluster.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     cluster.add_argument("broker_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     cluster.set_defaults(func=cmd_cluster)

@@ -6,6 +6,12 @@ request an operator can send), so the launcher learns the port each link took at
 both ends and can print the whole overlay, keys and ports, as one JSON line that
 ``dcp.topology.Overlay.from_dict`` reads.  Ctrl-C/SIGTERM stops every broker
 gracefully; a broker that dies on its own stops the cluster with exit status 1.
+
+Brokers are secure by default (admins and peers need tokens), so the launcher gives
+them one secret: ``secret_file``, or else a fresh one in a temporary file (mode 0600,
+its path said on stderr, deleted when the cluster stops); it issues itself the admin
+token its ``link`` requests need, and the brokers their peer tokens.  ``insecure``
+starts them ``--insecure`` instead, with no secret.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import secrets
 import sys
+import tempfile
+import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .auth import issue_token, load_secret
 from .client import connect
 from .errors import ConfigError
 from .routing import FAN, KeyLayout, allocate_keys
@@ -33,6 +45,8 @@ log = logging.getLogger(__name__)
 SHAPES = ("line", "ring", "star", "mesh")
 _LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) mode=\w+ key=(\d+) ")
 _START_TIMEOUT_S = 30.0
+#: Flags the launcher sets itself, refused after ``--``.
+_ACCESS_FLAGS = ("--secret-file", "--insecure", "--require-token")
 
 
 @dataclass(frozen=True)
@@ -131,14 +145,43 @@ class _BrokerProcess:
             sys.stderr.write(f"[{self.name}] {line.decode(errors='replace')}")
 
 
+@contextmanager
+def cluster_secret(secret_file: str = "", insecure: bool = False) -> Iterator[str]:
+    """The secret file the brokers share: ``secret_file``; "" with ``insecure``; else a
+    fresh secret in a temporary file (mode 0600), deleted on leaving."""
+    if insecure or secret_file:
+        yield "" if insecure else secret_file
+        return
+    with tempfile.TemporaryDirectory(prefix="dcp-cluster-") as folder:
+        path = os.path.join(folder, "secret")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        yield path
+
+
 async def start_cluster(
-    spec: ClusterSpec, *, host: str = "127.0.0.1", ports: int = 64, broker_args: Sequence[str] = ()
+    spec: ClusterSpec, *, host: str = "127.0.0.1", ports: int = 64, broker_args: Sequence[str] = (), secret_file: str = "",
 ) -> tuple[list[_BrokerProcess], dict[str, Any]]:
     """Start the brokers, link them; return the processes and the overlay as a dict.
 
     Up to 64 ports, the brokers get the least free primes above ``2**ports`` as keys;
     with more, each draws its key layout and the overlay gives its ``ports`` and ``keys``.
+    With ``secret_file`` the brokers share it (admins and peers need tokens: the
+    launcher issues its own); without, they run ``--insecure``.
+
+    Raises:
+        ConfigError: ``broker_args`` set what the launcher sets (``--secret-file``, ``--insecure``).
     """
+    clash = [arg for arg in broker_args if arg.split("=", 1)[0] in _ACCESS_FLAGS]
+    if clash:
+        raise ConfigError(f"give {', '.join(clash)} to dcp cluster itself (--secret-file, --insecure), not to the brokers after --")
+    access = ("--secret-file", secret_file) if secret_file else ("--insecure",)
+    secret = load_secret(secret_file) if secret_file else None
+
+    def admin_token() -> str | None:
+        return None if secret is None else issue_token(secret, "dcp-cluster", "admin", int(time.time()) + 300)
+
     one_key = ports <= FAN
     fresh = iter(allocate_keys(len(spec.brokers) if one_key else 0, ports, exclude=[b.key for b in spec.brokers if b.key]))
     procs: list[_BrokerProcess] = []
@@ -147,7 +190,7 @@ async def start_cluster(
             key = broker.key or (next(fresh) if one_key else None)
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dcp", "broker", "--listen", f"{host}:0", "--name", broker.name,
-                *(("--key", str(key)) if key else ()), "--ports", str(ports), *broker_args,
+                *(("--key", str(key)) if key else ()), "--ports", str(ports), *access, *broker_args,
                 stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the brokers in order
             )
@@ -155,12 +198,12 @@ async def start_cluster(
         await asyncio.gather(*(proc.wait_listening() for proc in procs))
         if not one_key:
             for proc in procs:
-                async with connect(f"dcp://{proc.address}", role="admin", reconnect=False) as admin:
+                async with connect(f"dcp://{proc.address}", role="admin", reconnect=False, token=admin_token()) as admin:
                     proc.layout = admin.broker_layout
         by_name = {proc.name: proc for proc in procs}
         links = []
         for dialer, acceptor in spec.links:
-            async with connect(f"dcp://{by_name[dialer].address}", role="admin", reconnect=False) as admin:
+            async with connect(f"dcp://{by_name[dialer].address}", role="admin", reconnect=False, token=admin_token()) as admin:
                 link = await admin.link(by_name[acceptor].address, wait=_START_TIMEOUT_S)
             links.append({"a": dialer, "a_port": link["port"], "b": acceptor, "b_port": link["remote_port"]})
     except BaseException:
@@ -213,9 +256,35 @@ async def run_cluster(
     broker_args: Sequence[str] = (),
     as_json: bool = False,
     write: str | None = None,
+    secret_file: str = "",
+    insecure: bool = False,
 ) -> int:
-    """Run the cluster until ``stop`` is set or a broker dies; the exit status."""
-    procs, overlay = await start_cluster(spec, host=host, ports=ports, broker_args=broker_args)
+    """Run the cluster until ``stop`` is set or a broker dies; the exit status.
+
+    The brokers share ``secret_file``; with ``insecure`` none (``--insecure``); with
+    neither, a fresh secret in a temporary file, whose path goes to stderr."""
+    with cluster_secret(secret_file, insecure) as shared:
+        if shared and not secret_file:
+            print(
+                f"dcp cluster: the brokers share a fresh secret in {shared} until they stop; an admin token: "
+                f"dcp token NAME --role admin --secret-file {shared}", file=sys.stderr, flush=True,
+            )
+        return await _run_cluster(spec, stop, host=host, ports=ports, broker_args=broker_args, as_json=as_json, write=write,
+                                  secret_file=shared)
+
+
+async def _run_cluster(
+    spec: ClusterSpec,
+    stop: asyncio.Event,
+    *,
+    host: str,
+    ports: int,
+    broker_args: Sequence[str],
+    as_json: bool,
+    write: str | None,
+    secret_file: str,
+) -> int:
+    procs, overlay = await start_cluster(spec, host=host, ports=ports, broker_args=broker_args, secret_file=secret_file)
     if write:
         Path(write).write_text(json.dumps(overlay, indent=2) + "\n")
     print(json.dumps(overlay) if as_json else describe(overlay), flush=True)

@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import os
 import random
+import secrets
 import struct
 import tempfile
 import time
@@ -44,6 +46,7 @@ import msgpack
 
 from . import control
 from .agent import DataAgent, Element, Handler
+from .auth import issue_token, load_secret
 from .broker import Broker
 from .client import Connection, Message, connect
 from .config import BrokerConfig, OrchestratorConfig
@@ -251,11 +254,22 @@ class _Progress:
 
 class _Plane:
     """A data orchestrator (state in a temporary sqlite file), two linked brokers, an admin
-    connection to the orchestrator and the data agents, all in this process."""
+    connection to the orchestrator and the data agents, all in this process.
+
+    Secured as a deployment would be: a fresh secret in the temporary folder (mode 0600)
+    is shared by the orchestrator and the brokers, which issue each other their tokens;
+    the agents and the admin connection get tokens issued with it."""
 
     def __init__(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="dcp-demo-")
-        self.orchestrator = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(self.tmp.name) / "orchestrator.sqlite")))
+        self.secret_file = str(Path(self.tmp.name) / "secret")
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        self.secret = load_secret(self.secret_file)
+        self.orchestrator = Orchestrator(OrchestratorConfig(
+            listen="127.0.0.1:0", db=str(Path(self.tmp.name) / "orchestrator.sqlite"), secret_file=self.secret_file,
+        ))
         self.brokers: dict[str, Broker] = {}
         self.agents: dict[str, DataAgent] = {}
         self.admin: Connection | None = None
@@ -264,14 +278,14 @@ class _Plane:
         """Start the orchestrator and the brokers (b1 links to b0); return once the orchestrator sees the link up."""
         await self.orchestrator.start()
         do_addr = "%s:%d" % self.orchestrator.address
-        out(f"orchestrator  {do_addr}   (state in a temporary sqlite file)")
+        out(f"orchestrator  {do_addr}   (state in a temporary sqlite file; tokens from a fresh secret, for every agent and admin)")
         peers: tuple[str, ...] = ()
         for name in ("b0", "b1"):  # default settings: 10,000 ports, random keys of their own
-            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers))
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers, secret_file=self.secret_file))
             await broker.start()
             self.brokers[name] = broker
             peers = ("%s:%d" % broker.address,)
-        self.admin = await connect(f"dcp://{do_addr}", role="admin", name="demo", reconnect=False)
+        self.admin = await connect(f"dcp://{do_addr}", role="admin", name="demo", reconnect=False, token=self.token("demo", "admin"))
         if not await _wait_for(self._overlay_up, 10.0, 0.02):
             raise RuntimeError("the two brokers did not link up within 10 s")
         for name, broker in self.brokers.items():
@@ -289,10 +303,16 @@ class _Plane:
         assert self.admin is not None, "start() first"
         return await self.admin.call(request)
 
+    def token(self, name: str, role: str = "agent") -> str:
+        """A token for ``name`` in ``role``, issued with the plane's secret (valid for an hour)."""
+        return issue_token(self.secret, name, role, int(time.time()) + 3600)
+
     def add_agent(self, name: str, broker: str) -> DataAgent:
         """A data agent attached to ``broker`` (b0 or b1), reporting its counters often."""
         url = "dcp://%s:%d" % self.brokers[broker].address
-        self.agents[name] = DataAgent(name, broker=url, orchestrator="dcp://%s:%d" % self.orchestrator.address, report_interval_s=0.2)
+        self.agents[name] = DataAgent(
+            name, broker=url, orchestrator="dcp://%s:%d" % self.orchestrator.address, report_interval_s=0.2, token=self.token(name),
+        )
         return self.agents[name]
 
     async def close(self) -> None:

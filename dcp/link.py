@@ -16,9 +16,10 @@ With ``--tls-ca`` the dialling end speaks TLS and verifies the peer's certificat
 with a secret its hello carries a short-lived ``broker`` token it issues itself, which
 the peer checks (:mod:`dcp.auth`).  The token names its audience, the address dialled
 and the address the connection reached, so the peer refuses one meant for another
-server; and it goes only to a peer the broker trusts: over verified TLS, or to an
-address it was configured with (``--peer``).  A link to any other address (the admin
-op ``link``) dials without one, and says so in the log.
+server; and it goes only to a peer the broker trusts: over verified TLS, to an address
+it was configured with (``--peer``), or to one an admin it authenticated (a token
+checked) asked for.  A link to any other address (e.g. the admin op ``link`` on a
+broker run ``--insecure``) dials without one, and says so in the log.
 """
 
 from __future__ import annotations
@@ -118,12 +119,14 @@ class Link:
     """One link of a broker: outbound (``address`` given, redialled) or inbound."""
 
     def __init__(
-        self, broker: LinkHost, port: int, *, address: str | None = None, identity: tuple[int, int] | None = None
+        self, broker: LinkHost, port: int, *, address: str | None = None, identity: tuple[int, int] | None = None,
+        vouched: bool = False,
     ) -> None:
         self.broker = broker
         self.port = port
         self.address = address or ""  # what an outbound link dials
         self.outbound = address is not None
+        self.vouched = vouched  # outbound: configured (--peer), or asked for by an admin whose token was checked
         self.identity = identity  # inbound: (peer key, peer's port for this link)
         self.state = "down"
         self.conn: LinkConnection | None = None
@@ -214,17 +217,18 @@ class Link:
 
     @property
     def trusted(self) -> bool:
-        """Outbound: a peer our token may go to: verified by TLS (``--tls-ca``), or one
-        this broker was configured with (``--peer``), not merely told to dial at run time."""
-        broker = self.broker
-        return broker.tls_client is not None or self.address in broker.config.peers
+        """Outbound: a peer our token may go to: verified by TLS (``--tls-ca``), or
+        :attr:`vouched` for, not merely named at run time by someone unauthenticated."""
+        return self.broker.tls_client is not None or self.vouched
 
     def hello(self, reached: tuple[Any, ...] | None = None) -> Hello:
         """What the dialling end says first; with a secret and a :attr:`trusted` peer, a
-        token of our own (role ``broker``) for the address dialled and ``reached`` (the
-        connection's peer address)."""
+        token of our own (role ``broker``) for ``reached`` (the connection's peer address)
+        and, when TLS verified it or it was configured, for the address as dialled."""
         broker = self.broker
-        audience = [self.address]
+        audience = []
+        if broker.tls_client is not None or self.address in broker.config.peers:
+            audience.append(self.address)  # a host name only where nobody else chose it, or TLS checked it
         if reached:
             audience.append(endpoint(str(reached[0]), int(reached[1])))
         token = broker.token(dict.fromkeys(audience))
@@ -233,8 +237,9 @@ class Link:
             if not self.warned_untrusted:
                 self.warned_untrusted = True
                 log.warning(
-                    "link port %d to %s: dialling without this broker's token: the address is not a configured --peer and "
-                    "the link is not TLS (--tls-ca), so nothing vouches for who answers; a peer that needs a token refuses it",
+                    "link port %d to %s: dialling without this broker's token: the address is not a configured --peer, no "
+                    "admin with a token asked for it, and the link is not TLS (--tls-ca), so nothing vouches for who answers; "
+                    "a peer that needs a token refuses it",
                     self.port, safe(self.address),
                 )
         return Hello(id=0, role="peer", name=broker.name, key=broker.key, keys=broker.announced_keys, link=self.port, token=token)

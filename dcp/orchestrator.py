@@ -46,7 +46,8 @@ import gc
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from math import gcd
@@ -187,22 +188,39 @@ class Orchestrator(Serving):
     def _recover(self) -> list[Stream]:
         """Registries, pipelines and assignments from sqlite; the stored routes, returned."""
         state = self.store.load()
+        now = time.monotonic()
         for b in state["brokers"]:
-            record = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"], gone_at=time.monotonic(), keys=b["keys"])
-            self.brokers[record.name] = record
-            for key in record.all_keys:
-                self._key_owner.setdefault(key, record.name)
+            with _recovering("broker", b):
+                record = BrokerRecord(b["name"], b["key"], b["address"], b["ports"], b["links"], gone_at=now, keys=b["keys"])
+                _check_broker(record)
+                self.brokers[record.name] = record
+                for key in record.all_keys:
+                    self._key_owner.setdefault(key, record.name)
         for a in state["agents"]:
-            self.agents[a["name"]] = AgentRecord(
-                a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"], gone_at=time.monotonic()
-            )
-            self._agents_at.setdefault(a["broker_key"], set()).add(a["name"])
+            with _recovering("agent", a):
+                agent = AgentRecord(a["name"], a["capabilities"], a["consumes"], a["produces"], a["broker_key"], a["port"], gone_at=now)
+                _check_agent(agent)
+                self.agents[agent.name] = agent
+                self._agents_at.setdefault(agent.broker_key, set()).add(agent.name)
         for p in state["pipelines"]:
-            self.pipelines[p["name"]] = parse_spec(p["spec"], f"stored pipeline {p['name']!r}")
-            self.deployed_at[p["name"]] = p["deployed_at"]
-        for pipeline, element, agent in state["assignments"]:
-            self._add_assignment((pipeline, element), agent)
-        streams = [Stream(s["producer"], s["topic"], s["epoch"], s["x"], s["consumers"]) for s in state["streams"]]
+            with _recovering("pipeline", p):
+                self.pipelines[p["name"]] = parse_spec(p["spec"], f"stored pipeline {p['name']!r}")
+                self.deployed_at[p["name"]] = float(p["deployed_at"])
+        for row in state["assignments"]:
+            with _recovering("assignment", row):
+                pipeline, element, agent = row
+                self.pipelines[pipeline].element(element)  # KeyError: of no pipeline element
+                if agent not in self.agents:
+                    raise KeyError(f"no agent {agent!r}")
+                self._add_assignment((pipeline, element), agent)
+        streams = []
+        for s in state["streams"]:
+            with _recovering("stream", s):
+                stream = Stream(s["producer"], s["topic"], s["epoch"], s["x"], s["consumers"])
+                if not (type(stream.producer) is str and type(stream.topic) is str and type(stream.epoch) is int
+                        and stream.epoch >= 0 and type(stream.x) is int and _strs(stream.consumers)):
+                    raise ValueError("not a (producer, topic, epoch, x, consumers) of the right types")
+                streams.append(stream)
         if any(state.values()):
             log.info(
                 "recovered %d broker(s), %d agent(s), %d pipeline(s), %d stream(s) from %s",
@@ -522,8 +540,10 @@ class Orchestrator(Serving):
     # -- pipelines ----------------------------------------------------------------------
 
     def access_policy(self) -> Policy:
-        """Who may publish and consume what now: the policy file's rules, then every deployed spec's."""
-        rules = [rule for spec in self.pipelines.values() for rule in spec.access_rules]
+        """Who may publish and consume what now: the policy file's rules, then every
+        deployed spec's, each scoped to the topics its own elements emit
+        (:meth:`PipelineSpec.scoped_rules`): a pipeline's rules say nothing of another's data."""
+        rules = [rule for spec in self.pipelines.values() for rule in spec.scoped_rules()]
         return self.file_access_policy.extended(rules)
 
     def _policy_changed(self) -> None:
@@ -551,7 +571,7 @@ class Orchestrator(Serving):
         external = {t for a in online for t in a.produces} | {
             spec_element.emits for other in self.pipelines.values() for spec_element in other.elements if spec_element.emits
         }
-        access_policy = self.access_policy().extended(spec.access_rules)
+        access_policy = self.access_policy()  # check_spec adds the spec's own rules, scoped as they will be
         check_spec(
             spec,
             capabilities=capabilities,
@@ -772,7 +792,10 @@ class Orchestrator(Serving):
         touched = self._touched
         while touched and time.perf_counter() < deadline:
             name, _ = touched.popitem()
-            self.planner.set_agent(name, self._view(self.agents[name]))
+            try:
+                self.planner.set_agent(name, self._view(self.agents[name]))
+            except Exception:  # a record nothing checked (an old file): this agent only, never the round
+                log.exception("agent %s cannot be planned; ignored until it registers again", safe(name))
         if touched or not self.planner.pending:
             return
         changed = self.planner.step(max(0.0, deadline - time.perf_counter()))
@@ -931,13 +954,56 @@ class Orchestrator(Serving):
                 for b in self.brokers.values()
             ],
             **listed,
+            "connections": {
+                "open": len(self._connections), "hello_timeouts": self.hello_timeouts,
+                "refused_per_name": self.per_name.refused, "refused_per_address": self.per_address.refused,
+                "names_taken": self.names_taken, "agents_expired": self.expired,
+            },
             "recomputations": self.recomputations,
             "planning": {
                 "rounds": self.recomputations, "slices": self._slices, "streams_planned": counters.planned,
                 "routes_changed": counters.changed, "planning_ms": round(counters.seconds * 1000, 3),
                 "longest_slice_ms": round(self._longest_slice_s * 1000, 3), "pending": self.planner.pending,
+                "failing": self.planner.failing,
             },
         }
+
+
+@contextmanager
+def _recovering(kind: str, record: Any) -> Iterator[None]:
+    """Recover one stored record: one that does not check (an old or damaged file) is
+    logged and left out, and the others are recovered."""
+    try:
+        yield
+    except Exception as exc:
+        log.error("ignoring a stored %s record that does not check (%s): %s", kind, safe(exc), safe(record, 512))
+
+
+def _strs(value: Any) -> bool:
+    return type(value) is list and all(type(item) is str for item in value)
+
+
+def _check_agent(record: AgentRecord) -> None:
+    """Raises unless a recovered agent record is what a registration would have stored."""
+    if not (type(record.name) is str and record.name and _strs(record.capabilities) and _strs(record.consumes)
+            and _strs(record.produces) and type(record.broker_key) is int and type(record.port) is int and 0 <= record.port <= 0xFFFF):
+        raise ValueError("fields of the wrong types")
+    for pattern in record.consumes:
+        validate_pattern(pattern)
+    for topic in record.produces:
+        validate_topic(topic)
+
+
+def _check_broker(record: BrokerRecord) -> None:
+    """Raises unless a recovered broker record has the types a broker_state would have stored."""
+    if not (type(record.name) is str and record.name and type(record.key) is int and type(record.address) is str
+            and type(record.ports) is int and type(record.links) is list
+            and (record.keys is None or type(record.keys) is list and all(type(k) is int for k in record.keys))):
+        raise ValueError("fields of the wrong types")
+    for link in record.links:
+        if not (type(link) is dict and type(link.get("port")) is int and type(link.get("remote_key")) is int
+                and type(link.get("remote_port")) is int and type(link.get("state")) is str):
+            raise ValueError(f"a link of the wrong shape: {link!r}")
 
 
 def _checkpoint_done(checkpoint: asyncio.Future[None]) -> None:
@@ -962,31 +1028,92 @@ class OrchestratorConnection(asyncio.Protocol):
 
     def __init__(self, orchestrator: Orchestrator) -> None:
         self.orchestrator = orchestrator
-        self.decoder = Decoder(Limits())
+        self.decoder = Decoder(CONTROL_LIMITS)  # control frames only, before its hello and after
         self.transport: asyncio.Transport | None = None
         self.role = ""
         self.name = ""
         self.peer = "?"
+        self.authenticated = False  # its hello's token was checked, for its name (not with --insecure)
+        self.heard_at = time.monotonic()  # when it last sent anything
         self.agent: AgentRecord | None = None
         self.broker: BrokerRecord | None = None
         self.closing = False
+        self._hello_due: asyncio.TimerHandle | None = None  # the hello deadline, until the hello is accepted
+        self._linger: asyncio.TimerHandle | None = None  # refused as it came: the abort if the peer stays
+        self._address: str | None = None  # the peer address it counts under (per_address)
+        self._counted_name: str | None = None  # the name it counts under (per_name), from its hello
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        self.orchestrator._connections.add(self)
+        do = self.orchestrator
+        do._connections.add(self)
+        address = peername[0] if peername else ""
+        if not do.per_address.take(address):
+            limit = do.per_address.limit
+            do.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
+            self._refuse("connection_limit", f"this orchestrator admits at most {limit} connections from {address}; close one, or try later")
+            return
+        if do.per_address.limit:
+            self._address = address
+        timeout = do.config.hello_timeout_s
+        if timeout and do._loop is not None:  # (one driven without a loop, as in tests, has no clock)
+            self._hello_due = do._loop.call_later(timeout, self._hello_overdue)
+
+    def _hello_overdue(self) -> None:
+        """No hello accepted within ``hello_timeout_s``: refused."""
+        self._hello_due = None
+        if self.closing or self.role:
+            return
+        do = self.orchestrator
+        do.hello_timeouts += 1
+        timeout = do.config.hello_timeout_s
+        do.log_refusal("hello_timeout", "no hello within %g s (%s); %d so far", timeout, self.peer, do.hello_timeouts)
+        self._refuse("hello_timeout", f"no hello within {timeout:g} s of connecting (hello_timeout_s)")
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Refused as it comes: a fatal error frame, our end shut, nothing more read.
+        Closing at once could reset the connection (what it sent may be unread) and lose
+        the frame, so the peer has :data:`_REFUSE_LINGER_S` to read it and close first."""
+        assert self.transport is not None
+        transport = self.transport
+        transport.write(encode_control(control.Error(code=code, message=message, fatal=True).to_body()))
+        self.closing = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.abort)
+        else:  # TLS
+            transport.close()
+
+    def live(self, silent_s: float) -> bool:
+        """Whether this connection still holds its name: open, and heard from within ``silent_s``."""
+        return not self.closing and time.monotonic() - self.heard_at < silent_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.orchestrator._connections.discard(self)
+        do = self.orchestrator
+        do._connections.discard(self)
+        for timer in (self._hello_due, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._hello_due = self._linger = None
+        if self._address is not None:
+            do.per_address.give(self._address)
+            self._address = None
+        if self._counted_name is not None:
+            do.per_name.give(self._counted_name)
+            self._counted_name = None
         if self.agent is not None and self.agent.conn is self:
-            self.orchestrator.agent_gone(self.agent)
+            do.agent_gone(self.agent)
         if self.broker is not None and self.broker.conn is self:
-            self.orchestrator.broker_gone(self.broker)
+            do.broker_gone(self.broker)
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.heard_at = time.monotonic()
         try:
             for event in self.decoder.feed(data):
                 if self.closing:
@@ -1010,6 +1137,9 @@ class OrchestratorConnection(asyncio.Protocol):
         try:
             message = control.parse_request(body)
             reply = _HANDLERS[type(message)](self, message)
+        except AuthError as exc:  # name_taken: this connection may not be that agent
+            self._error(exc.code, str(exc), request_id, fatal=True)
+            return
         except BadRequest as exc:
             if op == control.HELLO:
                 self._error(exc.code, str(exc), request_id, fatal=True)
@@ -1028,11 +1158,29 @@ class OrchestratorConnection(asyncio.Protocol):
         do = self.orchestrator
         try:
             do.permissions.check_role(hello)
-            hello = do.admit(hello, self.peer)
+            hello, counted = do.admit_as(hello, self.peer)
         except (BadRequest, AuthError) as exc:
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return None
+        if counted and do.per_name.limit:
+            if not do.per_name.take(counted):
+                limit = do.per_name.limit
+                do.log_refusal(
+                    "connection_limit", "%s holds %d connections already (max_connections_per_name); refusing %s",
+                    safe(counted), limit, self.peer,
+                )
+                message = (
+                    f"{limit} connections named {safe(counted)!r} are open on this orchestrator already "
+                    "(max_connections_per_name); close one, or try again once the orchestrator has seen a lost one go"
+                )
+                self._error("connection_limit", message, hello.id, fatal=True)
+                return None
+            self._counted_name = counted
+        if self._hello_due is not None:
+            self._hello_due.cancel()
+            self._hello_due = None
         self.role, self.name = hello.role, hello.name
+        self.authenticated = do.permissions.needs_token(hello.role)
         return control.Welcome(name="orchestrator", mode="orchestrator")
 
     def _on_ping(self, _: control.Ping) -> control.Pong:

@@ -12,13 +12,18 @@ they share one, so that thousands of routes cost one commit.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._guard import safe
+
 __all__ = ["Store"]
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS brokers (
@@ -120,6 +125,10 @@ class Store:
             (name, json.dumps(capabilities), json.dumps(consumes), json.dumps(produces), str(broker_key), port),
         )
 
+    def delete_agent(self, name: str) -> None:
+        """Forget an agent's record (gone for longer than the grace period); its streams stay."""
+        self._db.execute("DELETE FROM agents WHERE name = ?", (name,))
+
     def save_pipeline(self, name: str, spec: dict[str, Any], deployed_at: float) -> None:
         self._db.execute("INSERT OR REPLACE INTO pipelines VALUES (?, ?, ?)", (name, json.dumps(spec), deployed_at))
 
@@ -147,30 +156,37 @@ class Store:
     # -- reads ----------------------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        """Everything, as plain dicts and lists."""
+        """Everything, as plain dicts and lists.  A row that does not decode (text that is
+        not JSON, a key that is not a number) is logged and left out; the orchestrator
+        checks the types and values of the rest."""
         db = self._db
         return {
-            "brokers": [
-                {
-                    "name": n, "key": int(k), "address": a, "ports": p, "links": json.loads(links),
-                    "keys": None if keys is None else [int(key) for key in json.loads(keys)],
-                }
-                for n, k, a, p, links, keys in db.execute("SELECT name, key, address, ports, links, keys FROM brokers ORDER BY name")
-            ],
-            "agents": [
-                {
-                    "name": n, "capabilities": json.loads(c), "consumes": json.loads(cs), "produces": json.loads(pr),
-                    "broker_key": int(bk), "port": port,
-                }
-                for n, c, cs, pr, bk, port in db.execute("SELECT * FROM agents ORDER BY name")
-            ],
-            "pipelines": [
-                {"name": n, "spec": json.loads(spec), "deployed_at": at}
-                for n, spec, at in db.execute("SELECT * FROM pipelines ORDER BY deployed_at, name")
-            ],
+            "brokers": _decoded("broker", db.execute("SELECT name, key, address, ports, links, keys FROM brokers ORDER BY name"),
+                                lambda n, k, a, p, links, keys: {
+                                    "name": n, "key": int(k), "address": a, "ports": p, "links": json.loads(links),
+                                    "keys": None if keys is None else [int(key) for key in json.loads(keys)],
+                                }),
+            "agents": _decoded("agent", db.execute("SELECT * FROM agents ORDER BY name"),
+                               lambda n, c, cs, pr, bk, port: {
+                                   "name": n, "capabilities": json.loads(c), "consumes": json.loads(cs), "produces": json.loads(pr),
+                                   "broker_key": int(bk), "port": port,
+                               }),
+            "pipelines": _decoded("pipeline", db.execute("SELECT * FROM pipelines ORDER BY deployed_at, name"),
+                                  lambda n, spec, at: {"name": n, "spec": json.loads(spec), "deployed_at": at}),
             "assignments": [tuple(row) for row in db.execute("SELECT * FROM assignments ORDER BY pipeline, element, agent")],
-            "streams": [
-                {"producer": p, "topic": t, "epoch": e, "x": int.from_bytes(x, "big"), "consumers": json.loads(c)}
-                for p, t, e, x, c in db.execute("SELECT * FROM streams ORDER BY producer, topic")
-            ],
+            "streams": _decoded("stream", db.execute("SELECT * FROM streams ORDER BY producer, topic"),
+                                lambda p, t, e, x, c: {
+                                    "producer": p, "topic": t, "epoch": e, "x": int.from_bytes(x, "big"), "consumers": json.loads(c),
+                                }),
         }
+
+
+def _decoded(kind: str, rows: Iterable[tuple[Any, ...]], decode: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
+    """``decode(*row)`` of every row that decodes; the others logged and left out."""
+    records = []
+    for row in rows:
+        try:
+            records.append(decode(*row))
+        except (ValueError, TypeError) as exc:
+            log.error("ignoring a stored %s row that does not decode (%s): %s", kind, safe(exc), safe(row, 512))
+    return records

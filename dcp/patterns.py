@@ -86,27 +86,39 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """One policy line: agents whose name matches the ``agent`` glob are allowed or denied these topics."""
+    """One policy line: agents whose name matches the ``agent`` glob are allowed or denied these topics.
+
+    ``topics``: the concrete topics the rule may decide about at all (None: every topic),
+    and ``source`` where it comes from, for messages: a pipeline spec's rules are scoped
+    to the topics its own elements emit (:meth:`dcp.spec.PipelineSpec.scoped_rules`).
+    """
 
     agent: str
     action: str
     publish: tuple[str, ...] = ()
     consume: tuple[str, ...] = ()
+    topics: frozenset[str] | None = None
+    source: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "publish", tuple(self.publish))
         object.__setattr__(self, "consume", tuple(self.consume))
+        if self.topics is not None:
+            object.__setattr__(self, "topics", frozenset(self.topics))
         problem = _rule_problem(self.agent, self.action, self.publish, self.consume)
         if problem:
             raise ConfigError(f"rule.{problem[0]} {problem[1]}")
 
     def _pattern_for(self, agent: str, access: str, topic: str) -> str | None:
         """The first of this rule's ``access`` patterns that covers ``agent`` and ``topic``, if any."""
+        if self.topics is not None and topic not in self.topics:
+            return None
         if not fnmatch.fnmatchcase(agent, self.agent):
             return None
         return next((p for p in getattr(self, access) if topic_matches(p, topic)), None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The rule as a spec or a policy file writes it (its scope is not written)."""
         data: dict[str, Any] = {"agent": self.agent, "action": self.action}
         for access in ACCESS:
             if getattr(self, access):
@@ -213,7 +225,8 @@ class Policy:
         if decision is None:
             return f"default {self.default}"
         i, rule, pattern = decision
-        return f"rule {i} ({rule.action} {action} {pattern!r} for {rule.agent!r})"
+        source = f" of {rule.source}" if rule.source else ""
+        return f"rule {i}{source} ({rule.action} {action} {pattern!r} for {rule.agent!r})"
 
     def extended(self, rules: Iterable[Rule]) -> Policy:
         """This policy with ``rules`` after its own, so they only decide what it leaves to the default."""

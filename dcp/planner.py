@@ -20,6 +20,8 @@ What a stream's plan depends on, and the index that finds it when that changes:
 
 A stream with a consumer left out (unreachable, or on a bad endpoint) or an unusable
 source is replanned on every overlay change, so that nothing it waits for is missed.
+So is a stream whose planning raised (a record nothing checked, a bug): the error is
+logged once, the stream keeps its last route, and the others are planned.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ._guard import safe
 from .errors import RoutingError
 from .patterns import Policy
 from .topology import Endpoint, Overlay, OverlayLink, build_tree
@@ -313,6 +316,7 @@ class Planner:
         self._by_edge: dict[Edge, set[StreamKey]] = {}  # link -> streams whose tree uses it
         self._by_source: dict[str, set[StreamKey]] = {}  # broker -> streams that start there
         self._partial: set[StreamKey] = set()
+        self._failing: set[StreamKey] = set()  # streams whose planning raised (logged once), retried
 
     @property
     def pending(self) -> int:
@@ -323,6 +327,11 @@ class Planner:
     def partial(self) -> int:
         """Streams planned without some consumer (unreachable, or on a bad endpoint), or without a usable source."""
         return len(self._partial)
+
+    @property
+    def failing(self) -> int:
+        """Streams whose planning raised the last time: they keep their last route."""
+        return len(self._failing)
 
     def topics_of(self, producer: str) -> list[str]:
         """The topics ``producer`` has a route for (withdrawn ones too)."""
@@ -362,6 +371,15 @@ class Planner:
         if moved and now is not None:
             self._at.setdefault(now, set()).add(name)
 
+    def remove_agent(self, name: str) -> None:
+        """Forget agent ``name`` (gone for good): what it produced and consumed is dirty,
+        as when it loses its endpoint.  The records of its streams stay (``streams``,
+        :meth:`topics_of`), so their epochs only ever grow if it comes back."""
+        if name not in self.agents:
+            return
+        self.set_agent(name, AgentView(None, False))
+        del self.agents[name]
+
     def set_policy(self, policy: Policy) -> None:
         """A new access policy: every produced stream is dirty."""
         if policy == self.policy:
@@ -393,6 +411,7 @@ class Planner:
             for agent in self._at[end]:
                 self._mark_agent(agent)
         self._mark(list(self._partial))
+        self._mark(list(self._failing))
 
     def _mark_agent(self, name: str) -> None:
         """Dirty everything agent ``name`` (with an endpoint) produces or consumes."""
@@ -444,7 +463,14 @@ class Planner:
         while dirty:
             key, _ = dirty.popitem()
             planned += 1
-            stream = self._plan(key)
+            try:
+                stream = self._plan(key)
+                self._failing.discard(key)
+            except Exception:  # this stream only: it keeps its last route, the others are planned
+                stream = None
+                if key not in self._failing:
+                    self._failing.add(key)
+                    log.exception("cannot plan stream %s/%s; it keeps its last route", safe(key[0]), safe(key[1]))
             if stream is not None:
                 self._record(stream)
                 changed.append(stream)

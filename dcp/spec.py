@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,14 @@ class PipelineSpec:
     def emitted(self) -> dict[str, ElementSpec]:
         """Concrete topic -> the element emitting it (external sources included)."""
         return {e.emits: e for e in self.elements if e.emits is not None}
+
+    def scoped_rules(self) -> tuple[Rule, ...]:
+        """The spec's ``[[policy]]`` rules as the orchestrator applies them: each decides
+        only about the topics this pipeline's own elements emit (not an external
+        source's), who may publish them and who may consume them, wherever they are
+        consumed; so one pipeline's rules never decide about another's data."""
+        topics = frozenset(e.emits for e in self.elements if e.emits is not None and not e.external)
+        return tuple(replace(rule, topics=topics, source=f"pipeline {self.name!r}") for rule in self.access_rules)
 
     def consumers_of(self, topic: str) -> list[ElementSpec]:
         return [e for e in self.elements if any(topic_matches(p, topic) for p in e.consumes)]
@@ -314,7 +322,8 @@ def check_spec(
     ``capabilities``, ``agents`` and ``external_topics`` are what registered data agents
     offer, are called and produce.  With ``agents_with(capability)`` (the agents offering
     it), some agent for each element must be allowed by ``access_policy`` followed by the spec's
-    own ``[[policy]]`` rules to consume all it would get and to publish what it emits.
+    own ``[[policy]]`` rules (scoped to its topics, :meth:`PipelineSpec.scoped_rules`) to
+    consume all it would get and to publish what it emits.
 
     Raises:
         SpecError: the first problem found, naming the field (``pipeline`` for a cycle).
@@ -338,7 +347,7 @@ def check_spec(
         raise SpecError("pipeline", f"cycle {' -> '.join(cycle)}")
     if agents_with is None or (access_policy is None and not spec.access_rules):
         return
-    effective = (access_policy or Policy()).extended(spec.access_rules)
+    effective = (access_policy or Policy()).extended(spec.scoped_rules())
     for e in spec.elements:
         if e.capability is None:  # an external source: its producer is outside the pipeline
             continue

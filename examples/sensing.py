@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ from typing import Any
 import uvloop
 
 import dcp
+from dcp.auth import issue_token, load_secret
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.orchestrator import Orchestrator
@@ -110,7 +112,15 @@ def show(prefix: str, payload: bytes) -> None:
 async def run(count: int, interval: float, seed: int) -> int:
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dcp-sensing-") as tmp:
-        do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(tmp) / "orchestrator.db")))
+        secret_file = Path(tmp) / "secret"  # shared by the orchestrator and the brokers; tokens for the agents and the admin
+        secret_file.write_text(secrets.token_hex(32))
+        secret_file.chmod(0o600)
+        secret = load_secret(secret_file)
+
+        def token(name: str, role: str = "agent") -> str:
+            return issue_token(secret, name, role, int(time.time()) + 3600)
+
+        do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(Path(tmp) / "orchestrator.db"), secret_file=str(secret_file)))
         await do.start()
         do_addr = "%s:%d" % do.address
         do_url = f"dcp://{do_addr}"
@@ -118,7 +128,7 @@ async def run(count: int, interval: float, seed: int) -> int:
         for name in ("edge-a", "edge-b"):  # keys of their own, drawn at random
             peers = tuple("%s:%d" % b.address for b in brokers)
             broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers,
-                                         slow_consumer="pause"))
+                                         slow_consumer="pause", secret_file=str(secret_file)))
             await broker.start()
             brokers.append(broker)
         for broker in brokers:
@@ -130,7 +140,7 @@ async def run(count: int, interval: float, seed: int) -> int:
         agents: list[dcp.DataAgent] = []
 
         def agent(name: str, on: int, cls: Any = dcp.DataAgent, **options: Any) -> Any:
-            a = cls(name, broker=urls[on], orchestrator=do_url, report_interval_s=0.1, **options)
+            a = cls(name, broker=urls[on], orchestrator=do_url, report_interval_s=0.1, token=token(name), **options)
             agents.append(a)
             return a
 
@@ -164,7 +174,7 @@ async def run(count: int, interval: float, seed: int) -> int:
         for a in agents:
             await a.start()
         spec = load_spec(SPEC)
-        async with dcp.connect(do_url, role="admin", name="sensing-example", reconnect=False) as admin:
+        async with dcp.connect(do_url, role="admin", name="sensing-example", reconnect=False, token=token("sensing-example", "admin")) as admin:
             reply = await admin.request({"op": "deploy", "spec": spec.to_dict()})
         placed = ", ".join(f"{element} -> {', '.join(names)}" for element, names in sorted(reply["assignments"].items()))
         print(f"deployed {reply['pipeline']!r} from {SPEC.name}: {placed}")

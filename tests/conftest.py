@@ -46,13 +46,27 @@ def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
         )
 
 
+def insecure_unless_secured(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` of a test daemon, with ``insecure=True`` unless they say otherwise or
+    ``require_token``: the tests of other things run as every daemon did before the
+    secure default (tests/test_secure_default.py tests that)."""
+    return {"insecure": not settings.get("require_token"), **settings}
+
+
+def insecure_flag(args: tuple[str, ...] | list[str]) -> list[str]:
+    """``--insecure`` for a test daemon's command line, unless it has ``--require-token`` or
+    ``--insecure`` already, or ``--secure`` (taken out: the secure default is wanted)."""
+    return [] if {"--require-token", "--insecure", "--secure"} & set(args) else ["--insecure"]
+
+
 @pytest.fixture
 async def make_broker() -> AsyncIterator[Callable[..., "asyncio.Future[Broker]"]]:
-    """``await make_broker(**config)``: a started in-process broker on a free port."""
+    """``await make_broker(**config)``: a started in-process broker on a free port
+    (``insecure`` unless the settings say otherwise, or ask for ``require_token``)."""
     brokers: list[Broker] = []
 
     async def make(**settings: object) -> Broker:
-        broker = Broker(BrokerConfig(**{"listen": "127.0.0.1:0", **settings}))  # type: ignore[arg-type]
+        broker = Broker(BrokerConfig(**{"listen": "127.0.0.1:0", **insecure_unless_secured(settings)}))
         await broker.start()
         brokers.append(broker)
         return broker
@@ -70,6 +84,14 @@ async def broker(make_broker) -> Broker:  # type: ignore[no-untyped-def]
 def url_of(broker: Broker) -> str:
     host, port = broker.address
     return f"dcp://{host}:{port}"
+
+
+async def admin_stats(url: str, token: str | None = None) -> dict[str, Any]:
+    """A broker's stats, as ``dcp stats`` gets them: over an admin connection (an agent's is refused)."""
+    import dcp
+
+    async with dcp.connect(url, role="admin", name="test-admin", token=token, reconnect=False) as admin:
+        return await admin.stats()
 
 
 @dataclass(kw_only=True)
@@ -138,8 +160,10 @@ class BrokerProcess(DaemonProcess):
 
 
 def start_broker_process(*args: str) -> BrokerProcess:
-    """Run ``python -m dcp broker --listen 127.0.0.1:0 ARGS`` and wait for its listening line."""
-    process, match, seen = start_daemon(["broker", "--listen", "127.0.0.1:0", *args], LISTENING)
+    """Run ``python -m dcp broker --listen 127.0.0.1:0 ARGS`` and wait for its listening line
+    (with ``--insecure``, as :func:`insecure_flag` says)."""
+    flags = [*insecure_flag(args), *(arg for arg in args if arg != "--secure")]
+    process, match, seen = start_daemon(["broker", "--listen", "127.0.0.1:0", *flags], LISTENING)
     host, port, mode, key = match.groups()
     return BrokerProcess(process=process, host=host, port=int(port), mode=mode, key=int(key), log=seen)
 
@@ -190,10 +214,16 @@ class ClusterProcess:
         return self.process.returncode, "".join(self.log)
 
 
+def insecure_flag_for_cluster(args: tuple[str, ...]) -> list[str]:
+    """``--insecure`` for ``dcp cluster`` unless ARGS give ``--secret-file`` (before ``--``)."""
+    own = args[: args.index("--")] if "--" in args else args
+    return [] if {"--secret-file", "--insecure"} & set(own) else ["--insecure"]
+
+
 def start_cluster_process(*args: str) -> ClusterProcess:
     """Run ``python -m dcp cluster --json ARGS`` and read the overlay line it prints."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "dcp", "cluster", "--json", "--log-level", "info", *args],
+        [sys.executable, "-m", "dcp", "cluster", "--json", "--log-level", "info", *insecure_flag_for_cluster(args), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

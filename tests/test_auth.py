@@ -37,7 +37,7 @@ from dcp.cli import main
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.errors import AuthError, ConfigError, ConnectionClosed, RemoteError
 from dcp.orchestrator import Orchestrator
-from dcp.routing import allocate_keys, encode
+from dcp.routing import allocate_keys, encode, int_to_bytes
 from dcp.wire import ControlFrame, Decoder, encode_control, encode_data
 from tests.conftest import url_of
 from tests.test_pipelines import start_orchestrator_process
@@ -124,18 +124,64 @@ def test_missing_and_malformed_tokens(secret: bytes, bad: object, code: str) -> 
 
 
 def test_a_hello_is_admitted_by_a_token_of_its_role_and_name(secret: bytes) -> None:
-    agent, admin, broker = token(secret, "cam"), token(secret, "ops", "admin"), token(secret, "b0", "broker")
+    agent, admin = token(secret, "cam"), token(secret, "ops", "admin")
+    broker = issue_token(secret, "b0", "broker", int(time.time() + 60), ["10.0.0.2:7400"])
     now = time.time()
     assert admit(secret, {"role": "agent", "name": "cam", "token": agent}, now).name == "cam"
     assert admit(secret, {"role": "agent", "token": agent}, now).name == "cam"  # no name: the token's
     assert admit(secret, {"role": "admin", "name": "dcp-cli", "token": admin}, now).role == "admin"  # admins' names are free
-    assert admit(secret, {"role": "peer", "name": "b0", "token": broker}, now).role == "broker"
-    assert admit(secret, {"role": "broker", "name": "b0", "token": broker}, now).role == "broker"
+    assert admit(secret, {"role": "peer", "name": "b0", "token": broker}, now, {"10.0.0.2:7400"}).role == "broker"
+    assert admit(secret, {"role": "broker", "name": "b0", "token": broker}, now, {"b1", "10.0.0.2:7400"}).role == "broker"
     assert code_of(lambda: admit(secret, {"role": "admin", "token": agent}, now)) == "token_role"
     assert code_of(lambda: admit(secret, {"role": "agent", "token": admin}, now)) == "token_role"
     assert code_of(lambda: admit(secret, {"role": "peer", "name": "cam", "token": agent}, now)) == "token_role"
     assert code_of(lambda: admit(secret, {"role": "agent", "name": "spy", "token": agent}, now)) == "token_name"
-    assert code_of(lambda: admit(secret, {"role": "broker", "name": "b1", "token": broker}, now)) == "token_name"
+    assert code_of(lambda: admit(secret, {"role": "broker", "name": "b1", "token": broker}, now, {"10.0.0.2:7400"})) == "token_name"
+
+
+def test_a_broker_token_is_admitted_only_by_its_audience(secret: bytes) -> None:
+    """A broker's own token names whom it is for; another server refuses it (token_audience),
+    and so does any server when it names nobody.  Agent and admin tokens name no audience."""
+    now = time.time()
+    expires = int(now + 60)
+    for_b1 = issue_token(secret, "b0", "broker", expires, ["b1.example:7400", "10.0.0.2:7400"])
+    assert verify_token(secret, for_b1, now).audience == ("b1.example:7400", "10.0.0.2:7400")
+    hello = {"role": "peer", "name": "b0", "token": for_b1}
+    assert admit(secret, hello, now, {"10.0.0.2:7400", "b1"}).name == "b0"
+    assert admit(secret, hello, now, {"b1.example:7400"}).name == "b0"
+    for elsewhere in ({"10.0.0.3:7400"}, {"orchestrator"}, set()):
+        with pytest.raises(AuthError) as info:
+            admit(secret, hello, now, elsewhere)
+        assert (info.value.code, str(info.value)) == (
+            "token_audience", "the broker token is for b1.example:7400, 10.0.0.2:7400, not for this server",
+        )
+    for_do = issue_token(secret, "b0", "broker", expires, ["orchestrator"])
+    assert admit(secret, {"role": "broker", "name": "b0", "token": for_do}, now, {"orchestrator"}).role == "broker"
+    assert code_of(lambda: admit(secret, {"role": "peer", "name": "b0", "token": for_do}, now, {"10.0.0.2:7400"})) == "token_audience"
+    unbound = issue_token(secret, "b0", "broker", expires)  # as brokers issued them before
+    assert verify_token(secret, unbound, now).audience == ()
+    with pytest.raises(AuthError, match="names no audience") as info:
+        admit(secret, {"role": "peer", "name": "b0", "token": unbound}, now, {"10.0.0.2:7400"})
+    assert info.value.code == "token_audience"
+    assert "token_audience" in dcp.auth.REFUSALS
+    agent = token(secret, "cam")
+    assert admit(secret, {"role": "agent", "name": "cam", "token": agent}, now, set()).audience == ()
+
+
+@pytest.mark.parametrize("aud", ["b1:7400", [1], {"host": "b1"}, [["b1"]]])
+def test_an_audience_that_is_not_a_list_of_names_is_malformed(secret: bytes, aud: object) -> None:
+    body = json.dumps({"aud": aud, "exp": NOW + 60, "name": "b0", "role": "broker"}, separators=(",", ":"), sort_keys=True).encode()
+    mac = hmac.new(hmac.new(secret, b"dcp token", hashlib.sha256).digest(), body, hashlib.sha256).digest()
+    forged_free = "dcp1.%s.%s" % (base64.urlsafe_b64encode(body).rstrip(b"=").decode(), base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
+    assert code_of(lambda: verify_token(secret, forged_free, NOW)) == "token_malformed"
+
+
+def test_an_endpoint_is_spelt_alike_at_both_ends() -> None:
+    assert dcp.auth.endpoint("10.0.0.2", 7400) == "10.0.0.2:7400"
+    assert dcp.auth.endpoint("::ffff:10.0.0.2", 7400) == "10.0.0.2:7400"  # a dual-stack socket's view of IPv4
+    assert dcp.auth.endpoint("::1", 7400) == "[::1]:7400"
+    assert dcp.auth.endpoint("0:0::1", 7400) == "[::1]:7400"
+    assert dcp.auth.endpoint("b1.example", 7400) == "b1.example:7400"
 
 
 def test_a_short_secret_is_a_config_error(tmp_path: Path) -> None:
@@ -157,9 +203,9 @@ def test_config_checks_the_token_and_tls_settings(config_class: Any, secret_file
 def test_unreadable_tls_files_are_config_errors(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.pem")
     with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
-        Broker(BrokerConfig(tls_cert=missing, tls_key=missing))
+        Broker(BrokerConfig(tls_cert=missing, tls_key=missing, insecure=True))
     with pytest.raises(ConfigError, match="cannot load the TLS CA file"):
-        Broker(BrokerConfig(tls_ca=missing))
+        Broker(BrokerConfig(tls_ca=missing, insecure=True))
     with pytest.raises(ConfigError, match="cannot load the TLS CA file"):
         dcp.Connection("dcps://127.0.0.1:1", tls_ca=missing)
 
@@ -257,7 +303,7 @@ async def test_an_agent_refused_by_its_brokers_stops_with_the_code(guarded: Brok
 
 
 async def test_an_agent_refused_at_a_reconnect_stops_and_run_says_why(guarded: Broker, secret: bytes, tmp_path: Path) -> None:
-    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db")))
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db"), insecure=True))
     await do.start()
     good = {"now": True}
     agent = dcp.DataAgent(
@@ -283,8 +329,8 @@ async def test_linked_brokers_requiring_tokens_link_and_forward(make_broker, sec
     key_a, key_b, key_c = allocate_keys(3, PORTS)
     guarded = {"secret_file": str(secret_file), "require_token": True, "ports": PORTS}
     a = await make_broker(key=key_a, name="alpha", **guarded)
-    b = await make_broker(key=key_b, name="beta", **guarded)
-    link = b.add_link(addr_of(a))
+    b = await make_broker(key=key_b, name="beta", peers=(addr_of(a),), **guarded)  # a configured peer: it gets b's token
+    (link,) = b.links.values()
     await link.wait_up(5)
     (back,) = a.links.values()
     async with dcp.connect(url_of(a), name="pub", token=token(secret, "pub")) as pub, \
@@ -296,8 +342,8 @@ async def test_linked_brokers_requiring_tokens_link_and_forward(make_broker, sec
     other = tmp_path / "other.secret"
     other.write_text(secrets.token_hex(32))
     other.chmod(0o600)
-    stranger = await make_broker(key=key_c, name="stranger", secret_file=str(other), ports=PORTS)
-    refused = stranger.add_link(addr_of(a))
+    stranger = await make_broker(key=key_c, name="stranger", secret_file=str(other), ports=PORTS, peers=(addr_of(a),))
+    (refused,) = stranger.links.values()
     await until(lambda: "token_forged" in refused.last_error, lambda: f"a refusal for the token, not {refused.last_error!r}")
     assert refused.state == "down" and list(a.links.values()) == [back]
 
@@ -348,6 +394,110 @@ async def test_the_orchestrator_refuses_agents_without_a_token_and_issues_tokens
     with pytest.raises(RemoteError) as info:
         await dcp.DataAgent("spy", broker=url_of(broker), orchestrator=do_url, token=issued["token"]).start(timeout=10)
     assert info.value.code == "token_name" and "spy" not in guarded_do.agents
+
+
+class Trap:
+    """A listener that a broker is pointed at: it keeps the hello of every connection, and answers nothing."""
+
+    def __init__(self) -> None:
+        self.hellos: list[dict[str, Any]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = Decoder()
+        while data := await reader.read(65536):
+            self.hellos += [event.body for event in decoder.feed(data) if isinstance(event, ControlFrame) and event.op == "hello"]
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_broker_token_captured_by_what_a_broker_dialled_is_refused_elsewhere(  # type: ignore[no-untyped-def]
+    guarded_do: Orchestrator, make_broker, secret_file: Path, secret: bytes, caplog
+) -> None:
+    """The probe of the review: a broker dials a listener, which keeps the token of its hello.
+    The token names that listener as its audience, so neither the orchestrator nor another
+    broker takes it; and a link to an address the broker was not configured with, without
+    TLS, carries no token at all."""
+    trap, elsewhere = Trap(), Trap()
+    trap_address, elsewhere_address = await trap.start(), await elsewhere.start()
+    try:
+        key_a, key_b = allocate_keys(2, PORTS)
+        victim = await make_broker(key=key_b, name="victim", secret_file=str(secret_file), require_token=True, ports=PORTS)
+        alpha = await make_broker(
+            key=key_a, name="alpha", secret_file=str(secret_file), ports=PORTS, peers=(trap_address,), orchestrator=addr_of(guarded_do),
+        )
+        await until(lambda: "alpha" in guarded_do.brokers and guarded_do.brokers["alpha"].conn is not None, "alpha registered")
+        await until(lambda: trap.hellos, "alpha's hello at the trap")
+        stolen = trap.hellos[0]["token"]
+        claims = verify_token(secret, stolen, time.time())
+        assert (claims.name, claims.role, claims.audience) == ("alpha", "broker", (trap_address,))  # dialled and reached: one address
+
+        with pytest.raises(RemoteError) as info:  # at the orchestrator, as the broker it names
+            await dcp.connect(f"dcp://{addr_of(guarded_do)}", role="broker", name="alpha", token=stolen, reconnect=False)
+        assert info.value.code == "token_audience" and guarded_do.brokers["alpha"].conn is not None
+
+        reader, writer = await asyncio.open_connection(*victim.address)  # at another broker, as a peer
+        writer.write(encode_control({"op": "hello", "id": 1, "role": "peer", "name": "alpha", "key": int_to_bytes(key_a), "link": 0, "token": stolen}))
+        (refusal,) = [event.body for event in Decoder().feed(await asyncio.wait_for(reader.read(), 10)) if isinstance(event, ControlFrame)]
+        writer.close()
+        assert (refusal["op"], refusal["code"], refusal["fatal"]) == ("error", "token_audience", True)
+        assert victim.links == {} and victim.attached == 0
+
+        # A link at run time to an address alpha was not configured with, without TLS: no token goes.
+        caplog.set_level("WARNING", logger="dcp.link")
+        alpha.add_link(elsewhere_address)
+        await until(lambda: elsewhere.hellos, "alpha's hello at the other address")
+        assert elsewhere.hellos[0].get("token") is None
+        assert "dialling without this broker's token" in caplog.text
+        # ... and a peer that needs a token refuses such a link.
+        refused = alpha.add_link(addr_of(victim))
+        await until(lambda: "token_missing" in refused.last_error, lambda: f"refused for want of a token, not {refused.last_error!r}")
+        assert refused.state == "down" and victim.links == {}
+
+        # An admin whose token a broker checked may ask for a link: its token goes, for the address reached only.
+        asked = Trap()
+        asked_address = await asked.start()
+        try:
+            async with dcp.connect(url_of(victim), role="admin", token=token(secret, "ops", "admin"), reconnect=False) as admin:
+                await admin.request({"op": "link", "peer": asked_address})
+            await until(lambda: asked.hellos, "the victim's hello at the address its admin gave")
+            assert verify_token(secret, asked.hellos[0]["token"], time.time()).audience == (asked_address,)
+        finally:
+            await asked.close()
+    finally:
+        await trap.close()
+        await elsewhere.close()
+
+
+async def test_a_verifying_broker_links_at_run_time_only_to_peers_it_can_vouch_for(make_broker, secret_file: Path) -> None:  # type: ignore[no-untyped-def]
+    """What a link brings is forwarded unchecked at a broker that verifies routes, so it dials
+    no peer that nothing vouches for (TLS, --peer, an admin with a token), and takes no peer
+    without a broker token for itself, even where peers need none (--insecure)."""
+    key_a, key_b = allocate_keys(2, PORTS)
+    verifying = await make_broker(key=key_a, name="verifying", secret_file=str(secret_file), verify_routes=True, insecure=True, ports=PORTS)
+    with pytest.raises(ConfigError, match="links only over TLS .*, to a configured --peer, or when an admin with a token asks"):
+        verifying.add_link("127.0.0.1:9")
+    async with dcp.connect(url_of(verifying), role="admin", reconnect=False) as admin:
+        with pytest.raises(RemoteError) as info:
+            await admin.request({"op": "link", "peer": "127.0.0.1:9"})
+        assert info.value.code == "bad_link"
+    reader, writer = await asyncio.open_connection(*verifying.address)
+    writer.write(encode_control({"op": "hello", "id": 1, "role": "peer", "name": "fake", "key": int_to_bytes(key_b), "link": 0}))
+    (refusal,) = [event.body for event in Decoder().feed(await asyncio.wait_for(reader.read(), 10)) if isinstance(event, ControlFrame)]
+    writer.close()
+    assert (refusal["code"], refusal["fatal"]) == ("token_missing", True) and "verifies routes" in refusal["message"]
+    # A configured peer with the secret links, and frames cross it.
+    other = await make_broker(key=key_b, name="other", secret_file=str(secret_file), insecure=True, ports=PORTS, peers=(addr_of(verifying),))
+    (link,) = other.links.values()
+    await link.wait_up(5)
+    assert len(verifying.links) == 1
 
 
 def _dcp(*args: str) -> subprocess.CompletedProcess[str]:
@@ -600,16 +750,25 @@ def test_a_token_is_its_sorted_compact_claims_and_their_hmac_in_base64url() -> N
         assert verify_token(FIXED_SECRET, issued, NOW) == Claims(name, role, expires)
 
 
-def test_a_route_tag_is_its_stamp_and_a_truncated_hmac_of_topic_stamp_and_x() -> None:
+def test_a_route_tag_is_its_stamp_and_a_truncated_hmac_of_topic_producer_broker_stamp_and_x() -> None:
     """The tag, computed here from the stdlib: !II (epoch mod 2**32, expires), then 16 bytes of
-    HMAC(HMAC(secret, "dcp route"), len(topic) as 2 bytes + topic + stamp + X)."""
-    route_key = _hmac(FIXED_SECRET, b"dcp route")
+    HMAC(HMAC(secret, "dcp route producer"), topic, producer, broker key (each after its length
+    as 4 bytes) + stamp + X); X and the key as their shortest big-endian bytes."""
+    route_key = _hmac(FIXED_SECRET, b"dcp route producer")
     signer = RouteSigner(FIXED_SECRET)
-    for topic, x, epoch, expires in [("t", 0, 0, 1), ("cam.video", 2**70 + 5, 7, NOW), ("é" * 200, 12345, 2**32 + 9, 2**32 - 1)]:
-        topic_b = topic.encode()
+
+    def field(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+
+    for topic, x, epoch, expires, producer, key in [
+        ("t", 0, 0, 1, "", 0), ("cam.video", 2**70 + 5, 7, NOW, "camera", 2**64 + 13), ("é" * 200, 12345, 2**32 + 9, 2**32 - 1, "ü" * 70, 257),
+    ]:
         stamp = struct.pack("!II", epoch % 2**32, expires)
-        message = len(topic_b).to_bytes(2, "big") + topic_b + stamp + x.to_bytes((x.bit_length() + 7) // 8, "big")
-        assert signer.sign(topic, x, epoch, expires) == stamp + _hmac(route_key, message)[:16]
+        message = (
+            field(topic.encode()) + field(producer.encode()) + field(key.to_bytes((key.bit_length() + 7) // 8, "big"))
+            + stamp + x.to_bytes((x.bit_length() + 7) // 8, "big")
+        )
+        assert signer.sign(topic, x, epoch, expires, producer=producer, broker_key=key) == stamp + _hmac(route_key, message)[:16]
 
 
 def test_an_unreadable_secret_file_names_the_os_reason(tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def _frames_in_log(directory: Path) -> list[DataFrame]:
 
 
 async def test_refqueue_forwards_like_a_stateful_broker_and_logs_every_forwarded_byte(tmp_path: Path) -> None:
-    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0"), log_dir=tmp_path)
+    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path)
     await queue.start()
     try:
         url = "dcp://%s:%d" % queue.address
@@ -206,7 +206,7 @@ async def test_refqueue_forwards_like_a_stateful_broker_and_logs_every_forwarded
 
 
 async def test_refqueue_rolls_segments_and_can_flush_every_write(tmp_path: Path) -> None:
-    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0"), log_dir=tmp_path, segment_bytes=10_000, fsync_interval_ms=0)
+    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path, segment_bytes=10_000, fsync_interval_ms=0)
     await queue.start()
     try:
         url = "dcp://%s:%d" % queue.address

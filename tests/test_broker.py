@@ -21,7 +21,7 @@ from dcp.broker import Broker
 from dcp.routing import encode
 from dcp.wire import HEADER, ControlFrame, DataFrame, Decoder, encode_control, encode_data
 
-from .conftest import url_of
+from .conftest import admin_stats, url_of
 
 
 class RawPeer:
@@ -121,7 +121,7 @@ async def test_never_back_to_ingress_and_unattached_bits_are_counted(broker: Bro
     assert (await sub.next_message(timeout=10)).payload == b"once"
     await assert_flowing(pub, sub, broker.key, b"fence")
     assert pub.pending == 0
-    assert [sub.pending, (await sub.stats())["drops"]["unattached_port"]] == [0, 1]
+    assert [sub.pending, (await admin_stats(url_of(broker)))["drops"]["unattached_port"]] == [0, 1]
 
 
 async def test_large_frames_are_forwarded_whole_with_hops_decremented(broker: Broker, pair) -> None:  # type: ignore[no-untyped-def]
@@ -305,7 +305,7 @@ async def test_stalled_consumer_drops_are_counted_and_bounded_and_others_lose_no
             total += 1000
             buffered = next(c for c in broker._connections if c.port == stalled.port).transport.get_write_buffer_size()
             assert buffered <= bound + 256 * 1024  # the bound plus at most one read's worth
-        stats = await pub.stats()
+        stats = await admin_stats(url_of(broker))
         stalled_stats = next(c for c in stats["connections"] if c["port"] == stalled.port)
         assert stats["drops"]["slow_consumer"] == stalled_stats["dropped"] > 0
         assert stalled_stats["frames_out"] + stalled_stats["dropped"] == total

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import dcp
 from dcp.broker import Broker, BrokerConnection
 from dcp.config import BrokerConfig
+from tests.conftest import insecure_unless_secured
 from dcp.routing import encode
 from dcp.wire import HEADER_SIZE, HOPS_OFFSET, ControlFrame, Decoder, Event, Limits, Rejected, encode_control, encode_data
 
@@ -92,7 +93,7 @@ def attached(broker: Broker) -> BrokerConnection:
 
 
 def fresh_broker(**settings: object) -> Broker:
-    broker = Broker(BrokerConfig(**settings))  # type: ignore[arg-type]
+    broker = Broker(BrokerConfig(**insecure_unless_secured(settings)))  # type: ignore[arg-type]
     broker._no_connections = asyncio.Event()
     return broker
 

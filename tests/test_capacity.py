@@ -42,7 +42,7 @@ CAPACITY = re.compile(r"open files: soft limit (\w+) -> (\w+) \(hard (\w+)\); (\
 
 def start_limited_broker(soft: int, hard: int, *args: str) -> BrokerProcess:
     """``python -m dcp broker`` started with RLIMIT_NOFILE (soft, hard): set, then exec'd."""
-    argv = [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--ports", "64", *args]
+    argv = [sys.executable, "-m", "dcp", "broker", "--listen", "127.0.0.1:0", "--ports", "64", "--insecure", *args]
     launcher = (
         "import os, resource, sys; "
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
@@ -198,7 +198,7 @@ async def test_a_burst_past_the_file_limit_neither_kills_nor_spins_the_broker(li
 
 
 def test_ports_go_round_robin_the_freed_ones_last_longest_free_first() -> None:
-    broker = Broker(BrokerConfig(ports=6))
+    broker = Broker(BrokerConfig(ports=6, insecure=True))
     conns = [BrokerConnection(broker) for _ in range(7)]
     assert [broker.attach(conn) for conn in conns[:4]] == [0, 1, 2, 3]
     link_port = broker._reserve_port()  # a link's: never handed to an agent
@@ -216,7 +216,7 @@ def test_targets_are_the_connections_on_the_set_bits_of_the_mask() -> None:
     import random
 
     rng = random.Random(7)
-    broker = Broker(BrokerConfig(ports=300))
+    broker = Broker(BrokerConfig(ports=300, insecure=True))
     conns = [BrokerConnection(broker) for _ in range(300)]
     for conn in conns:
         broker.attach(conn)

@@ -85,7 +85,7 @@ def test_broker_process_from_toml_and_stats_command(tmp_path: Path, broker_proce
     stats = json.loads(out.stdout)
     assert (stats["key"], stats["frames_in"], set(stats["drops"])) == ("263", 0, {
         "no_route", "unattached_port", "slow_consumer", "hop_limit", "route_too_large", "rejected", "truncated", "link_down",
-        "route_unsigned", "route_forged", "route_expired"})
+        "route_unsigned", "route_forged", "route_expired", "route_stale"})
     code, log = broker.stop()
     assert code == 0, log
 

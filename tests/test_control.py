@@ -130,7 +130,13 @@ def test_the_tables_say_what_the_daemons_did_before_them() -> None:
     assert broker.code("admin", "subscribe") == "not_attached" and broker.code("agent", "subscribe") == ""
     assert broker.code("peer", "unlink") == "" and broker.code("agent", "unlink") == "not_admin"
     assert broker.code("agent", "register") == "unknown_op" and broker.code("agent", "welcome") == "unknown_op"
-    assert broker.code("", "stats") == "" and broker.requiring_token().code("", "stats") == "token_missing"
+    assert broker.code("", "ping") == "" and broker.requiring_token().code("", "ping") == "token_missing"
+    # admins only since the secure default: stats names every client, status and pipelines every agent
+    assert broker.code("agent", "stats") == "not_admin" and broker.code("", "stats") == "not_admin"
+    assert do.code("agent", "status") == "not_admin" and do.code("broker", "pipelines") == "not_admin"
+    assert broker.token_roles == {"admin", "peer"} and do.token_roles == {"agent", "broker", "admin"}
+    assert broker.insecure().needs_token("admin") is False and broker.needs_token("agent") is False
+    assert broker.requiring_token().needs_token("agent") is True
     assert do.code("agent", "token") == "not_admin" and do.code("broker", "register") == "not_agent"
     assert do.code("agent", "broker_state") == "not_broker" and do.code("", "ping") == "hello_first"
     assert do.code("agent", "hello") == "already_attached" and do.code("admin", "subscribe") == "unknown_op"
@@ -199,7 +205,7 @@ async def orchestrator_connection(do: Orchestrator, role: str) -> OrchestratorCo
 @pytest.mark.parametrize("role", control.ORCHESTRATOR.roles)
 async def test_the_orchestrator_allows_or_refuses_every_op_of_every_role_as_its_table_says(role: str) -> None:
     for op in OPS:
-        do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:"))
+        do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:", insecure=True))
         conn = await orchestrator_connection(do, role)
         body = example(op)
         conn.data_received(encode_control(body))
@@ -630,7 +636,7 @@ async def drive_orchestrator(plan: list[tuple[int, bytes]]) -> tuple[list[Orches
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: unhandled.append(context))
-    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:"))
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:", insecure=True))
     conns = [OrchestratorConnection(do) for _ in range(2)]
     for conn in conns:
         conn.connection_made(FakeTransport())  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import pytest
 
 import dcp
 from dcp.routing import encode
+from tests.conftest import admin_stats
 
 SIZES = [0, 1, 10, 100, 1000, 1024, 4000, 16 * 1024, 65 * 1024, 100 * 1024, 300 * 1024]
 
@@ -78,7 +79,7 @@ async def test_each_subscriber_gets_exactly_its_frames_in_order(broker_process, 
         assert a.pending == 0 and b.pending == 0
         assert pub.pending == 0  # never sent back to the publisher
 
-        stats = await pub.stats()
+        stats = await admin_stats(broker.url)
         data_frames = len(plan) + 1
         assert stats["frames_in"] == data_frames
         assert stats["frames_out"] == len(got_a) + len(got_b) + 2

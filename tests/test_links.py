@@ -121,7 +121,7 @@ async def test_a_peer_sharing_a_bank_key_is_refused_whichever_end_dials(make_bro
     """A broker of 200 ports whose last bank has the key of a 64-port broker: the keys
     could not route together, so the link is refused (``same_key``), from either end."""
     few = await make_broker(ports=64, name="few")
-    many = Broker(BrokerConfig(listen="127.0.0.1:0", ports=200, name="many"))
+    many = Broker(BrokerConfig(listen="127.0.0.1:0", ports=200, name="many", insecure=True))
     many.layout = KeyLayout(200, (*many.layout.keys[:-1], few.key))
     await many.start()
     try:

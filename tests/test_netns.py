@@ -283,7 +283,7 @@ def _scenario(hosts: Hosts, deadline: Deadline) -> None:
 
     def broker(name: str, host: str, listen: str, key: int, *peers: str) -> Proc:
         # pause: the lossless slow-consumer policy, so "no drops" is a guarantee to check
-        argv = [py, "-m", "dcp", "broker", "--listen", listen, "--key", str(key), "--ports", str(PORTS)]
+        argv = [py, "-m", "dcp", "broker", "--listen", listen, "--key", str(key), "--ports", str(PORTS), "--insecure"]
         argv += ["--name", name, "--slow-consumer", "pause", "--log-level", "info"]
         for peer in peers:
             argv += ["--peer", peer]

@@ -17,6 +17,7 @@ import pytest
 
 import dcp
 from dcp.control import Message, Route
+from tests.conftest import insecure_unless_secured
 from tests.waiting import until
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
@@ -42,7 +43,7 @@ class Plane:
         self.agents: list[dcp.DataAgent] = []
 
     async def start_do(self, port: int = 0, **settings: Any) -> Orchestrator:
-        self.do = Orchestrator(OrchestratorConfig(listen=f"127.0.0.1:{port}", db=str(self.db), **settings))
+        self.do = Orchestrator(OrchestratorConfig(listen=f"127.0.0.1:{port}", db=str(self.db), **insecure_unless_secured(settings)))
         await self.do.start()
         return self.do
 
@@ -59,7 +60,7 @@ class Plane:
             peers = (f"127.0.0.1:{self.brokers[-1].address[1]}",) if self.brokers else ()
             broker = Broker(BrokerConfig(
                 listen="127.0.0.1:0", key=key, ports=16, name=f"b{len(self.brokers)}", peers=peers,
-                orchestrator="%s:%d" % self.do.address, slow_consumer="pause", **settings,
+                orchestrator="%s:%d" % self.do.address, slow_consumer="pause", **insecure_unless_secured(settings),
             ))
             await broker.start()
             self.brokers.append(broker)
@@ -220,7 +221,7 @@ async def test_restart_recovers_pipelines_assignments_and_epochs(plane: Plane) -
     epochs = {key: s.epoch for key, s in plane.do.streams.items()}
     port = plane.do.address[1]
     await plane.do.close()
-    recovered = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(plane.db)))
+    recovered = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(plane.db), insecure=True))
     assert list(recovered.pipelines) == ["p"]
     assert recovered.assignments == {("p", "cam"): ["camera"], ("p", "det"): ["detector"], ("p", "out"): ["sink"]}
     assert {key: s.epoch for key, s in recovered.streams.items()} == epochs
@@ -696,7 +697,7 @@ def test_a_status_too_large_for_a_frame_is_refused_and_its_summary_is_not(tmp_pa
     from dcp.errors import BadRequest
     from dcp.orchestrator import AgentRecord, OrchestratorConnection
 
-    do = Orchestrator(OrchestratorConfig(db=str(tmp_path / "do.db")))
+    do = Orchestrator(OrchestratorConfig(db=str(tmp_path / "do.db"), insecure=True))
     try:
         conn = OrchestratorConnection(do)
         assert len(conn._on_status(control.Status()).status["agents"]) == 0

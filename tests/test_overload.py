@@ -19,7 +19,7 @@ from dcp.broker import Broker, BrokerConnection
 from dcp.routing import encode
 from dcp.wire import HOPS_OFFSET, DataFrame, Decoder, encode_control, encode_data
 
-from .conftest import url_of
+from .conftest import admin_stats, url_of
 from .test_broker_protocol import attached, fresh_broker
 from .test_orchestrator import Plane
 from .waiting import until
@@ -127,15 +127,15 @@ def test_drop_newest_and_pause_hold_nothing_aside() -> None:
 async def test_an_agent_chooses_its_ports_policy_in_its_hello_and_later(make_broker) -> None:  # type: ignore[no-untyped-def]
     broker = await make_broker()  # default: drop-newest
     async with dcp.connect(url_of(broker), slow_consumer="drop-oldest") as a, dcp.connect(url_of(broker)) as b:
-        policies = {c["port"]: c["policy"] for c in (await a.stats())["connections"]}
+        policies = {c["port"]: c["policy"] for c in (await admin_stats(url_of(broker)))["connections"]}
         assert (policies[a.port], policies[b.port]) == ("drop-oldest", "drop-newest")
         await b.set_slow_consumer("pause")
-        policies = {c["port"]: c["policy"] for c in (await a.stats())["connections"]}
+        policies = {c["port"]: c["policy"] for c in (await admin_stats(url_of(broker)))["connections"]}
         assert policies[b.port] == "pause"
         with pytest.raises(dcp.RemoteError) as info:
             await b._request({"op": "policy", "slow_consumer": "drop-everything"})
         assert info.value.code == "bad_policy"
-        assert {c["port"]: c["policy"] for c in (await a.stats())["connections"]}[b.port] == "pause"
+        assert {c["port"]: c["policy"] for c in (await admin_stats(url_of(broker)))["connections"]}[b.port] == "pause"
 
 
 async def test_a_hello_with_an_unknown_policy_is_refused(broker: Broker) -> None:
@@ -208,7 +208,7 @@ async def test_a_stalled_consumer_among_fast_ones_costs_them_nothing_and_memory_
         publishing = asyncio.ensure_future(publish())
         assert await asyncio.gather(consume(f1), consume(f2)) == [COUNT, COUNT]
         await publishing
-        stats = await pub.stats()
+        stats = await admin_stats(proc.url)
         peak = _rss_kib(proc.process.pid, "VmHWM")
     ports = {c["port"]: c for c in stats["connections"]}
     stalled_stats = ports[stalled_port]

@@ -25,7 +25,7 @@ import pytest
 
 import dcp
 from tests.waiting import until
-from tests.conftest import DaemonProcess, start_daemon, tracked
+from tests.conftest import DaemonProcess, insecure_flag, start_daemon, tracked
 
 DO_LISTENING = re.compile(r"dcp orchestrator listening on (\S+):(\d+) db=")
 START_TIMEOUT_S = 20.0
@@ -41,7 +41,8 @@ class OrchestratorProcess(DaemonProcess):
 
 def start_orchestrator_process(db: Path, *, port: int = 0, policy_file: Path | None = None, extra: tuple[str, ...] = ()) -> OrchestratorProcess:
     """``python -m dcp orchestrator`` on ``port`` (0: a free one), with the flags ``extra``; returns once it listens."""
-    args = ["orchestrator", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "info", *extra]
+    args = ["orchestrator", "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "info", *insecure_flag(extra),
+            *(arg for arg in extra if arg != "--secure")]
     if policy_file is not None:
         args += ["--policy", str(policy_file)]
     process, match, seen = start_daemon(args, DO_LISTENING)

@@ -394,7 +394,7 @@ class CountingTransport:
 
 @pytest.fixture
 async def orchestrator(tmp_path: Path) -> AsyncIterator[Orchestrator]:
-    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db")))
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db"), insecure=True))
     await do.start()
     yield do
     await do.close()

@@ -537,7 +537,7 @@ def test_policy_refuses_pinned_agent_and_applies_spec_rules() -> None:
     error = check_error(spec, agents_with=OFFERING.__getitem__)
     assert str(error) == (
         "stage[0]: policy refuses pinned agent 'detector-1': "
-        "'detector-1' may not consume 'video' (rule 0 (deny consume 'video' for 'detector-*'))"
+        "'detector-1' may not consume 'video' (rule 0 of pipeline 'faces' (deny consume 'video' for 'detector-*'))"
     )
     # The DO's rules come first: an allow there overrides the spec's deny.
     check(spec, access_policy=Policy([Rule("detector-1", "allow", consume=(">",))]), agents_with=OFFERING.__getitem__)

@@ -68,7 +68,7 @@ class Plane:
 
 @pytest.fixture
 async def plane(make_broker) -> AsyncIterator[Plane]:  # type: ignore[no-untyped-def]
-    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:"))
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:", insecure=True))
     await do.start()
     broker = await make_broker(orchestrator="%s:%d" % do.address, slow_consumer="pause")
     plane = Plane(do, url_of(broker))

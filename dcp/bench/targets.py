@@ -108,13 +108,17 @@ def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[lis
             (own_dir / "secret").write_bytes(os.urandom(32).hex().encode())
             (own_dir / "secret").chmod(0o600)  # load_secret refuses a secret others may read
             mode = ["--verify-routes", "--secret-file", str(own_dir / "secret")]
-        # --log-level info: the listening line is an info line (one more line per attach, none per frame)
-        argv = [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", *mode, *extra_args]
+        # --log-level info: the listening line is an info line (one more line per attach, none per frame);
+        # --insecure: a loopback benchmark, whose admin clients (soak's stats) have no token
+        argv = [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", "--insecure", *mode, *extra_args]
         return argv, _DCP_LISTENING, own_dir
     if target == "refqueue":
         workdir.mkdir(parents=True, exist_ok=True)
         log_dir = Path(tempfile.mkdtemp(prefix="refqueue-", dir=workdir))
-        argv = [*python, "dcp.bench.refqueue", "--listen", "127.0.0.1:0", "--log-dir", str(log_dir), "--log-level", "info", *extra_args]
+        argv = [
+            *python, "dcp.bench.refqueue", "--listen", "127.0.0.1:0", "--log-dir", str(log_dir), "--log-level", "info", "--insecure",
+            *extra_args,
+        ]
         return argv, _DCP_LISTENING, log_dir
     if target == "relay":
         return [*python, "dcp.bench.relay", "--listen", "127.0.0.1:0", *extra_args], _RELAY_LISTENING, None

@@ -22,14 +22,18 @@ from typing import Any
 
 from ._guard import is_loopback, safe
 from .auth import ORCHESTRATOR_AUDIENCE, admit
+from . import control
 from .control import Hello, Permissions
 from .errors import AuthError, ConfigError
-from .wire import HEADER_SIZE, Limits
+from .wire import HEADER_SIZE, Limits, encode_control
 
 log = logging.getLogger(__name__)
 
 #: A refusal code is logged at most once per this interval (:meth:`Serving.log_refusal`).
 REFUSAL_LOG_INTERVAL_S = 1.0
+#: How long a connection refused as it came may stay to read its error frame before it
+#: is aborted (:meth:`GuardedConnection.refuse`).
+REFUSE_LINGER_S = 2.0
 
 #: What an unauthenticated client may do at each daemon with ``--insecure``, for the
 #: refusal to start without a secret and for the warning at start.
@@ -53,8 +57,8 @@ def access_table(table: Permissions, config: Any) -> Permissions:
     if not config.secret_file:
         needs = ", ".join(role for role in table.hello_roles if table.needs_token(role))
         raise ConfigError(
-            f"refusing to start without authentication: {needs} connections need a token, checked with the secret "
-            f"the orchestrator and the brokers share; pass --secret-file FILE (secret_file), or --insecure (insecure) to "
+            f"refusing to start without authentication: {needs} connections need a token, checked with a secret "
+            f"(made by dcp secret); pass --secret-file FILE (secret_file), or --insecure (insecure) to "
             f"let anyone who can connect {_UNGUARDED.get(table.daemon, 'do anything')}"
         )
     if config.require_token or table.token_roles == set(table.hello_roles):
@@ -104,13 +108,18 @@ class Quota:
 
 
 class Serving:
-    """Mixin for a server with ``config`` (``insecure``, ``require_token``, ``tls_cert``),
-    ``secret``, ``permissions`` (:func:`access_table`), ``_server`` (asyncio.Server),
+    """Mixin for a server with ``config`` (``insecure``, ``require_token``, ``tls_cert``,
+    ``hello_timeout_s``), ``secret``, ``permissions`` (:func:`access_table`), the quotas
+    ``per_address`` and ``per_name``, ``_server`` (asyncio.Server), ``_loop``,
     ``_closed`` (Event), ``start()``, ``close()``."""
 
     config: Any
     secret: bytes | None
     permissions: Permissions
+    per_address: Quota
+    per_name: Quota
+    hello_timeouts: int
+    _loop: asyncio.AbstractEventLoop | None
     _refusals_logged_at: dict[str, float]  # refusal code -> when last logged (log_refusal)
     _server: asyncio.Server | None
     _closed: asyncio.Event | None
@@ -209,3 +218,107 @@ class Serving:
             for fut in (trigger, closed):
                 fut.cancel()
         await self.close()
+
+
+class GuardedConnection:
+    """Mixin for a connection of a :class:`Serving` daemon (``server``): what bounds it
+    before its hello (an address quota taken at accept, the hello deadline), the name
+    quota taken at its hello, refusals as it comes, and all of it given back when it
+    is lost (:meth:`release_guard`)."""
+
+    transport: asyncio.Transport | None
+    closing: bool
+    peer: str
+    role: str
+    _hello_due: asyncio.TimerHandle | None = None  # the hello deadline, until the hello is accepted
+    _linger: asyncio.TimerHandle | None = None  # refused as it came: the abort if the peer stays
+    _address: str | None = None  # the peer address it counts under (per_address)
+    _counted_name: str | None = None  # the name it counts under (per_name), from its hello
+
+    @property
+    def server(self) -> Serving:
+        raise NotImplementedError
+
+    def guard(self, address: str) -> bool:
+        """A connection just accepted from ``address``: within that address's quota
+        (counted) and on the clock for its hello, True; else refused, False."""
+        server = self.server
+        if not server.per_address.take(address):
+            limit = server.per_address.limit
+            server.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
+            self.refuse(
+                "connection_limit",
+                f"this {server.permissions.daemon} admits at most {limit} connections from {address}; close one, or try later",
+            )
+            return False
+        if server.per_address.limit:
+            self._address = address
+        timeout = server.config.hello_timeout_s
+        if timeout and server._loop is not None:  # (one driven without a loop, as in tests, has no clock)
+            self._hello_due = server._loop.call_later(timeout, self._hello_overdue)
+        return True
+
+    def _hello_overdue(self) -> None:
+        """No hello accepted within ``hello_timeout_s``: refused."""
+        self._hello_due = None
+        if self.closing or self.role:
+            return
+        server = self.server
+        server.hello_timeouts += 1
+        timeout = server.config.hello_timeout_s
+        server.log_refusal("hello_timeout", "no hello within %g s (%s); %d so far", timeout, self.peer, server.hello_timeouts)
+        self.refuse("hello_timeout", f"no hello within {timeout:g} s of connecting (hello_timeout_s)")
+
+    def hello_accepted(self, counted: str) -> str | None:
+        """The hello is admitted, counting under the name ``counted`` ("": none): None if
+        that name is within its quota (counted; no deadline any more), else the message
+        of the ``connection_limit`` refusal to send."""
+        server = self.server
+        if counted and server.per_name.limit:
+            if not server.per_name.take(counted):
+                limit, daemon = server.per_name.limit, server.permissions.daemon
+                server.log_refusal(
+                    "connection_limit", "%s holds %d connections already (max_connections_per_name); refusing %s",
+                    safe(counted), limit, self.peer,
+                )
+                return (
+                    f"{limit} connections named {safe(counted)!r} are open on this {daemon} already "
+                    f"(max_connections_per_name); close one, or try again once the {daemon} has seen a lost one go"
+                )
+            self._counted_name = counted
+        if self._hello_due is not None:
+            self._hello_due.cancel()
+            self._hello_due = None
+        return None
+
+    def let_go(self) -> None:
+        """What a refused connection holds, let go at once (the broker: a partial frame)."""
+
+    def refuse(self, code: str, message: str) -> None:
+        """Refused as it comes: a fatal error frame, our end shut, nothing more read.
+        Closing at once could reset the connection (what it sent may be unread) and lose
+        the frame, so the peer has :data:`REFUSE_LINGER_S` to read it and close first."""
+        assert self.transport is not None
+        transport = self.transport
+        transport.write(encode_control(control.Error(code=code, message=message, fatal=True).to_body()))
+        self.closing = True
+        self.let_go()
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(REFUSE_LINGER_S, transport.abort)
+        else:  # TLS
+            transport.close()
+
+    def release_guard(self) -> None:
+        """The connection is lost: its timers cancelled, its quotas given back."""
+        for timer in (self._hello_due, self._linger):
+            if timer is not None:
+                timer.cancel()
+        self._hello_due = self._linger = None
+        server = self.server
+        if self._address is not None:
+            server.per_address.give(self._address)
+            self._address = None
+        if self._counted_name is not None:
+            server.per_name.give(self._counted_name)
+            self._counted_name = None

@@ -1,7 +1,17 @@
 """Credentials, sans-I/O: signed route numbers and agent tokens (stdlib ``hmac``).
 
-One secret, shared by the orchestrator and the brokers (a file, ``--secret-file``),
-keys two independent MACs, so neither can stand in for the other:
+Two secrets, one derived from the other, so that a broker cannot speak for the
+orchestrator:
+
+* the **orchestrator's secret** (``--secret-file`` of ``dcp orchestrator``, made with
+  ``dcp secret``) issues agent and admin tokens;
+* the **brokers' secret** is derived from it (``dcp secret --broker``, a text that
+  starts ``dcp-broker-secret:``).  It checks route tags and tokens and issues the
+  brokers' own tokens.  A broker given the orchestrator's secret derives it (and could
+  issue what the orchestrator issues: give brokers the derived one).
+
+Every key is a subkey of one of them (HMAC-SHA256 with a purpose), so no MAC can stand
+in for another:
 
 * a **route tag** binds a stream's topology number X to its topic, epoch and expiry,
   and to its producer: the producing agent's name and the root key of the broker it
@@ -13,15 +23,17 @@ keys two independent MACs, so neither can stand in for the other:
   again (their source broker did).  So a consumer that copies the X field of a frame
   it received cannot publish with it.  On the wire the 24-byte tag follows X in the X
   field and the ``SIGNED_ROUTE`` flag says so (see :mod:`dcp.wire`).
-* an **agent token** names an agent, its role and an expiry.  The orchestrator
-  issues it; brokers and the orchestrator started with ``--require-token`` admit a
-  connection only with a valid one.  A broker's own token (role ``broker``, which it
-  issues itself for its hellos to peers and to the orchestrator) also names its
-  **audience** (claim ``aud``: the addresses or the name of the server it is presented
-  to), and a server admits a broker token only if it is one of them
-  (``token_audience``): a token captured by whatever a broker was pointed at is of no
-  use anywhere else.  The claim is optional in the format (tokens without it still
-  read, and older servers ignore it), but a broker token without one is refused.
+* a **token** names an agent, its role and an expiry: ``dcp1.BODY.MAC`` with a MAC
+  of the brokers' secret, and for the tokens the orchestrator issues (roles ``agent``
+  and ``admin``) a second MAC of its own secret: ``dcp1.BODY.MAC.MAC``.  Brokers check
+  the first; the orchestrator checks both, so a token made with the brokers' secret
+  admits nothing there but a broker.  Brokers and the orchestrator started with
+  ``--require-token`` admit a connection only with a valid one.  A broker's own token
+  (role ``broker``, which it issues itself for its hellos to peers and to the
+  orchestrator) also names its **audience** (claim ``aud``: the addresses or the name
+  of the server it is presented to), and a server admits a broker token only if it is
+  one of them (``token_audience``): a token captured by whatever a broker was pointed
+  at is of no use anywhere else.  A broker token without one is refused.
 
 Nothing here reads a clock: callers pass ``now`` (seconds since the epoch).
 """
@@ -63,6 +75,11 @@ __all__ = [
     "TOKEN_ROLES",
     "REFUSALS",
     "ORCHESTRATOR_AUDIENCE",
+    "BROKER_SECRET_PREFIX",
+    "broker_secret",
+    "is_broker_secret",
+    "new_secret",
+    "write_secret",
     "endpoint",
 ]
 
@@ -75,7 +92,7 @@ _TOKEN_PREFIX = "dcp1"
 
 
 def load_secret(path: str | Path) -> bytes:
-    """The shared secret in ``path`` (surrounding whitespace ignored).
+    """The secret in ``path``, the orchestrator's or the brokers' (surrounding whitespace ignored).
 
     Raises:
         ConfigError: unreadable; shorter than 16 bytes; readable or writable by its
@@ -98,8 +115,38 @@ def load_secret(path: str | Path) -> bytes:
     return secret
 
 
+def write_secret(path: str | Path, secret: bytes) -> None:
+    """Write ``secret`` to a new file ``path`` of mode 0600 (FileExistsError: never
+    overwritten, so a typo cannot replace the secret every token depends on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret + b"\n")
+
+
 def _subkey(secret: bytes, purpose: bytes) -> bytes:
     return hmac.new(secret, b"dcp " + purpose, hashlib.sha256).digest()
+
+
+#: How the brokers' secret begins (so a daemon knows which of the two it was given).
+BROKER_SECRET_PREFIX = b"dcp-broker-secret:"
+
+
+def new_secret() -> bytes:
+    """A fresh orchestrator's secret: 32 random bytes, in hex."""
+    return os.urandom(32).hex().encode()
+
+
+def is_broker_secret(secret: bytes) -> bool:
+    """Whether ``secret`` is the brokers' secret (which cannot issue agent or admin tokens)."""
+    return secret.startswith(BROKER_SECRET_PREFIX)
+
+
+def broker_secret(secret: bytes) -> bytes:
+    """The brokers' secret: ``secret`` itself if it is one, else derived from the
+    orchestrator's secret ``secret`` (one way: it gives nothing of ``secret`` away)."""
+    if is_broker_secret(secret):
+        return secret
+    return BROKER_SECRET_PREFIX + hmac.new(secret, b"dcp broker secret", hashlib.sha256).hexdigest().encode()
 
 
 #: The subkey of route tags; "dcp route" keyed the tags that named no producer (refused now).
@@ -124,7 +171,7 @@ class RouteSigner:
     """The orchestrator's side: tags for (topic, X, epoch, expiry, producer, source broker)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._key = _subkey(secret, _ROUTE_PURPOSE)
+        self._key = _subkey(broker_secret(secret), _ROUTE_PURPOSE)
 
     def sign(self, topic: str, x: int, epoch: int, expires: int, *, producer: str, broker_key: int) -> bytes:
         """The 24-byte tag that travels after X: valid only in frames that ``producer``
@@ -143,7 +190,7 @@ class RouteVerifier:
     """
 
     def __init__(self, secret: bytes, broker_key: int, cache_size: int = 4096) -> None:
-        self._key = _subkey(secret, _ROUTE_PURPOSE)
+        self._key = _subkey(broker_secret(secret), _ROUTE_PURPOSE)
         self._broker_key = _key_bytes(broker_key)
         # (producer, X field, topic) -> (expiry, epoch, the stream's newest [epoch, expiry])
         self._genuine: dict[tuple[str, bytes, bytes], tuple[int, int, list[int]]] = {}
@@ -231,7 +278,13 @@ class Claims(NamedTuple):
 
 
 def _token_key(secret: bytes) -> bytes:
-    return _subkey(secret, b"token")
+    """The key of a token's first MAC, which brokers check."""
+    return _subkey(broker_secret(secret), b"token")
+
+
+def _issuer_key(secret: bytes) -> bytes | None:
+    """The key of a token's second MAC (the orchestrator's); None for the brokers' secret."""
+    return None if is_broker_secret(secret) else _subkey(secret, b"token orchestrator")
 
 
 def _b64(data: bytes) -> str:
@@ -244,14 +297,26 @@ def _unb64(text: str) -> bytes:
 
 def issue_token(secret: bytes, name: str, role: str, expires: int, audience: Iterable[str] = ()) -> str:
     """A token for agent ``name`` in ``role`` (``agent``, ``admin`` ...) valid until ``expires``;
-    with an ``audience`` (a broker's own tokens), valid only at the servers it names."""
+    with an ``audience`` (a broker's own tokens), valid only at the servers it names.
+
+    Raises:
+        ConfigError: a token of another role than ``broker`` asked of the brokers' secret.
+    """
     claims: dict[str, Any] = {"name": name, "role": role, "exp": int(expires)}
     aud = list(audience)
     if aud:
         claims["aud"] = aud
     body = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
-    mac = hmac.new(_token_key(secret), body, hashlib.sha256).digest()
-    return f"{_TOKEN_PREFIX}.{_b64(body)}.{_b64(mac)}"
+    token = f"{_TOKEN_PREFIX}.{_b64(body)}.{_b64(hmac.new(_token_key(secret), body, hashlib.sha256).digest())}"
+    if role == "broker":
+        return token
+    issuer = _issuer_key(secret)
+    if issuer is None:
+        raise ConfigError(
+            f"the brokers' secret issues broker tokens only; a token of role {role} needs the orchestrator's secret "
+            "(or ask the orchestrator: dcp token NAME --token ADMIN_TOKEN)"
+        )
+    return f"{token}.{_b64(hmac.new(issuer, body, hashlib.sha256).digest())}"
 
 
 def expiry(now: float, ttl_s: object) -> int:
@@ -268,17 +333,20 @@ def expiry(now: float, ttl_s: object) -> int:
 def verify_token(secret: bytes, token: object, now: float, *, check: Callable[[Claims], None] | None = None) -> Claims:
     """The claims of a genuine, unexpired ``token``.
 
+    With the orchestrator's secret, a token of any role but ``broker`` must carry its
+    second MAC too: the brokers' secret cannot make one.
+
     Raises:
         AuthError: ``token_missing``, ``token_malformed``, ``token_forged`` or
             ``token_expired``; or what ``check`` raises for valid claims.
     """
     if not token:
         raise AuthError("token_missing", "this server admits only connections with a token (see dcp token)")
-    if not isinstance(token, str) or token.count(".") != 2:
-        raise AuthError("token_malformed", "the token is not of the form dcp1.BODY.MAC")
-    prefix, body_b64, mac_b64 = token.split(".")
+    if not isinstance(token, str) or token.count(".") not in (2, 3):
+        raise AuthError("token_malformed", "the token is not of the form dcp1.BODY.MAC[.MAC]")
+    prefix, body_b64, *macs_b64 = token.split(".")
     try:
-        body, mac = _unb64(body_b64), _unb64(mac_b64)
+        body, mac, *issued = [_unb64(part) for part in (body_b64, *macs_b64)]
     except ValueError:
         raise AuthError("token_malformed", "the token is not valid base64url") from None
     if prefix != _TOKEN_PREFIX:
@@ -293,6 +361,13 @@ def verify_token(secret: bytes, token: object, now: float, *, check: Callable[[C
         claims = Claims(str(fields["name"]), str(fields["role"]), int(fields["exp"]), tuple(aud))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise AuthError("token_malformed", "the token's claims are unreadable") from None
+    issuer = _issuer_key(secret)
+    if issuer is not None and claims.role != "broker":
+        if not issued or not hmac.compare_digest(issued[0], hmac.new(issuer, body, hashlib.sha256).digest()):
+            raise AuthError(
+                "token_forged", f"the {claims.role} token of {claims.name!r} was not issued by the orchestrator "
+                "(made with the brokers' secret?)",
+            )
     if now >= claims.expires:
         raise AuthError("token_expired", f"the token of {claims.name!r} expired")
     if check is not None:
@@ -305,7 +380,7 @@ ISSUED_ROLES = ("agent", "admin")
 DEFAULT_TOKEN_TTL_S = 24 * 3600.0
 MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600.0
 #: The token role each hello role needs: brokers present a ``broker`` token, self-issued
-#: from the shared secret, both on a peer link (hello role ``peer``) and to the orchestrator.
+#: from the brokers' secret, both on a peer link (hello role ``peer``) and to the orchestrator.
 TOKEN_ROLES = {"agent": "agent", "admin": "admin", "peer": "broker", "broker": "broker"}
 #: The codes of the error frame that refuses a hello for its token.
 REFUSALS = frozenset(

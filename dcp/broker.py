@@ -58,7 +58,7 @@ from .config import BrokerConfig, parse_address
 from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
 from ._guard import safe, warn_cleartext_token
 from ._loop import no_delay, open_file_count, raise_open_file_limit
-from ._serving import Quota, Serving, access_table, pre_hello_limits
+from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
 from .backoff import Backoff
 from .link import Link
 from .routing import KeyLayout, int_to_bytes
@@ -82,8 +82,6 @@ _OWN_TOKEN_TTL_S = 300
 #: orchestrator's connection, log files, name lookups, and a burst of connections
 #: accepted only to be refused (``too_many_connections``).
 FD_RESERVE = 32
-# A connection refused at accept has this long to read its error frame and close.
-_REFUSE_LINGER_S = 2.0
 #: No report frame to the orchestrator is larger (header included): its max_control.
 #: A registration with more attachments than fit is sent as BrokerState, then PortsChanged frames.
 REPORT_FRAME_BYTES = DEFAULT_LIMITS.max_control
@@ -108,7 +106,7 @@ class Broker(Serving):
         self.limits: Limits = self.config.limits
         self.hello_limits: Limits = pre_hello_limits(self.limits)  # of a connection until its hello is accepted
         self.slow_consumer = control.slow_consumer_policy(self.config.slow_consumer)  # of every port that does not choose its own
-        # The secret shared with the orchestrator (--secret-file): route tags and tokens
+        # The brokers' secret, or the orchestrator's (--secret-file): checks route tags and tokens, issues its own
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
         # Who may send which op, and which roles need a token: admins and peers unless --insecure,
         # agents too with --require-token (then before its hello only a hello); no secret, no --insecure: refused
@@ -704,7 +702,7 @@ def _chunks(items: list[T], sizes: list[int], first_room: int, room: int) -> lis
     return chunks
 
 
-class BrokerConnection(asyncio.Protocol):
+class BrokerConnection(GuardedConnection, asyncio.Protocol):
     """One TCP connection of the broker: an agent or a peer link on a port, or an admin client."""
 
     def __init__(self, broker: Broker, link: Link | None = None) -> None:
@@ -739,10 +737,6 @@ class BrokerConnection(asyncio.Protocol):
         self.closing = False
         self._error_sent_at: dict[str, float] = {}
         self._errors_unsent: Counter[str] = Counter()
-        self._linger: asyncio.TimerHandle | None = None  # refused at accept: the abort if the peer stays
-        self._hello_due: asyncio.TimerHandle | None = None  # the hello deadline, until the hello is accepted
-        self._address: str | None = None  # the peer address this connection counts under (per_address)
-        self._counted_name: str | None = None  # the name it counts under (per_name), from its hello
 
     # -- asyncio callbacks --------------------------------------------------
 
@@ -768,73 +762,21 @@ class BrokerConnection(asyncio.Protocol):
             self.send(hello)
         elif self.broker._refusing():
             capacity = self.broker.capacity
-            self._refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit); try later")
+            self.refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit); try later")
         else:
-            self._admit(peername[0] if peername else "")
+            self.guard(peername[0] if peername else "")
 
-    def _admit(self, address: str) -> None:
-        """A connection accepted within the capacity: within its address's limit, and on
-        the clock for its hello."""
-        broker = self.broker
-        if not broker.per_address.take(address):
-            limit = broker.per_address.limit
-            broker.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
-            self._refuse("connection_limit", f"this broker admits at most {limit} connections from {address}; close one, or try later")
-            return
-        if broker.per_address.limit:
-            self._address = address
-        timeout = broker.config.hello_timeout_s
-        if timeout and broker._loop is not None:  # (a broker driven without a loop, as in tests, has no clock)
-            self._hello_due = broker._loop.call_later(timeout, self._hello_overdue)
+    @property
+    def server(self) -> Broker:
+        return self.broker
 
-    def _hello_overdue(self) -> None:
-        """No hello accepted within ``hello_timeout_s``: refused, and what it held let go."""
-        self._hello_due = None
-        if self.closing or self.role:
-            return
-        broker = self.broker
-        broker.hello_timeouts += 1
-        timeout = broker.config.hello_timeout_s
-        broker.log_refusal("hello_timeout", "no hello within %g s (%s); %d so far", timeout, self.peer, broker.hello_timeouts)
-        self._refuse("hello_timeout", f"no hello within {timeout:g} s of connecting (hello_timeout_s)")
-
-    def _hello_accepted(self) -> None:
-        """The hello is accepted: no deadline any more, and frames up to ``max_frame``."""
-        if self._hello_due is not None:
-            self._hello_due.cancel()
-            self._hello_due = None
-        self.forwarder.set_limits(self.broker.limits)
-
-    def _refuse(self, code: str, message: str) -> None:
-        """Refused as it comes: a fatal error frame, our end shut, nothing read.  Closing at
-        once could reset the connection (its hello may be unread here) and lose the frame,
-        so the peer has :data:`_REFUSE_LINGER_S` to read it and close first."""
-        assert self.transport is not None
-        transport = self.transport
-        transport.write(encode_control(control.Error(code=code, message=message, fatal=True).to_body()))
-        self.closing = True
+    def let_go(self) -> None:
         self.forwarder.close()  # what it held (a partial frame) is let go at once
-        if transport.can_write_eof():
-            transport.write_eof()
-            self._linger = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.abort)
-        else:  # TLS
-            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.forwarder.close()
-        if self._linger is not None:
-            self._linger.cancel()
-        if self._hello_due is not None:
-            self._hello_due.cancel()
-            self._hello_due = None
-        broker = self.broker
-        if self._address is not None:
-            broker.per_address.give(self._address)
-            self._address = None
-        if self._counted_name is not None:
-            broker.per_name.give(self._counted_name)
-            self._counted_name = None
+        self.release_guard()
         if self.port >= 0:
             log.info("port %d detached (%s %s)", self.port, safe(self.name or "-"), self.peer)
         self._release_blocked()
@@ -1003,20 +945,10 @@ class BrokerConnection(asyncio.Protocol):
         except (BadRequest, AuthError) as exc:
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return
-        if counted and broker.per_name.limit:
-            if not broker.per_name.take(counted):
-                limit = broker.per_name.limit
-                broker.log_refusal(
-                    "connection_limit", "%s holds %d connections already (max_connections_per_name); refusing %s",
-                    safe(counted), limit, self.peer,
-                )
-                message = (
-                    f"{limit} connections named {safe(counted)!r} are open on this broker already (max_connections_per_name); "
-                    "close one, or try again once the broker has seen a lost one go"
-                )
-                self._error("connection_limit", message, hello.id, fatal=True)
-                return
-            self._counted_name = counted
+        refusal = self.hello_accepted(counted)
+        if refusal is not None:
+            self._error("connection_limit", refusal, hello.id, fatal=True)
+            return
         if hello.slow_consumer is not None:
             self.set_slow_consumer(hello.slow_consumer)
         self.name, self.role = hello.name, hello.role
@@ -1040,7 +972,7 @@ class BrokerConnection(asyncio.Protocol):
                 self._error("no_free_port", f"all {broker.config.ports} ports are taken", hello.id, fatal=True)
                 return
             log.info("port %d attached (%s %s)", port, safe(self.name or "-"), self.peer)
-        self._hello_accepted()
+        self.forwarder.set_limits(broker.limits)  # its hello accepted: frames up to max_frame
         limits = broker.limits
         self.send(control.Welcome(
             re=hello.id, key=broker.key, keys=broker.announced_keys, name=broker.name, mode=broker.config.mode, port=port,

@@ -1,5 +1,5 @@
 """The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``stats``,
-``link``, ``unlink``, ``token``, ``cluster``, ``bench``, ``demo``.
+``link``, ``unlink``, ``token``, ``secret``, ``cluster``, ``bench``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, control
 from ._loop import run
-from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, expiry, issue_token, load_secret
+from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, broker_secret, expiry, issue_token, load_secret, new_secret, write_secret
 from .config import BrokerConfig, OrchestratorConfig
 from .errors import ConfigError, DcpError
 from .views import format_pipelines, format_stats, stats_as_json
@@ -216,6 +216,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret(args: argparse.Namespace) -> int:
+    """Make a fresh orchestrator's secret, or with ``--broker`` the brokers' secret
+    derived from one; print it, or write it to a new file of mode 0600 (``--out``)."""
+    if args.broker != bool(args.secret_file):
+        print("dcp secret: --broker and --secret-file go together (the brokers' secret is derived from that file)", file=sys.stderr)
+        return 2
+    secret = broker_secret(load_secret(args.secret_file)) if args.broker else new_secret()
+    if not args.out:
+        print(secret.decode())
+        return 0
+    write_secret(args.out, secret)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import report
     from .bench.scenarios import CORE_TARGETS, EXTERNAL_TARGETS, FIGURES, PROFILES, run
@@ -306,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "token", help="issue a token for an agent or an admin",
         description="Print a token for NAME, for servers started with --require-token: ask the orchestrator, which "
         "signs it with its secret (with --token, an admin token, if it requires one), or, with --secret-file, sign it "
-        "here with the secret the orchestrator and the brokers share.",
+        "here with the orchestrator's secret.",
     )
     token.add_argument("name", metavar="NAME", help="who it is for: an agent gives this name in its hello")
     token.add_argument("--role", default="agent", choices=ISSUED_ROLES, help="(default: agent)")
@@ -315,9 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = token.add_mutually_exclusive_group()
     source.add_argument("--orchestrator", **do_url)
-    source.add_argument("--secret-file", metavar="FILE", help="issue it offline with the shared secret in FILE")
+    source.add_argument("--secret-file", metavar="FILE", help="issue it offline with the orchestrator's secret in FILE")
     _add_dial_flags(token)
     token.set_defaults(func=cmd_token)
+
+    secret = commands.add_parser(
+        "secret", help="make the orchestrator's secret, or the brokers' one derived from it",
+        description="Print a fresh secret for the orchestrator's --secret-file; with --broker, the brokers' secret "
+        "derived from the orchestrator's in --secret-file (it checks tokens and route tags and issues the brokers' own "
+        "tokens, but cannot issue agent or admin tokens). With --out FILE, write it to a new file of mode 0600.",
+    )
+    secret.add_argument("--broker", action="store_true", help="the brokers' secret, derived from --secret-file")
+    secret.add_argument("--secret-file", metavar="FILE", help="the orchestrator's secret (with --broker)")
+    secret.add_argument("--out", metavar="FILE", help="write it to FILE (created with mode 0600; an existing FILE is an error)")
+    secret.set_defaults(func=cmd_secret)
 
     link = commands.add_parser("link", help="link a running broker to another one", description="Ask the broker at "
                                "HOST:PORT to link to PEER; the link takes a port at each end and is redialled after failures.")

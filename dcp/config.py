@@ -35,7 +35,7 @@ def _opt(help: str, **extra: Any) -> Any:
 _ACCESS = {
     "require_token": (False, _opt(
         "admit only connections whose hello carries a valid token: agents and admins one the orchestrator issued "
-        "(dcp token), brokers one they issue themselves from the shared secret (needs --secret-file)",
+        "(dcp token), brokers one they issue themselves from their secret (needs --secret-file)",
         action="store_true",
     )),
     "insecure": (False, _opt(
@@ -46,6 +46,20 @@ _ACCESS = {
     )),
     "tls_cert": ("", _opt("PEM certificate (chain) to serve TLS with (with --tls-key)")),
     "tls_key": ("", _opt("PEM private key of --tls-cert")),
+    "hello_timeout_s": (5.0, _opt(
+        "a connection that has not had its hello accepted this long after it was accepted is refused "
+        "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
+    )),
+    "max_connections_per_address": (0, _opt(
+        "connections one peer IP address may hold at once; past it a connection is refused at accept "
+        "(connection_limit) (0: no limit, the default: many agents may share an address, behind NAT or on one host)",
+        type=int,
+    )),
+    "max_connections_per_name": (16, _opt(
+        "connections one name may hold at once: the token's name where the hello needs a token, else the name a "
+        "hello gives (hellos without a name are not counted); past it the hello is refused (connection_limit) "
+        "(0: no limit)", type=int,
+    )),
 }
 
 
@@ -56,6 +70,11 @@ def _access(name: str) -> Any:
 
 def _check_access(config: Any) -> None:
     """The checks of the ``_ACCESS`` settings."""
+    if config.hello_timeout_s < 0:
+        raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
+    for name in ("max_connections_per_address", "max_connections_per_name"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(config, name)}")
     if config.require_token and not config.secret_file:
         raise ConfigError("require_token needs secret_file (the secret tokens are checked with)")
     if config.require_token and config.insecure:
@@ -154,33 +173,15 @@ class BrokerConfig(_FromSources):
         metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
     )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
-    hello_timeout_s: float = field(
-        default=5.0,
-        metadata=_opt(
-            "a connection that has not had its hello accepted this long after it was accepted is refused "
-            "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
-        ),
-    )
-    max_connections_per_address: int = field(
-        default=0,
-        metadata=_opt(
-            "connections one peer IP address may hold at once; past it a connection is refused at accept "
-            "(connection_limit) (0: no limit, the default: many agents may share an address, behind NAT or on one host)",
-            type=int,
-        ),
-    )
-    max_connections_per_name: int = field(
-        default=16,
-        metadata=_opt(
-            "connections one name may hold at once: the token's name where the hello needs a token (admins and peers; "
-            "every role with --require-token), else the name a hello gives (hellos without a name are not counted); past "
-            "it the hello is refused (connection_limit) (0: no limit)",
-            type=int,
-        ),
-    )
+    hello_timeout_s: float = _access("hello_timeout_s")
+    max_connections_per_address: int = _access("max_connections_per_address")
+    max_connections_per_name: int = _access("max_connections_per_name")
     secret_file: str = field(
         default="",
-        metadata=_opt("file holding the secret shared with the orchestrator (route tags, tokens)"),
+        metadata=_opt(
+            "file holding the brokers' secret (dcp secret --broker), or the orchestrator's: it checks tokens and route tags "
+            "and issues this broker's own tokens"
+        ),
     )
     verify_routes: bool = field(
         default=False,
@@ -203,7 +204,7 @@ class BrokerConfig(_FromSources):
         parse_address(self.listen)
         _check_access(self)
         if self.verify_routes and not self.secret_file:
-            raise ConfigError("verify_routes needs secret_file (the secret shared with the orchestrator)")
+            raise ConfigError("verify_routes needs secret_file (the brokers' secret, which checks the tags)")
         if self.verify_routes and self.mode != "stateless":
             raise ConfigError("verify_routes needs stateless mode: a stateful broker routes by its own table, not by X")
         if isinstance(self.peers, str) or not all(isinstance(peer, str) for peer in self.peers):
@@ -230,11 +231,6 @@ class BrokerConfig(_FromSources):
             raise ConfigError(f"out_buffer_bytes must be at least 1024, got {self.out_buffer_bytes}")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown_timeout_s must not be negative")
-        if self.hello_timeout_s < 0:
-            raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
-        for name in ("max_connections_per_address", "max_connections_per_name"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         try:
@@ -273,7 +269,10 @@ class OrchestratorConfig(_FromSources):
     )
     secret_file: str = field(
         default="",
-        metadata=_opt("file holding the secret shared with the brokers: it signs the topology numbers (route tags) and the tokens"),
+        metadata=_opt(
+            "file holding the orchestrator's secret (dcp secret): it issues the tokens and signs the topology numbers "
+            "(route tags); the brokers get the secret derived from it (dcp secret --broker)"
+        ),
     )
     route_ttl_s: float = field(
         default=3600.0,
@@ -283,29 +282,9 @@ class OrchestratorConfig(_FromSources):
     insecure: bool = _access("insecure")
     tls_cert: str = _access("tls_cert")
     tls_key: str = _access("tls_key")
-    hello_timeout_s: float = field(
-        default=5.0,
-        metadata=_opt(
-            "a connection that has not had its hello accepted this long after it was accepted is refused "
-            "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
-        ),
-    )
-    max_connections_per_address: int = field(
-        default=0,
-        metadata=_opt(
-            "connections one peer IP address may hold at once; past it a connection is refused at accept "
-            "(connection_limit) (0: no limit, the default: agents and brokers behind one address each hold one)",
-            type=int,
-        ),
-    )
-    max_connections_per_name: int = field(
-        default=16,
-        metadata=_opt(
-            "connections one name may hold at once: its token's name (the hello's with --insecure; hellos without a "
-            "name are not counted); past it the hello is refused (connection_limit) (0: no limit)",
-            type=int,
-        ),
-    )
+    hello_timeout_s: float = _access("hello_timeout_s")
+    max_connections_per_address: int = _access("max_connections_per_address")
+    max_connections_per_name: int = _access("max_connections_per_name")
     max_capabilities: int = field(
         default=64, metadata=_opt("capabilities one agent may register; a register with more is refused (too_large)", type=int)
     )
@@ -322,11 +301,6 @@ class OrchestratorConfig(_FromSources):
         _check_access(self)
         if self.grace_s < 0:
             raise ConfigError("grace_s must not be negative")
-        if self.hello_timeout_s < 0:
-            raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
-        for name in ("max_connections_per_address", "max_connections_per_name"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(self, name)}")
         for name in ("max_capabilities", "max_consumes", "max_produces"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

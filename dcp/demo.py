@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import os
 import random
-import secrets
 import struct
 import tempfile
 import time
@@ -46,7 +44,7 @@ import msgpack
 
 from . import control
 from .agent import DataAgent, Element, Handler
-from .auth import issue_token, load_secret
+from .auth import broker_secret, issue_token, load_secret, new_secret, write_secret
 from .broker import Broker
 from .client import Connection, Message, connect
 from .config import BrokerConfig, OrchestratorConfig
@@ -256,17 +254,18 @@ class _Plane:
     """A data orchestrator (state in a temporary sqlite file), two linked brokers, an admin
     connection to the orchestrator and the data agents, all in this process.
 
-    Secured as a deployment would be: a fresh secret in the temporary folder (mode 0600)
-    is shared by the orchestrator and the brokers, which issue each other their tokens;
-    the agents and the admin connection get tokens issued with it."""
+    Secured as a deployment would be: a fresh orchestrator's secret in the temporary
+    folder (mode 0600), and the brokers' secret derived from it beside it, with which the
+    brokers issue each other their tokens; the agents and the admin connection get
+    tokens issued with the orchestrator's."""
 
     def __init__(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="dcp-demo-")
         self.secret_file = str(Path(self.tmp.name) / "secret")
-        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
+        self.broker_secret_file = str(Path(self.tmp.name) / "broker-secret")
+        write_secret(self.secret_file, new_secret())
         self.secret = load_secret(self.secret_file)
+        write_secret(self.broker_secret_file, broker_secret(self.secret))
         self.orchestrator = Orchestrator(OrchestratorConfig(
             listen="127.0.0.1:0", db=str(Path(self.tmp.name) / "orchestrator.sqlite"), secret_file=self.secret_file,
         ))
@@ -281,7 +280,7 @@ class _Plane:
         out(f"orchestrator  {do_addr}   (state in a temporary sqlite file; tokens from a fresh secret, for every agent and admin)")
         peers: tuple[str, ...] = ()
         for name in ("b0", "b1"):  # default settings: 10,000 ports, random keys of their own
-            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers, secret_file=self.secret_file))
+            broker = Broker(BrokerConfig(listen="127.0.0.1:0", name=name, orchestrator=do_addr, peers=peers, secret_file=self.broker_secret_file))
             await broker.start()
             self.brokers[name] = broker
             peers = ("%s:%d" % broker.address,)

@@ -27,7 +27,7 @@ connection per client (TLS with ``--tls-cert``/``--tls-key``); ``hello`` with ro
 allows that role.  A malformed request gets an error frame (``bad_request`` ...), and
 the connection goes on.  Unless it runs ``--insecure``, every hello carries a token
 (:mod:`dcp.auth`): agents and admins one this orchestrator issued (the admin op
-``token``, ``dcp token``), brokers one they issue themselves from the shared secret;
+``token``, ``dcp token``), brokers one they issue themselves from the brokers' secret;
 without ``--secret-file`` or ``--insecure`` it refuses to start.
 
 Bounded as the broker is (:mod:`dcp._serving`): control frames only (``max_control``,
@@ -55,8 +55,8 @@ from typing import Any, cast
 
 from . import control
 from ._guard import safe
-from ._serving import Quota, Serving, access_table, pre_hello_limits
-from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, issue_token, load_secret
+from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
+from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, is_broker_secret, issue_token, load_secret
 from .config import OrchestratorConfig
 from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError, SpecError
 from .orchestrator_store import Store
@@ -75,10 +75,6 @@ CONTROL_LIMITS = pre_hello_limits(Limits())
 #: no longer holds its name against a registration without a token (agents report every
 #: second): a connection the network lost without a word does not lock its agent out.
 SILENT_S = 5.0
-# A connection refused as it comes has this long to read its error frame and close.
-_REFUSE_LINGER_S = 2.0
-# At most one log line per refusal code per this interval.
-_REFUSAL_LOG_S = 1.0
 
 __all__ = ["Orchestrator"]
 
@@ -147,8 +143,13 @@ class Orchestrator(Serving):
         self._assigned: dict[str, dict[ElementKey, None]] = {}  # agent -> its elements
         self._load: Counter[str] = Counter()  # agent -> how many elements it has
         self._capable: dict[str, set[str]] = {}  # capability -> the connected agents offering it
-        # The secret shared with the brokers (--secret-file): route tags and tokens
+        # The orchestrator's secret (--secret-file): route tags and tokens; the brokers hold one derived from it
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
+        if self.secret is not None and is_broker_secret(self.secret):
+            raise ConfigError(
+                f"{self.config.secret_file} holds the brokers' secret, which cannot issue agent and admin tokens: "
+                "give the orchestrator its own secret (dcp secret), and the brokers the one derived from it (dcp secret --broker)"
+            )
         self.signer = RouteSigner(self.secret) if self.secret is not None else None
         self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         # Who may send which op: every role needs a token, so before its hello only a hello;
@@ -1023,7 +1024,7 @@ def _routable(layouts: dict[str, KeyLayout]) -> dict[str, KeyLayout]:
     return kept
 
 
-class OrchestratorConnection(asyncio.Protocol):
+class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
     """One client of the DO: an agent, a broker or an admin (``dcp deploy`` ...)."""
 
     def __init__(self, orchestrator: Orchestrator) -> None:
@@ -1038,54 +1039,18 @@ class OrchestratorConnection(asyncio.Protocol):
         self.agent: AgentRecord | None = None
         self.broker: BrokerRecord | None = None
         self.closing = False
-        self._hello_due: asyncio.TimerHandle | None = None  # the hello deadline, until the hello is accepted
-        self._linger: asyncio.TimerHandle | None = None  # refused as it came: the abort if the peer stays
-        self._address: str | None = None  # the peer address it counts under (per_address)
-        self._counted_name: str | None = None  # the name it counts under (per_name), from its hello
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        do = self.orchestrator
-        do._connections.add(self)
-        address = peername[0] if peername else ""
-        if not do.per_address.take(address):
-            limit = do.per_address.limit
-            do.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
-            self._refuse("connection_limit", f"this orchestrator admits at most {limit} connections from {address}; close one, or try later")
-            return
-        if do.per_address.limit:
-            self._address = address
-        timeout = do.config.hello_timeout_s
-        if timeout and do._loop is not None:  # (one driven without a loop, as in tests, has no clock)
-            self._hello_due = do._loop.call_later(timeout, self._hello_overdue)
+        self.orchestrator._connections.add(self)
+        self.guard(peername[0] if peername else "")
 
-    def _hello_overdue(self) -> None:
-        """No hello accepted within ``hello_timeout_s``: refused."""
-        self._hello_due = None
-        if self.closing or self.role:
-            return
-        do = self.orchestrator
-        do.hello_timeouts += 1
-        timeout = do.config.hello_timeout_s
-        do.log_refusal("hello_timeout", "no hello within %g s (%s); %d so far", timeout, self.peer, do.hello_timeouts)
-        self._refuse("hello_timeout", f"no hello within {timeout:g} s of connecting (hello_timeout_s)")
-
-    def _refuse(self, code: str, message: str) -> None:
-        """Refused as it comes: a fatal error frame, our end shut, nothing more read.
-        Closing at once could reset the connection (what it sent may be unread) and lose
-        the frame, so the peer has :data:`_REFUSE_LINGER_S` to read it and close first."""
-        assert self.transport is not None
-        transport = self.transport
-        transport.write(encode_control(control.Error(code=code, message=message, fatal=True).to_body()))
-        self.closing = True
-        if transport.can_write_eof():
-            transport.write_eof()
-            self._linger = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.abort)
-        else:  # TLS
-            transport.close()
+    @property
+    def server(self) -> Orchestrator:
+        return self.orchestrator
 
     def live(self, silent_s: float) -> bool:
         """Whether this connection still holds its name: open, and heard from within ``silent_s``."""
@@ -1095,16 +1060,7 @@ class OrchestratorConnection(asyncio.Protocol):
         self.closing = True
         do = self.orchestrator
         do._connections.discard(self)
-        for timer in (self._hello_due, self._linger):
-            if timer is not None:
-                timer.cancel()
-        self._hello_due = self._linger = None
-        if self._address is not None:
-            do.per_address.give(self._address)
-            self._address = None
-        if self._counted_name is not None:
-            do.per_name.give(self._counted_name)
-            self._counted_name = None
+        self.release_guard()
         if self.agent is not None and self.agent.conn is self:
             do.agent_gone(self.agent)
         if self.broker is not None and self.broker.conn is self:
@@ -1162,23 +1118,10 @@ class OrchestratorConnection(asyncio.Protocol):
         except (BadRequest, AuthError) as exc:
             self._error(exc.code, str(exc), hello.id, fatal=True)
             return None
-        if counted and do.per_name.limit:
-            if not do.per_name.take(counted):
-                limit = do.per_name.limit
-                do.log_refusal(
-                    "connection_limit", "%s holds %d connections already (max_connections_per_name); refusing %s",
-                    safe(counted), limit, self.peer,
-                )
-                message = (
-                    f"{limit} connections named {safe(counted)!r} are open on this orchestrator already "
-                    "(max_connections_per_name); close one, or try again once the orchestrator has seen a lost one go"
-                )
-                self._error("connection_limit", message, hello.id, fatal=True)
-                return None
-            self._counted_name = counted
-        if self._hello_due is not None:
-            self._hello_due.cancel()
-            self._hello_due = None
+        refusal = self.hello_accepted(counted)
+        if refusal is not None:
+            self._error("connection_limit", refusal, hello.id, fatal=True)
+            return None
         self.role, self.name = hello.role, hello.name
         self.authenticated = do.permissions.needs_token(hello.role)
         return control.Welcome(name="orchestrator", mode="orchestrator")

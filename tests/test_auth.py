@@ -100,11 +100,12 @@ def test_a_token_from_another_secret_is_forged(secret: bytes) -> None:
 
 @pytest.mark.parametrize("change", [{"role": "admin"}, {"name": "spy"}, {"exp": NOW + 10**6}])
 def test_altered_claims_are_forged(secret: bytes, change: dict[str, Any]) -> None:
-    prefix, body, mac = issue_token(secret, "camera", "agent", NOW + 60).split(".")
+    prefix, body, *macs = issue_token(secret, "camera", "agent", NOW + 60).split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     altered = json.dumps({**claims, **change}, separators=(",", ":"), sort_keys=True).encode()
-    forged = f"{prefix}.{base64.urlsafe_b64encode(altered).rstrip(b'=').decode()}.{mac}"
+    forged = ".".join((prefix, base64.urlsafe_b64encode(altered).rstrip(b"=").decode(), *macs))
     assert code_of(lambda: verify_token(secret, forged, NOW)) == "token_forged"
+    assert code_of(lambda: verify_token(dcp.auth.broker_secret(secret), forged, NOW)) == "token_forged"
 
 
 def test_an_expired_token_is_refused(secret: bytes) -> None:
@@ -171,7 +172,8 @@ def test_a_broker_token_is_admitted_only_by_its_audience(secret: bytes) -> None:
 @pytest.mark.parametrize("aud", ["b1:7400", [1], {"host": "b1"}, [["b1"]]])
 def test_an_audience_that_is_not_a_list_of_names_is_malformed(secret: bytes, aud: object) -> None:
     body = json.dumps({"aud": aud, "exp": NOW + 60, "name": "b0", "role": "broker"}, separators=(",", ":"), sort_keys=True).encode()
-    mac = hmac.new(hmac.new(secret, b"dcp token", hashlib.sha256).digest(), body, hashlib.sha256).digest()
+    brokers = b"dcp-broker-secret:" + hmac.new(secret, b"dcp broker secret", hashlib.sha256).hexdigest().encode()
+    mac = hmac.new(hmac.new(brokers, b"dcp token", hashlib.sha256).digest(), body, hashlib.sha256).digest()
     forged_free = "dcp1.%s.%s" % (base64.urlsafe_b64encode(body).rstrip(b"=").decode(), base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
     assert code_of(lambda: verify_token(secret, forged_free, NOW)) == "token_malformed"
 
@@ -394,6 +396,104 @@ async def test_the_orchestrator_refuses_agents_without_a_token_and_issues_tokens
     with pytest.raises(RemoteError) as info:
         await dcp.DataAgent("spy", broker=url_of(broker), orchestrator=do_url, token=issued["token"]).start(timeout=10)
     assert info.value.code == "token_name" and "spy" not in guarded_do.agents
+
+
+@pytest.fixture(scope="session")
+def broker_secret_file(tmp_path_factory: pytest.TempPathFactory, secret_file: Path) -> Path:
+    """The brokers' secret derived from ``secret_file``, written by ``dcp secret --broker``."""
+    path = tmp_path_factory.mktemp("broker-secret") / "broker.secret"
+    assert main(["secret", "--broker", "--secret-file", str(secret_file), "--out", str(path)]) == 0
+    return path
+
+
+async def test_brokers_with_the_brokers_secret_check_the_orchestrators_tokens_and_tags(  # type: ignore[no-untyped-def]
+    guarded_do: Orchestrator, make_broker, broker_secret_file: Path, secret: bytes
+) -> None:
+    """A broker holding only the derived secret registers with a --require-token
+    orchestrator (its own broker token), admits an agent by the token the orchestrator
+    issued, and verifies the route tags the orchestrator signs: frames flow."""
+    common = dict(secret_file=str(broker_secret_file), require_token=True, verify_routes=True, orchestrator=addr_of(guarded_do))
+    b0 = await make_broker(name="b0", **common)
+    b1 = await make_broker(name="b1", peers=(f"127.0.0.1:{b0.address[1]}",), **common)
+    await until(lambda: {"b0", "b1"} <= {n for n, b in guarded_do.brokers.items() if b.conn is not None}, "both registered")
+    do_url = f"dcp://{addr_of(guarded_do)}"
+    cam = dcp.DataAgent("cam", broker=url_of(b0), orchestrator=do_url, token=token(secret, "cam"))
+    viewer = dcp.DataAgent("viewer", broker=url_of(b1), orchestrator=do_url, token=token(secret, "viewer"))
+    got: list[bytes] = []
+
+    @viewer.consume("video")
+    async def take(msg: dcp.Message) -> None:
+        got.append(bytes(msg.payload))
+
+    await cam.declare_produces("video")
+    await viewer.start(timeout=10)
+    await cam.start(timeout=10)
+    try:
+        await cam.wait_route("video")
+        assert await cam.publish("video", b"frame")
+        await until(lambda: got == [b"frame"], "the frame across both brokers, its tag verified at b0")
+        assert b0.drops["route_forged"] == b0.drops["route_unsigned"] == 0
+    finally:
+        await cam.stop()
+        await viewer.stop()
+
+
+async def test_tokens_made_with_the_brokers_secret_admit_only_brokers_at_the_orchestrator(  # type: ignore[no-untyped-def]
+    guarded_do: Orchestrator, make_broker, broker_secret_file: Path, secret: bytes
+) -> None:
+    """What a broker could make with its secret: an admin or agent token in the broker
+    form (one MAC) is refused by the orchestrator as forged; a broker token for the
+    orchestrator's audience is admitted (brokers register)."""
+    brokers = load_secret(broker_secret_file)
+    with pytest.raises(ConfigError, match="issues broker tokens only"):
+        issue_token(brokers, "ops", "admin", int(time.time()) + 60)
+    made = {}
+    for role, name in (("admin", "ops"), ("agent", "cam")):
+        body = json.dumps({"exp": int(time.time()) + 60, "name": name, "role": role}, separators=(",", ":"), sort_keys=True).encode()
+        key = hmac.new(brokers, b"dcp token", hashlib.sha256).digest()
+        made[role] = f"dcp1.{_b64url(body)}.{_b64url(hmac.new(key, body, hashlib.sha256).digest())}"
+        assert verify_token(brokers, made[role], time.time()).role == role  # a broker cannot tell it from the orchestrator's
+        with pytest.raises(AuthError, match="not issued by the orchestrator") as info:
+            verify_token(secret, made[role], time.time())
+        assert info.value.code == "token_forged"
+        with pytest.raises(AuthError) as info:  # a second MAC that is not the orchestrator's
+            verify_token(secret, made[role] + "." + _b64url(b"\0" * 32), time.time())
+        assert info.value.code == "token_forged"
+    do_url = f"dcp://{addr_of(guarded_do)}"
+    for role, name in (("admin", "ops"), ("agent", "cam")):
+        with pytest.raises(RemoteError) as refused:
+            async with dcp.connect(do_url, role=role, name=name, token=made[role], reconnect=False):
+                pass
+        assert refused.value.code == "token_forged"
+    broker_token = issue_token(brokers, "b9", "broker", int(time.time()) + 60, [dcp.auth.ORCHESTRATOR_AUDIENCE])
+    async with dcp.connect(do_url, role="broker", name="b9", token=broker_token, reconnect=False):
+        pass
+    assert "ops" not in guarded_do.agents and "cam" not in guarded_do.agents
+
+
+def test_an_orchestrator_refuses_the_brokers_secret(tmp_path: Path, broker_secret_file: Path) -> None:
+    with pytest.raises(ConfigError, match="holds the brokers' secret"):
+        Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db"), secret_file=str(broker_secret_file)))
+
+
+def test_dcp_secret_writes_new_files_of_mode_600_only(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "do.secret"
+    assert main(["secret", "--out", str(out)]) == 0
+    assert out.stat().st_mode & 0o777 == 0o600 and len(load_secret(out)) == 64
+    assert not dcp.auth.is_broker_secret(load_secret(out))
+    assert main(["secret", "--out", str(out)]) == 1  # never overwritten
+    assert "File exists" in capsys.readouterr().err
+    assert main(["secret"]) == 0 and len(capsys.readouterr().out.strip()) == 64
+    assert main(["secret", "--broker", "--secret-file", str(out)]) == 0
+    derived = capsys.readouterr().out.strip().encode()
+    assert derived == dcp.auth.broker_secret(load_secret(out)) and dcp.auth.is_broker_secret(derived)
+    assert main(["secret", "--broker"]) == 2 and main(["secret", "--secret-file", str(out)]) == 2
+    assert main(["token", "ops", "--role", "admin", "--secret-file", str(out)]) == 0
+    capsys.readouterr()
+    broker_file = tmp_path / "broker.secret"
+    assert main(["secret", "--broker", "--secret-file", str(out), "--out", str(broker_file)]) == 0
+    assert main(["token", "ops", "--role", "admin", "--secret-file", str(broker_file)]) == 1
+    assert "issues broker tokens only" in capsys.readouterr().err
 
 
 class Trap:
@@ -724,6 +824,10 @@ def test_route_tags_and_token_macs_are_compared_in_constant_time_only() -> None:
 FIXED_SECRET = b"a fixed secret of 32 bytes, here"
 
 
+#: The brokers' secret derived from FIXED_SECRET: its prefix, then HMAC(secret, "dcp broker secret") in hex.
+FIXED_BROKER_SECRET = b"dcp-broker-secret:" + hmac.new(FIXED_SECRET, b"dcp broker secret", hashlib.sha256).hexdigest().encode()
+
+
 def _hmac(key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, hashlib.sha256).digest()
 
@@ -738,24 +842,32 @@ def auth_error(call: Callable[[], Any]) -> tuple[str, str]:
     return info.value.code, str(info.value)
 
 
-def test_a_token_is_its_sorted_compact_claims_and_their_hmac_in_base64url() -> None:
-    """The token format, computed here from the stdlib: dcp1.B64(body).B64(HMAC(HMAC(secret, "dcp token"), body))."""
-    token_key = _hmac(FIXED_SECRET, b"dcp token")
+def test_a_token_is_its_sorted_compact_claims_and_their_hmacs_in_base64url() -> None:
+    """The token format, computed here from the stdlib: dcp1.B64(body).B64(HMAC(HMAC(brokers' secret,
+    "dcp token"), body)), and but for broker tokens .B64(HMAC(HMAC(secret, "dcp token orchestrator"), body))."""
+    token_key = _hmac(FIXED_BROKER_SECRET, b"dcp token")
+    issuer_key = _hmac(FIXED_SECRET, b"dcp token orchestrator")
+    assert dcp.auth.broker_secret(FIXED_SECRET) == FIXED_BROKER_SECRET
     for i in range(12):  # bodies of every length mod 3 (padding stripped or not) and mod 4 and 5 (padding added back)
         name, role, expires = "cam" + "x" * i, ("agent", "admin", "broker")[i % 3], NOW + 1 + i
         body = f'{{"exp":{expires},"name":"{name}","role":"{role}"}}'.encode()
         issued = issue_token(FIXED_SECRET, name, role, expires)
-        assert issued == f"dcp1.{_b64url(body)}.{_b64url(_hmac(token_key, body))}"
+        first = f"dcp1.{_b64url(body)}.{_b64url(_hmac(token_key, body))}"
+        assert issued == (first if role == "broker" else f"{first}.{_b64url(_hmac(issuer_key, body))}")
         assert "=" not in issued
         assert verify_token(FIXED_SECRET, issued, NOW) == Claims(name, role, expires)
+        assert verify_token(FIXED_BROKER_SECRET, issued, NOW) == Claims(name, role, expires)
+        if role == "broker":
+            assert issue_token(FIXED_BROKER_SECRET, name, role, expires) == issued
 
 
 def test_a_route_tag_is_its_stamp_and_a_truncated_hmac_of_topic_producer_broker_stamp_and_x() -> None:
     """The tag, computed here from the stdlib: !II (epoch mod 2**32, expires), then 16 bytes of
-    HMAC(HMAC(secret, "dcp route producer"), topic, producer, broker key (each after its length
+    HMAC(HMAC(brokers' secret, "dcp route producer"), topic, producer, broker key (each after its length
     as 4 bytes) + stamp + X); X and the key as their shortest big-endian bytes."""
-    route_key = _hmac(FIXED_SECRET, b"dcp route producer")
+    route_key = _hmac(FIXED_BROKER_SECRET, b"dcp route producer")
     signer = RouteSigner(FIXED_SECRET)
+    assert RouteSigner(FIXED_BROKER_SECRET).sign("t", 5, 1, NOW, producer="p", broker_key=7) == signer.sign("t", 5, 1, NOW, producer="p", broker_key=7)
 
     def field(data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + data
@@ -808,8 +920,10 @@ def test_expiry_refuses_a_ttl_that_is_not_a_positive_number_up_to_ten_years(ttl_
     ("bad", "code", "message"),
     [
         (None, "token_missing", "this server admits only connections with a token (see dcp token)"),
-        (42, "token_malformed", "the token is not of the form dcp1.BODY.MAC"),
-        ("dcp1.two-parts", "token_malformed", "the token is not of the form dcp1.BODY.MAC"),
+        (42, "token_malformed", "the token is not of the form dcp1.BODY.MAC[.MAC]"),
+        ("dcp1.two-parts", "token_malformed", "the token is not of the form dcp1.BODY.MAC[.MAC]"),
+        ("dcp1.e30.AAAA.AAAA.AAAA", "token_malformed", "the token is not of the form dcp1.BODY.MAC[.MAC]"),
+        ("dcp1.e30.AAAA.A=A", "token_malformed", "the token is not valid base64url"),
         ("dcp1.a.AAAA", "token_malformed", "the token is not valid base64url"),
         ("dcp1.A=A.AAAA", "token_malformed", "the token is not valid base64url"),  # '=' inside, not padding
         ("dcp9.e30.AAAA", "token_malformed", "unknown token version 'dcp9'"),
@@ -822,7 +936,7 @@ def test_refused_tokens_say_why(bad: object, code: str, message: str) -> None:
 
 @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"name":"cam","role":"agent"}', b'{"exp":"soon","name":"cam","role":"agent"}'])
 def test_a_genuine_token_with_unreadable_claims_is_malformed(body: bytes) -> None:
-    genuine = f"dcp1.{_b64url(body)}.{_b64url(_hmac(_hmac(FIXED_SECRET, b'dcp token'), body))}"
+    genuine = f"dcp1.{_b64url(body)}.{_b64url(_hmac(_hmac(FIXED_BROKER_SECRET, b'dcp token'), body))}"
     assert auth_error(lambda: verify_token(FIXED_SECRET, genuine, NOW)) == ("token_malformed", "the token's claims are unreadable")
 
 

@@ -100,6 +100,21 @@ async def attach_again(proc: BrokerProcess, name: str) -> dcp.Connection | None:
         return None
 
 
+async def admitted_once_one_left(proc: BrokerProcess) -> dcp.Connection:
+    """A connection the broker admits again, once it has seen one of its connections go
+    (attempts until then are refused with too_many_connections)."""
+    admitted: list[dcp.Connection] = []
+
+    async def admitted_again() -> bool:
+        conn = await attach_again(proc, "comeback")
+        if conn is not None:
+            admitted.append(conn)
+        return conn is not None
+
+    await until(admitted_again, "a connection admitted once one left")
+    return admitted[0]
+
+
 async def assert_flowing(pub: dcp.Connection, sub: dcp.Connection, key: int, tag: bytes) -> None:
     await pub.publish("check", tag, route=encode({key: 1 << sub.port}))
     msg = await sub.next_message(timeout=10)
@@ -139,17 +154,8 @@ async def test_past_its_capacity_a_broker_refuses_with_too_many_connections_and_
         await assert_flowing(pub, sub, proc.key, b"after the refusal")
 
         await clients.pop().close()
-        admitted: list[dcp.Connection] = []
-
-        async def admitted_again() -> bool:
-            conn = await attach_again(proc, "comeback")
-            if conn is not None:
-                admitted.append(conn)
-            return conn is not None
-
-        await until(admitted_again, "a connection admitted once one left")
-        clients += admitted
-        await assert_flowing(pub, admitted[0], proc.key, b"to the newcomer")
+        clients.append(await admitted_once_one_left(proc))
+        await assert_flowing(pub, clients[-1], proc.key, b"to the newcomer")
     finally:
         for conn in clients:
             await conn.close()
@@ -177,16 +183,7 @@ async def test_a_burst_past_the_file_limit_neither_kills_nor_spins_the_broker(li
         await asyncio.sleep(0.5)  # a window to measure the broker's CPU in, not a synchronisation
         assert cpu_seconds(proc.process.pid) - start < 0.5 * (time.monotonic() - began), "the broker spins"
         await clients.pop().close()
-        admitted: list[dcp.Connection] = []
-
-        async def admitted_again() -> bool:
-            conn = await attach_again(proc, "comeback")
-            if conn is not None:
-                admitted.append(conn)
-            return conn is not None
-
-        await until(admitted_again, "a connection admitted after the burst")
-        clients += admitted
+        clients.append(await admitted_once_one_left(proc))
     finally:
         for conn in clients:
             await conn.close()

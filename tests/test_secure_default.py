@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,6 @@ from typing import Any
 import pytest
 
 import dcp
-from dcp.auth import issue_token
 from dcp.broker import Broker
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.errors import ConfigError, RemoteError
@@ -43,24 +40,9 @@ from dcp.topology import Overlay
 from dcp.wire import DATA, HEADER, VERSION
 
 from .conftest import url_of
-from .test_hardening import Raw, non_loopback_address
+from .test_hardening import SECRET, Raw, non_loopback_address, secret_file, token  # noqa: F401 (secret_file: a fixture)
 from .test_orchestrator import Plane
 from .waiting import until
-
-SECRET = os.urandom(32).hex().encode()
-
-
-def token(name: str, role: str = "agent") -> str:
-    return issue_token(SECRET, name, role, int(time.time()) + 600)
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> str:
-    path = tmp_path / "dcp.secret"
-    path.write_bytes(SECRET)
-    path.chmod(0o600)
-    return str(path)
-
 
 @pytest.fixture
 async def daemons() -> AsyncIterator[list[Any]]:

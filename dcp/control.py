@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_args, get_origin
 
 from .errors import BadRequest, ConfigError
@@ -230,6 +230,16 @@ def _short(value: Any) -> str:
 
 M = TypeVar("M", bound="Message")
 
+#: Each message type's fields, looked up once (``dataclasses.fields`` walks the class).
+_FIELDS: dict[type, tuple[Field[Any], ...]] = {}
+
+
+def _fields_of(cls: type) -> tuple[Field[Any], ...]:
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = fields(cls)
+    return found
+
 
 @dataclass(frozen=True, kw_only=True)
 class Message:
@@ -240,7 +250,7 @@ class Message:
     def to_body(self) -> dict[str, Any]:
         """The msgpack map to send; fields that are None are left out."""
         body: dict[str, Any] = {"op": self.op} if self.op else {}
-        for f in fields(self):
+        for f in _fields_of(type(self)):
             value = getattr(self, f.name)
             if value is not None:
                 body[f.name] = f.metadata["kind"].encode(value)
@@ -257,7 +267,7 @@ class Message:
         if cls.op and body.get("op") != cls.op:
             raise BadRequest(cls.op, "op", f"expected op {cls.op!r}, got {_short(body.get('op'))}")
         values = {}
-        for f in fields(cls):
+        for f in _fields_of(cls):
             value = body.get(f.name)
             if value is None:
                 if f.default is MISSING:

@@ -185,7 +185,7 @@ class KeyLayout:
     the banks: with ``ports`` they are the whole layout (what a broker announces).
     """
 
-    __slots__ = ("ports", "keys", "_children", "_bases", "_direct", "_modulus")
+    __slots__ = ("ports", "keys", "_children", "_bases", "_direct", "_modulus", "_banks", "_up")
 
     def __init__(self, ports: int, keys: Iterable[int]) -> None:
         """Raises RoutingError: a key count that does not fit ``ports``, a key not
@@ -207,6 +207,12 @@ class KeyLayout:
         self._children = [children for _, children, _ in shape]
         self._bases = [base for _, _, base in shape]
         self._modulus = math.prod(keys)  # X reduced by it first: it keeps every residue here
+        # the bank nodes by bank (ports FAN + 64 j ...), and each node's parent and bit there
+        self._banks = [node for node, children in enumerate(self._children) if node and not children]
+        self._up = [(0, 0)] * len(keys)
+        for node, children in enumerate(self._children):
+            for i, child in enumerate(children):
+                self._up[child] = (node, 1 << ((FAN if node == 0 else 0) + i))
 
     @classmethod
     def single(cls, key: int) -> KeyLayout:
@@ -224,6 +230,8 @@ class KeyLayout:
         layout._children = [[]]
         layout._bases = [0]
         layout._modulus = key
+        layout._banks = []
+        layout._up = [(0, 0)]
         return layout
 
     @classmethod
@@ -272,26 +280,27 @@ class KeyLayout:
         """
         if bitmap < 0 or bitmap >> self.ports:
             raise RoutingError(f"bitmap {bitmap} names ports outside 0..{self.ports - 1}")
-        if len(self.keys) == 1:
-            return {self.keys[0]: bitmap} if bitmap else {}
-        found: dict[int, int] = {}
-        self._residue(0, bitmap, found)
-        return found
-
-    def _residue(self, node: int, bitmap: int, found: dict[int, int]) -> bool:
-        """Put the residues of ``node``'s subtree for ``bitmap`` in ``found``; whether any."""
-        children = self._children[node]
-        if not children:  # a bank
-            residue = bitmap >> self._bases[node] & _BANK_MASK
-        else:
-            residue = bitmap & _BANK_MASK if node == 0 else 0
-            shift = FAN if node == 0 else 0
-            for i, child in enumerate(children):
-                if self._residue(child, bitmap, found):
-                    residue |= 1 << (shift + i)
-        if residue:
-            found[self.keys[node]] = residue
-        return residue != 0
+        keys = self.keys
+        if len(keys) == 1:
+            return {keys[0]: bitmap} if bitmap else {}
+        residues = {0: bitmap & _BANK_MASK}  # node -> residue; the root holds ports 0 .. 63
+        rest, bank = bitmap >> FAN, 0
+        while rest:  # the banks with a port set, skipping the empty ones: it costs what the bitmap uses
+            skip = ((rest & -rest).bit_length() - 1) // FAN
+            rest >>= skip * FAN
+            bank += skip
+            node = self._banks[bank]
+            residues[node] = rest & _BANK_MASK
+            while node:  # mark the way up to the root, as far as it is not marked yet
+                parent, bit = self._up[node]
+                marked = parent in residues
+                residues[parent] = residues.get(parent, 0) | bit
+                if marked:
+                    break
+                node = parent
+            rest >>= FAN
+            bank += 1
+        return {keys[node]: residue for node, residue in residues.items() if residue}
 
     def decode(self, x: int) -> int:
         """The bitmap of ports that ``x`` names here (what the broker forwards to,

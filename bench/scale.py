@@ -954,14 +954,14 @@ def log(line: str) -> None:
 def environment() -> dict[str, Any]:
     def git(*argv: str) -> str:
         try:
-            return subprocess.run(["git", "-C", PACKAGE_ROOT, *argv], capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", "-C", PACKAGE_ROOT, *argv], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
     return {
         "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "python": platform.python_version(),
         "uvloop": uvloop.__version__, "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "dcp": PACKAGE_ROOT, "commit": git("rev-parse", "--short", "HEAD"),
+        "dcp": PACKAGE_ROOT, "commit": git("rev-parse", "--short", "HEAD").strip(),
         "uncommitted_dcp_files": [line[3:] for line in git("status", "--porcelain", "--", "dcp").splitlines()],
         "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     }

@@ -261,7 +261,7 @@ class GuardedConnection:
     def _hello_overdue(self) -> None:
         """No hello accepted within ``hello_timeout_s``: refused."""
         self._hello_due = None
-        if self.closing or self.role:
+        if self.closing or self.role or self.hello_waiting():
             return
         server = self.server
         server.hello_timeouts += 1
@@ -293,6 +293,11 @@ class GuardedConnection:
 
     def let_go(self) -> None:
         """What a refused connection holds, let go at once (the broker: a partial frame)."""
+
+    def hello_waiting(self) -> bool:
+        """Whether its hello was read and waits to be served (the deadline is for sending
+        it, not for a busy daemon to get to it)."""
+        return False
 
     def refuse(self, code: str, message: str) -> None:
         """Refused as it comes: a fatal error frame, our end shut, nothing more read.

@@ -82,6 +82,10 @@ log = logging.getLogger(__name__)
 
 #: Planning and pushing per loop iteration, at most (about: one stream's tree is not cut).
 SLICE_S = 0.01
+#: Serving requests per loop iteration, at most (about: one request is not cut).
+SERVE_S = 0.005
+#: A connection with this many requests waiting is not read until half of them are served.
+PENDING_LIMIT = 64
 #: A round that keeps finding work commits, and pushes what it planned, this often.
 ROUND_S = 0.25
 
@@ -162,6 +166,8 @@ class Orchestrator(Serving):
         self.expired = 0  # agent records deleted after their grace
         self._refusals_logged_at: dict[str, float] = {}  # refusal code -> when last logged
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start(): the hello deadlines run on it
+        self._inbox: deque[OrchestratorConnection] = deque()  # connections with requests waiting, in turn
+        self._serving = False  # a _serve() is scheduled
         self._signed_until: dict[tuple[str, str], int] = {}  # stream -> expiry of the tag last pushed
         self._connections: set[OrchestratorConnection] = set()
         self._server: asyncio.Server | None = None
@@ -754,6 +760,39 @@ class Orchestrator(Serving):
         record = self._broker_at(key)
         return record.name if record is not None else None
 
+    def serve_later(self, conn: OrchestratorConnection) -> None:
+        """``conn`` has requests waiting: serve them in turn with the others' (at once
+        when the orchestrator runs without a loop, as in tests)."""
+        if not conn.queued:
+            conn.queued = True
+            self._inbox.append(conn)
+        if self._loop is None:
+            self._serve(deadline=float("inf"))
+        elif not self._serving:
+            self._serving = True
+            self._loop.call_soon(self._serve)
+
+    def _serve(self, deadline: float | None = None) -> None:
+        """Serve waiting requests, one per connection in turn, for :data:`SERVE_S` at
+        most; the rest in the next iteration of the loop, after its timers and reads.
+        A burst of thousands of registrations read in one iteration is served over many,
+        and the loop stays free for timers, pings and planning meanwhile."""
+        self._serving = False
+        if deadline is None:
+            deadline = time.perf_counter() + SERVE_S
+        inbox = self._inbox
+        while inbox:
+            conn = inbox.popleft()
+            conn.queued = False
+            if conn.serve_one():
+                conn.queued = True
+                inbox.append(conn)
+            if time.perf_counter() >= deadline:
+                break
+        if inbox and not self._serving and self._loop is not None:
+            self._serving = True
+            self._loop.call_soon(self._serve)
+
     def _recompute(self) -> None:
         """One slice of planning: events to the planner, dirty streams planned and stored
         in the round's transaction; once none is left (or the round is old), commit, and
@@ -1039,6 +1078,11 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
         self.agent: AgentRecord | None = None
         self.broker: BrokerRecord | None = None
         self.closing = False
+        # requests read and not served yet (the orchestrator serves them in turn), and a
+        # protocol error last if reading stopped at one; at PENDING_LIMIT, reading pauses
+        self.pending: deque[dict[str, Any] | ProtocolError] = deque()
+        self.queued = False  # in the orchestrator's inbox
+        self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
@@ -1067,19 +1111,54 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
             do.broker_gone(self.broker)
 
     def data_received(self, data: bytes) -> None:
+        """Queue what was read for the orchestrator to serve in turn; a ping with nothing
+        queued before it is answered at once (keepalives and round trips measure the
+        loop, not the queue)."""
         if self.closing:
             return
         self.heard_at = time.monotonic()
+        pending = self.pending
         try:
             for event in self.decoder.feed(data):
-                if self.closing:
-                    return
                 if not isinstance(event, ControlFrame):
                     raise RemoteProtocolError("the orchestrator carries no data frames")
-                self._control(event.body)
+                if not pending and event.op == control.PING:
+                    self._control(event.body)
+                    if self.closing:
+                        return
+                else:
+                    pending.append(event.body)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, safe(exc))
-            self.close(control.Error(code=exc.code, message=str(exc), fatal=True))
+            pending.append(exc)
+        if not pending:
+            return
+        if len(pending) >= PENDING_LIMIT and self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self.orchestrator.serve_later(self)
+
+    def serve_one(self) -> bool:
+        """Serve the first waiting request (or protocol error); whether more wait."""
+        pending = self.pending
+        if self.closing or not pending:
+            pending.clear()
+            return False
+        item = pending.popleft()
+        if isinstance(item, ProtocolError):
+            log.warning("closing %s: %s", self.peer, safe(item))
+            self.close(control.Error(code=item.code, message=str(item), fatal=True))
+        else:
+            self._control(item)
+        if self.closing:
+            pending.clear()
+            return False
+        if self._reading_paused and len(pending) <= PENDING_LIMIT // 2 and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return bool(pending)
+
+    def hello_waiting(self) -> bool:
+        return bool(self.pending)
 
     def _control(self, body: dict[str, Any]) -> None:
         """One control frame: refused by the permission table, refused as malformed or

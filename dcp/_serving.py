@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from ._guard import is_loopback, safe
+from ._loop import open_file_count
 from .auth import ORCHESTRATOR_AUDIENCE, admit
 from . import control
 from .control import Hello, Permissions
@@ -34,6 +37,10 @@ REFUSAL_LOG_INTERVAL_S = 1.0
 #: How long a connection refused as it came may stay to read its error frame before it
 #: is aborted (:meth:`GuardedConnection.refuse`).
 REFUSE_LINGER_S = 2.0
+#: File descriptors kept out of the connection capacity: the listening socket, the
+#: orchestrator's connection, log files, name lookups, sqlite, and a burst of
+#: connections accepted only to be refused (``too_many_connections``).
+FD_RESERVE = 32
 
 #: What an unauthenticated client may do at each daemon with ``--insecure``, for the
 #: refusal to start without a secret and for the warning at start.
@@ -120,6 +127,9 @@ class Serving:
     per_name: Quota
     hello_timeouts: int
     _loop: asyncio.AbstractEventLoop | None
+    #: connections at most (:meth:`set_capacity`), and those refused past it
+    capacity: int = sys.maxsize
+    refused: int = 0
     _refusals_logged_at: dict[str, float]  # refusal code -> when last logged (log_refusal)
     _server: asyncio.Server | None
     _closed: asyncio.Event | None
@@ -171,6 +181,33 @@ class Serving:
                 ) from None
             raise
         return replace(hello, name=hello.name or claims.name), claims.name
+
+    def set_capacity(self, limits: tuple[int, int, int], open_now: int) -> None:
+        """Connections at most, once listening: ``max_connections`` if set, and what the
+        open-file limit leaves once the ``open_now`` files and :data:`FD_RESERVE` are set
+        aside.  ``limits``: (soft before, soft now, hard), from
+        :func:`dcp._loop.raise_open_file_limit`."""
+        before, soft, hard = limits
+        unlimited = resource.RLIM_INFINITY
+        capacity = sys.maxsize if soft == unlimited else max(0, soft - open_now - FD_RESERVE)
+        if self.config.max_connections:
+            capacity = min(capacity, self.config.max_connections)
+        self.capacity = capacity
+        log.info(
+            "open files: soft limit %s -> %s (hard %s); %s connections at most%s",
+            *("unlimited" if n == unlimited else n for n in (before, soft, hard)),
+            "unlimited" if capacity == sys.maxsize else capacity,
+            " (max_connections)" if capacity == self.config.max_connections else "",
+        )
+
+    def refusing(self, open_now: int) -> bool:
+        """Whether a connection just accepted, with ``open_now`` open in all, is past the
+        capacity: counted, and logged at most once a second."""
+        if open_now <= self.capacity:
+            return False
+        self.refused += 1
+        self.log_refusal("too_many_connections", "%d open, capacity %d; %d refused so far", open_now - 1, self.capacity, self.refused)
+        return True
 
     def log_refusal(self, code: str, message: str, *args: Any) -> None:
         """Log a refusal of ``code``, at most once a second per code (a flood of

@@ -27,7 +27,8 @@ neither ``--secret-file`` nor ``--insecure`` refuses to start.  With ``--tls-cer
 TLS; the data path is the same on a TLS transport.
 
 At start the soft open-file limit is raised to the hard one; a connection accepted
-past what that leaves (less :data:`FD_RESERVE`) gets the fatal ``too_many_connections``
+past what that leaves (less :data:`dcp._serving.FD_RESERVE`), or past ``max_connections``,
+gets the fatal ``too_many_connections``
 and is closed, and the others go on.  Until its hello is accepted a connection may send
 frames of ``max_control`` bytes at most (not ``max_frame``), and it has
 ``hello_timeout_s`` to do so (``hello_timeout``); one peer address and one name
@@ -61,7 +62,7 @@ from ._loop import no_delay, open_file_count, raise_open_file_limit
 from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
 from .backoff import Backoff
 from .link import Link
-from .routing import KeyLayout, int_to_bytes
+from .routing import KeyLayout, int_to_bytes, ports_of
 from .tls import client_context, server_context
 from .forwarding import DROP_REASONS, Drop, Forwarder, Write
 from .wire import DEFAULT_LIMITS, Limits, encode_control
@@ -78,10 +79,6 @@ _TARGET_CACHE_LIMIT = 4096
 _ERROR_INTERVAL_S = 1.0
 # Our own tokens are made afresh for every hello; this long covers clock skew between hosts.
 _OWN_TOKEN_TTL_S = 300
-#: File descriptors kept out of the connection capacity: the listening socket, the
-#: orchestrator's connection, log files, name lookups, and a burst of connections
-#: accepted only to be refused (``too_many_connections``).
-FD_RESERVE = 32
 #: No report frame to the orchestrator is larger (header included): its max_control.
 #: A registration with more attachments than fit is sent as BrokerState, then PortsChanged frames.
 REPORT_FRAME_BYTES = DEFAULT_LIMITS.max_control
@@ -141,8 +138,6 @@ class Broker(Serving):
         self._freed: deque[int] = deque()  # ports freed since, the longest free first
         self._targets: dict[int, tuple[BrokerConnection, ...]] = {}
         self._connections: set[BrokerConnection] = set()
-        self.capacity = sys.maxsize  # connections at most: set by start() from the open-file limit
-        self.refused = 0  # connections refused with too_many_connections
         self.hello_timeouts = 0  # connections refused with hello_timeout
         self.per_address = Quota(self.config.max_connections_per_address)  # by peer IP address, taken at accept
         self.per_name = Quota(self.config.max_connections_per_name)  # by (token) name, taken at hello
@@ -162,7 +157,7 @@ class Broker(Serving):
         self._closed = asyncio.Event()
         self._no_connections = asyncio.Event()
         self._no_connections.set()
-        before, soft, hard = raise_open_file_limit()
+        limits = raise_open_file_limit()
         host, port = self.config.address
         # A TLS handshake that does not finish within the hello deadline is cut as well.
         handshake = {"ssl_handshake_timeout": self.config.hello_timeout_s} if self.tls_server and self.config.hello_timeout_s else {}
@@ -170,7 +165,12 @@ class Broker(Serving):
             self.new_connection, host, port, reuse_address=True, backlog=1024, ssl=self.tls_server, **handshake
         )
         self._started_at = time.monotonic()
-        self._set_capacity(before, soft, hard)
+        self.set_capacity(limits, open_file_count())
+        if self.capacity < self.config.ports:
+            log.warning(
+                "room for %d connections (the open-file limit, or max_connections), fewer than the %d ports; "
+                "raise it (ulimit -n)", self.capacity, self.config.ports,
+            )
         host, port = self.address
         if not self.name:  # a wildcard address means nothing to peers: name the host instead
             self.name = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
@@ -212,36 +212,6 @@ class Broker(Serving):
                 conn.abort()
         log.info("dcp broker stopped: %s", self.summary())
         self._closed.set()
-
-    def _set_capacity(self, before: int, soft: int, hard: int) -> None:
-        """Connections at most: what the open-file limit leaves once the files open now
-        and :data:`FD_RESERVE` are set aside."""
-        unlimited = resource.RLIM_INFINITY
-        if soft == unlimited:
-            self.capacity = sys.maxsize
-        else:
-            self.capacity = max(0, soft - open_file_count() - FD_RESERVE)
-        log.info(
-            "open files: soft limit %s -> %s (hard %s); %s connections at most",
-            *("unlimited" if n == unlimited else n for n in (before, soft, hard)),
-            "unlimited" if self.capacity == sys.maxsize else self.capacity,
-        )
-        if self.capacity < self.config.ports:
-            log.warning(
-                "the open-file limit (%d) leaves room for %d connections, fewer than the %d ports; raise it (ulimit -n)",
-                soft, self.capacity, self.config.ports,
-            )
-
-    def _refusing(self) -> bool:
-        """A new connection is past the capacity: count it, and log it at most once a second."""
-        if len(self._connections) <= self.capacity:
-            return False
-        self.refused += 1
-        self.log_refusal(
-            "too_many_connections", "%d open, capacity %d; %d refused so far",
-            len(self._connections) - 1, self.capacity, self.refused,
-        )
-        return True
 
     @property
     def closing(self) -> bool:
@@ -636,12 +606,7 @@ def _bits(mask: int) -> list[int]:
     """The set bits of ``mask``, lowest first, in time linear in the bits set (and, for
     a dense mask, in its length at C speed): never one step per port of the broker."""
     if mask.bit_count() <= _SPARSE_MASK_BITS:
-        found = []
-        while mask:
-            low = mask & -mask
-            found.append(low.bit_length() - 1)
-            mask ^= low
-        return found
+        return ports_of(mask)
     digits = format(mask, "b")
     top = len(digits) - 1
     found = []
@@ -760,9 +725,9 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
             if hello.token and self.broker.tls_client is None and peername and not self.link.warned_cleartext:
                 self.link.warned_cleartext = warn_cleartext_token(log, peername[0], f"link port {self.link.port} to {self.link.address}")
             self.send(hello)
-        elif self.broker._refusing():
+        elif self.broker.refusing(len(self.broker._connections)):
             capacity = self.broker.capacity
-            self.refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit); try later")
+            self.refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit, or max_connections); try later")
         else:
             self.guard(peername[0] if peername else "")
 

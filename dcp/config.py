@@ -50,6 +50,10 @@ _ACCESS = {
         "a connection that has not had its hello accepted this long after it was accepted is refused "
         "(hello_timeout) and closed, seconds (0: no deadline)", type=float,
     )),
+    "max_connections": (0, _opt(
+        "connections open at once, at most; past it a new connection is refused at accept (too_many_connections) "
+        "(0: as many as the open-file limit leaves, raised to its hard limit at start)", type=int,
+    )),
     "max_connections_per_address": (0, _opt(
         "connections one peer IP address may hold at once; past it a connection is refused at accept "
         "(connection_limit) (0: no limit, the default: many agents may share an address, behind NAT or on one host)",
@@ -72,7 +76,7 @@ def _check_access(config: Any) -> None:
     """The checks of the ``_ACCESS`` settings."""
     if config.hello_timeout_s < 0:
         raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
-    for name in ("max_connections_per_address", "max_connections_per_name"):
+    for name in ("max_connections", "max_connections_per_address", "max_connections_per_name"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative (0: no limit), got {getattr(config, name)}")
     if config.require_token and not config.secret_file:
@@ -174,6 +178,7 @@ class BrokerConfig(_FromSources):
     )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
     hello_timeout_s: float = _access("hello_timeout_s")
+    max_connections: int = _access("max_connections")
     max_connections_per_address: int = _access("max_connections_per_address")
     max_connections_per_name: int = _access("max_connections_per_name")
     secret_file: str = field(
@@ -283,6 +288,7 @@ class OrchestratorConfig(_FromSources):
     tls_cert: str = _access("tls_cert")
     tls_key: str = _access("tls_key")
     hello_timeout_s: float = _access("hello_timeout_s")
+    max_connections: int = _access("max_connections")
     max_connections_per_address: int = _access("max_connections_per_address")
     max_connections_per_name: int = _access("max_connections_per_name")
     max_capabilities: int = field(

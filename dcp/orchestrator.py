@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +56,7 @@ from typing import Any, cast
 
 from . import control
 from ._guard import safe
+from ._loop import open_file_count, raise_open_file_limit
 from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, is_broker_secret, issue_token, load_secret
 from .config import OrchestratorConfig
@@ -238,6 +240,7 @@ class Orchestrator(Serving):
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
+        limits = raise_open_file_limit()  # an agent holds a connection: thousands of them
         host, port = self.config.address
         # A TLS handshake that does not finish within the hello deadline is cut as well.
         timeout = self.config.hello_timeout_s
@@ -245,6 +248,7 @@ class Orchestrator(Serving):
         self._server = await loop.create_server(
             lambda: OrchestratorConnection(self), host, port, reuse_address=True, ssl=self.tls, **handshake
         )
+        self.set_capacity(limits, open_file_count())
         host, port = self.address
         log.info(
             "dcp orchestrator listening on %s:%d db=%s%s%s", host, port, self.store.path,
@@ -995,7 +999,8 @@ class Orchestrator(Serving):
             ],
             **listed,
             "connections": {
-                "open": len(self._connections), "hello_timeouts": self.hello_timeouts,
+                "open": len(self._connections), "capacity": None if self.capacity == sys.maxsize else self.capacity,
+                "refused": self.refused, "hello_timeouts": self.hello_timeouts,
                 "refused_per_name": self.per_name.refused, "refused_per_address": self.per_address.refused,
                 "names_taken": self.names_taken, "agents_expired": self.expired,
             },
@@ -1089,8 +1094,12 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        self.orchestrator._connections.add(self)
-        self.guard(peername[0] if peername else "")
+        do = self.orchestrator
+        do._connections.add(self)
+        if do.refusing(len(do._connections)):
+            self.refuse("too_many_connections", f"this orchestrator is at its {do.capacity} connections (its open-file limit, or max_connections); try later")
+        else:
+            self.guard(peername[0] if peername else "")
 
     @property
     def server(self) -> Orchestrator:

@@ -23,7 +23,8 @@ import pytest
 
 import dcp
 from dcp import broker as broker_module
-from dcp.broker import FD_RESERVE, Broker, BrokerConnection
+from dcp._serving import FD_RESERVE
+from dcp.broker import Broker, BrokerConnection
 from dcp.config import BrokerConfig
 from dcp.errors import ConnectionClosed, DcpError, RemoteError
 from dcp.routing import encode
@@ -418,3 +419,44 @@ async def test_no_report_frame_exceeds_64_kib_with_3000_attachments(make_broker,
         assert max(size for size, _ in fake.frames) <= 64 * 1024
     finally:
         await asyncio.gather(*(conn.close() for conn in conns))
+
+
+@pytest.mark.parametrize("daemon", ["broker", "orchestrator"])
+async def test_max_connections_caps_either_daemon_below_its_file_limit(make_broker, tmp_path, daemon: str) -> None:  # type: ignore[no-untyped-def]
+    """``max_connections``: the connection past it is refused at accept with
+    too_many_connections, counted; the others are served, and one more is admitted once
+    one has gone."""
+    from dcp.config import OrchestratorConfig
+    from dcp.orchestrator import Orchestrator
+
+    if daemon == "broker":
+        server: Any = await make_broker(max_connections=2)
+    else:
+        server = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=str(tmp_path / "do.db"), insecure=True, max_connections=2))
+        await server.start()
+    url = "dcp://%s:%d" % server.address
+    try:
+        assert server.capacity == 2
+        first = await dcp.connect(url, role="admin", name="one", reconnect=False)
+        second = await dcp.connect(url, role="admin", name="two", reconnect=False)
+        with pytest.raises(RemoteError) as info:
+            await dcp.connect(url, role="admin", name="three", reconnect=False)
+        assert info.value.code == "too_many_connections" and "max_connections" in str(info.value)
+        assert server.refused == 1
+        await first.ping()
+        await second.ping()
+        await first.close()
+
+        async def admitted() -> bool:
+            try:
+                conn = await dcp.connect(url, role="admin", name="again", reconnect=False)
+            except RemoteError:
+                return False
+            await conn.close()
+            return True
+
+        await until(admitted, "one more admitted once one has gone")
+        await second.close()
+    finally:
+        if daemon == "orchestrator":
+            await server.close()

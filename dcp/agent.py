@@ -65,6 +65,9 @@ __all__ = ["DataAgent", "Element"]
 log = logging.getLogger(__name__)
 
 DEFAULT_ORCHESTRATOR = "dcp://127.0.0.1:7300"
+#: Counters that have not changed are reported this often anyway: the orchestrator holds
+#: an agent's name for a connection heard from within 5 s (its ``SILENT_S``).
+REPORT_KEEPALIVE_S = 4.0
 Handler = Callable[..., Awaitable[Any]]
 
 
@@ -142,6 +145,8 @@ class DataAgent:
         self.buffer = buffer
         self.overflow = overflow
         self.report_interval_s = report_interval_s
+        self._reported: dict[str, Any] | None = None  # the counters last reported, and when
+        self._reported_at = float("-inf")
         self.failover_attempts = failover_attempts
         # the broker's slow-consumer policy for our port (None: the broker's default)
         self.slow_consumer = None if slow_consumer is None else slow_consumer_policy(slow_consumer)
@@ -401,6 +406,7 @@ class DataAgent:
         broker = self.broker
         assert broker is not None and broker.port is not None and broker.broker_key is not None
         consumes = sorted({p for e in self._declared.values() for p in e.consumes})
+        self._reported = None  # the next report goes out whatever it says
         await conn.call(Register(
             capabilities=sorted(self.capabilities), consumes=consumes, produces=sorted(self.produces),
             broker_key=broker.broker_key, port=broker.port,
@@ -581,8 +587,16 @@ class DataAgent:
         }
 
     async def _report_loop(self) -> None:
+        """Every ``report_interval_s``, the counters, if they changed since the last report
+        (or the agent registered again since); unchanged, every :data:`REPORT_KEEPALIVE_S`
+        anyway.  Thousands of idle agents cost the orchestrator little."""
         while True:
             await asyncio.sleep(self.report_interval_s)
-            if self.orchestrator is not None:
-                self.orchestrator.send(Report(**self.counters()).to_body())
+            if self.orchestrator is None:
+                continue
+            counters, now = self.counters(), time.monotonic()
+            if counters == self._reported and now - self._reported_at < REPORT_KEEPALIVE_S:
+                continue
+            self.orchestrator.send(Report(**counters).to_body())
+            self._reported, self._reported_at = counters, now
 

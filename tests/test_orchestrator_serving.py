@@ -142,3 +142,38 @@ async def test_a_malformed_frame_closes_the_connection_after_what_came_before(do
     replies = out.replies()
     assert [reply.get("re") for reply in replies[:2]] == [1, 2], replies
     assert (replies[-1]["op"], replies[-1]["code"], replies[-1]["fatal"]) == ("error", "malformed_frame", True)
+
+
+async def test_an_agent_reports_counters_that_changed_and_unchanged_ones_only_as_a_keepalive(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Thousands of idle agents cost the orchestrator little: a report goes out when the
+    counters changed, after a registration, and otherwise every REPORT_KEEPALIVE_S."""
+    import asyncio
+    import types
+
+    import dcp.agent as agent_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(agent_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    agent = agent_module.DataAgent("idle", report_interval_s=0)
+    sent: list[dict[str, Any]] = []
+    agent.orchestrator = types.SimpleNamespace(send=sent.append)  # type: ignore[assignment]
+
+    async def turns(n: int = 20) -> int:
+        for _ in range(n):
+            await asyncio.sleep(0)
+        return len(sent)
+
+    task = asyncio.ensure_future(agent._report_loop())
+    try:
+        assert await turns() == 1, "the first report"
+        assert await turns() == 1, "unchanged counters reported again"
+        agent.published += 1
+        assert await turns() == 2 and sent[-1]["published"] == 1
+        clock[0] += agent_module.REPORT_KEEPALIVE_S - 0.1
+        assert await turns() == 2
+        clock[0] += 0.1
+        assert await turns() == 3, "no keepalive"
+        agent._reported = None  # as a registration does
+        assert await turns() == 4
+    finally:
+        task.cancel()

@@ -24,8 +24,8 @@ from typing import Any
 
 from ._guard import is_loopback, safe
 from ._loop import open_file_count
-from .auth import ORCHESTRATOR_AUDIENCE, admit
 from . import control
+from .auth import ORCHESTRATOR_AUDIENCE, admit
 from .control import Hello, Permissions
 from .errors import AuthError, ConfigError
 from .wire import HEADER_SIZE, Limits, encode_control
@@ -276,16 +276,24 @@ class GuardedConnection:
     def server(self) -> Serving:
         raise NotImplementedError
 
-    def guard(self, address: str) -> bool:
-        """A connection just accepted from ``address``: within that address's quota
-        (counted) and on the clock for its hello, True; else refused, False."""
+    def guard(self, address: str, open_now: int) -> bool:
+        """A connection just accepted from ``address``, with ``open_now`` open in all:
+        within the daemon's capacity and that address's quota (counted), and on the clock
+        for its hello, True; else refused, False."""
         server = self.server
+        daemon = server.permissions.daemon
+        if server.refusing(open_now):
+            self.refuse(
+                "too_many_connections",
+                f"this {daemon} is at its {server.capacity} connections (its open-file limit, or max_connections); try later",
+            )
+            return False
         if not server.per_address.take(address):
             limit = server.per_address.limit
             server.log_refusal("connection_limit", "%s holds %d connections already (max_connections_per_address)", safe(address), limit)
             self.refuse(
                 "connection_limit",
-                f"this {server.permissions.daemon} admits at most {limit} connections from {address}; close one, or try later",
+                f"this {daemon} admits at most {limit} connections from {address}; close one, or try later",
             )
             return False
         if server.per_address.limit:

@@ -725,11 +725,8 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
             if hello.token and self.broker.tls_client is None and peername and not self.link.warned_cleartext:
                 self.link.warned_cleartext = warn_cleartext_token(log, peername[0], f"link port {self.link.port} to {self.link.address}")
             self.send(hello)
-        elif self.broker.refusing(len(self.broker._connections)):
-            capacity = self.broker.capacity
-            self.refuse("too_many_connections", f"this broker is at its {capacity} connections (its open-file limit, or max_connections); try later")
         else:
-            self.guard(peername[0] if peername else "")
+            self.guard(peername[0] if peername else "", len(self.broker._connections))
 
     @property
     def server(self) -> Broker:

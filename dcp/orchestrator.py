@@ -1094,12 +1094,9 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        do = self.orchestrator
-        do._connections.add(self)
-        if do.refusing(len(do._connections)):
-            self.refuse("too_many_connections", f"this orchestrator is at its {do.capacity} connections (its open-file limit, or max_connections); try later")
-        else:
-            self.guard(peername[0] if peername else "")
+        connections = self.orchestrator._connections
+        connections.add(self)
+        self.guard(peername[0] if peername else "", len(connections))
 
     @property
     def server(self) -> Orchestrator:

@@ -23,7 +23,6 @@ from dataclasses import replace
 from typing import Any
 
 from ._guard import is_loopback, safe
-from ._loop import open_file_count
 from . import control
 from .auth import ORCHESTRATOR_AUDIENCE, admit
 from .control import Hello, Permissions

@@ -28,8 +28,7 @@ TLS; the data path is the same on a TLS transport.
 
 At start the soft open-file limit is raised to the hard one; a connection accepted
 past what that leaves (less :data:`dcp._serving.FD_RESERVE`), or past ``max_connections``,
-gets the fatal ``too_many_connections``
-and is closed, and the others go on.  Until its hello is accepted a connection may send
+gets the fatal ``too_many_connections`` and is closed, and the others go on.  Until its hello is accepted a connection may send
 frames of ``max_control`` bytes at most (not ``max_frame``), and it has
 ``hello_timeout_s`` to do so (``hello_timeout``); one peer address and one name
 (the token's, where the hello needs one) hold at most ``max_connections_per_address``
@@ -43,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import socket
 import sys
 import time

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .auth import issue_token, load_secret
+from .auth import issue_token, load_secret, new_secret, write_secret
 from .client import connect
 from .errors import ConfigError
 from .routing import FAN, KeyLayout, allocate_keys
@@ -154,9 +153,7 @@ def cluster_secret(secret_file: str = "", insecure: bool = False) -> Iterator[st
         return
     with tempfile.TemporaryDirectory(prefix="dcp-cluster-") as folder:
         path = os.path.join(folder, "secret")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
+        write_secret(path, new_secret())
         yield path
 
 

@@ -40,7 +40,7 @@ from dcp.topology import Overlay
 from dcp.wire import DATA, HEADER, VERSION
 
 from .conftest import url_of
-from .test_hardening import SECRET, Raw, non_loopback_address, secret_file, token  # noqa: F401 (secret_file: a fixture)
+from .test_hardening import Raw, non_loopback_address, secret_file, token  # noqa: F401 (secret_file: a fixture)
 from .test_orchestrator import Plane
 from .waiting import until
 

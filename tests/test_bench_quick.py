@@ -23,7 +23,7 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["profile"] == "quick" and results["environment"]["cpu_count"] >= 1
-    targets = {"dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay"}
+    targets = {"dcp-stateless", "dcp-stateful", "dcp-verified", "dcp-commitlog", "relay"}
     for figure, key in (("latency", "p50_us"), ("success", "success"), ("throughput", "mb_s")):
         cells = results[figure]["cells"]
         assert {c["target"] for c in cells} == targets, figure

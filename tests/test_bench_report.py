@@ -24,7 +24,7 @@ NATS_WHY = "server not answering on 127.0.0.1:4222"
 
 def results() -> dict[str, Any]:
     lat_cells: list[dict[str, Any]] = []
-    for target, base in (("dcp-stateless", 180.0), ("refqueue", 500.0)):
+    for target, base in (("dcp-stateless", 180.0), ("dcp-commitlog", 500.0)):
         for i, size in enumerate(LAT_SIZES):
             lat_cells.append({
                 "target": target, "size": size, "sent": 500, "received": 500 if target == "dcp-stateless" else 499,
@@ -33,7 +33,7 @@ def results() -> dict[str, Any]:
             })
     lat_cells += [{"target": "nats", "size": size, "skipped": NATS_WHY} for size in LAT_SIZES]
     succ_cells: list[dict[str, Any]] = []
-    for target in ("dcp-stateless", "refqueue"):
+    for target in ("dcp-stateless", "dcp-commitlog"):
         for size in SUCC_SIZES:
             for interval in INTERVALS:
                 ok = 1.0 if target == "dcp-stateless" or interval >= 10 else 0.5
@@ -62,7 +62,7 @@ def results() -> dict[str, Any]:
             "uvloop": "0.21.0",
             "targets": {
                 "dcp-stateless": {"available": True, "version": "0.1.0"},
-                "refqueue": {"available": True, "version": "builtin"},
+                "dcp-commitlog": {"available": True, "version": "builtin"},
                 "relay": {"available": True, "version": "builtin"},
                 "nats": {"available": False, "why": NATS_WHY},
             },
@@ -76,7 +76,7 @@ def results() -> dict[str, Any]:
             {"brokers": 100, "x_bytes": 800, "x_bits": 6400, "bound_bits": 6500, "encode_us": 300.0, "stateless_ns": 7000, "stateful_ns": 210, "ratio": 33.33},
         ]},
         "targets": [
-            {"goal": "p50 dcp-stateless <= 0.35 x refqueue at every size", "measured": "worst ratio 0.41 at 1 MB", "met": False},
+            {"goal": "p50 dcp-stateless <= 0.35 x dcp-commitlog at every size", "measured": "worst ratio 0.41 at 1 MB", "met": False},
             {"goal": "success 100 % | every interval", "measured": "lowest 99.9 %", "met": True},
         ],
     }
@@ -141,7 +141,7 @@ def test_markdown_sections_and_numbers() -> None:
     assert f"`nats` skipped: {NATS_WHY}" in lat
     # success: one table per target, percent with one decimal, 99.99 % is not rounded up to 100.0
     succ = text.split("## Figure 8")[1].split("## Figure 9")[0]
-    assert "### dcp-stateless" in succ and "### refqueue" in succ and "### nats" in succ
+    assert "### dcp-stateless" in succ and "### dcp-commitlog" in succ and "### nats" in succ
     assert "| interval | 1 KB | 10 KB | 100 KB | 1 MB |" in succ
     assert "| 2 ms | 99.9 | 100.0 | 100.0 | 100.0 |" in succ
     assert "| 2 ms | 50.0 | 50.0 | 50.0 | 50.0 |" in succ
@@ -158,7 +158,7 @@ def test_markdown_sections_and_numbers() -> None:
     # targets: plain words
     targets = text.split("## Targets")[1]
     assert "1 of 2 targets met." in targets
-    assert "| p50 dcp-stateless <= 0.35 x refqueue at every size | worst ratio 0.41 at 1 MB | missed |" in targets
+    assert "| p50 dcp-stateless <= 0.35 x dcp-commitlog at every size | worst ratio 0.41 at 1 MB | missed |" in targets
     assert "| success 100 % \\| every interval | lowest 99.9 % | met |" in targets
 
 
@@ -175,10 +175,10 @@ def test_figures_parse_and_have_the_expected_series() -> None:
     svgs = figures(results())
     assert set(svgs) == {"latency.svg", "success.svg", "throughput.svg", "routing.svg"}
     expected = {
-        # p50 of dcp-stateless and refqueue (nats skipped throughout), p99 of dcp-stateless
-        "latency.svg": ["dcp-stateless p50", "refqueue p50", "dcp-stateless p99"],
+        # p50 of dcp-stateless and commitlog (nats skipped throughout), p99 of dcp-stateless
+        "latency.svg": ["dcp-stateless p50", "dcp-commitlog p50", "dcp-stateless p99"],
         # every target at the largest size, then dcp-stateless at every other size
-        "success.svg": ["dcp-stateless 1 MB", "refqueue 1 MB", "dcp-stateless 100 KB", "dcp-stateless 10 KB", "dcp-stateless 1 KB"],
+        "success.svg": ["dcp-stateless 1 MB", "dcp-commitlog 1 MB", "dcp-stateless 100 KB", "dcp-stateless 10 KB", "dcp-stateless 1 KB"],
         # dcp-stateless: MB/s and MB/s per core per size
         "throughput.svg": ["1 KB MB/s", "1 KB MB/s per core", "64 KB MB/s", "64 KB MB/s per core"],
         "routing.svg": ["stateless (X mod key)", "stateful (topic table lookup)"],

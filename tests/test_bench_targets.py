@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import dcp
-from dcp.bench.refqueue import RefQueue
+from dcp.bench.commitlog import CommitLogBroker
 from dcp.bench.relay import PUBLISH, SUBSCRIBE, Relay, frame
 from dcp.bench.targets import IN_TREE, TARGETS, availability, start_server
 from dcp.bench.worker import STAMP_SIZE, stamp, unstamp
@@ -161,14 +161,14 @@ async def test_relay_drops_and_counts_for_a_full_subscriber() -> None:
         await relay.close()
 
 
-def test_relay_and_refqueue_processes_listen_and_exit_0_on_sigterm(tmp_path: Path) -> None:
-    for target in ("relay", "refqueue"):
+def test_relay_and_commitlog_processes_listen_and_exit_0_on_sigterm(tmp_path: Path) -> None:
+    for target in ("relay", "dcp-commitlog"):
         server = start_server(target, tmp_path)
         host, port = server.address.rsplit(":", 1)
         socket.create_connection((host, int(port)), timeout=2).close()
         log_dir = server.workdir
         assert server.stop() == 0, server.output
-        if target == "refqueue":
+        if target == "dcp-commitlog":
             assert "mode=stateful" in server.output
             assert log_dir is not None and not log_dir.exists()  # the commit log goes with the server
 
@@ -181,8 +181,8 @@ def _frames_in_log(directory: Path) -> list[DataFrame]:
     return [event for event in Decoder().feed(data) if isinstance(event, DataFrame)]
 
 
-async def test_refqueue_forwards_like_a_stateful_broker_and_logs_every_forwarded_byte(tmp_path: Path) -> None:
-    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path)
+async def test_commitlog_forwards_like_a_stateful_broker_and_logs_every_forwarded_byte(tmp_path: Path) -> None:
+    queue = CommitLogBroker(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path)
     await queue.start()
     try:
         url = "dcp://%s:%d" % queue.address
@@ -205,8 +205,8 @@ async def test_refqueue_forwards_like_a_stateful_broker_and_logs_every_forwarded
         await queue.close()
 
 
-async def test_refqueue_rolls_segments_and_can_flush_every_write(tmp_path: Path) -> None:
-    queue = RefQueue(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path, segment_bytes=10_000, fsync_interval_ms=0)
+async def test_commitlog_rolls_segments_and_can_flush_every_write(tmp_path: Path) -> None:
+    queue = CommitLogBroker(BrokerConfig(listen="127.0.0.1:0", insecure=True), log_dir=tmp_path, segment_bytes=10_000, fsync_interval_ms=0)
     await queue.start()
     try:
         url = "dcp://%s:%d" % queue.address

@@ -27,7 +27,7 @@ from typing import Any, TypeGuard
 __all__ = ["markdown", "svg_line_chart", "figures", "write", "fmt_size", "PALETTE", "DASHES"]
 
 PRIMARY = "dcp-stateless"
-REFERENCE = "refqueue"
+REFERENCE = "dcp-commitlog"
 DASH = "\u2014"  # a cell with nothing measured
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",

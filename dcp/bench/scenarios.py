@@ -43,7 +43,7 @@ __all__ = ["Profile", "PROFILES", "FIGURES", "run", "evaluate_targets"]
 
 KB = 1024
 MB = 1024 * 1024
-CORE_TARGETS = ("dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay")
+CORE_TARGETS = ("dcp-stateless", "dcp-stateful", "dcp-verified", "dcp-commitlog", "relay")
 EXTERNAL_TARGETS = ("nats", "redis", "mqtt", "rabbitmq")
 FIGURES = ("latency", "success", "throughput", "routing")
 
@@ -430,7 +430,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     def vs(other: str) -> list[tuple[str, float]]:
         return [(f"{size} B", dcp[size] / lat[(other, size)]["p50_us"]) for size in dcp if (other, size) in lat and lat[(other, size)]["p50_us"] > 0]
 
-    verdict("p50 latency of dcp-stateless <= 0.35 x the reference queue, every size", vs("refqueue"), 0.35)
+    verdict("p50 latency of dcp-stateless <= 0.35 x the reference queue, every size", vs("dcp-commitlog"), 0.35)
     verdict("p50 latency of dcp-stateless within 1.3 x the raw relay, every size", vs("relay"), 1.3)
     for external in EXTERNAL_TARGETS:
         verdict(f"p50 latency of dcp-stateless no worse than {external}, every size", vs(external), 1.0)

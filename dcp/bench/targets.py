@@ -4,8 +4,8 @@
 * ``dcp-verified``: a stateless broker with ``--verify-routes``: every topology number
   must carry the orchestrator's route tag (the publishers sign with the same secret,
   which ``Server.client_args`` hands them); the cost of route authentication;
-* ``refqueue``: the reference queue, dcp's stateful broker with a commit log
-  (:mod:`dcp.bench.refqueue`);
+* ``dcp-commitlog``: dcp with a commit log, dcp's stateful broker appending every
+  frame to disk before forwarding it (:mod:`dcp.bench.commitlog`);
 * ``relay``: the raw relay of length-prefixed frames (:mod:`dcp.bench.relay`);
 * ``nats``, ``redis``, ``mqtt``, ``rabbitmq``: external brokers already running on
   their default loopback ports (``bench/peers start``), measured through their usual
@@ -37,11 +37,19 @@ from pathlib import Path
 
 from .. import __version__
 
-__all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
+__all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "PUBSUB", "QUEUES", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
 
-TARGETS = ("dcp-stateless", "dcp-stateful", "dcp-verified", "refqueue", "relay", "nats", "redis", "mqtt", "rabbitmq")
+TARGETS = (
+    "dcp-stateless", "dcp-stateful", "dcp-verified", "dcp-commitlog", "relay",
+    "nats", "redis", "mqtt", "rabbitmq", "zenoh",
+    "nats-jetstream", "rabbitmq-quorum", "redis-streams",
+)
 IN_TREE = TARGETS[:5]
 EXTERNAL = TARGETS[5:]
+#: Brokers that deliver without storing: what dcp competes with on its own terms.
+PUBSUB = ("nats", "redis", "mqtt", "rabbitmq", "zenoh")
+#: Established persistent queues: the article's reference (RocketMQ with persistence).
+QUEUES = ("nats-jetstream", "rabbitmq-quorum", "redis-streams")
 DEFAULT_ADDRESSES = {
     "nats": "127.0.0.1:4222",
     "redis": "127.0.0.1:6379",
@@ -70,7 +78,7 @@ class Server:
     address: str
     process: subprocess.Popen[str] | None = None
     log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200), repr=False)
-    workdir: Path | None = None  # removed by stop() (the refqueue's commit log, dcp-verified's secret)
+    workdir: Path | None = None  # removed by stop() (dcp-commitlog's log, dcp-verified's secret)
     client_args: tuple[str, ...] = ()  # what every publisher and subscriber of this server is also given
     _drain: threading.Thread | None = field(default=None, repr=False)
 
@@ -112,11 +120,11 @@ def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[lis
         # --insecure: a loopback benchmark, whose admin clients (soak's stats) have no token
         argv = [*python, "dcp", "broker", "--listen", "127.0.0.1:0", "--log-level", "info", "--insecure", *mode, *extra_args]
         return argv, _DCP_LISTENING, own_dir
-    if target == "refqueue":
+    if target == "dcp-commitlog":
         workdir.mkdir(parents=True, exist_ok=True)
-        log_dir = Path(tempfile.mkdtemp(prefix="refqueue-", dir=workdir))
+        log_dir = Path(tempfile.mkdtemp(prefix="commitlog-", dir=workdir))
         argv = [
-            *python, "dcp.bench.refqueue", "--listen", "127.0.0.1:0", "--log-dir", str(log_dir), "--log-level", "info", "--insecure",
+            *python, "dcp.bench.commitlog", "--listen", "127.0.0.1:0", "--log-dir", str(log_dir), "--log-level", "info", "--insecure",
             *extra_args,
         ]
         return argv, _DCP_LISTENING, log_dir

@@ -49,7 +49,7 @@ _pack_stamp = _STAMP.pack
 _unpack_stamp = _STAMP.unpack_from
 _PADS: dict[int, bytes] = {}
 FAMILIES = {
-    "dcp-stateless": "dcp", "dcp-stateful": "dcp", "dcp-verified": "dcp", "refqueue": "dcp", "relay": "relay",
+    "dcp-stateless": "dcp", "dcp-stateful": "dcp", "dcp-verified": "dcp", "dcp-commitlog": "dcp", "relay": "relay",
     "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq",
 }
 ROUTED = ("dcp-stateless", "dcp-verified")  # publishers route by the X their subscriber reports
@@ -168,34 +168,29 @@ def _host_port(address: str) -> tuple[str, int]:
 Ready = Callable[[str], None]
 
 
-# -- dcp (stateless, stateful, refqueue) ------------------------------------------------------
+# -- dcp (stateless, stateful, commitlog) ------------------------------------------------------
 
 
 async def _sub_dcp(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
     from ..client import connect
-    from ..routing import encode
 
-    conn = await connect(f"dcp://{args.address}", name="bench-sub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S)
+    conn = await connect(
+        f"dcp://{args.address}", name="bench-sub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S,
+        slow_consumer=args.slow_consumer,
+    )
     try:
         record = rec.record
-        if hasattr(conn, "_deliver"):  # take the time in the client's own delivery callback
-            def deliver(frame: Any) -> None:
+
+        async def consume() -> None:  # the public iterator, as an application reads
+            async for msg in conn.messages():
                 now = time.time_ns()
-                payload = frame.payload
+                payload = msg.payload
                 record(payload, 0, len(payload), now)
 
-            conn._deliver = deliver  # type: ignore[method-assign]
-            drain = None
-        else:  # no such hook any more: the public iterator, as an application sees it
-            async def consume() -> None:
-                async for msg in conn.messages():
-                    now = time.time_ns()
-                    record(msg.payload, 0, len(msg.payload), now)
-
-            drain = asyncio.ensure_future(consume())
+        drain = asyncio.ensure_future(consume())
         if args.target in ROUTED:
-            assert conn.broker_key is not None and conn.port is not None
-            ready(str(encode({conn.broker_key: 1 << conn.port})))
+            assert conn.port is not None  # welcomed
+            ready(str(conn.route_to(conn.port)))
         else:
             await conn.subscribe(args.topic)
             ready("")
@@ -738,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--expect", type=int, default=None, help="stop after this many messages")
     sub.add_argument("--idle-timeout", type=float, default=2.0, help="stop after this long without a message, once one came (s)")
     sub.add_argument("--max-time", type=float, default=600.0, help="stop this long after ready, whatever came (s; default 600)")
+    sub.add_argument(
+        "--slow-consumer", choices=("drop-newest", "drop-oldest", "pause"), default=None,
+        help="dcp targets: the broker's policy for this subscriber when it falls behind (default: the broker's)",
+    )
     sub.add_argument("--keep-latencies", action="store_true", help="add every latency, in arrival order, to the result")
     sub.add_argument(
         "--latency-every", type=int, default=1,

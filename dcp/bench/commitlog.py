@@ -1,9 +1,11 @@
-"""The reference queue: dcp's stateful broker with a commit log, persistence on.
+"""dcp with a commit log: dcp's stateful broker, persistence on (target ``dcp-commitlog``).
 
 The article compares dcp with RocketMQ running with persistence: every message is
-appended to an on-disk commit log before it is delivered.  This is that queue built
-from dcp's own parts, so the difference measured is the design (a table lookup and
-a disk write per read) and not the language or the event loop: a
+appended to an on-disk commit log before it is delivered.  The reference queues of
+``dcp bench`` are established persistent queues (NATS JetStream, RabbitMQ quorum
+queues, Redis Streams: :mod:`dcp.bench.targets`); this target is the same idea built
+from dcp's own parts, so the difference it shows is the design (a table lookup and a
+disk write per read) and not the language or the event loop: a
 :class:`dcp.broker.Broker` in stateful mode whose connections append every run of
 data frames they forward to an append-only log (``os.write``/``os.writev`` on an
 ``O_APPEND`` descriptor: one system call per read that carries data, into the page
@@ -23,7 +25,7 @@ How it hooks in: ``Broker`` builds every connection with ``new_connection()``; t
 subclass returns a :class:`LoggingConnection`, whose one overridden method,
 ``_emit``, is the one place every forwarded chunk goes through.
 
-``python -m dcp.bench.refqueue --listen 127.0.0.1:0 --log-dir DIR`` logs the same
+``python -m dcp.bench.commitlog --listen 127.0.0.1:0 --log-dir DIR`` logs the same
 ``dcp broker listening on HOST:PORT mode=stateful key=K ports=P`` line as ``dcp
 broker`` and stops on SIGTERM/SIGINT with exit 0.
 """
@@ -42,9 +44,9 @@ from typing import Any
 from ..broker import Broker, BrokerConnection
 from ..config import BrokerConfig
 
-__all__ = ["CommitLog", "RefQueue", "LoggingConnection", "main"]
+__all__ = ["CommitLog", "CommitLogBroker", "LoggingConnection", "main"]
 
-log = logging.getLogger("dcp.bench.refqueue")
+log = logging.getLogger("dcp.bench.commitlog")
 
 DEFAULT_SEGMENT_BYTES = 256 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL_MS = 500.0
@@ -161,14 +163,14 @@ class CommitLog:
 class LoggingConnection(BrokerConnection):
     """A broker connection that appends what it forwards to the commit log first."""
 
-    broker: RefQueue  # a RefQueue makes these (new_connection)
+    broker: CommitLogBroker  # a CommitLogBroker makes these (new_connection)
 
     def _emit(self, mask: int, chunks: tuple[Any, ...], size: int, frames: int) -> None:
         self.broker.commit_log.append(chunks, size)
         BrokerConnection._emit(self, mask, chunks, size, frames)
 
 
-class RefQueue(Broker):
+class CommitLogBroker(Broker):
     """A stateful dcp broker with a commit log (see the module's docstring)."""
 
     def __init__(
@@ -215,8 +217,8 @@ _OWN_FLAGS = ("mode", "peers", "orchestrator")  # fixed here: stateful, no links
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dcp.bench.refqueue",
-        description="The reference queue of dcp bench: a stateful dcp broker that appends every forwarded frame to a commit log.",
+        prog="python -m dcp.bench.commitlog",
+        description="dcp with a commit log, a target of dcp bench: a stateful dcp broker that appends every forwarded frame to a commit log.",
     )
     parser.add_argument("--log-dir", required=True, help="folder of the commit log segments")
     parser.add_argument("--fsync-interval-ms", type=float, default=DEFAULT_FSYNC_INTERVAL_MS,
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(queue: RefQueue) -> None:
+async def _serve(queue: CommitLogBroker) -> None:
     import signal
 
     stop = asyncio.Event()
@@ -260,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides["mode"] = "stateful"
     try:
         config = BrokerConfig.from_sources(None, overrides)
-        queue = RefQueue(config, log_dir=args.log_dir, segment_bytes=args.segment_bytes, fsync_interval_ms=args.fsync_interval_ms)
+        queue = CommitLogBroker(config, log_dir=args.log_dir, segment_bytes=args.segment_bytes, fsync_interval_ms=args.fsync_interval_ms)
     except (ConfigError, ValueError, OSError) as exc:
-        print(f"refqueue: {exc}", file=sys.stderr)
+        print(f"dcp-commitlog: {exc}", file=sys.stderr)
         return 2
     _configure_logging(config.log_level)
     run(_serve(queue))

@@ -13,6 +13,13 @@ reading from the socket (``overflow="pause"``, the default: nothing is lost here
 the broker's slow-consumer policy applies) or drops a frame and counts it: the newest
 (``overflow="drop-newest"``, or ``"drop"``) or the oldest (``"drop-oldest"``).
 
+Three ways to receive, from the most convenient to the cheapest per frame:
+``async for msg in conn.messages()``; ``async for batch in conn.batches()`` (every
+frame waiting, as a list: one wake-up per socket read instead of one per frame);
+and ``on_message=callback``, called with each frame as it is decoded, with no
+queue at all (the callback must not block; its exceptions are logged and counted in
+``callback_errors``, and the connection carries on).
+
 A ``dcps://`` URL connects over TLS.  A ``token`` goes in the hello of every
 (re)connect; a server that refuses it is not dialled again.  A token sent over plain
 TCP to an address other than loopback is logged, once per connection, at warning.
@@ -85,6 +92,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "dcp://127.0.0.1:7400"
 OVERFLOW_POLICIES = ("pause", "drop-newest", "drop-oldest", "drop")
 R = TypeVar("R", bound=Reply)
+T = TypeVar("T")
 
 #: A received data frame: ``topic``, ``payload``, ``route``, ``hops``, ``msg_id``,
 #: ``timestamp_ns``, ``flags``.
@@ -97,6 +105,8 @@ class Status(enum.Enum):
     RECONNECTING = "reconnecting"
     CLOSED = "closed"
 
+
+_OPEN = Status.OPEN
 
 def parse_url(url: str) -> tuple[str, str, int]:
     """``dcp://HOST:PORT``, ``dcps://HOST:PORT`` (TLS) or a bare ``HOST:PORT`` ->
@@ -132,8 +142,9 @@ def refused(exc: BaseException) -> TypeGuard[RemoteError]:
     return isinstance(exc, RemoteError) and exc.code in REFUSALS
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Feeds the socket to the decoder and hands the events to the Connection."""
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """Feeds the socket to the decoder and hands the events to the Connection; the
+    socket reads into the decoder's buffers (a large payload straight into its own)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -146,18 +157,29 @@ class _ClientProtocol(asyncio.Protocol):
         no_delay(transport)
         self.transport.set_write_buffer_limits(high=self.conn.write_buffer_bytes)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            events = self.decoder.feed(data)
+            events = self.decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
             log.error("broker sent an invalid stream: %s; closing", safe(exc))
             assert self.transport is not None
             self.transport.abort()
             return
         conn = self.conn
+        on_message = conn.on_message
         for event in events:
             if type(event) is DataFrame:
-                conn._deliver(event)
+                if on_message is None:
+                    conn._deliver(event)
+                    continue
+                conn.received += 1
+                try:
+                    on_message(event)
+                except Exception:
+                    conn._callback_failed()
             elif type(event) is ControlFrame:
                 conn._on_control(event.body)
             elif isinstance(event, Rejected):
@@ -198,6 +220,7 @@ class Connection:
         limits: Limits | None = None,
         on_open: Callable[[Connection], Awaitable[None]] | None = None,
         on_push: Callable[[ControlMessage], None] | None = None,
+        on_message: Callable[[Message], object] | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
@@ -216,6 +239,10 @@ class Connection:
         self.overflow = "drop-newest" if overflow == "drop" else overflow
         self.on_open = on_open
         self.on_push = on_push
+        #: Called with every data frame as it is decoded, instead of queueing it.
+        self.on_message = on_message
+        #: Exceptions the ``on_message`` callback raised (each logged; the frame is consumed).
+        self.callback_errors = 0
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.write_buffer_bytes = write_buffer_bytes
@@ -406,21 +433,18 @@ class Connection:
             ConnectionClosed: the connection is closed for good.
             LocalProtocolError: the frame breaks a limit (topic, size, X bits).
         """
-        if self.status is not Status.OPEN:
+        if self.status is not _OPEN:  # a module constant: an Enum member lookup costs a publish 80 ns
             await self._until_open()
         while self._writable is not None:
             await asyncio.shield(self._writable)
             if self.status is not Status.OPEN:
                 await self._until_open()
         msg_id = next(self._msg_ids)
-        parts = self._encoder.encode(
-            topic, payload, route, hops=self.hops if hops is None else hops, msg_id=msg_id, timestamp_ns=time.time_ns(), tag=tag
-        )
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        head, tail = self._encoder.head(topic, size, route, self.hops if hops is None else hops, msg_id, time.time_ns(), 0, tag)
         writer = self._writer
         assert writer is not None
-        writer.write(parts[0])
-        if len(parts) > 1:  # a large payload, not copied
-            writer.write_uncopied(parts[1])
+        writer.write_frame(head, tail, payload)
         self.published += 1
         return msg_id
 
@@ -436,8 +460,29 @@ class Connection:
     # -- receiving ----------------------------------------------------------------
 
     def messages(self) -> AsyncIterator[Message]:
-        """Iterate over received data frames until the connection is closed."""
+        """Iterate over received data frames until the connection is closed.
+
+        Raises:
+            ConfigError: the connection hands its frames to ``on_message`` instead.
+        """
+        self._check_queued()
         return _Messages(self)
+
+    def batches(self) -> AsyncIterator[list[Message]]:
+        """Iterate over received data frames a list at a time: each list holds every
+        frame waiting when it is taken (at least one, at most ``max_pending``), in
+        order, until the connection is closed.  The same frames as :meth:`messages`,
+        with one wake-up per batch instead of one per frame.
+
+        Raises:
+            ConfigError: the connection hands its frames to ``on_message`` instead.
+        """
+        self._check_queued()
+        return _Batches(self)
+
+    def _check_queued(self) -> None:
+        if self.on_message is not None:
+            raise ConfigError("this connection hands every frame to on_message; it queues none to iterate over")
 
     async def next_message(self, timeout: float | None = None) -> Message:
         """The next received frame.
@@ -445,7 +490,9 @@ class Connection:
         Raises:
             DcpTimeout: none came within ``timeout`` seconds.
             ConnectionClosed: the connection closed and no frame is left.
+            ConfigError: the connection hands its frames to ``on_message`` instead.
         """
+        self._check_queued()
         try:
             return await asyncio.wait_for(self._next(), timeout)
         except asyncio.TimeoutError:
@@ -468,6 +515,21 @@ class Connection:
         return len(self._queue)
 
     async def _next(self) -> Message:
+        await self._wait_queued()
+        message = self._queue.popleft()
+        self._resume_reading()
+        return message
+
+    async def _next_batch(self) -> list[Message]:
+        await self._wait_queued()
+        queue = self._queue
+        batch = list(queue)
+        queue.clear()
+        self._resume_reading()
+        return batch
+
+    async def _wait_queued(self) -> None:
+        """Until a frame is queued; raises ConnectionClosed once closed with none left."""
         queue = self._queue
         while not queue:
             if self.status is Status.CLOSED:
@@ -477,11 +539,12 @@ class Connection:
                 await waiter
             finally:
                 self._waiter = None
-        if self._reading_paused and len(queue) <= self.max_pending // 2:
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and len(self._queue) <= self.max_pending // 2:
             self._reading_paused = False
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
-        return queue.popleft()
 
     def _deliver(self, frame: Message) -> None:
         queue = self._queue
@@ -503,6 +566,15 @@ class Connection:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _callback_failed(self) -> None:
+        """The ``on_message`` callback raised: counted, and logged with its traceback
+        the 1st, 2nd, 4th, 8th ... time, so a callback failing on every frame cannot
+        flood the log."""
+        self.callback_errors += 1
+        count = self.callback_errors
+        if not count & (count - 1):
+            log.error("on_message callback raised (%d so far); the connection carries on", count, exc_info=True)
 
     # -- requests -----------------------------------------------------------------
 
@@ -722,12 +794,30 @@ class _Messages:
         return self._wait()
 
     async def _wait(self) -> Message:
-        try:
-            return await self._conn._next()
-        except ConnectionClosed:
-            if self._conn._close_reason is None:  # closed by us: the iteration simply ends
-                raise StopAsyncIteration from None
-            raise
+        return await _or_end(self._conn, self._conn._next())
+
+
+class _Batches:
+    """``async for`` over a connection's frames, a list at a time; ends when it is closed."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Message]:
+        return await _or_end(self._conn, self._conn._next_batch())
+
+
+async def _or_end(conn: Connection, taking: Awaitable[T]) -> T:
+    """What ``taking`` returns; the end of an iteration once ``conn`` is closed by us."""
+    try:
+        return await taking
+    except ConnectionClosed:
+        if conn._close_reason is None:  # closed by us: the iteration simply ends
+            raise StopAsyncIteration from None
+        raise
 
 
 class Connect:
@@ -769,6 +859,7 @@ def connect(
     limits: Limits | None = None,
     on_open: Callable[[Connection], Awaitable[None]] | None = None,
     on_push: Callable[[ControlMessage], None] | None = None,
+    on_message: Callable[[Message], object] | None = None,
 ) -> Connect:
     """Attach to the broker at ``url``: ``await`` the result, or ``async with`` it.
 
@@ -799,6 +890,11 @@ def connect(
             (re-register there).
         on_push: called with every control message, checked, that is not a reply, an
             error or ``going_away``: the orchestrator's pushes (:mod:`dcp.control`).
+        on_message: called with every data frame as it is decoded, in order, instead
+            of queueing it for :meth:`Connection.messages`: the cheapest way to
+            receive.  It must not block; what it raises is logged and counted in
+            ``callback_errors``.  ``max_pending`` and ``overflow`` do not apply (there
+            is no queue); the broker's slow-consumer policy still does.
 
     Raises:
         ConfigError: a bad URL, TLS setting, ``overflow``, ``max_pending`` or ``slow_consumer``.
@@ -807,7 +903,7 @@ def connect(
         url, name=name, role=role, reconnect=reconnect, max_pending=max_pending, overflow=overflow,
         request_timeout_s=request_timeout_s, connect_timeout_s=connect_timeout_s,
         write_buffer_bytes=write_buffer_bytes, hops=hops, slow_consumer=slow_consumer, token=token,
-        ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push,
+        ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push, on_message=on_message,
     ))
 
 

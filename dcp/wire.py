@@ -56,6 +56,7 @@ __all__ = [
     "Rejected",
     "Event",
     "Decoder",
+    "IN_PLACE_PAYLOAD",
     "Found",
     "scan",
     "Reassembly",
@@ -146,10 +147,12 @@ DEFAULT_LIMITS = Limits()
 
 
 class DataFrame(NamedTuple):
-    """A data frame as a subscriber sees it."""
+    """A data frame as a subscriber sees it.  ``payload`` is ``bytes``, or, for a payload
+    of :data:`IN_PLACE_PAYLOAD` bytes or more received through
+    :meth:`Decoder.get_buffer`, the ``bytearray`` the socket read it into (no copy)."""
 
     topic: str
-    payload: bytes
+    payload: bytes | bytearray
     route: int = 0
     hops: int = DEFAULT_HOPS
     msg_id: int = 0
@@ -186,7 +189,8 @@ class DataEncoder:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, cache_size: int = 1024, join_limit: int = 8192) -> None:
         self.limits = limits
-        self._cache: dict[tuple[str | bytes, int, bytes | None], tuple[int, int, bytes, int]] = {}
+        # (topic, route, tag) -> (x_len, topic_len, X-and-topic bytes, flags, the largest payload)
+        self._cache: dict[tuple[str | bytes, int, bytes | None], tuple[int, int, bytes, int, int]] = {}
         self._cache_size = cache_size
         self._join_limit = join_limit
         self._max_payload = limits.max_frame - HEADER_SIZE
@@ -208,30 +212,47 @@ class DataEncoder:
         Raises:
             LocalProtocolError: a field out of range or a frame over the limits.
         """
-        cached = self._cache.get((topic, route, tag))
-        if cached is None:
-            cached = self._route_and_topic(topic, route, tag)
-        x_len, topic_len, tail, signed = cached
-        if flags & SIGNED_ROUTE and not signed:
-            raise LocalProtocolError("the SIGNED_ROUTE flag comes with a route tag (tag=), not from flags")
-        flags |= signed
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-        if size > self._max_payload - len(tail):
+        head, tail = self.head(topic, size, route, hops, msg_id, timestamp_ns, flags, tag)
+        if size <= self._join_limit:
+            return [b"".join((head, tail, payload))]
+        return [head + tail, payload]
+
+    def head(
+        self,
+        topic: str | bytes,
+        size: int,
+        route: int = 0,
+        hops: int = DEFAULT_HOPS,
+        msg_id: int = 0,
+        timestamp_ns: int = 0,
+        flags: int = 0,
+        tag: bytes | None = None,
+    ) -> tuple[bytes, bytes]:
+        """The fixed header and the X-and-topic bytes of a frame whose payload has
+        ``size`` bytes: what goes before the payload, for a writer that gathers the
+        three without joining them.
+
+        Raises:
+            LocalProtocolError: a field out of range or a frame over the limits.
+        """
+        entry = self._cache.get((topic, route, tag)) or self._route_and_topic(topic, route, tag)
+        x_len, topic_len, tail, signed, max_size = entry
+        if size > max_size:
             raise LocalProtocolError(
                 f"frame of {HEADER_SIZE + len(tail) + size} bytes exceeds max_frame={self.limits.max_frame}"
             )
+        if flags & SIGNED_ROUTE and not signed:
+            raise LocalProtocolError("the SIGNED_ROUTE flag comes with a route tag (tag=), not from flags")
         try:
-            head = _pack(VERSION, DATA, flags, hops, x_len, topic_len, size, msg_id, timestamp_ns)
+            return _pack(VERSION, DATA, flags | signed, hops, x_len, topic_len, size, msg_id, timestamp_ns), tail
         except struct.error as exc:  # struct does the range checks of the header fields
             raise LocalProtocolError(
                 f"field out of range: hops={hops}, flags={flags} (0..255); "
                 f"msg_id={msg_id}, timestamp_ns={timestamp_ns} (64 bits)"
             ) from exc
-        if size <= self._join_limit:
-            return [b"".join((head, tail, payload))]
-        return [head + tail, payload]
 
-    def _route_and_topic(self, topic: str | bytes, route: int, tag: bytes | None) -> tuple[int, int, bytes, int]:
+    def _route_and_topic(self, topic: str | bytes, route: int, tag: bytes | None) -> tuple[int, int, bytes, int, int]:
         try:
             topic_b = topic.encode() if isinstance(topic, str) else bytes(topic)
         except UnicodeEncodeError as exc:
@@ -249,7 +270,8 @@ class DataEncoder:
             if len(tag) != ROUTE_TAG_SIZE:
                 raise LocalProtocolError(f"a route tag has {ROUTE_TAG_SIZE} bytes, got {len(tag)}")
             x_b += tag
-        entry = (len(x_b), len(topic_b), x_b + topic_b, 0 if tag is None else SIGNED_ROUTE)
+        tail = x_b + topic_b
+        entry = (len(x_b), len(topic_b), tail, 0 if tag is None else SIGNED_ROUTE, self._max_payload - len(tail))
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[(topic, route, tag)] = entry
@@ -345,23 +367,22 @@ def scan(buf: bytes | bytearray, pos: int, limits: Limits, found: list[Found]) -
     max_topic = limits.max_topic
     unpack = HEADER.unpack_from
     append = found.append
-    memo_lens, memo_flags = -1, -1
+    memo_x = memo_topic = memo_flags = -1
     memo_route: bytes | bytearray = b""
     while end - pos >= HEADER_SIZE:
         header = unpack(buf, pos)
-        route_len = header[4] + header[5]
-        length = HEADER_SIZE + route_len + header[6]
-        if header[0] != VERSION or header[5] > max_topic or length > max_frame:
+        version, ftype, flags, _hops, x_len, topic_len, payload_len, _msg_id, _ts = header  # locals: cheaper than indexing
+        length = HEADER_SIZE + x_len + topic_len + payload_len
+        if version != VERSION or topic_len > max_topic or length > max_frame:
             limits.frame_length(header)  # raises the error that says which limit
         if end - pos < length:
             break
-        if header[1] == DATA:
-            lens = header[4] << 16 | header[5]
+        if ftype == DATA:
             body = pos + HEADER_SIZE
-            if lens == memo_lens and header[2] == memo_flags and buf.startswith(memo_route, body):
+            if x_len == memo_x and topic_len == memo_topic and flags == memo_flags and buf.startswith(memo_route, body):
                 append((pos, header, True))
             else:
-                memo_lens, memo_flags, memo_route = lens, header[2], buf[body : body + route_len]
+                memo_x, memo_topic, memo_flags, memo_route = x_len, topic_len, flags, buf[body : body + x_len + topic_len]
                 append((pos, header, False))
         else:
             append((pos, header, False))
@@ -431,6 +452,18 @@ class Reassembly:
             self.need = self.limits.frame_length(HEADER.unpack_from(head))
 
 
+#: A data frame with at least this many payload bytes is received in place by
+#: :meth:`Decoder.get_buffer`: its payload is a ``bytearray`` the socket reads into.
+IN_PLACE_PAYLOAD = 64 * 1024
+#: The read buffer :meth:`Decoder.get_buffer` lends between large payloads: as large as
+#: uvloop's own while the stream has carried no large payload; from the first one on,
+#: smaller than IN_PLACE_PAYLOAD, so that every large payload spans reads and its rest
+#: comes in place, and so that no read leaves a temporary that the allocator hands back
+#: to the system when it is freed (a 128 KiB one freed on top of the heap is: a brk call
+#: and fresh pages per frame, measured to cost more than the copies saved).
+READ_SIZES = (256 * 1024, 60 * 1024)
+
+
 class Decoder:
     """Incremental decoder: ``feed(bytes) -> list[Event]``; ``feed(b"")`` means EOF.
 
@@ -438,18 +471,93 @@ class Decoder:
     is held aside (:class:`Reassembly`), so the decoder never holds more than one frame.
     After a :class:`ProtocolError` the stream cannot be trusted and the decoder
     refuses further input.
+
+    For ``asyncio.BufferedProtocol`` there is a second way in, :meth:`get_buffer` and
+    :meth:`buffer_updated`: the socket reads into a buffer the decoder lends, and once
+    the route of a data frame of at least :data:`IN_PLACE_PAYLOAD` bytes is known, the
+    rest of its payload is read straight into the ``bytearray`` that becomes its
+    ``payload``: a large payload is not copied after the kernel's copy.  (Both sizes
+    and the read buffer sizes are parameters so that tests can reach the path with small
+    frames.)
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, limits: Limits = DEFAULT_LIMITS, in_place_payload: int = IN_PLACE_PAYLOAD, read_sizes: tuple[int, int] = READ_SIZES
+    ) -> None:
         self.limits = limits
         self._held = Reassembly(limits)
         self._topics: dict[bytes, str] = {}
         self._error: Exception | None = None
         self._eof = False
+        self._in_place_payload = in_place_payload
+        self._read_sizes = read_sizes
+        self._read_buffer: memoryview | None = None
+        self._large_seen = False  # a payload was read in place: lend the smaller read buffer from now on
+        self._payload: bytearray | None = None  # the large payload being read in place
+        self._payload_view = memoryview(b"")
+        self._filled = 0
+        self._frame_head = 0  # the bytes of that frame before its payload
+        self._frame: tuple[str, int, int, int, int, int] = ("", 0, 0, 0, 0, 0)  # its topic, X, hops, msg_id, ts, flags
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes: the rest of a large payload, or the read buffer."""
+        if self._payload is not None:
+            return self._payload_view[self._filled :]
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(self._read_sizes[self._large_seen]))
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """The events of the ``nbytes`` just read into :meth:`get_buffer`'s buffer.
+
+        Raises:
+            RemoteProtocolError, LocalProtocolError: as :meth:`feed`.
+        """
+        if self._payload is None:
+            assert self._read_buffer is not None  # lent by get_buffer
+            events = self.feed(self._read_buffer[:nbytes].tobytes())
+            if self._held.need and self._error is None:
+                self._receive_in_place()
+            return events
+        self._filled += nbytes
+        if self._filled < len(self._payload):
+            return []
+        payload, self._payload, self._payload_view = self._payload, None, memoryview(b"")
+        topic, x, hops, msg_id, ts, flags = self._frame
+        return [DataFrame(topic, payload, x, hops, msg_id, ts, flags)]
+
+    def _receive_in_place(self) -> None:
+        """If the frame held is a large data frame whose route has come, move what came
+        of its payload into the buffer it is to fill, and read the rest into it."""
+        held = self._held
+        pieces = held.pieces
+        start = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(start) < HEADER_SIZE:
+            return
+        _version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = HEADER.unpack_from(start)
+        body = HEADER_SIZE + x_len + topic_len
+        if ftype != DATA or payload_len < self._in_place_payload or len(start) < body:
+            return
+        limits = self.limits
+        route = self._route(bytes(start[:body]), HEADER_SIZE, x_len, topic_len, flags, limits.max_x_bits // 8, limits.max_x_bits, self._topics)
+        if not isinstance(route, tuple):
+            return  # skipped through the usual path once whole
+        payload = bytearray(payload_len)
+        self._filled = len(start) - body
+        self._frame_head = body
+        payload[: self._filled] = memoryview(start)[body:]
+        held.pieces, held.size, held.need = [], 0, 0
+        self._payload, self._payload_view = payload, memoryview(payload)
+        self._frame = (route[1], route[0], hops, msg_id, ts, flags)
+        if not self._large_seen:
+            self._large_seen = True
+            self._read_buffer = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
+        if self._payload is not None:
+            return self._frame_head + self._filled
         return self._held.size
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
@@ -470,6 +578,10 @@ class Decoder:
             data = bytes(data)  # held pieces must not change under us; a memoryview has no startswith
         if not data:
             self._eof = True
+            if self._payload is not None:  # the stream ended inside a payload read in place
+                self._error = TruncatedFrame(f"stream ended inside a frame ({self._filled} of its {len(self._payload)} payload bytes came)")
+                self._payload = None
+                raise self._error
             self._error = self._held.truncated()
             if self._error is not None:
                 raise self._error

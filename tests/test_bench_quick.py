@@ -6,7 +6,10 @@ that every cell was measured (or skipped with a reason) and the files parse.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -37,15 +40,42 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
         assert cell["success"] == pytest.approx(cell["received"] / cell["sent"], abs=1e-3), cell
     for cell in results["throughput"]["cells"]:
         assert cell["mb_s"] > 0 and 0 < cell["delivered"] <= 1, cell
+    rows = {(c["target"], c["mode"], c["brokers"]) for c in results["throughput"]["cells"]}
+    dcp = ("dcp-stateless", "dcp-stateful", "dcp-verified", "dcp-commitlog")
+    assert rows == {
+        *((t, m, 1) for t in dcp for m in ("lossless", "overload")), ("dcp-stateless", "lossless", 2), ("relay", "lossless", 1),
+    }
+    assert set(results["throughput"]["modes"]) == targets
     assert [row["brokers"] for row in results["routing"]["rows"]] == [1, 2, 5]
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
     report = (tmp_path / "report.md").read_text()
-    for title in ("Figure 7", "Figure 8", "Figure 9", "Route verification cost", "Routing cost", "Targets"):
+    assert report.startswith("# dcp bench report\n\n**Quick profile**")
+    for title in ("Figure 7", "Figure 8", "Figure 9", "### Lossless", "### Overload", "Route verification cost", "Routing cost", "Goals"):
         assert title in report
     for name in ("latency", "success", "throughput", "routing"):
         ET.parse(tmp_path / f"{name}.svg")
+        with (tmp_path / f"{name}.csv").open(newline="") as f:
+            header, *cells = list(csv.reader(f))
+        assert len(cells) == len(results[name]["rows" if name == "routing" else "cells"]), name
+    # stderr: every step numbered over the whole run, with the elapsed time and an ETA
+    steps = [line for line in out.stderr.splitlines() if line.startswith("[")]
+    total = len(steps)
+    for i, line in enumerate(steps, 1):
+        assert re.fullmatch(rf"\[{i}/{total}\] .+ \(elapsed (\d+m)?\d+s, ETA (\d+m)?\d+s\)", line), line
     # stdout: one verdict line per target of results.json, in order
     lines = out.stdout.splitlines()
     assert len(lines) == len(results["targets"])
     for line, verdict in zip(lines, results["targets"]):
         assert line == f"{'met   ' if verdict['met'] else 'MISSED'}  {verdict['goal']}: {verdict['measured']}"
+
+
+def test_quick_without_out_leaves_the_committed_results_alone(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dcp", "bench", "routing", "--quick", "--targets", "relay"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = re.search(r"writing to (\S+)", out.stderr)
+    assert folder and Path(folder.group(1)).parent == tmp_path
+    assert (Path(folder.group(1)) / "routing.csv").is_file()
+    assert "wrote bench/results" not in out.stderr

@@ -16,11 +16,12 @@ import pytest
 
 import dcp
 from dcp.bench.commitlog import CommitLogBroker
-from dcp.bench.relay import PUBLISH, SUBSCRIBE, Relay, frame
+from dcp.bench.relay import PUBLISH, SUBSCRIBE, SUBSCRIBE_PAUSING, Relay, frame
 from dcp.bench.targets import IN_TREE, TARGETS, availability, start_server
 from dcp.bench.worker import STAMP_SIZE, stamp, unstamp
 from dcp.config import BrokerConfig
 from dcp.wire import DataFrame, Decoder
+from tests.waiting import until
 
 # -- the raw relay ----------------------------------------------------------------------------
 
@@ -37,7 +38,7 @@ async def _relay_client(relay: Relay, role: bytes, rcvbuf: int = 0) -> tuple[asy
     else:
         reader, writer = await asyncio.open_connection(host, port, limit=2**24)
     writer.write(frame(role))
-    if role == SUBSCRIBE:
+    if role in (SUBSCRIBE, SUBSCRIBE_PAUSING):
         assert await asyncio.wait_for(reader.readexactly(5), 5) == frame(SUBSCRIBE)  # registered
     return reader, writer
 
@@ -156,6 +157,25 @@ async def test_relay_drops_and_counts_for_a_full_subscriber() -> None:
         assert relay.dropped > 0  # the stuck one lost frames, counted
         assert relay.frames_out + relay.dropped == 2 * n
         for writer in (stuck_w, fast_w, pub_w):
+            writer.close()
+    finally:
+        await relay.close()
+
+
+async def test_a_pausing_subscriber_pauses_the_publishers_and_loses_nothing() -> None:
+    relay = Relay(out_buffer_bytes=1024 * 1024)
+    await relay.start()
+    try:
+        slow, slow_w = await _relay_client(relay, SUBSCRIBE_PAUSING, rcvbuf=4096)  # reads only once the relay paused
+        _pub, pub_w = await _relay_client(relay, PUBLISH)
+        body = b"x" * 65536
+        n = 200  # 13 MB: more than the socket, the kernel and 1 MiB of buffer can hold
+        for i in range(n):
+            pub_w.write(frame(bytes([i % 256]) + body))
+        await until(lambda: relay.full_pausing == 1, "the relay never paused its publisher")
+        assert await asyncio.wait_for(_read_frames(slow, n), 30) == [bytes([i % 256]) + body for i in range(n)]
+        assert relay.dropped == 0 and relay.frames_in == n and relay.full_pausing == 0
+        for writer in (slow_w, pub_w):
             writer.close()
     finally:
         await relay.close()

@@ -281,6 +281,37 @@ def test_truncated_is_protocol_error() -> None:
         decoder.feed(b"")
 
 
+def test_a_large_payload_is_read_in_place_into_the_bytearray_that_is_its_payload() -> None:
+    big = encode_data("cam", bytes(range(256)) * 400, 77, msg_id=5)  # 102,400 payload bytes
+    small = encode_data("cam", b"after", 77, msg_id=6)
+    decoder = Decoder()
+    lent = decoder.get_buffer()
+    lent[:1000] = big[:1000]  # a read that ends inside the payload
+    assert decoder.buffer_updated(1000) == []
+    rest = decoder.get_buffer()
+    assert len(rest) == len(big) - 1000  # the rest of the payload, and not a byte past it
+    assert type(rest.obj) is bytearray
+    rest[:] = big[1000:]
+    (event,) = decoder.buffer_updated(len(rest))
+    assert type(event.payload) is bytearray and event.payload is rest.obj
+    assert event == DataFrame("cam", bytes(range(256)) * 400, 77, msg_id=5, timestamp_ns=0)
+    lent = decoder.get_buffer()  # from now on smaller than a large payload: every one spans reads
+    assert len(lent) < len(big) - HEADER_SIZE
+    lent[: len(small)] = small
+    assert decoder.buffer_updated(len(small)) == [DataFrame("cam", b"after", 77, msg_id=6)]
+
+
+def test_a_stream_that_ends_inside_a_payload_read_in_place_is_truncated() -> None:
+    decoder = Decoder()
+    frame = encode_data("cam", bytes(100_000), 1)
+    lent = decoder.get_buffer()
+    lent[:5000] = frame[:5000]
+    assert decoder.buffer_updated(5000) == []
+    assert decoder.buffered == 5000 and len(decoder.get_buffer()) == len(frame) - 5000  # read in place
+    with pytest.raises(TruncatedFrame):
+        decoder.feed(b"")
+
+
 def test_feed_after_eof_is_refused() -> None:
     decoder = Decoder()
     assert decoder.feed(b"") == []
@@ -350,6 +381,39 @@ def _check_fuzz(stream: bytes, cuts, limits: Limits = SMALL) -> None:
             assert isinstance(event.error, RemoteProtocolError)
     after = Decoder(limits).feed(stream + SENTINEL)
     assert [ref_norm(e) for e in after] == [*map(ref_norm, events), ("control", repr({"op": "sentinel"}))]
+    _check_fuzz_buffered(stream, cuts, limits, expected, error, ends)
+
+
+def _check_fuzz_buffered(stream: bytes, cuts, limits: Limits, expected, error, ends) -> None:
+    """The same stream through the BufferedProtocol way in (``get_buffer`` and
+    ``buffer_updated``), with a small read buffer and a small in-place threshold so that
+    small frames take the in-place path: the same events and errors, a payload of 40
+    bytes or more read in place is a bytearray, and what the decoder holds stays what
+    the last read left incomplete."""
+    decoder = Decoder(limits, in_place_payload=40, read_sizes=(301, 37))
+    events = []
+    fed = 0
+    try:
+        for chunk in split(stream, cuts):
+            view = memoryview(chunk)
+            while view:
+                lent = decoder.get_buffer()
+                n = min(len(lent), len(view))
+                lent[:n] = view[:n]
+                view = view[n:]
+                events += decoder.buffer_updated(n)
+                fed += n
+                assert decoder.buffered == fed - ends[bisect.bisect_right(ends, fed) - 1] <= limits.max_frame
+        events += decoder.feed(b"")
+    except ProtocolError as exc:
+        assert error is not None and type(exc) is error, f"buffered: {exc!r}, the reference: {error}"
+        assert [ref_norm(e) for e in events] == [ref_norm(e) for e in expected[: len(events)]]
+        return
+    assert error is None, f"the buffered decoder took a stream that the reference refuses ({error.__name__})"
+    assert [ref_norm(e) for e in events] == [ref_norm(e) for e in expected]
+    for event in events:
+        if isinstance(event, DataFrame):  # bytes, or a bytearray read in place
+            assert type(event.payload) is bytes or (type(event.payload) is bytearray and len(event.payload) >= 40)
 
 
 @pytest.mark.fuzz

@@ -4,15 +4,18 @@ The floor any Python broker can reach on this host: no routing, no header beyond
 length, no per-frame decision.  A frame is a u32 big-endian length and that many
 bytes.  The first frame of a connection says what it is: ``b"S"`` a subscriber
 (answered with the same frame, ``b"S"``, once it is registered: the subscriber's
-"ready"), ``b"P"`` a publisher (no answer).  Every later frame a connection sends is
-forwarded to every *other* subscriber.
+"ready"), ``b"SP"`` a subscriber that pauses the publishers (the same answer, ``b"S"``),
+``b"P"`` a publisher (no answer).  Every later frame a connection sends is forwarded
+to every *other* subscriber.
 
 The data path is the same as dcp's broker: the whole frames of one read are sliced
 out of it with a memoryview and written to each subscriber with one ``write``; a
 frame longer than one read is held as the list of the reads that carry it and
 forwarded when complete.  A subscriber's output buffer is bounded (4 MiB by default,
 like dcp's ``--out-buffer-bytes``): while it is past the bound the frames meant for
-it are dropped and counted.
+it are dropped and counted, or, for a ``b"SP"`` subscriber, the relay stops reading
+from every publisher until it is below the bound again (dcp's ``slow_consumer=pause``:
+lossless, by TCP backpressure).
 
 ``python -m dcp.bench.relay --listen 127.0.0.1:0`` prints ``relay listening on
 HOST:PORT`` to stderr and runs until SIGTERM or SIGINT (exit 0, after printing its
@@ -30,9 +33,10 @@ from typing import Any, cast
 
 from .._loop import no_delay
 
-__all__ = ["Relay", "RelayConnection", "SUBSCRIBE", "PUBLISH", "frame", "main"]
+__all__ = ["Relay", "RelayConnection", "SUBSCRIBE", "SUBSCRIBE_PAUSING", "PUBLISH", "frame", "main"]
 
 SUBSCRIBE = b"S"
+SUBSCRIBE_PAUSING = b"SP"  # a subscriber whose full buffer pauses the publishers instead of dropping
 PUBLISH = b"P"
 DEFAULT_OUT_BUFFER = 4 * 1024 * 1024
 MAX_FRAME = 64 * 1024 * 1024  # a longer declared length ends the connection
@@ -52,6 +56,8 @@ class Relay:
     def __init__(self, out_buffer_bytes: int = DEFAULT_OUT_BUFFER) -> None:
         self.out_buffer_bytes = out_buffer_bytes
         self.subscribers: list[RelayConnection] = []
+        self.publishers: set[RelayConnection] = set()
+        self.full_pausing = 0  # pausing subscribers past their bound: publishers are not read while > 0
         self.connections: set[RelayConnection] = set()
         self.frames_in = 0
         self.bytes_in = 0
@@ -98,6 +104,7 @@ class RelayConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.role = b""
         self.paused = False  # output buffer past the bound
+        self.pauses_publishers = False  # a b"SP" subscriber
         self.dropped = 0
         self._held: list[Any] = []  # the reads carrying an incomplete frame
         self._held_len = 0
@@ -112,15 +119,36 @@ class RelayConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         relay = self.relay
         relay.connections.discard(self)
+        relay.publishers.discard(self)
+        if self.paused:
+            self.resume_writing()
         if self in relay.subscribers:
             relay.subscribers = [s for s in relay.subscribers if s is not self]
         self._held.clear()
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self.pauses_publishers:
+            relay = self.relay
+            relay.full_pausing += 1
+            if relay.full_pausing == 1:
+                for publisher in relay.publishers:
+                    publisher.reading(False)
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.pauses_publishers:
+            relay = self.relay
+            relay.full_pausing -= 1
+            if relay.full_pausing == 0:
+                for publisher in relay.publishers:
+                    publisher.reading(True)
+
+    def reading(self, on: bool) -> None:
+        """Resume or pause reading this publisher's socket."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading() if on else transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.relay.bytes_in += len(data)
@@ -164,13 +192,17 @@ class RelayConnection(asyncio.Protocol):
     def _hello(self, data: Any) -> int:
         length = _unpack_len(data, 0)[0]
         role = bytes(data[4 : 4 + length])
-        if role == SUBSCRIBE:
-            self.role = role
+        if role in (SUBSCRIBE, SUBSCRIBE_PAUSING):
+            self.role = SUBSCRIBE
+            self.pauses_publishers = role == SUBSCRIBE_PAUSING
             self.relay.subscribers = [*self.relay.subscribers, self]
             assert self.transport is not None  # data comes after connection_made
             self.transport.write(frame(SUBSCRIBE))
         elif role == PUBLISH:
             self.role = role
+            self.relay.publishers.add(self)
+            if self.relay.full_pausing:
+                self.reading(False)
         else:
             assert self.transport is not None  # data comes after connection_made
             self.transport.abort()
@@ -223,7 +255,7 @@ class RelayConnection(asyncio.Protocol):
         for sub in relay.subscribers:
             if sub is self:
                 continue
-            if sub.paused:
+            if sub.paused and not sub.pauses_publishers:  # a pausing one takes what is already read
                 sub.dropped += frames
                 relay.dropped += frames
                 continue

@@ -3,19 +3,25 @@
 The input is the results document the driver builds (and saves as ``results.json``):
 ``profile``, ``started_at``, ``duration_s``, ``environment`` and the sections
 ``latency`` (Figure 7), ``success`` (Figure 8), ``throughput`` (Figure 9), ``routing``
-and ``targets``.  Any section may be missing and any cell may be skipped (a cell with a
-``skipped`` reason instead of numbers); the report shows what is there.
+and ``targets`` (the goals' verdicts).  Any section may be missing and any cell may be
+skipped (a cell with a ``skipped`` reason instead of numbers); the report shows what is
+there.  A throughput cell has a ``mode``: ``lossless`` (nothing may be lost), ``overload``
+(dcp's default policy, which drops) or ``best-effort`` (an at-most-once broker); the
+section's ``modes`` says, per target, how each mode comes about.
 
 * :func:`markdown` -- the report as Markdown, one section and table per figure;
 * :func:`svg_line_chart` -- a self-contained SVG line chart (standard library only);
 * :func:`figures` -- the figures of a results document, file name -> SVG text;
-* :func:`write` -- ``results.json``, ``report.md`` and the SVG files in a folder.
+* :func:`csv_tables` -- one CSV per figure, one row per cell, file name -> CSV text;
+* :func:`write` -- ``results.json``, ``report.md``, the SVG and the CSV files in a folder.
 
 Sizes are shown in binary units: 10 B, 1 KB, 100 KB, 1 MB with 1 KB = 1024 B.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -24,10 +30,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-__all__ = ["markdown", "svg_line_chart", "figures", "write", "fmt_size", "PALETTE", "DASHES"]
+from .targets import PUBSUB, QUEUES
+
+__all__ = ["markdown", "svg_line_chart", "figures", "csv_tables", "write", "fmt_size", "PALETTE", "DASHES"]
 
 PRIMARY = "dcp-stateless"
-REFERENCE = "dcp-commitlog"
+LOSSLESS, OVERLOAD, BEST_EFFORT = "lossless", "overload", "best-effort"  # a throughput cell's mode
+#: What each target is, for the list of targets in the report.
+ROLES = {
+    "dcp-stateless": "dcp, stateless: routes by the topology number in each frame",
+    "dcp-stateful": "dcp, stateful: routes by a topic table",
+    "dcp-verified": "dcp-stateless with --verify-routes: every topology number signed and checked",
+    "dcp-commitlog": "dcp with a commit log: the stateful broker appending every frame to disk before forwarding",
+    "relay": "the raw relay: length-prefixed frames, no routing; the floor for a Python broker",
+    **{name: "pub/sub broker, no storage" for name in PUBSUB},
+    **{name: "reference queue: an established persistent queue" for name in QUEUES},
+}
 DASH = "\u2014"  # a cell with nothing measured
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -37,6 +55,7 @@ DASHES = ["", "7 4", "2 3", "9 3 2 3", "14 4", "4 2 1 2"]
 MARKERS = ["circle", "square", "triangle", "diamond"]
 
 FIGURE_FILES = {"latency": "latency.svg", "success": "success.svg", "throughput": "throughput.svg", "routing": "routing.svg"}
+CSV_FILES = {"latency": "latency.csv", "success": "success.csv", "throughput": "throughput.csv", "routing": "routing.csv"}
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -100,6 +119,11 @@ def _cells(section: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
         return []
     cells = section.get("cells")
     return [c for c in cells if isinstance(c, Mapping)] if isinstance(cells, list) else []
+
+
+def _routing_rows(section: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rows = section.get("rows")
+    return [r for r in rows if isinstance(r, Mapping)] if isinstance(rows, list) else []
 
 
 def _measured(cells: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -200,12 +224,19 @@ def _environment_lines(results: Mapping[str, Any]) -> list[str]:
     if isinstance(targets, Mapping) and targets:
         lines.append("- targets:")
         for name, info in targets.items():
+            role = f" ({ROLES[name]})" if name in ROLES else ""
             if isinstance(info, Mapping) and info.get("available", True) and "why" not in info:
-                lines.append(f"  - `{name}`: {_md(info.get('version', 'available'))}")
+                lines.append(f"  - `{name}`{role}: {_md(info.get('version', 'available'))}")
             elif isinstance(info, Mapping):
-                lines.append(f"  - `{name}`: not available ({_md(info.get('why', 'no reason given'))})")
+                lines.append(f"  - `{name}`{role}: not available ({_md(info.get('why', 'no reason given'))})")
             else:
-                lines.append(f"  - `{name}`: {_md(info)}")
+                lines.append(f"  - `{name}`{role}: {_md(info)}")
+        lines += [
+            "",
+            f"The reference queues ({', '.join(f'`{q}`' for q in QUEUES)}) are established persistent queues, lossless "
+            "by acks: the article compares dcp with a persistent queue (RocketMQ). `dcp-commitlog` is dcp with a commit "
+            "log, what persistence costs dcp itself; it is not a reference queue.",
+        ]
     return lines
 
 
@@ -274,7 +305,6 @@ def _success_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> list[
 def _throughput_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> list[str]:
     cells = _cells(section)
     targets = _section_targets(results, cells)
-    brokers = _axis(section.get("brokers"), cells, "brokers")
     sizes = _axis(section.get("sizes"), cells, "size")
     lines = ["## Figure 9: throughput", ""]
     per = f" for {_trim(section['duration_s'], 3)} s per cell" if _isnum(section.get("duration_s")) else ""
@@ -284,36 +314,63 @@ def _throughput_md(results: Mapping[str, Any], section: Mapping[str, Any]) -> li
         if _isnum(runs) and runs > 1 else ""
     )
     lines += [
-        f"N brokers, each with its own publisher and subscriber{per}: delivered MB/s over the set, "
-        f"the delivered fraction (%), and MB/s per CPU core used.{median}",
+        f"N brokers, each with its own publisher and subscriber sending as fast as flow control allows{per}: "
+        f"delivered MB/s (goodput) over the set, the delivered fraction (%), and MB/s per CPU core used.{median}",
         "",
     ]
-    index = _index(cells, "target", "brokers", "size")
-    headers = ["brokers", "size"]
-    for target in targets:
-        headers += [f"{target} MB/s", f"{target} delivered %", f"{target} MB/s/core"]
-    rows = []
-    for n in brokers:
-        for size in sizes:
-            row = [str(n), fmt_size(size)]
-            for target in targets:
-                cell = index.get((target, n, size))
-                if cell is None:
-                    row += [DASH] * 3
-                elif "skipped" in cell:
-                    row += ["skipped"] * 3
-                else:
-                    row += [_fixed(cell.get("mb_s"), 1), _pct(cell.get("delivered")), _fixed(cell.get("mb_s_per_core"), 1)]
-            rows.append(row)
-    lines += _table(headers, rows, left=2)
+    modes = section.get("modes")
+    if isinstance(modes, Mapping) and modes:
+        grouped: dict[str, list[str]] = {}  # the targets that run the same way share a line
+        for target, how in modes.items():
+            text = "; ".join(f"{mode}: {why}" for mode, why in how.items()) if isinstance(how, Mapping) else str(how)
+            grouped.setdefault(text, []).append(f"`{target}`")
+        lines += ["How each target ran:", "", *(f"- {', '.join(names)}: {_md(text)}" for text, names in grouped.items()), ""]
+    lines += [
+        "### Lossless", "",
+        "⚠ marks a cell that lost messages all the same.",
+        "", *_mode_table([c for c in cells if c.get("mode") == LOSSLESS], sizes, show_mode=False),
+        "", "### Overload and best effort: goodput", "",
+        "What reached the subscriber when nothing holds the publisher back, and the fraction of what was sent.",
+        "", *_mode_table([c for c in cells if c.get("mode") != LOSSLESS], sizes, show_mode=True),
+    ]
     notes = _skip_notes(cells, targets)
     lines += [""] + notes if notes else []
-    lines += _spread_md(index, targets, brokers, sizes)
+    lines += _spread_md(cells, sizes)
     lines += ["", "![Figure 9](throughput.svg)"]
     return lines
 
 
-def _spread_md(index: Mapping[Any, Mapping[str, Any]], targets: list[str], brokers: list[Any], sizes: list[Any]) -> list[str]:
+def _row_keys(cells: Iterable[Mapping[str, Any]]) -> list[tuple[Any, Any, Any]]:
+    """(target, mode, brokers) of each row of a throughput table, in the order of the cells."""
+    return list(dict.fromkeys((c.get("target"), c.get("mode"), c.get("brokers")) for c in cells))
+
+
+def _mode_table(cells: Sequence[Mapping[str, Any]], sizes: Sequence[Any], show_mode: bool) -> list[str]:
+    """Throughput cells as rows of target (mode) and brokers, and per size MB/s, delivered % and MB/s per core."""
+    if not cells:
+        return ["No cells."]
+    index = _index(cells, "target", "mode", "brokers", "size")
+    rows = []
+    for target, mode, n in _row_keys(cells):
+        row = [str(target), *([DASH if mode is None else str(mode)] if show_mode else []), str(n)]
+        for size in sizes:
+            cell = index.get((target, mode, n, size))
+            if cell is None:
+                row += [DASH] * 3
+            elif "skipped" in cell:
+                row += ["skipped"] * 3
+            else:
+                delivered = cell.get("delivered")
+                lost = mode == LOSSLESS and _isnum(delivered) and delivered < 1
+                row += [_fixed(cell.get("mb_s"), 1), _pct(delivered) + (" ⚠" if lost else ""), _fixed(cell.get("mb_s_per_core"), 1)]
+        rows.append(row)
+    headers = ["target", *(["mode"] if show_mode else []), "brokers"]
+    for size in sizes:
+        headers += [f"{fmt_size(size)} MB/s", f"{fmt_size(size)} delivered %", f"{fmt_size(size)} MB/s/core"]
+    return _table(headers, rows, left=len(headers) - 3 * len(sizes))
+
+
+def _spread_md(cells: Sequence[Mapping[str, Any]], sizes: Sequence[Any]) -> list[str]:
     """The lowest and highest MB/s over the runs of each cell, when a cell ran more than once."""
     def spread(cell: Mapping[str, Any] | None) -> str:
         runs = cell.get("runs_mb_s") if cell is not None else None
@@ -321,30 +378,31 @@ def _spread_md(index: Mapping[Any, Mapping[str, Any]], targets: list[str], broke
             return DASH
         return f"{_fixed(min(runs), 1)} – {_fixed(max(runs), 1)}"
 
-    if not any(isinstance(c.get("runs_mb_s"), list) and len(c["runs_mb_s"]) > 1 for c in index.values()):
+    if not any(isinstance(c.get("runs_mb_s"), list) and len(c["runs_mb_s"]) > 1 for c in cells):
         return []
+    index = _index(cells, "target", "mode", "brokers", "size")
     rows = []
-    for n in brokers:
-        for size in sizes:
-            row = [str(n), fmt_size(size), *(spread(index.get((t, n, size))) for t in targets)]
-            if any(value != DASH for value in row[2:]):
-                rows.append(row)
-    return ["", "MB/s over the runs of each cell, lowest – highest:", "", *_table(["brokers", "size", *targets], rows, left=2)]
+    for target, mode, n in _row_keys(cells):
+        row = [str(target), DASH if mode is None else str(mode), str(n), *(spread(index.get((target, mode, n, size))) for size in sizes)]
+        if any(value != DASH for value in row[3:]):
+            rows.append(row)
+    headers = ["target", "mode", "brokers", *(fmt_size(s) for s in sizes)]
+    return ["", "MB/s over the runs of each cell, lowest – highest:", "", *_table(headers, rows, left=3)]
 
 
 def _verification_md(results: Mapping[str, Any]) -> list[str]:
     """dcp-verified (--verify-routes) next to dcp-stateless: what route authentication costs."""
-    pairs = []  # (what, size, stateless value, verified value, unit)
+    pairs = []  # (what, size, stateless value, verified value)
     latency = _index(_measured(_cells(_section(results, "latency"))), "target", "size")
     for (target, size), cell in latency.items():
         other = latency.get(("dcp-verified", size))
         if target == "dcp-stateless" and other is not None:
             pairs.append(("p50 latency, µs", size, cell.get("p50_us"), other.get("p50_us")))
-    throughput = _index(_measured(_cells(_section(results, "throughput"))), "target", "brokers", "size")
-    for (target, brokers, size), cell in throughput.items():
-        other = throughput.get(("dcp-verified", brokers, size))
+    throughput = _index(_measured(_cells(_section(results, "throughput"))), "target", "mode", "brokers", "size")
+    for (target, mode, brokers, size), cell in throughput.items():
+        other = throughput.get(("dcp-verified", mode, brokers, size))
         if target == "dcp-stateless" and brokers == 1 and other is not None:
-            pairs.append(("one broker, MB/s", size, cell.get("mb_s"), other.get("mb_s")))
+            pairs.append((f"one broker, {mode}, MB/s", size, cell.get("mb_s"), other.get("mb_s")))
     if not pairs:
         return []
     rows = [
@@ -368,7 +426,7 @@ def _ratio(row: Mapping[str, Any]) -> Any:
 
 
 def _routing_md(section: Mapping[str, Any]) -> list[str]:
-    rows_in = [r for r in section.get("rows", []) if isinstance(r, Mapping)] if isinstance(section.get("rows"), list) else []
+    rows_in = _routing_rows(section)
     lines = [
         "## Routing cost",
         "",
@@ -390,10 +448,10 @@ def _routing_md(section: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _targets_md(verdicts: list[Any]) -> list[str]:
+def _goals_md(verdicts: list[Any]) -> list[str]:
     items = [v for v in verdicts if isinstance(v, Mapping)]
     met = sum(1 for v in items if v.get("met") is True)
-    lines = ["## Targets", "", f"{met} of {len(items)} targets met.", ""]
+    lines = ["## Goals", "", f"{met} of {len(items)} goals met.", ""]
     rows = [
         [v.get("goal", DASH), v.get("measured", DASH), "met" if v.get("met") is True else "missed" if v.get("met") is False else DASH]
         for v in items
@@ -404,6 +462,11 @@ def _targets_md(verdicts: list[Any]) -> list[str]:
 def markdown(results: Mapping[str, Any]) -> str:
     """The report of a results document as Markdown; sections that are missing are left out."""
     lines = ["# dcp bench report", ""]
+    if results.get("profile") == "quick":
+        lines += [
+            "**Quick profile**: few and short cells. Its numbers are not comparable with the full profile's, "
+            "and the goals' verdicts are indicative only.", "",
+        ]
     facts = []
     if results.get("profile") is not None:
         facts.append(f"profile `{_md(results['profile'])}`")
@@ -426,7 +489,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     if routing is not None:
         lines += _routing_md(routing) + [""]
     if isinstance(results.get("targets"), list):
-        lines += _targets_md(results["targets"]) + [""]
+        lines += _goals_md(results["targets"]) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -779,7 +842,7 @@ def _success_svg(results: Mapping[str, Any], section: Mapping[str, Any]) -> str:
 
 
 def _throughput_svg(results: Mapping[str, Any], section: Mapping[str, Any]) -> str:
-    cells = _measured(_cells(section))
+    cells = [c for c in _measured(_cells(section)) if c.get("mode") == LOSSLESS]
     with_data = [t for t in _section_targets(results, cells) if _points(cells, "brokers", "mb_s", target=t)]
     target = PRIMARY if PRIMARY in with_data else (with_data[0] if with_data else PRIMARY)
     mine = [c for c in cells if c.get("target") == target]
@@ -794,14 +857,14 @@ def _throughput_svg(results: Mapping[str, Any], section: Mapping[str, Any]) -> s
         series[f"{fmt_size(size)} MB/s per core"] = _points(mine, "brokers", "mb_s_per_core", size=size)
         styles[f"{fmt_size(size)} MB/s per core"] = {"color": colour, "dash": DASHES[1], "marker": "square"}
     return svg_line_chart(
-        series, title=f"Figure 9: throughput of {target} vs brokers (dashed: MB/s per core)", x_label="brokers",
+        series, title=f"Figure 9: lossless throughput of {target} vs brokers (dashed: MB/s per core)", x_label="brokers",
         y_label="delivered MB/s", log_x=True, y_min=0, x_ticks=[(b, _g(b)) for b in brokers], styles=styles,
         x_format=lambda v: f"{_g(v)} broker(s)", y_format=lambda v: f"{_fixed(v, 1)} MB/s",
     )
 
 
 def _routing_svg(section: Mapping[str, Any]) -> str:
-    rows = [r for r in section.get("rows", []) if isinstance(r, Mapping)] if isinstance(section.get("rows"), list) else []
+    rows = _routing_rows(section)
     brokers = sorted({r["brokers"] for r in rows if _isnum(r.get("brokers")) and r["brokers"] > 0})
     series = {
         "stateless (X mod key)": _points(rows, "brokers", "stateless_ns"),
@@ -833,9 +896,33 @@ def figures(results: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _csv(rows: Sequence[Mapping[str, Any]], last: Sequence[str]) -> str:
+    """A header row of every key the rows have (in order of appearance, ``last`` at the end), then the rows;
+    a list is one field of space-separated values."""
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in last]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*keys, *last])
+    for row in rows:
+        writer.writerow([" ".join(map(str, v)) if isinstance(v, list) else v for v in (row.get(k, "") for k in (*keys, *last))])
+    return out.getvalue()
+
+
+def csv_tables(results: Mapping[str, Any]) -> dict[str, str]:
+    """File name -> CSV text, one per section there (``latency.csv``, ``success.csv``,
+    ``throughput.csv``, ``routing.csv``): one row per cell, skipped ones too, with their reason
+    under ``skipped``; for routing, one row per tree size."""
+    out: dict[str, str] = {}
+    for name, file in CSV_FILES.items():
+        section = _section(results, name)
+        if section is not None:
+            out[file] = _csv(_routing_rows(section), ()) if name == "routing" else _csv(_cells(section), ("skipped",))
+    return out
+
+
 def write(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``results.json`` (keys in their order), ``report.md`` and the figures into ``out_dir``
-    (made if missing); return the paths written."""
+    """Write ``results.json`` (keys in their order), ``report.md``, the figures and the CSV tables
+    into ``out_dir`` (made if missing); return the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -845,8 +932,8 @@ def write(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     path = out_dir / "report.md"
     path.write_text(markdown(results), encoding="utf-8")
     written.append(path)
-    for name, svg in figures(results).items():
+    for name, text in {**figures(results), **csv_tables(results)}.items():
         path = out_dir / name
-        path.write_text(svg, encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         written.append(path)
     return written

@@ -7,9 +7,19 @@
 * ``dcp-commitlog``: dcp with a commit log, dcp's stateful broker appending every
   frame to disk before forwarding it (:mod:`dcp.bench.commitlog`);
 * ``relay``: the raw relay of length-prefixed frames (:mod:`dcp.bench.relay`);
-* ``nats``, ``redis``, ``mqtt``, ``rabbitmq``: external brokers already running on
-  their default loopback ports (``bench/peers start``), measured through their usual
-  Python clients (the ``bench`` extra).
+* ``nats``, ``redis``, ``mqtt``, ``rabbitmq``, ``zenoh``: external pub/sub brokers
+  already running on their default loopback ports (``bench/peers start``), measured
+  through their usual Python clients (the ``bench`` extra); zenoh's is a router-mode
+  session in a process of its own (:mod:`dcp.bench.zenoh_router`), the workers its
+  clients;
+* ``nats-jetstream``, ``rabbitmq-quorum``, ``redis-streams``: the established
+  persistent queues on the same servers: a JetStream stream in file storage with acked
+  publishes (nats-server with JetStream on), a quorum queue with persistent messages
+  and publisher confirms, a Redis stream read by a consumer group (redis-server with
+  its append-only file, fsync every second).  Each run makes its own stream, queue or
+  key and deletes it at the end.  Availability checks what each needs: JetStream on
+  (the INFO line says so), RabbitMQ 3.8 or later (quorum queues); for redis-streams it
+  says whether the AOF is on, since without it nothing persists.
 
 The in-tree targets are started here, one process each, on a port the OS picks;
 their listening line is read from stderr, which is then drained by a thread so the
@@ -55,6 +65,10 @@ DEFAULT_ADDRESSES = {
     "redis": "127.0.0.1:6379",
     "mqtt": "127.0.0.1:1883",
     "rabbitmq": "127.0.0.1:5672",
+    "zenoh": "127.0.0.1:7447",
+    "nats-jetstream": "127.0.0.1:4222",
+    "rabbitmq-quorum": "127.0.0.1:5672",
+    "redis-streams": "127.0.0.1:6379",
 }
 # The Python client each external target is measured with: (import names, distribution name).
 _CLIENTS = {
@@ -62,7 +76,13 @@ _CLIENTS = {
     "redis": (("redis.asyncio",), "redis"),
     "mqtt": (("aiomqtt", "paho.mqtt.client"), "aiomqtt"),
     "rabbitmq": (("aio_pika",), "aio-pika"),
+    "zenoh": (("zenoh",), "eclipse-zenoh"),
+    "nats-jetstream": (("nats.js",), "nats-py"),
+    "rabbitmq-quorum": (("aio_pika",), "aio-pika"),
+    "redis-streams": (("redis.asyncio",), "redis"),
 }
+# The server a persistent queue runs on: the same one as that pub/sub target.
+_SERVER_OF = {"nats-jetstream": "nats", "rabbitmq-quorum": "rabbitmq", "redis-streams": "redis"}
 
 _DCP_LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) ")
 _RELAY_LISTENING = re.compile(r"relay listening on (\S+):(\d+)")
@@ -208,18 +228,30 @@ def _client_version(target: str) -> tuple[bool, str]:
     return False, f"the Python client is not installed ({'; '.join(errors)}); pip install 'dcp[bench]'"
 
 
-def _server_version(target: str, sock: socket.socket) -> str:
-    """The server's version, where the protocol says it at once; '' if not."""
+def _server_version(target: str, sock: socket.socket) -> tuple[str, str]:
+    """(the server's version, where the protocol says it at once, else ''; why the server
+    cannot serve ``target``, else '')."""
     sock.settimeout(1.0)
+    server = _SERVER_OF.get(target, target)
     try:
-        if target == "nats":  # the server speaks first: INFO {...}
-            data = sock.recv(4096)
-            match = re.search(rb'"version":"([^"]+)"', data)
-            return f"nats-server {match.group(1).decode()}" if match else ""
-        if target == "redis":
-            sock.sendall(b"INFO server\r\n")
+        if server == "nats":  # the server speaks first: INFO {...}
             data = b""
-            while b"redis_version:" not in data or not data.endswith(b"\r\n"):
+            while b"\r\n" not in data and len(data) < 65536:
+                chunk = sock.recv(8192)
+                if not chunk:
+                    break
+                data += chunk
+            match = re.search(rb'"version":"([^"]+)"', data)
+            version = f"nats-server {match.group(1).decode()}" if match else ""
+            if target == "nats-jetstream":
+                if not re.search(rb'"jetstream":true', data):
+                    return version, f"{version or 'the nats server'} has JetStream off (bench/peers starts it with JetStream on)"
+                version += ", JetStream on"
+            return version, ""
+        if server == "redis":
+            sock.sendall(b"INFO server\r\nINFO persistence\r\n")
+            data = b""
+            while b"aof_enabled:" not in data or not data.endswith(b"\r\n"):
                 chunk = sock.recv(8192)
                 if not chunk:
                     break
@@ -227,19 +259,63 @@ def _server_version(target: str, sock: socket.socket) -> str:
                 if len(data) > 65536:
                     break
             match = re.search(rb"redis_version:(\S+)", data)
-            return f"redis {match.group(1).decode()}" if match else ""
-        if target == "rabbitmq":  # AMQP 0-9-1: the server answers the protocol header with Connection.Start
+            version = f"redis {match.group(1).decode()}" if match else ""
+            if target == "redis-streams" and version:
+                aof = re.search(rb"aof_enabled:(\d)", data)
+                # It still runs without the AOF, but measures a queue that persists nothing: said, not refused.
+                version += ", AOF on" if aof and aof.group(1) == b"1" else ", AOF off: the stream is not persisted"
+            return version, ""
+        if server == "rabbitmq":  # AMQP 0-9-1: the server answers the protocol header with Connection.Start
             sock.sendall(b"AMQP\x00\x00\x09\x01")
             data = sock.recv(8192)
             at = data.find(b"\x07versionS")
-            if at >= 0:
-                start = at + 9
-                length = int.from_bytes(data[start : start + 4], "big")
-                return f"rabbitmq {data[start + 4 : start + 4 + length].decode(errors='replace')}"
-            return ""
+            if at < 0:
+                return "", ""
+            start = at + 9
+            length = int.from_bytes(data[start : start + 4], "big")
+            number = data[start + 4 : start + 4 + length].decode(errors="replace")
+            release = tuple(int(part) for part in re.findall(r"\d+", number)[:2])
+            if target == "rabbitmq-quorum" and len(release) == 2 and release < (3, 8):
+                return f"rabbitmq {number}", f"rabbitmq {number} has no quorum queues (3.8 or later)"
+            return f"rabbitmq {number}", ""
+        if server == "zenoh":
+            return _zenoh_router_version(sock.getpeername())
     except OSError:
-        return ""
-    return ""
+        return "", ""
+    return "", ""
+
+
+def _zenoh_router_version(peer: tuple[str, int]) -> tuple[str, str]:
+    """A zenoh client session of the router at ``peer``: the version its admin space reports.
+
+    zenoh's handshake starts with the client, so the listening socket alone says nothing;
+    a session that opens says the router answers.
+    """
+    import json
+
+    import zenoh
+
+    config = zenoh.Config()
+    config.insert_json5("mode", json.dumps("client"))
+    config.insert_json5("connect/endpoints", json.dumps([f"tcp/{peer[0]}:{peer[1]}"]))
+    config.insert_json5("connect/timeout_ms", "2000")
+    config.insert_json5("scouting/multicast/enabled", "false")
+    try:
+        session = zenoh.open(config)
+    except zenoh.ZError as exc:
+        return "", f"something answers on {peer[0]}:{peer[1]} but no zenoh session opens ({str(exc).split(' at ', 1)[0]})"
+    try:
+        routers = session.info.routers_zid()
+        if not routers:
+            return "", f"the zenoh node on {peer[0]}:{peer[1]} is not a router"
+        for reply in session.get(f"@/{routers[0]}/router", timeout=2.0):
+            if reply.ok is not None:
+                version = str(json.loads(reply.ok.payload.to_bytes()).get("version", "")).split(" ", 1)[0].split("-", 1)[0]
+                return f"zenoh router {version}", ""
+        # The publishers' finish queries the admin space behind their data: without it they cannot end.
+        return "zenoh router", "the zenoh router's admin space does not answer (start it with bench/peers start)"
+    finally:
+        session.close()
 
 
 def availability(target: str) -> tuple[bool, str]:
@@ -256,9 +332,12 @@ def availability(target: str) -> tuple[bool, str]:
         try:
             sock = socket.create_connection((host, int(port)), timeout=0.5)
         except OSError as exc:
-            return False, f"no {target} server answers on {host}:{port} ({exc.strerror or exc}); start one with bench/peers start"
+            server_name = _SERVER_OF.get(target, target)
+            return False, f"no {server_name} server answers on {host}:{port} ({exc.strerror or exc}); start one with bench/peers start"
         with sock:
-            server = _server_version(target, sock)
+            server, lacks = _server_version(target, sock)
+        if lacks:
+            return False, lacks
         return True, f"{server}, client {client}" if server else f"client {client}"
     except Exception as exc:  # availability is a probe: it reports, it does not fail
         return False, f"probe failed: {type(exc).__name__}: {exc}"

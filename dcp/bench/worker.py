@@ -15,25 +15,35 @@ callback, or as its iterator yields) and the latency is that minus the stamp: bo
 ends run on this host, on the same clock.
 
 The subscriber prints ``{"ready": true, "route": "..."}`` once its subscription has
-taken effect (the route is the topology number X a dcp-stateless or dcp-verified publisher must use,
-as a decimal string; empty for every other target), then one result line when it is
-done (N messages, or idle for ``--idle-timeout`` after the first, or ``--max-time``
-after ready, or SIGTERM/SIGINT).  The publisher prints one result line once
-everything it sent has reached the server.  See :func:`main` for the keys.
+taken effect, then one result line when it is done (N messages, or idle for
+``--idle-timeout`` after the first, or ``--max-time`` after ready, or SIGTERM/SIGINT).
+The route is what the publisher must be given as ``--route``: the topology number X of a
+dcp-stateless or dcp-verified subscriber (a decimal string); the subject of the
+JetStream stream (nats-jetstream), the name of the quorum queue (rabbitmq-quorum) or
+the stream key (redis-streams) the subscriber made for this run, and deletes when it
+ends; empty for every other target.  The publisher prints one result line once
+everything it sent has reached the server: for the persistent queues, once the server
+has acknowledged every message as stored.  See :func:`main` for the keys.
 
-The clients of the external brokers (nats-py, redis, aiomqtt, aio-pika: the
-``bench`` extra) are imported only by their adapters.
+The clients of the external brokers (nats-py, redis, aiomqtt, aio-pika,
+eclipse-zenoh: the ``bench`` extra) are imported only by their adapters, each of
+which says in its section what "ready", "received" and "reached the server" mean for
+its broker: an adapter is ``_sub_X(args, rec, ready, stop)`` and ``_pub_X(args) ->
+(send, finish)``, registered in FAMILIES, SUBSCRIBERS and PUBLISHERS.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import functools
 import json
 import signal
 import struct
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -50,7 +60,8 @@ _unpack_stamp = _STAMP.unpack_from
 _PADS: dict[int, bytes] = {}
 FAMILIES = {
     "dcp-stateless": "dcp", "dcp-stateful": "dcp", "dcp-verified": "dcp", "dcp-commitlog": "dcp", "relay": "relay",
-    "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq",
+    "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq", "zenoh": "zenoh",
+    "nats-jetstream": "nats-jetstream", "rabbitmq-quorum": "rabbitmq-quorum", "redis-streams": "redis-streams",
 }
 ROUTED = ("dcp-stateless", "dcp-verified")  # publishers route by the X their subscriber reports
 EXCHANGE = "dcp-bench"  # RabbitMQ: a direct exchange, the topic is the routing key
@@ -172,22 +183,36 @@ Ready = Callable[[str], None]
 
 
 async def _sub_dcp(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
-    from ..client import connect
+    from ..client import Message, connect
+
+    record = rec.record
+
+    def on_message(msg: Message) -> None:
+        now = time.time_ns()
+        payload = msg.payload
+        record(payload, 0, len(payload), now)
 
     conn = await connect(
         f"dcp://{args.address}", name="bench-sub", reconnect=False, connect_timeout_s=CONNECT_TIMEOUT_S,
-        slow_consumer=args.slow_consumer,
+        slow_consumer=args.slow_consumer, on_message=on_message if args.receive == "callback" else None,
     )
     try:
-        record = rec.record
+        drain = None
+        if args.receive == "iterator":
+            async def consume() -> None:
+                async for msg in conn.messages():
+                    on_message(msg)
 
-        async def consume() -> None:  # the public iterator, as an application reads
-            async for msg in conn.messages():
-                now = time.time_ns()
-                payload = msg.payload
-                record(payload, 0, len(payload), now)
+            drain = asyncio.ensure_future(consume())
+        elif args.receive == "batches":
+            async def consume_batches() -> None:
+                async for batch in conn.batches():
+                    now = time.time_ns()
+                    for msg in batch:
+                        payload = msg.payload
+                        record(payload, 0, len(payload), now)
 
-        drain = asyncio.ensure_future(consume())
+            drain = asyncio.ensure_future(consume_batches())
         if args.target in ROUTED:
             assert conn.port is not None  # welcomed
             ready(str(conn.route_to(conn.port)))
@@ -241,8 +266,7 @@ async def _pub_dcp(args: argparse.Namespace) -> Any:
             topic, route, 1, int(time.time()) + 3600, producer=conn.name, broker_key=conn.broker_key
         )
 
-    async def send(payload: bytes) -> None:
-        await publish(topic, payload, route, tag=tag)
+    send = functools.partial(publish, topic, route=route, tag=tag)  # publish itself, as an application calls it
 
     async def finish() -> None:
         try:
@@ -323,9 +347,9 @@ async def _relay_connect(address: str, rec: Recorder | None, role: bytes) -> _Re
 
 
 async def _sub_relay(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
-    from .relay import SUBSCRIBE
+    from .relay import SUBSCRIBE, SUBSCRIBE_PAUSING
 
-    client = await _relay_connect(args.address, rec, SUBSCRIBE)
+    client = await _relay_connect(args.address, rec, SUBSCRIBE_PAUSING if args.slow_consumer == "pause" else SUBSCRIBE)
     try:
         await asyncio.wait_for(asyncio.shield(client.acked), CONNECT_TIMEOUT_S)  # the relay answers b"S" once registered
         ready("")
@@ -339,6 +363,7 @@ async def _pub_relay(args: argparse.Namespace) -> Any:
     from .relay import PUBLISH
 
     client = await _relay_connect(args.address, None, PUBLISH)
+    client.acked.cancel()  # a publisher is not answered: nobody waits for it
     transport = client.transport
     assert transport is not None
     writer = CoalescedWriter(transport)  # small frames gathered as the dcp client does
@@ -349,11 +374,7 @@ async def _pub_relay(args: argparse.Namespace) -> Any:
             await client._writable
             if transport.is_closing():
                 raise ConnectionError("the relay closed the connection")
-        if len(payload) <= 8192:
-            writer.write(prefix(len(payload)) + payload)
-        else:
-            writer.write(prefix(len(payload)))
-            writer.write_uncopied(payload)
+        writer.write_frame(prefix(len(payload)), b"", payload)
 
     async def finish() -> None:
         writer.flush()
@@ -608,8 +629,464 @@ async def _pub_rabbitmq(args: argparse.Namespace) -> Any:
     return send, finish
 
 
-SUBSCRIBERS = {"dcp": _sub_dcp, "relay": _sub_relay, "nats": _sub_nats, "redis": _sub_redis, "mqtt": _sub_mqtt, "rabbitmq": _sub_rabbitmq}
-PUBLISHERS = {"dcp": _pub_dcp, "relay": _pub_relay, "nats": _pub_nats, "redis": _pub_redis, "mqtt": _pub_mqtt, "rabbitmq": _pub_rabbitmq}
+# -- zenoh (eclipse-zenoh, client sessions of the router bench/peers starts) -------------------------
+
+
+def _zenoh_client(address: str) -> Any:
+    """The config of a client-mode session of the router at ``address``, and nothing else."""
+    import zenoh
+
+    host, port = _host_port(address)
+    config = zenoh.Config()
+    config.insert_json5("mode", json.dumps("client"))
+    config.insert_json5("connect/endpoints", json.dumps([f"tcp/{host}:{port}"]))
+    config.insert_json5("scouting/multicast/enabled", "false")
+    return config
+
+
+async def _sub_zenoh(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import zenoh
+
+    loop = asyncio.get_running_loop()
+    record = rec.record
+    # zenoh calls the callback on a thread of its own (one Python thread per subscriber, fed by
+    # the network threads), while the Recorder belongs to the event loop: its done Event is an
+    # asyncio.Event, and _watch reads it between messages.  So the callback only takes the
+    # time (at delivery, where it must be taken) and the bytes, queues both, and wakes the loop
+    # with call_soon_threadsafe once per batch, not once per message: a wake-up is a write to
+    # the loop's self-pipe, the queue a deque (append and popleft are atomic).  The flag is
+    # cleared before the loop drains, so a message queued while it drains schedules a new
+    # drain rather than being left behind.  The callback is zenoh-python's default, "indirect"
+    # one; the direct one (on a network thread, Callback(indirect=False)) delivered a paced
+    # message no sooner here and cut the flat-out rate at 1 KB from ~300 to ~56 MB/s.
+    arrived: collections.deque[tuple[bytes, int]] = collections.deque()
+    scheduled = False
+    probe_seen = asyncio.Event()
+
+    def drain() -> None:
+        nonlocal scheduled
+        scheduled = False
+        popleft = arrived.popleft
+        while arrived:
+            data, now = popleft()
+            record(data, 0, len(data), now)
+
+    def on_sample(sample: Any) -> None:
+        nonlocal scheduled
+        now = time.time_ns()
+        data = sample.payload.to_bytes()
+        if len(data) < STAMP_SIZE:  # our own readiness probe (a stamped payload is longer)
+            if data == _ZENOH_PROBE:
+                loop.call_soon_threadsafe(probe_seen.set)
+            return
+        arrived.append((data, now))
+        if not scheduled:
+            scheduled = True
+            loop.call_soon_threadsafe(drain)
+
+    session = await asyncio.to_thread(zenoh.open, _zenoh_client(args.address))
+    try:
+        subscriber = session.declare_subscriber(args.topic, on_sample)
+        # A declaration is not acknowledged: the router learns of the subscription some time
+        # after declare_subscriber returns.  Ready is when a put from another session, through
+        # the router, comes back to this subscriber.
+        await _zenoh_probe(args.address, args.topic, probe_seen)
+        ready("")
+        await _until(stop)
+        subscriber.undeclare()
+    finally:
+        await asyncio.to_thread(session.close)
+    drain()  # what the callback queued before the subscriber was undeclared
+
+
+_ZENOH_PROBE = b"dcp-probe"  # shorter than a stamp: never recorded
+
+
+async def _zenoh_probe(address: str, key: str, seen: asyncio.Event) -> None:
+    """Put the probe on ``key`` from a session of its own every 20 ms until ``seen`` is set."""
+    import zenoh
+
+    session = await asyncio.to_thread(zenoh.open, _zenoh_client(address))
+    try:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not seen.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the zenoh router did not route a put to the new subscriber within {CONNECT_TIMEOUT_S:.0f} s")
+            session.put(key, _ZENOH_PROBE)
+            try:
+                await asyncio.wait_for(seen.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await asyncio.to_thread(session.close)
+
+
+async def _pub_zenoh(args: argparse.Namespace) -> Any:
+    import zenoh
+
+    session = await asyncio.to_thread(zenoh.open, _zenoh_client(args.address))
+    routers = session.info.routers_zid()
+    if not routers:
+        session.close()
+        raise ConnectionError(f"no zenoh router at {args.address}")
+    # BLOCK: when a queue on the way (this session's, the router's towards the subscriber) is
+    # full, put waits instead of dropping, so the throughput figure is lossless; RELIABLE (the
+    # default, spelt out) so nothing is dropped by the transport either.
+    priority = zenoh.Priority.DATA
+    publisher = session.declare_publisher(
+        args.topic, congestion_control=zenoh.CongestionControl.BLOCK, reliability=zenoh.Reliability.RELIABLE, priority=priority,
+    )
+    put = publisher.put  # synchronous: copies the payload into zenoh's queue, or blocks while it is full
+
+    async def send(payload: bytes) -> None:
+        put(payload)
+
+    def sync() -> None:
+        # zenoh offers no acknowledgement of a put and no flush (session.close() only drains the
+        # queue into the socket).  What this relies on is how its transport works, not an API
+        # promise: a client session has one link to the router; messages of one priority leave
+        # it in order, on a reliable (TCP) link; the router reads them in that order and routes
+        # each (queues it for the subscriber, with BLOCK waiting for room) before the next.  So
+        # a query sent behind the data, at the same priority and with BLOCK, is answered only
+        # once the router has read and routed every put before it.  The router's admin space
+        # answers it (dcp.bench.zenoh_router turns it on, read-only).  That says the router has
+        # it all, as NATS's PING/PONG does; not that the subscriber has.
+        replies = session.get(
+            f"@/{routers[0]}/router", timeout=60.0, priority=priority, congestion_control=zenoh.CongestionControl.BLOCK,
+        )
+        if not any(reply.ok is not None for reply in replies):
+            raise ConnectionError("the zenoh router did not answer the query behind the data (is its admin space on?)")
+
+    async def finish() -> None:
+        try:
+            await asyncio.to_thread(sync)
+        finally:
+            publisher.undeclare()
+            await asyncio.to_thread(session.close)
+
+    return send, finish
+
+
+# -- NATS JetStream (nats-py; file storage, acked publishes) ---------------------------------------
+
+# What the publishers of the persistent queues keep in flight: messages sent whose ack (JetStream)
+# or confirm (RabbitMQ) has not come yet.  Bounded in bytes too: 4000 at 1 KB, 512 at 128 KB,
+# 64 at 1 MiB.
+_WINDOW_MSGS = 4000
+_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+def _window(size: int, most: int = _WINDOW_MSGS, bytes_: int = _WINDOW_BYTES) -> int:
+    return max(16, min(most, bytes_ // max(size, 1)))
+
+
+async def _sub_jetstream(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+    lost = asyncio.get_running_loop().create_future()
+
+    async def on_closed() -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    nc = await _nats_connect(args.address, closed_cb=on_closed)
+    js = nc.jetstream(timeout=CONNECT_TIMEOUT_S)
+    token = uuid.uuid4().hex[:12]
+    stream = f"dcp-bench-{token}"
+    subject = f"{args.topic}.{token}"  # the publisher's --route
+    record = rec.record
+    # The server delivers at most this many unacknowledged messages, so the client's queue holds
+    # at most this many: its byte limit is off (0) and its count limit above this, because a
+    # message the client dropped as a slow consumer would be acknowledged by the next AckAll
+    # ack, i.e. lost without a redelivery.  1024 is 1 MiB at 1 KB and 1 GiB at 1 MiB (the
+    # largest size the bench sends), only while the subscriber lags; 64 and 20,000 measured no
+    # better here (within the noise of runs on one host).
+    max_ack_pending = 1024
+    try:
+        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE, num_replicas=1))
+        try:
+            since_ack = 0
+            holder: list[Any] = []
+
+            async def on_msg(msg: Any) -> None:
+                nonlocal since_ack
+                now = time.time_ns()
+                data = msg.data
+                record(data, 0, len(data), now)
+                since_ack += 1
+                # AckPolicy.ALL: one ack covers every message before it.  Ack when caught up (nothing
+                # more in the client's queue) or every 256: few acks under load, prompt ones when paced.
+                if since_ack >= 256 or not (holder and holder[0].pending_msgs):
+                    since_ack = 0
+                    await msg.ack()
+
+            # A push consumer: the server sends as messages are stored, with nothing to request per
+            # batch.  Measured against a pull consumer fetching 256 at a time: 15-30 % more MB/s at
+            # 1 KB and 128 KB, and a lower paced latency (p50 380 against 470 us).
+            config = ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=max_ack_pending, ack_wait=60.0)
+            holder.append(await js.subscribe(
+                subject, stream=stream, cb=on_msg, manual_ack=True, config=config,
+                pending_msgs_limit=2 * max_ack_pending, pending_bytes_limit=0,
+            ))
+            await nc.flush(timeout=CONNECT_TIMEOUT_S)  # the server has the subscription to the consumer's deliveries
+            ready(subject)
+            await _until(stop, lost)
+        finally:
+            if nc.is_connected:
+                await js.delete_stream(stream)
+    finally:
+        if not nc.is_closed:
+            await nc.close()
+
+
+async def _pub_jetstream(args: argparse.Namespace) -> Any:
+    if not args.route:
+        raise ValueError("nats-jetstream needs --route SUBJECT (the subscriber's ready line has it)")
+    nc = await _nats_connect(args.address)
+    # publish_async: the message goes out at once, its ack is a future; at most this many unacked
+    js = nc.jetstream(timeout=60.0, publish_async_max_pending=_window(args.size))
+    publish_async = js.publish_async
+    subject = args.route
+    failed: list[BaseException] = []
+
+    def acked(future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            failed.append(asyncio.CancelledError())
+        elif future.exception() is not None:
+            failed.append(cast(BaseException, future.exception()))
+
+    async def send(payload: bytes) -> None:
+        (await publish_async(subject, payload)).add_done_callback(acked)
+
+    async def finish() -> None:
+        # Every ack in: each message is in the stream, written to its file store (nats-server
+        # does not fsync before each ack; it syncs the store's files on its own schedule).
+        try:
+            await asyncio.wait_for(js.publish_async_completed(), 60)
+            if failed:
+                raise RuntimeError(f"{len(failed)} publishes were not acknowledged, the first: {failed[0]!r}")
+        finally:
+            await nc.close()
+
+    return send, finish
+
+
+# -- RabbitMQ quorum queue (aio-pika; persistent messages, publisher confirms) ----------------------
+
+
+async def _sub_rabbitmq_quorum(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
+    lost = asyncio.get_running_loop().create_future()
+
+    def on_close(*_: Any) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    conn.close_callbacks.add(on_close)
+    name = f"{args.topic}.quorum.{uuid.uuid4().hex[:12]}"  # the publisher's --route
+    queue = None
+    consumer = ""
+    try:
+        channel = await conn.channel()
+        # basic.qos: at most this many unacknowledged deliveries.  128 keeps the consumer supplied
+        # (the publisher's confirms bound the rate, some thousands a second here) and the client's
+        # buffer at 128 MiB with 1 MiB messages; acknowledged a quarter at a time (multiple=True).
+        prefetch = 128
+        await channel.set_qos(prefetch_count=prefetch)
+        # x-expires: a queue left behind by a killed run goes an hour after its last use.
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum", "x-expires": 3_600_000},
+        )
+        record = rec.record
+        ack_every = max(prefetch // 4, 1)
+        since_ack = 0
+
+        async def on_message(message: Any) -> None:
+            nonlocal since_ack
+            now = time.time_ns()
+            body = message.body
+            record(body, 0, len(body), now)
+            since_ack += 1
+            if since_ack >= ack_every:  # one basic.ack(multiple) for the batch, well before prefetch runs out
+                since_ack = 0
+                await message.ack(multiple=True)
+
+        consumer = await queue.consume(on_message, no_ack=False)  # returns on consume-ok
+        ready(name)
+        await _until(stop, lost)
+    finally:
+        conn.close_callbacks.discard(on_close)
+        try:
+            if queue is not None and not conn.is_closed:
+                if consumer:
+                    await queue.cancel(consumer)  # before the delete, which would cancel it from the broker's side
+                await queue.delete(if_unused=False, if_empty=False)
+        finally:
+            await conn.close()
+
+
+async def _pub_rabbitmq_quorum(args: argparse.Namespace) -> Any:
+    import aio_pika
+
+    if not args.route:
+        raise ValueError("rabbitmq-quorum needs --route QUEUE (the subscriber's ready line has it)")
+    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
+    # Confirms on; an unroutable message (no such queue) is an error, not a silent return.
+    channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+    publish = channel.default_exchange.publish
+    Message = aio_pika.Message
+    persistent = aio_pika.DeliveryMode.PERSISTENT
+    queue = args.route
+    loop = asyncio.get_running_loop()
+    # aio-pika's publish returns once its confirm is in: many at once, each in a task, at most
+    # this many unconfirmed.  The tasks start in order and take the channel's lock in order.
+    # The client's CPU is the limit here (~125 us a message); a window past a few hundred only
+    # adds tasks waiting on that lock (measured: 64 to 256 is best, 1000 costs 20 % more).
+    window = asyncio.Semaphore(_window(args.size, 256))
+    pending: set[asyncio.Task[Any]] = set()
+    failed: list[BaseException] = []
+
+    def confirmed(task: asyncio.Task[Any]) -> None:
+        pending.discard(task)
+        window.release()
+        if task.cancelled():
+            failed.append(asyncio.CancelledError())
+        elif task.exception() is not None:
+            failed.append(cast(BaseException, task.exception()))
+
+    async def send(payload: bytes) -> None:
+        await window.acquire()
+        task = loop.create_task(publish(Message(payload, delivery_mode=persistent), routing_key=queue))
+        pending.add(task)
+        task.add_done_callback(confirmed)
+
+    async def finish() -> None:
+        try:
+            # Every confirm in: a quorum queue confirms a message once its Raft log has it on disk
+            # (fsync'd) on a majority of its members, here the one node.
+            if pending:
+                await asyncio.wait(pending, timeout=60)
+            if pending:
+                raise TimeoutError(f"{len(pending)} publishes unconfirmed after 60 s")
+            if failed:
+                raise RuntimeError(f"{len(failed)} publishes were not confirmed, the first: {failed[0]!r}")
+        finally:
+            await conn.close()
+
+    return send, finish
+
+
+# -- Redis Streams (redis.asyncio; XADD, XREADGROUP + XACK) ------------------------------------------
+
+_STREAM_GROUP = "dcp-bench"
+_STREAM_FIELD = b"d"
+
+
+async def _sub_redis_streams(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import redis.asyncio as aioredis
+
+    host, port = _host_port(args.address)
+    client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    key = f"{args.topic}:stream:{uuid.uuid4().hex[:12]}"  # the publisher's --route
+    try:
+        # The group reads from "$": every entry added after this, and the stream exists from now.
+        await client.xgroup_create(key, _STREAM_GROUP, id="$", mkstream=True)
+        record = rec.record
+
+        async def consume() -> None:
+            last = None
+            ids: list[bytes] = []
+            while True:
+                pipe = client.pipeline(transaction=False)
+                if ids:  # acknowledge the last batch in the same round trip as the next read
+                    pipe.xack(key, _STREAM_GROUP, *ids)
+                    # Redis holds a stream in memory: trim what is acknowledged, so the stream
+                    # holds only the backlog (whole nodes only, "~": cheap).  Nothing unread goes.
+                    pipe.xtrim(key, minid=last, approximate=True)
+                pipe.xreadgroup(_STREAM_GROUP, "bench-sub", {key: ">"}, count=1000, block=1000)
+                replies = await pipe.execute()
+                now = time.time_ns()
+                ids = []
+                for _key, entries in replies[-1] or ():
+                    for entry_id, fields in entries:
+                        data = fields[_STREAM_FIELD]
+                        record(data, 0, len(data), now)
+                        ids.append(entry_id)
+                if ids:
+                    last = ids[-1]
+
+        ready(key)
+        await _until(stop, asyncio.ensure_future(consume()))
+    finally:
+        try:
+            await client.delete(key)  # the stream, its group and what is left in it
+        finally:
+            await client.aclose() if hasattr(client, "aclose") else await client.close()
+
+
+async def _pub_redis_streams(args: argparse.Namespace) -> Any:
+    import redis.asyncio as aioredis
+
+    if not args.route:
+        raise ValueError("redis-streams needs --route KEY (the subscriber's ready line has it)")
+    host, port = _host_port(args.address)
+    client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    await client.ping()
+    key = args.route
+
+    def check(ids: list[Any]) -> None:
+        if any(entry_id is None for entry_id in ids):  # NOMKSTREAM: the subscriber's stream is gone
+            raise RuntimeError(f"the stream {key} does not exist")
+
+    if args.interval_ms:  # paced: one XADD, one reply
+        xadd = client.xadd
+
+        async def send(payload: bytes) -> None:
+            check([await xadd(key, {_STREAM_FIELD: payload}, nomkstream=True)])
+
+        async def flush() -> None:
+            pass
+    else:  # as fast as it goes: pipelined, as the redis publisher does with PUBLISH
+        batch: list[bytes] = []
+        batch_bytes = 0
+
+        async def flush() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                pipe = client.pipeline(transaction=False)
+                for payload in batch:
+                    pipe.xadd(key, {_STREAM_FIELD: payload}, nomkstream=True)
+                batch, batch_bytes = [], 0
+                check(await pipe.execute())
+
+        async def send(payload: bytes) -> None:
+            nonlocal batch_bytes
+            batch.append(payload)
+            batch_bytes += len(payload)
+            if len(batch) >= 64 or batch_bytes >= 1024 * 1024:
+                await flush()
+
+    async def finish() -> None:
+        try:
+            # Every XADD answered: each entry is in the stream and in the AOF's buffer, which
+            # appendfsync everysec writes out and fsyncs once a second (not before the reply).
+            await flush()
+        finally:
+            await client.aclose() if hasattr(client, "aclose") else await client.close()
+
+    return send, finish
+
+
+SUBSCRIBERS = {
+    "dcp": _sub_dcp, "relay": _sub_relay, "nats": _sub_nats, "redis": _sub_redis, "mqtt": _sub_mqtt, "rabbitmq": _sub_rabbitmq,
+    "zenoh": _sub_zenoh, "nats-jetstream": _sub_jetstream, "rabbitmq-quorum": _sub_rabbitmq_quorum, "redis-streams": _sub_redis_streams,
+}
+PUBLISHERS = {
+    "dcp": _pub_dcp, "relay": _pub_relay, "nats": _pub_nats, "redis": _pub_redis, "mqtt": _pub_mqtt, "rabbitmq": _pub_rabbitmq,
+    "zenoh": _pub_zenoh, "nats-jetstream": _pub_jetstream, "rabbitmq-quorum": _pub_rabbitmq_quorum, "redis-streams": _pub_redis_streams,
+}
 
 
 # -- the two roles ---------------------------------------------------------------------------------------
@@ -735,7 +1212,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-time", type=float, default=600.0, help="stop this long after ready, whatever came (s; default 600)")
     sub.add_argument(
         "--slow-consumer", choices=("drop-newest", "drop-oldest", "pause"), default=None,
-        help="dcp targets: the broker's policy for this subscriber when it falls behind (default: the broker's)",
+        help="dcp targets and the relay: the server's policy for this subscriber when it falls behind (default: the server's)",
+    )
+    sub.add_argument(
+        "--receive", choices=("callback", "batches", "iterator"), default="callback",
+        help="dcp targets: how the subscriber takes its frames: on_message=, batches() or messages() (default: callback)",
     )
     sub.add_argument("--keep-latencies", action="store_true", help="add every latency, in arrival order, to the result")
     sub.add_argument(

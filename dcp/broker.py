@@ -808,9 +808,10 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
                 target.blocked.add(self)
                 self._pause_reading()
             assert target.transport is not None  # attached after connection_made
-            write = target.transport.write
-            for chunk in chunks:
-                write(chunk)
+            if len(chunks) == 1:
+                target.transport.write(chunks[0])
+            else:  # a large frame's header and the reads that carry it: one system call, not one each
+                target.transport.writelines(chunks)
             target.frames_out += frames
             target.bytes_out += size
             broker.frames_out += frames

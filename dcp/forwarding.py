@@ -14,10 +14,12 @@ It raises :class:`~dcp.errors.RemoteProtocolError` when the stream can no longer
 trusted, after yielding the decisions for the frames before the bad one.
 
 The frame format is parsed by :func:`dcp.wire.scan`, as the subscribers' decoder
-parses it; a read is copied once (the hop bytes are patched in place) and each run of
-consecutive frames with the same out bitmap is one :class:`Write` of a memoryview
-slice.  A frame longer than a read is held as the reads that carry it
-(:class:`~dcp.wire.Reassembly`) and forwarded without a copy.
+parses it; a read of small frames is copied once (the hop bytes are patched in place)
+and each run of consecutive frames with the same out bitmap is one :class:`Write` of a
+memoryview slice.  A read that starts with a frame of ``UNCOPIED_FRAME`` bytes or more
+is not copied: each frame is written as a new 4-byte start of header (hop limit
+decremented) and a view of the rest.  A frame longer than a read is held as the reads
+that carry it (:class:`~dcp.wire.Reassembly`) and forwarded without a copy.
 
 The decision for a data frame arriving on port ``p`` (stateless mode) is
 ``out = (X mod key) & attached & ~(1 << p)`` for a broker with one key; with a key
@@ -31,6 +33,7 @@ route, with a hop limit above 0.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, Union
@@ -74,6 +77,11 @@ DROP_REASONS = (
 # Frames up to this size that span reads are joined to the rest of the read and
 # forwarded with it; larger ones go out as the reads that carry them, uncopied.
 JOIN_LIMIT = 64 * 1024
+# A read whose first frame has at least this many bytes is not copied: each of its frames
+# goes out as a new header with the hop limit decremented and a view of the rest, since
+# copying a read of a few large frames costs more than writing two pieces per frame.
+UNCOPIED_FRAME = 16 * 1024
+_HOPS_HEAD = struct.Struct("!BBBB").pack  # the first 4 bytes of a header, up to the hop limit
 
 
 class Write(NamedTuple):
@@ -213,25 +221,32 @@ class Forwarder:
             yield from self._pieces(pieces)
             if used == len(data):
                 return
-            data = memoryview(data)[used:]
+            yield from self._chunk(data, used)
+            return
         yield from self._chunk(data)
 
-    def _chunk(self, data: bytes | bytearray | memoryview) -> Iterator[Decision]:
-        """The decisions for the complete frames of ``data``; hold its incomplete tail."""
+    def _chunk(self, data: bytes | bytearray | memoryview, pos: int = 0) -> Iterator[Decision]:
+        """The decisions for the complete frames of ``data[pos:]``; hold its incomplete tail."""
         end = len(data)
-        if end < HEADER_SIZE:
-            self._held.hold(data)
+        if end - pos < HEADER_SIZE:
+            self._held.hold(memoryview(data)[pos:])
             return
-        length = self.limits.frame_length(HEADER.unpack_from(data, 0))
-        if length > end:  # a large frame begins: hold the read as it is, no copy
-            self._held.hold(data)
+        length = self.limits.frame_length(HEADER.unpack_from(data, pos))
+        if length > end - pos:  # a large frame begins: hold the read as it is, no copy
+            self._held.hold(memoryview(data)[pos:])
             return
-        buf = data if type(data) is bytearray else bytearray(data)  # the one copy: hops are patched in place
+        buf: bytes | bytearray
+        if type(data) is bytes and length >= UNCOPIED_FRAME:
+            buf, patch = data, False
+        elif type(data) is bytearray and not pos:
+            buf, patch = data, True
+        else:  # the one copy: hops are patched in place
+            buf, pos, patch = bytearray(memoryview(data)[pos:]), 0, True
         view = memoryview(buf)
         found: list[Found] = []
         limits = self.limits
         try:
-            stop = scan(buf, 0, limits, found)
+            stop = scan(buf, pos, limits, found)
         except RemoteProtocolError as exc:  # decide the frames before the bad one, then raise
             error: RemoteProtocolError | None = exc
             stop = _end_of(found[-1]) if found else 0
@@ -256,8 +271,12 @@ class Forwarder:
                             drops.clear()
                         else:
                             memo = mask
-                    if mask > 0:
-                        buf[start + 3] = header[3] - 1
+                    if mask > 0 and not patch:
+                        length = HEADER_SIZE + header[4] + header[5] + header[6]
+                        head = _HOPS_HEAD(header[0], header[1], header[2], header[3] - 1)
+                        yield Write(mask, (head, view[start + 4 : start + length]), length, 1)
+                    elif mask > 0:
+                        buf[start + 3] = header[3] - 1  # type: ignore[index]  # patch: a bytearray
                         if mask != run_mask:
                             if run_mask:
                                 yield Write(run_mask, (view[run_start:start],), start - run_start, run_frames)
@@ -304,7 +323,7 @@ class Forwarder:
             head[3] = header[3] - 1
             yield Write(mask, (head, *views), size, 1)
 
-    def _decide(self, buf: bytearray, pos: int, header: tuple[int, ...]) -> int:
+    def _decide(self, buf: bytes | bytearray, pos: int, header: tuple[int, ...]) -> int:
         """The out bitmap of the data frame at ``buf[pos]``; what it drops goes to ``_drops``."""
         hops = header[3]
         if hops == 0:
@@ -353,7 +372,7 @@ class Forwarder:
             self._drops.append(Drop("no_route", 1))
         return mask
 
-    def _verified(self, verifier: RouteCheck, buf: bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
+    def _verified(self, verifier: RouteCheck, buf: bytes | bytearray, start: int, x_len: int, header: tuple[int, ...]) -> bool:
         """--verify-routes: is the tag after X genuine and unexpired (else a drop)?"""
         if not header[2] & SIGNED_ROUTE:
             message = "this broker forwards only topology numbers signed by the orchestrator"

@@ -437,6 +437,10 @@ class Reassembly:
         self.pieces, self.size, self.need = [], 0, 0
         return pieces, used
 
+    def clear(self) -> None:
+        """Hold nothing (the frame held was taken elsewhere)."""
+        self.pieces, self.size, self.need = [], 0, 0
+
     def truncated(self) -> TruncatedFrame | None:
         """At the end of the stream: the error for a frame left incomplete, if any (and drop it)."""
         if not self.size:
@@ -455,13 +459,8 @@ class Reassembly:
 #: A data frame with at least this many payload bytes is received in place by
 #: :meth:`Decoder.get_buffer`: its payload is a ``bytearray`` the socket reads into.
 IN_PLACE_PAYLOAD = 64 * 1024
-#: The read buffer :meth:`Decoder.get_buffer` lends between large payloads: as large as
-#: uvloop's own while the stream has carried no large payload; from the first one on,
-#: smaller than IN_PLACE_PAYLOAD, so that every large payload spans reads and its rest
-#: comes in place, and so that no read leaves a temporary that the allocator hands back
-#: to the system when it is freed (a 128 KiB one freed on top of the heap is: a brk call
-#: and fresh pages per frame, measured to cost more than the copies saved).
-READ_SIZES = (256 * 1024, 60 * 1024)
+#: The read buffer :meth:`Decoder.get_buffer` lends between large payloads (uvloop's own size).
+READ_SIZE = 256 * 1024
 
 
 class Decoder:
@@ -476,23 +475,20 @@ class Decoder:
     :meth:`buffer_updated`: the socket reads into a buffer the decoder lends, and once
     the route of a data frame of at least :data:`IN_PLACE_PAYLOAD` bytes is known, the
     rest of its payload is read straight into the ``bytearray`` that becomes its
-    ``payload``: a large payload is not copied after the kernel's copy.  (Both sizes
-    and the read buffer sizes are parameters so that tests can reach the path with small
-    frames.)
+    ``payload``: a large payload is not copied after the kernel's copy, except the part
+    that came in the read of its header.  (The threshold and the read size are
+    parameters so that tests can reach the path with small frames.)
     """
 
-    def __init__(
-        self, limits: Limits = DEFAULT_LIMITS, in_place_payload: int = IN_PLACE_PAYLOAD, read_sizes: tuple[int, int] = READ_SIZES
-    ) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, in_place_payload: int = IN_PLACE_PAYLOAD, read_size: int = READ_SIZE) -> None:
         self.limits = limits
         self._held = Reassembly(limits)
         self._topics: dict[bytes, str] = {}
         self._error: Exception | None = None
         self._eof = False
         self._in_place_payload = in_place_payload
-        self._read_sizes = read_sizes
+        self._read_size = read_size
         self._read_buffer: memoryview | None = None
-        self._large_seen = False  # a payload was read in place: lend the smaller read buffer from now on
         self._payload: bytearray | None = None  # the large payload being read in place
         self._payload_view = memoryview(b"")
         self._filled = 0
@@ -504,54 +500,81 @@ class Decoder:
         if self._payload is not None:
             return self._payload_view[self._filled :]
         if self._read_buffer is None:
-            self._read_buffer = memoryview(bytearray(self._read_sizes[self._large_seen]))
+            self._read_buffer = memoryview(bytearray(self._read_size))
         return self._read_buffer
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         """The events of the ``nbytes`` just read into :meth:`get_buffer`'s buffer.
 
+        A large data frame at the start of a read (where the one before it ended) is
+        taken from the read buffer itself; one that starts later in a read goes through
+        :meth:`feed` until its route is known.  Either way, the rest of its payload is
+        read in place.
+
         Raises:
             RemoteProtocolError, LocalProtocolError: as :meth:`feed`.
         """
-        if self._payload is None:
-            assert self._read_buffer is not None  # lent by get_buffer
-            events = self.feed(self._read_buffer[:nbytes].tobytes())
-            if self._held.need and self._error is None:
-                self._receive_in_place()
-            return events
-        self._filled += nbytes
-        if self._filled < len(self._payload):
-            return []
-        payload, self._payload, self._payload_view = self._payload, None, memoryview(b"")
-        topic, x, hops, msg_id, ts, flags = self._frame
-        return [DataFrame(topic, payload, x, hops, msg_id, ts, flags)]
+        if self._payload is not None:
+            self._filled += nbytes
+            return [] if self._filled < len(self._payload) else [self._payload_frame()]
+        read = self._read_buffer
+        assert read is not None  # lent by get_buffer
+        events: list[Event] = []
+        pos = 0
+        while not self._held.size and self._error is None and not self._eof:
+            end = self._in_place(read, pos, nbytes)
+            if end < 0:
+                break
+            if self._payload is not None and self._filled < len(self._payload):
+                return events  # the rest of it comes in place
+            events.append(self._payload_frame())
+            pos = end
+        if pos < nbytes:
+            events += self.feed(read[pos:nbytes].tobytes())
+            held = self._held
+            if held.need and self._error is None:
+                start = held.pieces[0] if len(held.pieces) == 1 else b"".join(held.pieces)
+                if self._in_place(start, 0, len(start)) >= 0:
+                    held.clear()
+        return events
 
-    def _receive_in_place(self) -> None:
-        """If the frame held is a large data frame whose route has come, move what came
-        of its payload into the buffer it is to fill, and read the rest into it."""
-        held = self._held
-        pieces = held.pieces
-        start = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if len(start) < HEADER_SIZE:
-            return
-        _version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = HEADER.unpack_from(start)
-        body = HEADER_SIZE + x_len + topic_len
-        if ftype != DATA or payload_len < self._in_place_payload or len(start) < body:
-            return
+    def _in_place(self, buf: bytes | bytearray | memoryview, pos: int, end: int) -> int:
+        """If an acceptable data frame with a payload of ``in_place_payload`` bytes or
+        more starts at ``buf[pos]`` and its route is within ``buf[:end]``, start its
+        payload with what came of it and return where the frame ends in ``buf`` (or
+        ``end``, its rest to come in place).  -1 if not: the usual path takes it."""
+        if end - pos < HEADER_SIZE:
+            return -1
         limits = self.limits
-        route = self._route(bytes(start[:body]), HEADER_SIZE, x_len, topic_len, flags, limits.max_x_bits // 8, limits.max_x_bits, self._topics)
+        version, ftype, flags, hops, x_len, topic_len, payload_len, msg_id, ts = HEADER.unpack_from(buf, pos)
+        body = pos + HEADER_SIZE + x_len + topic_len
+        if (
+            ftype != DATA or payload_len < self._in_place_payload or body > end
+            or version != VERSION or topic_len > limits.max_topic or body - pos + payload_len > limits.max_frame
+        ):
+            return -1
+        route = self._route(bytes(buf[pos:body]), HEADER_SIZE, x_len, topic_len, flags, limits.max_x_bits // 8, limits.max_x_bits, self._topics)
         if not isinstance(route, tuple):
-            return  # skipped through the usual path once whole
-        payload = bytearray(payload_len)
-        self._filled = len(start) - body
-        self._frame_head = body
-        payload[: self._filled] = memoryview(start)[body:]
-        held.pieces, held.size, held.need = [], 0, 0
-        self._payload, self._payload_view = payload, memoryview(payload)
+            return -1  # skipped, with the reason, by the usual path
+        frame_end: int = body + payload_len
+        if frame_end <= end:  # all of it in this read: one copy, out of the read buffer
+            payload = bytearray(buf[body:frame_end])
+            self._filled = payload_len
+        else:
+            payload = bytearray(payload_len)
+            self._filled = end - body
+            payload[: self._filled] = buf[body:end]
+        self._payload, self._payload_view, self._frame_head = payload, memoryview(payload), body - pos
         self._frame = (route[1], route[0], hops, msg_id, ts, flags)
-        if not self._large_seen:
-            self._large_seen = True
-            self._read_buffer = None
+        return min(frame_end, end)
+
+    def _payload_frame(self) -> DataFrame:
+        """The frame whose payload has just been filled in place."""
+        payload = self._payload
+        assert payload is not None
+        self._payload, self._payload_view = None, memoryview(b"")
+        topic, x, hops, msg_id, ts, flags = self._frame
+        return DataFrame(topic, payload, x, hops, msg_id, ts, flags)
 
     @property
     def buffered(self) -> int:

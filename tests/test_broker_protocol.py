@@ -15,7 +15,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -61,6 +61,10 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         self.written += data
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.written += chunk
 
     def is_closing(self) -> bool:
         return self.closed

@@ -295,10 +295,11 @@ def test_a_large_payload_is_read_in_place_into_the_bytearray_that_is_its_payload
     (event,) = decoder.buffer_updated(len(rest))
     assert type(event.payload) is bytearray and event.payload is rest.obj
     assert event == DataFrame("cam", bytes(range(256)) * 400, 77, msg_id=5, timestamp_ns=0)
-    lent = decoder.get_buffer()  # from now on smaller than a large payload: every one spans reads
-    assert len(lent) < len(big) - HEADER_SIZE
-    lent[: len(small)] = small
-    assert decoder.buffer_updated(len(small)) == [DataFrame("cam", b"after", 77, msg_id=6)]
+    lent = decoder.get_buffer()  # a read at a frame boundary: two large frames and a small one, whole
+    lent[: 2 * len(big) + len(small)] = big + big + small
+    events = decoder.buffer_updated(2 * len(big) + len(small))
+    assert events == [event, event, DataFrame("cam", b"after", 77, msg_id=6)]
+    assert [type(e.payload) for e in events] == [bytearray, bytearray, bytes]
 
 
 def test_a_stream_that_ends_inside_a_payload_read_in_place_is_truncated() -> None:
@@ -390,7 +391,7 @@ def _check_fuzz_buffered(stream: bytes, cuts, limits: Limits, expected, error, e
     small frames take the in-place path: the same events and errors, a payload of 40
     bytes or more read in place is a bytearray, and what the decoder holds stays what
     the last read left incomplete."""
-    decoder = Decoder(limits, in_place_payload=40, read_sizes=(301, 37))
+    decoder = Decoder(limits, in_place_payload=40, read_size=97)
     events = []
     fed = 0
     try:

@@ -2,7 +2,8 @@
 
 Runs the ``dcp bench`` harness's own latency and throughput scenarios (separate broker,
 publisher and subscriber processes; 500 messages at 5 ms x 3 interleaved rounds; 3 runs
-of 3 s per throughput cell) with only those sizes, and prints one JSON line.  To compare
+of 3 s per throughput cell, lossless and under overload) with only those sizes, and
+prints one JSON line; a throughput entry is (mode, size, MB/s, delivered fraction).  To compare
 two versions, run it from a checkout of each, alternately, on the same machine the same
 day::
 
@@ -34,7 +35,7 @@ def main(label: str) -> None:
         "label": label,
         "load_after": results["environment"].get("loadavg_after"),
         "latency": [(c["size"], c["p50_us"], c["p99_us"], c["received"], c["sent"]) for c in results["latency"]["cells"]],
-        "throughput": [(c["size"], c["mb_s"], c["delivered"]) for c in results["throughput"]["cells"]],
+        "throughput": [(c["mode"], c["size"], c["mb_s"], c["delivered"]) for c in results["throughput"]["cells"]],
     }))
 
 

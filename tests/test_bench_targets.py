@@ -1,4 +1,4 @@
-"""The targets and measuring workers of ``dcp bench``: the raw relay, the reference queue,
+"""The targets and measuring workers of ``dcp bench``: the raw relay, dcp with a commit log,
 the payload stamp, and a publisher/subscriber worker pair against each in-tree target."""
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_relay_and_commitlog_processes_listen_and_exit_0_on_sigterm(tmp_path: Pa
             assert log_dir is not None and not log_dir.exists()  # the commit log goes with the server
 
 
-# -- the reference queue ----------------------------------------------------------------------
+# -- dcp with a commit log ----------------------------------------------------------------------
 
 
 def _frames_in_log(directory: Path) -> list[DataFrame]:

@@ -383,7 +383,10 @@ def success(profile: Profile, targets: Sequence[str], skipped: dict[str, str], w
                     count = max(profile.success_min_messages, int(profile.success_cell_s * 1000 / interval))
                     steps(f"success {target} {fmt_size(size)} every {interval} ms x {count}")
                     try:
-                        sent, got = run_pair(target, servers.get(target), size=size, count=count, interval_ms=interval)
+                        sent, got = run_pair(  # idle for two intervals and a second before it counts as the end
+                            target, servers.get(target), size=size, count=count, interval_ms=interval,
+                            idle_timeout_s=1.0 + 2 * interval / 1000,
+                        )
                     except RuntimeError as exc:
                         cells.append({**cell, "skipped": f"failed: {exc}"})
                         continue

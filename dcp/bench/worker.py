@@ -64,6 +64,10 @@ FAMILIES = {
     "nats-jetstream": "nats-jetstream", "rabbitmq-quorum": "rabbitmq-quorum", "redis-streams": "redis-streams",
 }
 ROUTED = ("dcp-stateless", "dcp-verified")  # publishers route by the X their subscriber reports
+# What a publisher needs from its subscriber's ready line ("route"), checked before anything else.
+ROUTE_OF = {
+    **dict.fromkeys(ROUTED, "X"), "nats-jetstream": "SUBJECT", "rabbitmq-quorum": "QUEUE", "redis-streams": "KEY",
+}
 EXCHANGE = "dcp-bench"  # RabbitMQ: a direct exchange, the topic is the routing key
 CONNECT_TIMEOUT_S = 10.0
 
@@ -840,8 +844,6 @@ async def _sub_jetstream(args: argparse.Namespace, rec: Recorder, ready: Ready, 
 
 
 async def _pub_jetstream(args: argparse.Namespace) -> Any:
-    if not args.route:
-        raise ValueError("nats-jetstream needs --route SUBJECT (the subscriber's ready line has it)")
     nc = await _nats_connect(args.address)
     # publish_async: the message goes out at once, its ack is a future; at most this many unacked
     js = nc.jetstream(timeout=60.0, publish_async_max_pending=_window(args.size))
@@ -930,8 +932,6 @@ async def _sub_rabbitmq_quorum(args: argparse.Namespace, rec: Recorder, ready: R
 async def _pub_rabbitmq_quorum(args: argparse.Namespace) -> Any:
     import aio_pika
 
-    if not args.route:
-        raise ValueError("rabbitmq-quorum needs --route QUEUE (the subscriber's ready line has it)")
     conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
     # Confirms on; an unroutable message (no such queue) is an error, not a silent return.
     channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
@@ -1029,8 +1029,6 @@ async def _sub_redis_streams(args: argparse.Namespace, rec: Recorder, ready: Rea
 async def _pub_redis_streams(args: argparse.Namespace) -> Any:
     import redis.asyncio as aioredis
 
-    if not args.route:
-        raise ValueError("redis-streams needs --route KEY (the subscriber's ready line has it)")
     host, port = _host_port(args.address)
     client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
     await client.ping()
@@ -1242,8 +1240,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "pub" and args.size < STAMP_SIZE:
         print(f"--size must be at least {STAMP_SIZE}", file=sys.stderr)
         return 2
-    if args.role == "pub" and args.target in ROUTED and not args.route:
-        print(f"{args.target} needs --route X (the subscriber's ready line has it)", file=sys.stderr)
+    if args.role == "pub" and args.target in ROUTE_OF and not args.route:
+        print(f"{args.target} needs --route {ROUTE_OF[args.target]} (the subscriber's ready line has it)", file=sys.stderr)
         return 2
     return run(run_sub(args) if args.role == "sub" else run_pub(args))
 

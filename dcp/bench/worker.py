@@ -408,14 +408,19 @@ async def _nats_connect(address: str, **options: Any) -> Any:
     )
 
 
-async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
-    lost = asyncio.get_running_loop().create_future()
+async def _nats_watched(address: str) -> tuple[Any, asyncio.Future[None]]:
+    """A NATS connection, and a future done once it closes (for a subscriber to end on)."""
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def on_closed() -> None:
         if not lost.done():
             lost.set_result(None)
 
-    nc = await _nats_connect(args.address, closed_cb=on_closed)
+    return await _nats_connect(address, closed_cb=on_closed), lost
+
+
+async def _sub_nats(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    nc, lost = await _nats_watched(args.address)
     record = rec.record
     try:
         async def on_msg(msg: Any) -> None:
@@ -579,17 +584,25 @@ async def _pub_mqtt(args: argparse.Namespace) -> Any:
 # -- RabbitMQ (aio-pika, AMQP 0-9-1) ------------------------------------------------------------------------
 
 
-async def _sub_rabbitmq(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+async def _rabbitmq_watched(address: str) -> tuple[Any, asyncio.Future[None]]:
+    """An aio-pika connection, and a future done once it closes (for a subscriber to end on)."""
     import aio_pika
 
-    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
-    lost = asyncio.get_running_loop().create_future()
+    conn = await aio_pika.connect(f"amqp://guest:guest@{address}/", timeout=CONNECT_TIMEOUT_S)
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_close(*_: Any) -> None:
         if not lost.done():
             lost.set_result(None)
 
     conn.close_callbacks.add(on_close)
+    return conn, lost
+
+
+async def _sub_rabbitmq(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    import aio_pika
+
+    conn, lost = await _rabbitmq_watched(args.address)
     try:
         channel = await conn.channel()
         exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT)
@@ -606,7 +619,6 @@ async def _sub_rabbitmq(args: argparse.Namespace, rec: Recorder, ready: Ready, s
         ready("")
         await _until(stop, lost)
     finally:
-        conn.close_callbacks.discard(on_close)
         await conn.close()
 
 
@@ -787,13 +799,7 @@ def _window(size: int, most: int = _WINDOW_MSGS, bytes_: int = _WINDOW_BYTES) ->
 async def _sub_jetstream(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-    lost = asyncio.get_running_loop().create_future()
-
-    async def on_closed() -> None:
-        if not lost.done():
-            lost.set_result(None)
-
-    nc = await _nats_connect(args.address, closed_cb=on_closed)
+    nc, lost = await _nats_watched(args.address)
     js = nc.jetstream(timeout=CONNECT_TIMEOUT_S)
     token = uuid.uuid4().hex[:12]
     stream = f"dcp-bench-{token}"
@@ -877,16 +883,7 @@ async def _pub_jetstream(args: argparse.Namespace) -> Any:
 
 
 async def _sub_rabbitmq_quorum(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
-    import aio_pika
-
-    conn = await aio_pika.connect(f"amqp://guest:guest@{args.address}/", timeout=CONNECT_TIMEOUT_S)
-    lost = asyncio.get_running_loop().create_future()
-
-    def on_close(*_: Any) -> None:
-        if not lost.done():
-            lost.set_result(None)
-
-    conn.close_callbacks.add(on_close)
+    conn, lost = await _rabbitmq_watched(args.address)
     name = f"{args.topic}.quorum.{uuid.uuid4().hex[:12]}"  # the publisher's --route
     queue = None
     consumer = ""
@@ -919,7 +916,6 @@ async def _sub_rabbitmq_quorum(args: argparse.Namespace, rec: Recorder, ready: R
         ready(name)
         await _until(stop, lost)
     finally:
-        conn.close_callbacks.discard(on_close)
         try:
             if queue is not None and not conn.is_closed:
                 if consumer:

@@ -491,21 +491,28 @@ async def _sub_redis(args: argparse.Namespace, rec: Recorder, ready: Ready, stop
 
 
 async def _pub_redis(args: argparse.Namespace) -> Any:
+    topic = args.topic
+    return await _redis_publisher(args, lambda target, payload: target.publish(topic, payload), lambda replies: None)
+
+
+async def _redis_publisher(args: argparse.Namespace, command: Callable[[Any, bytes], Any], check: Callable[[list[Any]], None]) -> Any:
+    """send and finish of a Redis publisher, one ``command`` (on the client or a pipeline)
+    per message: awaited one by one when paced; else pipelined 64 at a time (or per MiB),
+    like the other clients that write without waiting for a reply.  ``check`` sees the
+    replies; ``finish`` returns once every command is answered: the server has them all."""
     import redis.asyncio as aioredis
 
     host, port = _host_port(args.address)
     client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
     await client.ping()
-    topic = args.topic
-    if args.interval_ms:  # paced: one PUBLISH, one reply
-        publish = client.publish
+    if args.interval_ms:
 
         async def send(payload: bytes) -> None:
-            await publish(topic, payload)
+            check([await command(client, payload)])
 
         async def flush() -> None:
             pass
-    else:  # as fast as it goes: pipelined, like the other clients that write without waiting for a reply
+    else:
         batch: list[bytes] = []
         batch_bytes = 0
 
@@ -514,9 +521,9 @@ async def _pub_redis(args: argparse.Namespace) -> Any:
             if batch:
                 pipe = client.pipeline(transaction=False)
                 for payload in batch:
-                    pipe.publish(topic, payload)
+                    command(pipe, payload)
                 batch, batch_bytes = [], 0
-                await pipe.execute()
+                check(await pipe.execute())
 
         async def send(payload: bytes) -> None:
             nonlocal batch_bytes
@@ -527,7 +534,7 @@ async def _pub_redis(args: argparse.Namespace) -> Any:
 
     async def finish() -> None:
         try:
-            await flush()  # every PUBLISH answered: the server has them all
+            await flush()
         finally:
             await client.aclose() if hasattr(client, "aclose") else await client.close()
 
@@ -1023,54 +1030,16 @@ async def _sub_redis_streams(args: argparse.Namespace, rec: Recorder, ready: Rea
 
 
 async def _pub_redis_streams(args: argparse.Namespace) -> Any:
-    import redis.asyncio as aioredis
-
-    host, port = _host_port(args.address)
-    client = aioredis.Redis(host=host, port=port, socket_connect_timeout=CONNECT_TIMEOUT_S)
-    await client.ping()
+    """XADD per message, NOMKSTREAM: a stream the subscriber has not made is an error.  An
+    answered XADD is in the stream and in the AOF's buffer, which appendfsync everysec
+    writes out and fsyncs once a second (not before the reply)."""
     key = args.route
 
     def check(ids: list[Any]) -> None:
         if any(entry_id is None for entry_id in ids):  # NOMKSTREAM: the subscriber's stream is gone
             raise RuntimeError(f"the stream {key} does not exist")
 
-    if args.interval_ms:  # paced: one XADD, one reply
-        xadd = client.xadd
-
-        async def send(payload: bytes) -> None:
-            check([await xadd(key, {_STREAM_FIELD: payload}, nomkstream=True)])
-
-        async def flush() -> None:
-            pass
-    else:  # as fast as it goes: pipelined, as the redis publisher does with PUBLISH
-        batch: list[bytes] = []
-        batch_bytes = 0
-
-        async def flush() -> None:
-            nonlocal batch, batch_bytes
-            if batch:
-                pipe = client.pipeline(transaction=False)
-                for payload in batch:
-                    pipe.xadd(key, {_STREAM_FIELD: payload}, nomkstream=True)
-                batch, batch_bytes = [], 0
-                check(await pipe.execute())
-
-        async def send(payload: bytes) -> None:
-            nonlocal batch_bytes
-            batch.append(payload)
-            batch_bytes += len(payload)
-            if len(batch) >= 64 or batch_bytes >= 1024 * 1024:
-                await flush()
-
-    async def finish() -> None:
-        try:
-            # Every XADD answered: each entry is in the stream and in the AOF's buffer, which
-            # appendfsync everysec writes out and fsyncs once a second (not before the reply).
-            await flush()
-        finally:
-            await client.aclose() if hasattr(client, "aclose") else await client.close()
-
-    return send, finish
+    return await _redis_publisher(args, lambda target, payload: target.xadd(key, {_STREAM_FIELD: payload}, nomkstream=True), check)
 
 
 SUBSCRIBERS = {

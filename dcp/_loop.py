@@ -88,25 +88,22 @@ class CoalescedWriter:
         self._buf += data
         self._queued()
 
-    def write_frame(self, head: bytes, tail: bytes, payload: Any, copy_limit: int = 8192) -> None:
-        """Queue a frame given as its header, its X-and-topic bytes and its payload,
-        unjoined: a payload up to ``copy_limit`` bytes is copied into the buffer (small
-        frames share one write); a larger one is handed to the transport as it is,
-        behind what is queued, in one ``writelines`` (one system call, no copy here)."""
+    def write_frame(self, head: bytes, tail: bytes, payload: Any, size: int, copy_limit: int = 8192) -> None:
+        """Queue a frame given as its header, its X-and-topic bytes and its payload of
+        ``size`` bytes, unjoined: a payload up to ``copy_limit`` bytes is copied into the
+        buffer (small frames share one write); a larger one is handed to the transport
+        as it is, behind what is queued, in one ``writelines`` (one system call, no copy
+        here)."""
         buf = self._buf
         buf += head
         buf += tail
-        if (len(payload) if type(payload) is bytes else memoryview(payload).nbytes) > copy_limit:
+        if size > copy_limit:
             self._buf = bytearray()
             if not self._transport.is_closing():
                 self._transport.writelines((buf, payload))
             return
         buf += payload
-        if len(buf) >= self._limit:
-            self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush_scheduled)
+        self._queued()
 
     def _queued(self) -> None:
         """Write now if the buffer is full, else at the end of this loop iteration."""

@@ -444,7 +444,7 @@ class Connection:
         head, tail = self._encoder.head(topic, size, route, self.hops if hops is None else hops, msg_id, time.time_ns(), 0, tag)
         writer = self._writer
         assert writer is not None
-        writer.write_frame(head, tail, payload)
+        writer.write_frame(head, tail, payload, size)
         self.published += 1
         return msg_id
 

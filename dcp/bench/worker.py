@@ -378,7 +378,8 @@ async def _pub_relay(args: argparse.Namespace) -> Any:
             await client._writable
             if transport.is_closing():
                 raise ConnectionError("the relay closed the connection")
-        writer.write_frame(prefix(len(payload)), b"", payload)
+        size = len(payload)
+        writer.write_frame(prefix(size), b"", payload, size)
 
     async def finish() -> None:
         writer.flush()

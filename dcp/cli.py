@@ -66,10 +66,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Brok
         )
 
 
-def _config_from_args(args: argparse.Namespace) -> Any:
+def _config_layers(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """Each setting the file, the environment and the flags give: flags > env > TOML > defaults."""
     names = {field.name for field in dataclasses.fields(args.config_class)}
     overrides = {name: value for name, value in vars(args).items() if name in names}
-    return args.config_class.from_sources(args.config, overrides)
+    return args.config_class.layers(args.config, overrides, os.environ)
 
 
 def _install_shutdown_signals(stop: asyncio.Event) -> None:
@@ -101,8 +102,13 @@ async def _serve(daemon: str, config: Any) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    """``dcp broker`` and ``dcp orchestrator``: run until SIGINT/SIGTERM."""
-    config = _config_from_args(args)
+    """``dcp broker`` and ``dcp orchestrator``: run until SIGINT/SIGTERM (or, with
+    ``--print-config``, print the effective settings and where each came from)."""
+    layers = _config_layers(args)
+    config = args.config_class.from_layers(layers)
+    if args.print_config:
+        sys.stdout.write(config.as_toml(layers))
+        return 0
     configure_logging(config.log_level)
     run(_serve(args.command, config))
     return 0
@@ -282,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     broker = commands.add_parser("broker", help="run a broker", description="Run a dcp broker until SIGINT/SIGTERM.")
-    broker.add_argument("--config", metavar="FILE", help="TOML file with a [broker] table; flags override it")
+    broker.add_argument(
+        "--config", metavar="FILE",
+        help="TOML file with a [broker] table; DCP_BROKER_<SETTING> environment variables override it, flags override both",
+    )
+    broker.add_argument("--print-config", action="store_true", help="print the effective settings as TOML, with where each came from, and exit")
     _add_config_flags(broker)
     broker.set_defaults(func=cmd_daemon)
 
@@ -295,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     orchestrator = commands.add_parser(
         "orchestrator", help="run the data orchestrator", description="Run the data orchestrator (DO) until SIGINT/SIGTERM."
     )
-    orchestrator.add_argument("--config", metavar="FILE", help="TOML file with an [orchestrator] table; flags override it")
+    orchestrator.add_argument(
+        "--config", metavar="FILE",
+        help="TOML file with an [orchestrator] table; DCP_ORCHESTRATOR_<SETTING> environment variables override it, flags override both",
+    )
+    orchestrator.add_argument("--print-config", action="store_true", help="print the effective settings as TOML, with where each came from, and exit")
     _add_config_flags(orchestrator, OrchestratorConfig)
     orchestrator.set_defaults(func=cmd_daemon)
 

@@ -1,13 +1,16 @@
-"""Broker configuration: one frozen dataclass, read from TOML and overridden by flags.
+"""Daemon configuration: one frozen dataclass per daemon, from defaults, a TOML table,
+``DCP_<SECTION>_<KEY>`` environment variables and flags, each overriding the one before.
 
 Every field carries its help text and, where it is not a plain str/int/float, how to
-parse it; the CLI generates its flags from these fields, so a setting exists in one
-place only.  Only flags actually given on the command line override the file.
+parse it; the CLI generates its flags from these fields, and the environment variables
+are parsed the same way, so a setting exists in one place only.  Only flags actually
+given on the command line override the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,30 +105,112 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     return host, number
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 class _FromSources:
-    """Defaults, then a TOML table (``SECTION``), then overrides: shared by the daemons' configs."""
+    """Defaults, then a TOML table (``SECTION``), then ``DCP_<SECTION>_<KEY>`` environment
+    variables, then overrides (the flags given): shared by the daemons' configs."""
 
     SECTION = ""
     # Every subclass is a dataclass (what dataclasses.fields() needs).
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     @classmethod
-    def from_sources(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
-        """Defaults, then the ``[SECTION]`` table of a TOML file, then ``overrides``.
+    def from_sources(
+        cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Any:
+        """Defaults, then the ``[SECTION]`` table of a TOML file, then the environment
+        (``environ``; none when not given), then ``overrides``.
 
         Raises:
-            ConfigError: an unreadable file, an unknown key or an invalid value.
+            ConfigError: an unreadable file, an unknown key or variable, or an invalid value.
         """
-        overrides = dict(overrides or {})  # by attribute
-        table = _read_toml(Path(file), cls.SECTION) if file is not None else {}  # by the key users write
-        attribute = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}
-        unknown = sorted((set(table) - set(attribute)) | (set(overrides) - set(attribute.values())))
-        if unknown:
-            raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")
+        return cls.from_layers(cls.layers(file, overrides, environ))
+
+    @classmethod
+    def from_layers(cls, layers: Mapping[str, tuple[Any, str]]) -> Any:
+        """The config of what :meth:`layers` found."""
         try:
-            return cls(**{**{attribute[key]: value for key, value in table.items()}, **overrides})
+            return cls(**{name: value for name, (value, _) in layers.items()})
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def layers(
+        cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> dict[str, tuple[Any, str]]:
+        """Each setting some source gives, by attribute: (value, where it came from: the
+        file's path, the variable's name, or "flag"); the later sources win.
+
+        Raises:
+            ConfigError: an unreadable file, an unknown key or variable, or a value that
+                does not parse.
+        """
+        fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+        found: dict[str, tuple[Any, str]] = {}
+        if file is not None:
+            table = _read_toml(Path(file), cls.SECTION)  # by the key users write
+            unknown = sorted(set(table) - set(fields))
+            if unknown:
+                raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)} (in {file})")
+            found.update({fields[key].name: (value, str(file)) for key, value in table.items()})
+        prefix = f"DCP_{cls.SECTION.upper()}_"
+        for variable, text in sorted((environ or {}).items()):
+            if not variable.startswith(prefix):
+                continue
+            key = variable[len(prefix) :].lower()
+            if key not in fields:
+                raise ConfigError(f"{variable} names no {cls.SECTION} setting; they are {prefix}{{{', '.join(k.upper() for k in fields)}}}")
+            found[fields[key].name] = (_from_text(fields[key], variable, text), variable)
+        known = {f.name for f in fields.values()}
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")
+        found.update({name: (value, "flag") for name, value in (overrides or {}).items()})
+        return found
+
+    def as_toml(self, layers: Mapping[str, tuple[Any, str]]) -> str:
+        """The effective settings as a TOML table, each with where it came from (``--print-config``)."""
+        lines = [f"[{self.SECTION}]"]
+        for f in dataclasses.fields(self):
+            key = f.metadata.get("key", f.name)
+            value = getattr(self, f.name)
+            origin = layers[f.name][1] if f.name in layers else "default"
+            if value is None:
+                lines.append(f"# {key} is unset ({origin})")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}  # {origin}")
+        return "\n".join(lines) + "\n"
+
+
+def _from_text(f: dataclasses.Field[Any], variable: str, text: str) -> Any:
+    """A setting's value from its environment variable, parsed as its flag is."""
+    meta = f.metadata
+    if meta.get("action") == "store_true":
+        if text.strip().lower() not in _TRUE + _FALSE:
+            raise ConfigError(f"{variable}={text!r}: say 1/true/yes/on or 0/false/no/off")
+        return text.strip().lower() in _TRUE
+    if meta.get("action") == "append":
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    kind = meta.get("type")
+    if kind is None:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{variable}={text!r} is not a valid {kind.__name__}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 @dataclass(frozen=True)

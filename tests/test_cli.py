@@ -50,6 +50,60 @@ def test_toml_then_flags(tmp_path: Path) -> None:
     assert (config.mode, config.ports, config.out_buffer_bytes) == ("stateful", 16, 65536)
 
 
+def test_flags_then_environment_then_toml_then_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nmode = "stateful"\nports = 8\nout_buffer_bytes = 65536\n')
+    environ = {"DCP_BROKER_PORTS": "16", "DCP_BROKER_INSECURE": "yes", "DCP_BROKER_PEERS": "127.0.0.1:7401, 127.0.0.1:7402",
+               "DCP_ORCHESTRATOR_PORTS": "nothing of the broker's", "DCP_TOKEN": "not a setting"}
+    layers = BrokerConfig.layers(path, {"out_buffer_bytes": 1024}, environ)
+    config = BrokerConfig.from_layers(layers)
+    assert (config.mode, config.ports, config.out_buffer_bytes, config.insecure) == ("stateful", 16, 1024, True)
+    assert config.peers == ("127.0.0.1:7401", "127.0.0.1:7402") and config.link_timeout_s == 5.0
+    assert {name: origin for name, (_, origin) in layers.items()} == {
+        "mode": str(path), "ports": "DCP_BROKER_PORTS", "out_buffer_bytes": "flag", "insecure": "DCP_BROKER_INSECURE",
+        "peers": "DCP_BROKER_PEERS",
+    }
+    assert BrokerConfig.from_sources(path, {"ports": 32}, environ).ports == 32
+    assert OrchestratorConfig.from_sources(None, None, {"DCP_ORCHESTRATOR_POLICY": "rules.toml"}).policy_file == "rules.toml"
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"DCP_BROKER_LISTN": "127.0.0.1:1"}, "DCP_BROKER_LISTN names no broker setting; they are DCP_BROKER_{LISTEN, "),
+        ({"DCP_BROKER_PORTS": "many"}, "DCP_BROKER_PORTS='many' is not a valid int"),
+        ({"DCP_BROKER_LINK_TIMEOUT_S": "soon"}, "DCP_BROKER_LINK_TIMEOUT_S='soon' is not a valid float"),
+        ({"DCP_BROKER_INSECURE": "sure"}, "DCP_BROKER_INSECURE='sure': say 1/true/yes/on or 0/false/no/off"),
+        ({"DCP_BROKER_MODE": "fast"}, "mode must be one of"),
+    ],
+)
+def test_a_bad_environment_variable_is_named(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("(", r"\(")):
+        BrokerConfig.from_sources(None, None, environ)
+
+
+@pytest.mark.parametrize("command, config_class", [("broker", BrokerConfig), ("orchestrator", OrchestratorConfig)])
+def test_print_config_shows_every_setting_with_its_origin_and_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, config_class: type
+) -> None:
+    section = command.upper()
+    monkeypatch.setenv(f"DCP_{section}_HELLO_TIMEOUT_S", "2.5")
+    monkeypatch.setenv(f"DCP_{section}_INSECURE", "1")
+    assert main([command, "--print-config", "--listen", "127.0.0.1:7999", "--log-level", "debug"]) == 0
+    printed = capsys.readouterr().out
+    assert f'hello_timeout_s = 2.5  # DCP_{section}_HELLO_TIMEOUT_S' in printed
+    assert 'listen = "127.0.0.1:7999"  # flag' in printed and "max_connections_per_name = 16  # default" in printed
+    for name, field in config_class.__dataclass_fields__.items():
+        assert field.metadata.get("key", name) in printed
+    path = tmp_path / "printed.toml"
+    path.write_text(printed)
+    monkeypatch.delenv(f"DCP_{section}_HELLO_TIMEOUT_S")
+    monkeypatch.delenv(f"DCP_{section}_INSECURE")
+    expected = config_class.from_sources(None, {"listen": "127.0.0.1:7999", "log_level": "debug"}, {
+        f"DCP_{section}_HELLO_TIMEOUT_S": "2.5", f"DCP_{section}_INSECURE": "1"})
+    assert config_class.from_sources(path) == expected  # what it prints is a config file that gives the same settings
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -225,7 +225,7 @@ def _client_version(target: str) -> tuple[bool, str]:
             return True, f"{dist_name} {version(dist_name)}"
         except Exception:
             return True, name
-    return False, f"the Python client is not installed ({'; '.join(errors)}); pip install 'dcp[bench]'"
+    return False, f"the Python client is not installed ({'; '.join(errors)}); pip install 'dcp-dataplane[bench]'"
 
 
 def _server_version(target: str, sock: socket.socket) -> tuple[str, str]:

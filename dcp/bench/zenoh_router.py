@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import zenoh
     except ImportError as exc:
-        print(f"zenoh router: the zenoh client is not installed ({exc}); pip install 'dcp[bench]'", file=sys.stderr)
+        print(f"zenoh router: the zenoh client is not installed ({exc}); pip install 'dcp-dataplane[bench]'", file=sys.stderr)
         return 1
     stop = threading.Event()
 

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging.config
+import logging
 import os
 import signal
 import sys
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__, control
+from . import __version__, control, logs
 from ._loop import run
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, broker_secret, expiry, issue_token, load_secret, new_secret, write_secret
 from .config import BrokerConfig, OrchestratorConfig
@@ -37,15 +37,8 @@ R = TypeVar("R", bound=control.Reply)
 
 
 def configure_logging(level: str) -> None:
-    logging.config.dictConfig(
-        {
-            "version": 1,
-            "disable_existing_loggers": False,
-            "formatters": {"plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}},
-            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
-            "loggers": {"dcp": {"level": level.upper(), "handlers": ["stderr"], "propagate": False}},
-        }
-    )
+    """The commands that are not daemons: plain text at ``level``."""
+    logs.configure(level)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = BrokerConfig) -> None:
@@ -109,7 +102,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(config.as_toml(layers))
         return 0
-    configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format, config.log_config, daemon=getattr(config, "name", "") or args.command)
     run(_serve(args.command, config))
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from .control import SLOW_CONSUMER_POLICIES, slow_consumer_policy
 from .errors import ConfigError
+from .logs import FORMATS
 from .routing import MAX_PORTS, KeyLayout
 from .wire import DEFAULT_LIMITS, Limits
 
@@ -34,7 +35,7 @@ def _opt(help: str, **extra: Any) -> Any:
     return {"help": help, **extra}
 
 
-# Settings both daemons have, with one meaning: each class gets its own field from here.
+# Settings both daemons have, with one meaning: each class gets its own field from here (_shared).
 _ACCESS = {
     "require_token": (False, _opt(
         "admit only connections whose hello carries a valid token: agents and admins one the orchestrator issued "
@@ -70,13 +71,27 @@ _ACCESS = {
 }
 
 
-def _access(name: str) -> Any:
-    default, metadata = _ACCESS[name]
+# How both daemons log (dcp.logs).
+_LOGGING = {
+    "log_level": ("info", _opt("log level", choices=LOG_LEVELS)),
+    "log_format": ("text", _opt("log lines as plain text, or one JSON object per line (time, level, logger, message, "
+                                "daemon, fields)", choices=FORMATS)),
+    "log_config": ("", _opt("a logging.config.dictConfig as a TOML or JSON file (.json), used instead of the log "
+                            "level and format", metavar="FILE")),
+}
+
+
+def _shared(name: str) -> Any:
+    default, metadata = {**_ACCESS, **_LOGGING}[name]
     return field(default=default, metadata=metadata)
 
 
-def _check_access(config: Any) -> None:
-    """The checks of the ``_ACCESS`` settings."""
+def _check_shared(config: Any) -> None:
+    """The checks of the ``_ACCESS`` and ``_LOGGING`` settings."""
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {config.log_level!r}")
+    if config.log_format not in FORMATS:
+        raise ConfigError(f"log_format must be one of {FORMATS}, got {config.log_format!r}")
     if config.hello_timeout_s < 0:
         raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
     for name in ("max_connections", "max_connections_per_address", "max_connections_per_name"):
@@ -262,10 +277,10 @@ class BrokerConfig(_FromSources):
         metadata=_opt("how long the port of an incoming link stays reserved for its peer to come back, seconds", type=float),
     )
     shutdown_timeout_s: float = field(default=5.0, metadata=_opt("how long a shutdown waits for output to flush, seconds", type=float))
-    hello_timeout_s: float = _access("hello_timeout_s")
-    max_connections: int = _access("max_connections")
-    max_connections_per_address: int = _access("max_connections_per_address")
-    max_connections_per_name: int = _access("max_connections_per_name")
+    hello_timeout_s: float = _shared("hello_timeout_s")
+    max_connections: int = _shared("max_connections")
+    max_connections_per_address: int = _shared("max_connections_per_address")
+    max_connections_per_name: int = _shared("max_connections_per_name")
     secret_file: str = field(
         default="",
         metadata=_opt(
@@ -280,19 +295,21 @@ class BrokerConfig(_FromSources):
             "(needs --secret-file)", action="store_true",
         ),
     )
-    require_token: bool = _access("require_token")
-    insecure: bool = _access("insecure")
-    tls_cert: str = _access("tls_cert")
-    tls_key: str = _access("tls_key")
+    require_token: bool = _shared("require_token")
+    insecure: bool = _shared("insecure")
+    tls_cert: str = _shared("tls_cert")
+    tls_key: str = _shared("tls_key")
     tls_ca: str = field(
         default="",
         metadata=_opt("CA file to verify the peers and the orchestrator this broker dials; with it, it dials them over TLS"),
     )
-    log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+    log_level: str = _shared("log_level")
+    log_format: str = _shared("log_format")
+    log_config: str = _shared("log_config")
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
-        _check_access(self)
+        _check_shared(self)
         if self.verify_routes and not self.secret_file:
             raise ConfigError("verify_routes needs secret_file (the brokers' secret, which checks the tags)")
         if self.verify_routes and self.mode != "stateless":
@@ -321,8 +338,6 @@ class BrokerConfig(_FromSources):
             raise ConfigError(f"out_buffer_bytes must be at least 1024, got {self.out_buffer_bytes}")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown_timeout_s must not be negative")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         try:
             self.limits
         except ValueError as exc:
@@ -368,14 +383,14 @@ class OrchestratorConfig(_FromSources):
         default=3600.0,
         metadata=_opt("how long a signed topology number stays valid; it is re-signed when half of it is left, seconds", type=float),
     )
-    require_token: bool = _access("require_token")
-    insecure: bool = _access("insecure")
-    tls_cert: str = _access("tls_cert")
-    tls_key: str = _access("tls_key")
-    hello_timeout_s: float = _access("hello_timeout_s")
-    max_connections: int = _access("max_connections")
-    max_connections_per_address: int = _access("max_connections_per_address")
-    max_connections_per_name: int = _access("max_connections_per_name")
+    require_token: bool = _shared("require_token")
+    insecure: bool = _shared("insecure")
+    tls_cert: str = _shared("tls_cert")
+    tls_key: str = _shared("tls_key")
+    hello_timeout_s: float = _shared("hello_timeout_s")
+    max_connections: int = _shared("max_connections")
+    max_connections_per_address: int = _shared("max_connections_per_address")
+    max_connections_per_name: int = _shared("max_connections_per_name")
     max_capabilities: int = field(
         default=64, metadata=_opt("capabilities one agent may register; a register with more is refused (too_large)", type=int)
     )
@@ -385,11 +400,13 @@ class OrchestratorConfig(_FromSources):
     max_produces: int = field(
         default=1024, metadata=_opt("topics one agent may produce; a register with more is refused (too_large)", type=int)
     )
-    log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+    log_level: str = _shared("log_level")
+    log_format: str = _shared("log_format")
+    log_config: str = _shared("log_config")
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
-        _check_access(self)
+        _check_shared(self)
         if self.grace_s < 0:
             raise ConfigError("grace_s must not be negative")
         for name in ("max_capabilities", "max_consumes", "max_produces"):
@@ -397,8 +414,6 @@ class OrchestratorConfig(_FromSources):
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.route_ttl_s < 2:
             raise ConfigError(f"route_ttl_s must be at least 2 seconds, got {self.route_ttl_s}")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
     @property
     def address(self) -> tuple[str, int]:

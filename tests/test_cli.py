@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dcp import logs
 from dcp.cli import build_parser, main
 from dcp.config import BrokerConfig, OrchestratorConfig
 from dcp.errors import ConfigError
@@ -173,3 +176,75 @@ def test_link_and_unlink_commands(broker_process) -> None:
         code, log = proc.stop()
         assert code == 0, log
     assert any("link port 0 removed" in line for line in b.log)
+
+
+@pytest.fixture
+def dcp_logger() -> Iterator[logging.Logger]:
+    """The ``dcp`` logger, put back as it was after a test that configures logging."""
+    logger = logging.getLogger("dcp")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield logger
+    for handler in logger.handlers:
+        if handler not in saved[2]:
+            handler.close()
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
+
+
+def test_json_logs_are_one_object_per_line_with_the_fields_a_call_passed(
+    dcp_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("info", "json", daemon="b7")
+    log = logging.getLogger("dcp.broker")
+    log.info("attached %s", "cam", extra={"port": 3, "peer": ("127.0.0.1", 5000)})
+    log.debug("not at info")
+    try:
+        raise ValueError("bad frame")
+    except ValueError:
+        log.error("closing", exc_info=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == {"time", "level", "logger", "message", "daemon", "fields"}
+    assert (first["level"], first["logger"], first["message"], first["daemon"]) == ("INFO", "dcp.broker", "attached cam", "b7")
+    assert first["fields"] == {"port": 3, "peer": ["127.0.0.1", 5000]}
+    assert first["time"].endswith("Z") and first["time"][10] == "T"
+    assert second["level"] == "ERROR" and "ValueError: bad frame" in second["exc"]
+
+
+def test_a_log_config_file_replaces_level_and_format(dcp_logger: logging.Logger, tmp_path: Path) -> None:
+    target = tmp_path / "dcp.log"
+    config = tmp_path / "logging.toml"
+    config.write_text(
+        f'[handlers.file]\nclass = "logging.FileHandler"\nfilename = "{target}"\n'
+        '[loggers.dcp]\nlevel = "DEBUG"\nhandlers = ["file"]\npropagate = false\n'
+    )
+    logs.configure("error", "json", str(config))
+    logging.getLogger("dcp.x").debug("to the file, at debug")
+    for handler in dcp_logger.handlers:
+        handler.flush()
+    assert target.read_text() == "to the file, at debug\n"
+    for text, message in (("handlers = 3\n", "cannot be applied"), ("[x\n", "is not valid TOML")):
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            logs.configure(config_file=str(config))
+    with pytest.raises(ConfigError, match="cannot read the log config"):
+        logs.configure(config_file=str(tmp_path / "missing.toml"))
+
+
+def test_a_broker_process_logs_json_lines(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcp", "broker", "--insecure", "--listen", "127.0.0.1:0", "--name", "b7", "--log-format", "json"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            record = json.loads(line)  # every line: the process logs nothing else
+            assert record["daemon"] == "b7"
+            if record["message"].startswith("dcp broker listening on"):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -49,14 +49,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Brok
         help_text = meta.pop("help")
         key = meta.pop("key", field.name)
         flag = meta.pop("flag", "--" + key.replace("_", "-"))
-        default = field.default if field.default not in (None, ()) else "none" if field.default == () else "see help"
-        parser.add_argument(
-            flag,
-            dest=field.name,
-            default=argparse.SUPPRESS,
-            help=f"{help_text} (default: {default})",
-            **meta,
-        )
+        # a default worth saying: not an empty string or list, nor None (the help says what happens then)
+        shown = "" if field.default in (None, "", ()) else f" (default: {field.default})"
+        parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=help_text + shown, **meta)
 
 
 def _config_layers(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:

@@ -328,6 +328,8 @@ class Connection:
             else:  # a certificate that does not verify says why
                 hint = getattr(exc, "verify_message", None) or exc.reason
             raise ConnectionClosed(f"TLS with {host}:{port} failed: {hint or exc}") from None
+        except OSError as exc:  # the same error (ConnectionRefusedError ...), saying where: "Connection refused" alone does not
+            raise type(exc)(exc.errno, f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         self._transport = transport
         self._writer = CoalescedWriter(transport)
         self._protocol = protocol

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import dcp
 from dcp import logs
 from dcp.cli import build_parser, main
 from dcp.config import BrokerConfig, OrchestratorConfig
@@ -248,3 +250,28 @@ def test_a_broker_process_logs_json_lines(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("command", ["broker", "orchestrator"])
+def test_help_says_only_defaults_worth_saying(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: )" not in text and "see help" not in text and "(default: None)" not in text
+    assert "(default: info)" in text  # the log level
+
+
+def test_a_command_that_cannot_connect_names_the_address(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["stats", f"127.0.0.1:{port}"]) == 1
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in capsys.readouterr().err
+    with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1:{port}"):  # still the error an application catches
+        asyncio.run(_dial(port))
+
+
+async def _dial(port: int) -> None:
+    await dcp.connect(f"dcp://127.0.0.1:{port}", reconnect=False)

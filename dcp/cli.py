@@ -1,4 +1,4 @@
-"""The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``stats``,
+"""The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``status``, ``stats``,
 ``link``, ``unlink``, ``token``, ``secret``, ``cluster``, ``bench``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
@@ -25,8 +25,8 @@ from . import __version__, control, logs
 from ._loop import run
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, broker_secret, expiry, issue_token, load_secret, new_secret, write_secret
 from .config import BrokerConfig, OrchestratorConfig
-from .errors import ConfigError, DcpError
-from .views import format_pipelines, format_stats, stats_as_json
+from .errors import ConfigError, DcpError, RemoteError
+from .views import format_pipelines, format_stats, format_status, stats_as_json
 
 if TYPE_CHECKING:
     from ._serving import Serving
@@ -196,6 +196,28 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The orchestrator's view: brokers and their links, agents, pipelines and streams."""
+    status, pipelines = run(_status(args))
+    if args.json:
+        print(json.dumps({**status, "pipelines": pipelines}, indent=2))
+    else:
+        print(format_status(status, pipelines))
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async with _admin(args, args.orchestrator) as conn:
+        try:
+            status = (await conn.call(control.Status(summary=args.summary or None))).status
+        except RemoteError as exc:
+            if exc.code != "too_large":
+                raise
+            print("dcp status: the full status does not fit a control frame; counts only", file=sys.stderr)
+            status = (await conn.call(control.Status(summary=True))).status
+        return status, (await conn.call(control.Pipelines())).pipelines
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a token: issued by the orchestrator, or here with ``--secret-file``."""
     try:
@@ -322,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     pipelines.add_argument("--json", action="store_true", help="print JSON")
     _add_dial_flags(pipelines)
     pipelines.set_defaults(func=cmd_pipelines)
+
+    status = commands.add_parser(
+        "status", help="the orchestrator's view: brokers and links, agents, pipelines, streams",
+        description="Print the orchestrator's view of the data plane: brokers and their links, agents, pipelines and streams.",
+    )
+    status.add_argument("--orchestrator", **do_url)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--summary", action="store_true", help="counts of agents and streams instead of their lists")
+    _add_dial_flags(status)
+    status.set_defaults(func=cmd_status)
 
     token = commands.add_parser(
         "token", help="issue a token for an agent or an admin",

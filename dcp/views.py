@@ -64,3 +64,39 @@ def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
                     f"{row.get('in', 0):>8} {row.get('out', 0):>8} {row.get('dropped', 0):>8}"
                 )
     return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any], pipelines: list[dict[str, Any]]) -> str:
+    """The orchestrator's ``status`` and ``pipelines`` views as the text ``dcp status`` prints."""
+    brokers = status["brokers"]
+    lines = [f"brokers: {len(brokers)} ({sum(b['online'] for b in brokers)} online)"]
+    for broker in brokers:
+        links = broker["links"]
+        up = sum(1 for link in links if link.get("state") == "up")
+        lines.append(
+            f"  {broker['name']:<16} {broker['address'] or '?':<22} {'online' if broker['online'] else 'offline':<8} "
+            f"links {up}/{len(links)} up"
+        )
+    agents, streams = status["agents"], status["streams"]
+    if isinstance(agents, int):  # a summary: counts only
+        lines.append(f"agents: {agents}")
+    else:
+        lines.append(f"agents: {len(agents)} ({sum(a['online'] for a in agents)} online)")
+        for agent in agents:
+            where = f"{agent['broker']}:{agent['port']}" if agent["online"] else "offline"
+            lines.append(f"  {agent['name']:<24} {where:<22} produces {len(agent['produces'])}, consumes {len(agent['consumes'])}")
+    lines.append(f"pipelines: {len(pipelines)}" + (f" ({', '.join(p['name'] for p in pipelines)})" if pipelines else ""))
+    if isinstance(streams, int):
+        lines.append(f"streams: {streams}")
+    else:
+        lines.append(f"streams: {len(streams)}")
+        for stream in streams:
+            refused = f", refused {stream['refused']}" if stream.get("refused") else ""
+            lines.append(
+                f"  {stream['producer']}/{stream['topic']:<24} epoch {stream['epoch']}, {len(stream['consumers'])} consumer(s), "
+                f"X {stream['x_bytes']} bytes{refused}"
+            )
+    connections = status["connections"]
+    lines.append(f"connections: {connections['open']} open, {connections['refused']} refused")
+    return "\n".join(lines)
+

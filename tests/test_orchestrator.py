@@ -6,8 +6,11 @@ Brokers and the orchestrator are real servers on OS-chosen loopback ports; agent
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -710,3 +713,35 @@ def test_a_status_too_large_for_a_frame_is_refused_and_its_summary_is_not(tmp_pa
         assert (summary["agents"], summary["streams"], summary["planning"]["pending"] >= 0) == (3000, 0, True)
     finally:
         do.store.close()
+
+
+async def _dcp_status(plane: Plane, *flags: str) -> str:
+    """What ``dcp status`` prints about ``plane``, run as a process (this loop keeps serving)."""
+    assert plane.do is not None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dcp", "status", "--orchestrator", "%s:%d" % plane.do.address, *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_dcp_status_shows_brokers_links_agents_pipelines_and_streams(plane: Plane) -> None:
+    await plane.start_brokers(2)
+    producer, consumer, _ = await plane.pair("t", producer_at=0, consumer_at=1)
+    await consumer.start()
+    await producer.start()
+    await producer.wait_route("t", consumers=1)
+    status = json.loads(await _dcp_status(plane, "--json"))
+    assert sorted((b["name"], b["online"], [link["state"] for link in b["links"]]) for b in status["brokers"]) == [
+        ("b0", True, ["up"]), ("b1", True, ["up"]),
+    ]
+    assert sorted((a["name"], a["online"], a["broker"]) for a in status["agents"]) == [("consumer", True, "b1"), ("producer", True, "b0")]
+    assert [(s["producer"], s["topic"], len(s["consumers"])) for s in status["streams"]] == [("producer", "t", 1)]
+    assert status["pipelines"] == []
+    text = await _dcp_status(plane)
+    for expected in ("brokers: 2 (2 online)", "links 1/1 up", "agents: 2 (2 online)", "pipelines: 0", "streams: 1", "producer/t"):
+        assert expected in text, text
+    summary = json.loads(await _dcp_status(plane, "--json", "--summary"))
+    assert (summary["agents"], summary["streams"]) == (2, 1)

@@ -26,6 +26,7 @@ from ._loop import run
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, broker_secret, expiry, issue_token, load_secret, new_secret, write_secret
 from .config import BrokerConfig, OrchestratorConfig
 from .errors import ConfigError, DcpError, RemoteError
+from .systemd import Notifier
 from .views import format_pipelines, format_stats, format_status, stats_as_json
 
 if TYPE_CHECKING:
@@ -86,7 +87,15 @@ async def _serve(daemon: str, config: Any) -> None:
         server = Orchestrator(config)
     stop = asyncio.Event()
     _install_shutdown_signals(stop)
-    await server.serve_forever(stop.wait)
+    notifier = Notifier.from_environ()
+    await server.start()
+    notifier.ready("dcp %s listening on %s:%d" % (daemon, *server.address))
+
+    async def stopped() -> None:
+        await stop.wait()
+        notifier.stopping()
+
+    await server.serve_forever(stopped)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

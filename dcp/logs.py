@@ -12,11 +12,11 @@ import json
 import logging
 import logging.config
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .patterns import read_document
 
 __all__ = ["FORMATS", "JsonFormatter", "configure"]
 
@@ -74,14 +74,8 @@ def configure(level: str = "info", fmt: str = "text", config_file: str = "", dae
 
 def _read_dict_config(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the log config {path}: {exc.strerror}") from None
-    try:
-        config = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"the log config {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"the log config {path} must be a table (a logging.config.dictConfig)")
+        config = read_document(path)
+    except ConfigError as exc:
+        raise ConfigError(f"the log config: {exc}") from None
     config.setdefault("version", 1)
     return config

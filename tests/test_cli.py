@@ -231,7 +231,7 @@ def test_a_log_config_file_replaces_level_and_format(dcp_logger: logging.Logger,
         config.write_text(text)
         with pytest.raises(ConfigError, match=message):
             logs.configure(config_file=str(config))
-    with pytest.raises(ConfigError, match="cannot read the log config"):
+    with pytest.raises(ConfigError, match="the log config: cannot read"):
         logs.configure(config_file=str(tmp_path / "missing.toml"))
 
 

@@ -37,11 +37,6 @@ __all__ = ["main"]
 R = TypeVar("R", bound=control.Reply)
 
 
-def configure_logging(level: str) -> None:
-    """The commands that are not daemons: plain text at ``level``."""
-    logs.configure(level)
-
-
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = BrokerConfig) -> None:
     """One flag per config field; only flags given override the config file."""
     parser.set_defaults(config_class=config_class)
@@ -150,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.count < 0 or args.interval < 0:
         print("dcp demo: --count and --interval must not be negative", file=sys.stderr)
         return 2
-    configure_logging(args.log_level)
+    logs.configure(args.log_level)
     return run(run_demo(count=args.count, interval_s=args.interval))
 
 
@@ -286,7 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from .cluster import ClusterSpec, run_cluster
 
-    configure_logging(args.log_level)
+    logs.configure(args.log_level)
     spec = ClusterSpec.from_file(args.overlay) if args.overlay else ClusterSpec.shape(args.topology, args.n)
     broker_args = [*args.broker_args[1:]] if args.broker_args[:1] == ["--"] else list(args.broker_args)
 

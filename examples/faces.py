@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dcp._loop import run
-from dcp.cli import configure_logging
+from dcp.logs import configure as configure_logging
 from dcp.demo import run_faces
 from dcp.spec import load_spec
 

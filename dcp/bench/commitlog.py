@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import logs
 from ..broker import Broker, BrokerConnection
 from ..config import BrokerConfig
 
@@ -203,15 +204,6 @@ class CommitLogBroker(Broker):
         return f"{super().summary()}; commit log: {cl.offset} bytes in {cl.writes} writes, {cl.syncs} syncs"
 
 
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger("dcp")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
 _OWN_FLAGS = ("mode", "peers", "orchestrator")  # fixed here: stateful, no links, no orchestrator
 
 
@@ -263,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = BrokerConfig.from_sources(None, overrides)
         queue = CommitLogBroker(config, log_dir=args.log_dir, segment_bytes=args.segment_bytes, fsync_interval_ms=args.fsync_interval_ms)
+        logs.configure(config.log_level, config.log_format, config.log_config, daemon=config.name or "dcp-commitlog")
     except (ConfigError, ValueError, OSError) as exc:
         print(f"dcp-commitlog: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(config.log_level)
     run(_serve(queue))
     return 0
 

@@ -93,16 +93,21 @@ class CoalescedWriter:
         ``size`` bytes, unjoined: a payload up to ``copy_limit`` bytes is copied into the
         buffer (small frames share one write); a larger one is handed to the transport
         as it is, behind what is queued, in one ``writelines`` (one system call, no copy
-        here)."""
+        here).  ``payload`` is bytes, a flat byte view, or a tuple of them
+        (:func:`dcp.wire.uncopied`)."""
         buf = self._buf
         buf += head
         buf += tail
         if size > copy_limit:
             self._buf = bytearray()
             if not self._transport.is_closing():
-                self._transport.writelines((buf, payload))
+                self._transport.writelines((buf, *payload) if type(payload) is tuple else (buf, payload))
             return
-        buf += payload
+        if type(payload) is tuple:
+            for part in payload:
+                buf += part
+        else:
+            buf += payload
         self._queued()
 
     def _queued(self) -> None:

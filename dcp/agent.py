@@ -6,9 +6,11 @@ then only handles frames: the orchestrator pushes it the topology number of ever
 topic it publishes, and assigns it pipeline elements (a source, a stage or a sink
 running one of its capabilities).  It re-registers by itself after any reconnect,
 to the same broker or to the next one of its list, and gets its routes and elements
-back with no user code.
+back with no user code.  A broker that says it is going away (a shutdown, a rolling
+restart) is left at once for the next one of the list, without redialling it (an
+agent with one broker redials it with the backoff until it is back).
 
-::
+.. code-block:: python
 
     agent = dcp.DataAgent("face-detector", broker="dcp://127.0.0.1:7400")
 
@@ -23,9 +25,12 @@ back with no user code.
     await agent.run()
 
 Handlers run one at a time in arrival order; a handler returns a payload, a list of
-payloads or None.  A source starts once its topic has a route (someone consumes it).  Received frames wait in a bounded buffer whose overflow policy is
-declared (``pause``: back-pressure to the broker; ``drop-newest``/``drop-oldest``:
-counted drops).  Upstream of that, the broker applies its own slow-consumer policy
+payloads or None.  A source starts once its topic has a route (someone consumes it).
+What a handler or a source raises is counted as an error of its element, and the last
+one (one line) goes to the orchestrator with the counters, for ``dcp pipelines``; so
+does a capability of the wrong form for the element it is assigned, which is not run.
+Received frames wait in a bounded buffer whose overflow policy is declared (``pause``:
+back-pressure to the broker; ``drop-newest``/``drop-oldest``: counted drops).  Upstream of that, the broker applies its own slow-consumer policy
 to the agent's port (``slow_consumer=``, or a spec element's ``slow_consumer``
 param: ``drop-newest``, ``drop-oldest`` or ``pause``).  Publishing a topic with no
 route yet (nobody consumes it) sends nothing and is counted as ``unrouted``.
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -55,10 +61,15 @@ from typing import Any
 from ._guard import safe
 from .backoff import Backoff
 from .client import OVERFLOW_POLICIES, Connection, Message, parse_url, refused
-from .control import Assign, Register, Report, Route, Unassign, slow_consumer_policy
+from .wire import Payload
+from .control import ERROR_TEXT_LIMIT, Assign, Register, Report, Route, Unassign, slow_consumer_policy
 from .control import Message as ControlMessage
-from .errors import ConfigError, ConnectionClosed, DcpError, RemoteError
+from .errors import ConfigError, ConnectionClosed, DcpError, DcpTimeout, ProtocolError, RemoteError
 from .patterns import topic_matches, validate_pattern, validate_topic
+from .shares import (
+    REPLIES, REPLY_ERROR, REPLY_OK, REQUESTS, Choices, Group, RequestEnvelope, pack_reply, pack_request, request_topic,
+    unpack_reply, unpack_request,
+)
 
 __all__ = ["DataAgent", "Element"]
 
@@ -68,7 +79,54 @@ DEFAULT_ORCHESTRATOR = "dcp://127.0.0.1:7300"
 #: Counters that have not changed are reported this often anyway: the orchestrator holds
 #: an agent's name for a connection heard from within 5 s (its ``SILENT_S``).
 REPORT_KEEPALIVE_S = 4.0
+#: How long ``stop()`` waits for the broker connection to write out what was published.
+DRAIN_TIMEOUT_S = 5.0
 Handler = Callable[..., Awaitable[Any]]
+#: The two forms of a capability's handler, by the kinds of element they run.
+FORMS = {
+    "source": "a source is an async generator `async def f(params)` that yields the payloads to publish",
+    "stage": "a stage or a sink is `async def f(msg, params)`, which returns what to publish (None: nothing)",
+}
+
+
+def _form(handler: Handler) -> str | None:
+    """``source`` or ``stage`` (a stage or a sink): what ``handler`` can run, by its form;
+    None: a form this cannot tell (a callable object), left to fail when called."""
+    if inspect.isasyncgenfunction(handler):
+        return "source"
+    if inspect.iscoroutinefunction(handler):
+        return "stage"
+    return None
+
+
+def _called(handler: Handler) -> str:
+    """``name(arg, ...)``: how a handler is named in an error."""
+    return f"{getattr(handler, '__name__', type(handler).__name__)}({', '.join(inspect.signature(handler).parameters)})"
+
+
+def _check_capability(name: str, handler: Handler) -> None:
+    """Raises ConfigError, saying both forms, if ``handler`` does not take the arguments of
+    its form.  A handler of the wrong form for its element (``async def camera(msg, params)``
+    run as a source) is told only when assigned (:func:`_misfit`): any kind may use a capability."""
+    form = _form(handler)
+    if form is None:
+        return
+    try:
+        inspect.signature(handler).bind(*[None] * (1 if form == "source" else 2))
+    except TypeError:
+        raise ConfigError(f"capability {name!r}: {_called(handler)} takes the wrong arguments: {FORMS['source']}; {FORMS['stage']}") from None
+
+
+def _misfit(handler: Handler, kind: str) -> str:
+    """Why ``handler`` cannot run an element of ``kind`` ("" if it can, or if its form cannot be told)."""
+    form, wanted = _form(handler), "source" if kind == "source" else "stage"
+    if form is None or form == wanted:
+        return ""
+    return f"{_called(handler)} cannot run a {kind}: {FORMS[wanted]}"
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check_tls(brokers: Sequence[str], orchestrator: str) -> None:
@@ -103,10 +161,17 @@ class Element:
     received: int = 0
     emitted: int = 0
     errors: int = 0
+    last_error: str = ""  # what the last error said, for dcp pipelines
+    runnable: bool = True  # False: its handler has the wrong form for its kind (last_error says the right one)
     latency_s: float = 0.0  # sum of publish-to-handle delays, for the mean
     latency_max_s: float = 0.0
     pending: list[Message] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+
+    def failed(self, why: str) -> None:
+        """Count an error, and keep what it said (one line, cut to fit a report) for ``dcp pipelines``."""
+        self.errors += 1
+        self.last_error = why[:ERROR_TEXT_LIMIT]
 
     def counters(self) -> dict[str, Any]:
         mean = self.latency_s / self.received if self.received else 0.0
@@ -132,9 +197,12 @@ class DataAgent:
         slow_consumer: str | None = None,
         token: str | Callable[[], str | None] | None = None,
         tls_ca: str | None = None,
+        max_requests: int = 1000,
     ) -> None:
         if not name:
             raise ConfigError("a data agent needs a name")
+        if max_requests < 1:
+            raise ConfigError("max_requests must be at least 1")
         self.name = name
         self.brokers = [broker] if isinstance(broker, str) else list(broker)
         if not self.brokers:
@@ -161,6 +229,21 @@ class DataAgent:
         self.route_tags: dict[str, bytes] = {}  # topic -> the orchestrator's tag on X, if it signs
         self.route_brokers: dict[str, int] = {}  # topic -> key of the broker X was computed for
         self.consumers: dict[str, list[str]] = {}  # topic -> who the orchestrator says gets it
+        self.refusals: dict[str, str] = {}  # topic -> why the policy refuses our publishing it
+        self.choices: dict[str, Choices] = {}  # topic -> its numbers, one per choice of share group members
+        self.variant_tags: dict[str, list[bytes]] = {}  # topic -> the tags of those numbers
+        # request topic -> (the group of responders, and per member the way back: X, broker key, tag)
+        self.reply_routes: dict[str, tuple[int, list[tuple[int, int, bytes | None]]]] = {}
+        #: At most this many requests wait for their reply at once; more wait for a slot.
+        self.max_requests = max_requests
+        self.requests_sent = 0
+        self.requests_served = 0  # answered here, errors included
+        self.replies_unknown = 0  # replies to no request waiting here (timed out, or not ours): dropped
+        self.replies_unroutable = 0  # requests whose way back was computed for another broker than ours: not answered
+        self.requests_malformed = 0
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}  # correlation id -> the request's reply
+        self._correlations = itertools.count(1)
+        self._request_slots: asyncio.Semaphore | None = None
         self.published = 0
         self.unrouted = 0
         self.lost = 0  # publishes that failed because the broker connection was gone
@@ -182,9 +265,14 @@ class DataAgent:
     def capability(self, name: str) -> Callable[[Handler], Handler]:
         """Offer a capability: ``async def f(msg, params)`` for stages and sinks (returns
         what to emit), or an async generator ``async def f(params)`` yielding payloads
-        for sources."""
+        for sources.
+
+        Raises:
+            ConfigError: an async function of neither form (wrong arguments).
+        """
 
         def register(handler: Handler) -> Handler:
+            _check_capability(name, handler)
             self.capabilities[name] = handler
             return handler
 
@@ -251,6 +339,23 @@ class DataAgent:
         if self.orchestrator is not None and self.orchestrator.status.value == "open":
             await self._register(self.orchestrator)
 
+    async def set_consumes(self, handler: Handler, patterns: Sequence[str]) -> None:
+        """Replace at run time the patterns the declared sink or stage ``handler`` consumes
+        (a gateway's subscriptions come and go); the orchestrator is told at once, or at the
+        next registration while it is unreachable.
+
+        Raises:
+            ConfigError: ``handler`` is not declared here, or a pattern is not one.
+        """
+        element = self._declared.get(f"process:{getattr(handler, '__name__', '')}")
+        if element is None:
+            raise ConfigError(f"{handler!r} is not a handler declared with process() or consume()")
+        for pattern in patterns:
+            validate_pattern(pattern)
+        element.consumes = tuple(patterns)
+        if self.orchestrator is not None and self.orchestrator.status.value == "open":
+            await self._register(self.orchestrator)
+
     def _declare(self, element: Element) -> None:
         if self._running:
             raise ConfigError("declare handlers before the agent starts")
@@ -274,18 +379,33 @@ class DataAgent:
         """Attach and register; returns once registered.
 
         Raises:
-            TimeoutError: not registered after ``timeout`` s.
+            DcpTimeout: (a TimeoutError) not attached to a broker within ``timeout`` s, or
+                not registered with the orchestrator within ``timeout`` s more; it says
+                which, and the addresses.
             RemoteError: a broker or the orchestrator refused the token (``token_expired`` ...).
         """
+
+        async def within(step: Awaitable[None], missed: str, context: str) -> None:
+            try:
+                await asyncio.wait_for(step, timeout)
+            except asyncio.TimeoutError:
+                raise DcpTimeout(f"data agent {self.name!r}: {missed} within {timeout} s ({context})") from None
+
         self._running = True
         try:
             self._spawn(self._broker_loop())
-            await asyncio.wait_for(self._attachment(), timeout)
+            await within(
+                self._attachment(), "not attached to a broker", f"dialling {', '.join(self.brokers)}; the log says why each try failed",
+            )
+            attached = self.broker.url if self.broker is not None else "none: stopped"
             self.orchestrator = self._connection(
                 self.orchestrator_url, role="agent", on_open=self._register, on_push=self._on_push,
                 reconnect=Backoff(initial_s=0.05, max_s=1.0),
             )
-            await asyncio.wait_for(self.orchestrator.open(retry=True), timeout)
+            await within(
+                self.orchestrator.open(retry=True), f"not registered with the orchestrator at {self.orchestrator_url}",
+                f"attached to the broker at {attached}",
+            )
         except BaseException:
             await self.stop()
             raise
@@ -307,17 +427,25 @@ class DataAgent:
             raise self.failure
 
     async def stop(self) -> None:
-        """Stop sources and handlers, flush what is published, close both connections."""
+        """Stop sources and handlers, hand the broker what is published (``drain()``, for
+        at most :data:`DRAIN_TIMEOUT_S`), close both connections."""
         if not self._running:
             return
         self._running = False
+        for waiting in self._waiting.values():  # their replies could only reach a port we give up
+            if not waiting.done():
+                waiting.set_exception(ConnectionClosed(f"{self.name} stopped before the reply came"))
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for conn in (self.orchestrator, self.broker):
-            if conn is not None:
-                await conn.close()
+        if self.orchestrator is not None:
+            await self.orchestrator.close()
+        if self.broker is not None:
+            try:
+                await self.broker.drain(DRAIN_TIMEOUT_S)
+            except DcpError as exc:  # timed out or lost: the rest of what was published is lost
+                log.warning("%s: %s", safe(self.name), safe(exc))
         self._stopped.set()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -349,15 +477,17 @@ class DataAgent:
             raise self.failure
 
     async def _broker_loop(self) -> None:
-        """Stay attached: reconnect to the same broker, or move on to the next one."""
+        """Stay attached: reconnect to the same broker, or move on to the next one; at
+        once when it says it is going away (``failover``: it is not redialled, and the
+        frames it did not take are dropped, their numbers being for its ports)."""
         single = len(self.brokers) == 1
         index = 0
         while self._running:
             url = self.brokers[index % len(self.brokers)]
             index += 1
             backoff = Backoff(initial_s=0.05, max_s=1.0, max_attempts=None if single else self.failover_attempts)
-            conn = self._connection(url, reconnect=backoff, max_pending=self.buffer, overflow=self.overflow,
-                                    slow_consumer=self.slow_consumer, on_open=self._attached_again)
+            conn = self._connection(url, reconnect=backoff, failover=True, max_pending=self.buffer, overflow=self.overflow,
+                                    slow_consumer=self.slow_consumer, on_open=self._attached_again, intercept=self._take_reply)
             try:
                 await conn.open(retry=True)
             except (DcpError, OSError) as exc:
@@ -372,10 +502,10 @@ class DataAgent:
             try:
                 async for msg in conn.messages():
                     await self._dispatch(msg)
-            except ConnectionClosed:
-                log.warning("%s: lost broker %s for good; trying the next one", safe(self.name), url)
-            finally:
-                await conn.close()
+            except ConnectionClosed as exc:
+                level = logging.INFO if conn.went_away else logging.WARNING  # a restart or a shutdown is no fault
+                log.log(level, "%s: lost broker %s for good (%s); trying the next one", safe(self.name), url, safe(exc.__cause__ or exc))
+            await conn.close()  # closed already, but by the broker; stop() drains the one in use instead
 
     async def _set_slow_consumer(self, policy: str, element: str) -> None:
         """An element's spec asks the broker for this policy on our port (kept for reconnects)."""
@@ -443,10 +573,43 @@ class DataAgent:
         else:
             self.route_brokers.pop(topic, None)
         self.consumers[topic] = list(route.consumers)
+        self._share_route(route)
         if route.refused:
+            self.refusals[topic] = route.refused
             log.warning("%s may not publish %s: %s", safe(self.name), safe(topic), safe(route.refused))
+        else:
+            self.refusals.pop(topic, None)
         self.route_changed.set()
         self.route_changed = asyncio.Event()
+
+    def _share_route(self, route: Route) -> None:
+        """The share groups of a route: its numbers, one per choice of members, and for a
+        request stream each member's way back.  An inconsistent one is logged and the
+        topic routes by ``x`` alone (every member gets every frame: nothing is lost)."""
+        topic = route.topic
+        self.choices.pop(topic, None)
+        self.variant_tags.pop(topic, None)
+        self.reply_routes.pop(topic, None)
+        if not route.shares or not route.variants:
+            return
+        try:
+            choices = Choices([Group(share.group, share.mode, tuple(share.members)) for share in route.shares], route.variants)
+            if route.variant_tags is not None and len(route.variant_tags) != len(route.variants):
+                raise ValueError(f"{len(route.variant_tags)} tags for {len(route.variants)} numbers")
+            for index, share in enumerate(route.shares):
+                if share.replies is None:
+                    continue
+                keys, tags = share.reply_keys or [], share.reply_tags
+                if len(share.replies) != len(share.members) or len(keys) != len(share.members) or (tags is not None and len(tags) != len(share.members)):
+                    raise ValueError(f"share group {share.group}: the ways back do not match its {len(share.members)} members")
+                self.reply_routes[topic] = (index, [(x, key, tags[i] if tags else None) for i, (x, key) in enumerate(zip(share.replies, keys))])
+        except ValueError as exc:
+            log.warning("%s: a route for %s with inconsistent share groups (%s); it goes to every member", safe(self.name), safe(topic), safe(exc))
+            self.reply_routes.pop(topic, None)
+            return
+        self.choices[topic] = choices
+        if route.variant_tags is not None:
+            self.variant_tags[topic] = route.variant_tags
 
     def _assign(self, assign: Assign) -> None:
         key = assign.key
@@ -456,19 +619,25 @@ class DataAgent:
         emits = assign.emits
         params = dict(assign.params)
         element = Element(key, assign.kind, tuple(assign.consumes), emits, handler, params=params)
+        misfit = _misfit(handler, assign.kind)
+        if misfit:  # kept, not run: dcp pipelines shows the error and the right form
+            element.runnable = False
+            element.failed(misfit)
+            log.error("%s: %s (capability %s) %s", safe(self.name), safe(key), safe(assign.capability), misfit)
         if element.kind != "source":  # spec params may batch or window it, like the decorators' arguments
             try:
                 element.batch = max(int(params.get("batch", 1)), 1)
                 element.batch_timeout_s = float(params.get("batch_timeout_s", element.batch_timeout_s))
                 element.window_s = float(params["window_s"]) if "window_s" in params else None
-            except (TypeError, ValueError):
+            except (TypeError, ValueError) as exc:
+                element.failed(f"bad batch/window params: {_error_text(exc)}")
                 log.error("%s: bad batch/window params for %s: %s", safe(self.name), safe(key), safe(repr(params), 512))
             if "slow_consumer" in params:
                 self._spawn(self._set_slow_consumer(str(params["slow_consumer"]), key))
         self.elements[key] = element
         if emits:
             self.produces.add(emits)
-        if element.kind == "source":
+        if element.kind == "source" and element.runnable:
             element.task = self._spawn(self._run_source(element))
         log.info("%s runs %s (%s)", safe(self.name), safe(key), safe(assign.capability))
 
@@ -476,8 +645,11 @@ class DataAgent:
 
     async def _dispatch(self, msg: Message) -> None:
         topic = msg.topic
+        if topic.startswith(REQUESTS):
+            await self._answer(msg)
+            return
         for element in list(self.elements.values()):
-            if element.kind == "source" or not any(topic_matches(p, topic) for p in element.consumes):
+            if element.kind == "source" or not element.runnable or not any(topic_matches(p, topic) for p in element.consumes):
                 continue
             element.received += 1
             delay = max(time.time_ns() - msg.timestamp_ns, 0) / 1e9
@@ -509,8 +681,8 @@ class DataAgent:
     async def _call(self, element: Element, arg: Any) -> None:
         try:
             result = await (element.handler(arg, element.params) if element.params is not None else element.handler(arg))
-        except Exception:
-            element.errors += 1
+        except Exception as exc:
+            element.failed(_error_text(exc))
             log.exception("%s: handler of %s failed", safe(self.name), safe(element.key))
             return
         await self._emit(element, result)
@@ -538,33 +710,172 @@ class DataAgent:
                     await asyncio.sleep(element.window_s or 0)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            element.errors += 1
+        except Exception as exc:
+            element.failed(f"the source stopped: {_error_text(exc)}")
             log.exception("%s: source %s failed", safe(self.name), safe(element.key))
 
     # -- publishing and reporting ----------------------------------------------------------
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
+    async def publish(self, topic: str, payload: Payload, *, key: bytes | str | None = None) -> bool:
         """Publish ``payload`` on ``topic`` with the number the orchestrator gave; False
-        (and counted) when the topic has no route or the broker connection is gone."""
+        (and counted) when the topic has no route or the broker connection is gone.
+        ``payload`` is any buffer, a numpy array included, or a tuple of buffers
+        (:meth:`dcp.Connection.publish`), not copied here.
+
+        Where replicas share the topic (a consuming element with ``replicas`` > 1), the
+        frame goes to one of them: in turn, or, for an element with ``share = "key"``,
+        the one ``key`` maps to (the same key, the same replica, while they stay).
+        """
+        return await self._publish(topic, payload, key) is not None
+
+    async def _publish(self, topic: str, payload: Payload, key: bytes | str | None) -> int | None:
+        """:meth:`publish`; the index of the number used (0 without share groups), or None."""
         route = self.routes.get(topic)
         if route is None or not route[1]:
             self.unrouted += 1
-            return False
+            return None
         broker = self.broker
         if broker is None:
             self.lost += 1
-            return False
+            return None
         if self.route_brokers.get(topic, broker.broker_key) != broker.broker_key:
             self.unrouted += 1  # X was computed for the broker we left: wait for the new one
-            return False
+            return None
+        choices = self.choices.get(topic)
+        if choices is None:
+            index, x, tag = 0, route[1], self.route_tags.get(topic)
+        else:
+            index = choices.pick(key.encode() if isinstance(key, str) else key)
+            tags = self.variant_tags.get(topic)
+            x, tag = choices.variants[index], tags[index] if tags else None
         try:
-            await broker.publish(topic, payload, route=route[1], tag=self.route_tags.get(topic))
+            await broker.publish(topic, payload, route=x, tag=tag)
         except ConnectionClosed:
             self.lost += 1
-            return False
+            return None
         self.published += 1
+        return index
+
+    # -- requests and replies --------------------------------------------------------------
+
+    async def request(self, capability: str, payload: bytes | bytearray | memoryview, *, timeout: float = 5.0) -> bytes:
+        """Ask one agent offering ``capability`` (in turn, when several do) and return its
+        reply: what its handler ``async def f(msg, params)`` returns (params ``{}``).
+
+        The orchestrator routes the request and the way back, across brokers; at most
+        ``max_requests`` wait at once (more wait for a slot, within ``timeout``).
+
+        Raises:
+            RemoteError: ``no_responder``: no agent offers the capability (at once, once
+                the orchestrator has said so); ``request_refused``: the policy refuses it;
+                ``request_failed``: the handler raised (its message).
+            DcpTimeout: no reply within ``timeout`` seconds (a TimeoutError).
+            ConfigError: a capability name that cannot be requested.
+        """
+        topic = request_topic(capability)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._request_slots is None:
+            self._request_slots = asyncio.Semaphore(self.max_requests)
+        try:
+            await asyncio.wait_for(self._request_slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"{self.name}: {self.max_requests} requests waiting already; no slot for one to {capability!r} within {timeout} s") from None
+        try:
+            if topic not in self.routes:
+                await self.declare_produces(topic)
+                try:
+                    await asyncio.wait_for(self._until_routed(topic), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise DcpTimeout(f"{self.name}: the orchestrator at {self.orchestrator_url} gave no route for requests to {capability!r} within {timeout} s") from None
+            return await self._ask(topic, capability, payload, deadline)
+        finally:
+            self._request_slots.release()
+
+    async def _until_routed(self, topic: str) -> None:
+        while topic not in self.routes:
+            await self.route_changed.wait()
+
+    async def _ask(self, topic: str, capability: str, payload: bytes | bytearray | memoryview, deadline: float) -> bytes:
+        if topic in self.refusals:
+            raise RemoteError("request_refused", f"requests to {capability!r}: {self.refusals[topic]}")
+        ways = self.reply_routes.get(topic)
+        choices = self.choices.get(topic)
+        if not self.consumers.get(topic) or ways is None or choices is None:
+            raise RemoteError("no_responder", f"no agent offers capability {capability!r} (none that this agent may ask, and can answer it)")
+        correlation = next(self._correlations)
+        index = choices.pick(None)
+        group, members = ways
+        reply_x, reply_key, reply_tag = members[choices.groups[group].members.index(choices.member(index, group))]
+        envelope = pack_request(RequestEnvelope(correlation, reply_x, reply_key, reply_tag))
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = reply
+        try:
+            broker = self.broker
+            tags = self.variant_tags.get(topic)
+            if broker is None or self.route_brokers.get(topic, broker.broker_key) != broker.broker_key:
+                raise ConnectionClosed(f"{self.name}: not attached to the broker the route to {capability!r} is for")
+            await broker.publish(topic, envelope + bytes(payload), route=choices.variants[index], tag=tags[index] if tags else None)
+            self.requests_sent += 1
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(reply, max(0.0, remaining))
+            except asyncio.TimeoutError:
+                raise DcpTimeout(f"{self.name}: no reply from {choices.member(index, group)} to a request to {capability!r} in time") from None
+        finally:
+            self._waiting.pop(correlation, None)
+
+    async def _answer(self, msg: Message) -> None:
+        """A request for one of our capabilities: call its handler, send back what it returns."""
+        try:
+            envelope, body = unpack_request(msg.payload)
+        except ProtocolError as exc:
+            self.requests_malformed += 1
+            log.debug("%s: a malformed request on %s: %s", safe(self.name), safe(msg.topic), safe(exc))
+            return
+        capability = msg.topic[len(REQUESTS):]
+        handler = self.capabilities.get(capability)
+        status, answer = REPLY_OK, b""
+        try:
+            if handler is None:
+                raise LookupError(f"{self.name} does not offer {capability!r}")
+            result = await handler(msg._replace(payload=bytes(body)), {})
+            answer = b"" if result is None else bytes(result)
+        except Exception as exc:
+            status, answer = REPLY_ERROR, _error_text(exc)[:ERROR_TEXT_LIMIT].encode()
+            log.warning("%s: a request to %s failed: %s", safe(self.name), safe(capability), safe(_error_text(exc)))
+        self.requests_served += 1
+        broker = self.broker
+        if broker is None or broker.broker_key != envelope.reply_broker_key:
+            self.replies_unroutable += 1  # its way back was computed for a broker we are not on
+            return
+        try:
+            await broker.publish(REPLIES, pack_reply(envelope.correlation, status) + answer, route=envelope.reply_x, tag=envelope.reply_tag)
+        except ConnectionClosed:
+            self.lost += 1
+
+    def _take_reply(self, msg: Message) -> bool:
+        """A reply is taken as it is decoded, not queued: the handler awaiting it may be the
+        one the queue waits on."""
+        if msg.topic != REPLIES:
+            return False
+        self._replied(msg)
         return True
+
+    def _replied(self, msg: Message) -> None:
+        try:
+            correlation, status, body = unpack_reply(msg.payload)
+        except ProtocolError:
+            self.replies_unknown += 1
+            return
+        waiting = self._waiting.pop(correlation, None)
+        if waiting is None or waiting.done():
+            self.replies_unknown += 1  # timed out, or a reply meant for an earlier holder of our port
+            return
+        if status == REPLY_OK:
+            waiting.set_result(bytes(body))
+        else:
+            waiting.set_exception(RemoteError("request_failed", bytes(body).decode(errors="replace")))
 
     async def wait_route(self, topic: str, consumers: int = 1, timeout: float | None = 10.0) -> None:
         """Wait until ``topic`` routes to at least ``consumers`` agents (``timeout`` None: no limit)."""
@@ -579,6 +890,7 @@ class DataAgent:
         broker = self.broker
         return {
             "elements": {key: element.counters() for key, element in self.elements.items()},
+            "last_errors": {key: element.last_error for key, element in self.elements.items() if element.last_error},
             "published": self.published,
             "unrouted": self.unrouted,
             "lost": self.lost,

@@ -422,8 +422,12 @@ def admit(secret: bytes, hello: Mapping[str, Any], now: float, audiences: Collec
 
     def fits(claims: Claims) -> None:
         needed = TOKEN_ROLES.get(role) if isinstance(role, str) else None
+        if needed is None:
+            raise AuthError("token_role", f"no token admits a hello with role {role!r}")
         if claims.role != needed:
-            raise AuthError("token_role", f"a {role} connection needs a {needed} token; this one is a {claims.role} token")
+            raise AuthError(
+                "token_role", f"a hello with role {role!r} needs a token of role {needed!r}; this token's role is {claims.role!r}"
+            )
         if role != "admin" and name and claims.name != name:
             raise AuthError("token_name", f"the token was issued to {claims.name!r}, not to {name!r}")
         if claims.role == "broker" and not set(claims.audience) & set(audiences):

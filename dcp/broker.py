@@ -54,12 +54,14 @@ import msgpack
 from . import control
 from .auth import ORCHESTRATOR_AUDIENCE, RouteVerifier, admit, endpoint, issue_token, load_secret
 from .config import BrokerConfig, parse_address
+from .daemon_metrics import broker_families, broker_unready, metrics_server
 from .errors import AuthError, BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError, RoutingError
 from ._guard import safe, warn_cleartext_token
 from ._loop import no_delay, open_file_count, raise_open_file_limit
 from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
 from .backoff import Backoff
 from .link import Link
+from .metrics_http import MetricsServer
 from .routing import KeyLayout, int_to_bytes, ports_of
 from .tls import client_context, server_context
 from .forwarding import DROP_REASONS, Drop, Forwarder, Write
@@ -146,6 +148,7 @@ class Broker(Serving):
         self._closing = False
         self._closed: asyncio.Event | None = None
         self._no_connections: asyncio.Event | None = None
+        self.metrics: MetricsServer | None = None  # --metrics-listen, once started
 
     # -- life cycle ---------------------------------------------------------
 
@@ -182,6 +185,9 @@ class Broker(Serving):
             self.add_link(peer)
         if self.config.orchestrator:
             self._spawn(self._report_to_orchestrator())
+        if self.config.metrics_listen:
+            self.metrics = metrics_server(self.config.metrics_listen, "broker", lambda: broker_families(self), lambda: broker_unready(self))
+            await self.metrics.start()
 
     async def close(self) -> None:
         """Stop accepting, tell every peer we go away, flush, close; idempotent."""
@@ -208,6 +214,8 @@ class Broker(Serving):
             log.warning("%d connection(s) did not flush in time; aborting them", len(self._connections))
             for conn in list(self._connections):
                 conn.abort()
+        if self.metrics is not None:  # /readyz said "shutting down" until here
+            await self.metrics.close()
         log.info("dcp broker stopped: %s", self.summary())
         self._closed.set()
 
@@ -270,6 +278,16 @@ class Broker(Serving):
         except DcpError as exc:
             if not self._closing:
                 log.error("cannot register with the orchestrator at %s: %s", self.config.orchestrator, safe(exc))
+
+    @property
+    def registered(self) -> bool:
+        """Whether reports reach the orchestrator now (False without one)."""
+        return self._reporting()
+
+    @property
+    def connections(self) -> frozenset[BrokerConnection]:
+        """Every open connection: agents and clients, links, admins, those before their hello."""
+        return frozenset(self._connections)
 
     def _reporting(self) -> bool:
         """Registered, on a connection to the DO that is open: reports may go now.  (While
@@ -758,6 +776,11 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
     def frames_in(self) -> int:
         return self.forwarder.frames_in
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes in the transport's output buffer."""
+        return self.transport.get_write_buffer_size() if self.transport is not None and not self.closing else 0
+
     def eof_received(self) -> bool:
         drop = self.forwarder.eof()
         if drop is not None:
@@ -939,6 +962,7 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
             re=hello.id, key=broker.key, keys=broker.announced_keys, name=broker.name, mode=broker.config.mode, port=port,
             ports=broker.config.ports,
             max_frame=limits.max_frame, max_topic=limits.max_topic, max_x_bits=limits.max_x_bits, slow_consumer=self.slow_consumer,
+            verify_routes=True if broker.verifier is not None else None,
         ))
 
     def _vouched_for(self, hello: control.Hello) -> None:
@@ -1003,7 +1027,7 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
         try:
             await link.wait_up(timeout)
         except DcpError as exc:
-            self._error("link_timeout", str(exc), request_id)
+            self._error("link_refused" if isinstance(exc, LinkRefused) else "link_timeout", str(exc), request_id)
         else:
             self.send(control.Linked(re=request_id, link=link.stats()))
 
@@ -1109,7 +1133,7 @@ class BrokerConnection(GuardedConnection, asyncio.Protocol):
             "dropped": self.dropped,
             "policy": self.slow_consumer,
             "queued": self.queued_bytes,
-            "buffered": self.transport.get_write_buffer_size() if self.transport and not self.closing else 0,
+            "buffered": self.buffered_bytes,
             "paused": self.paused,
             "reading_paused": self.reading_paused,
         }

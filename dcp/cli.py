@@ -1,5 +1,5 @@
 """The ``dcp`` command: ``broker``, ``orchestrator``, ``deploy``, ``undeploy``, ``pipelines``, ``status``, ``stats``,
-``link``, ``unlink``, ``token``, ``secret``, ``cluster``, ``bench``, ``demo``.
+``link``, ``unlink``, ``token``, ``secret``, ``mqtt``, ``cluster``, ``bench``, ``demo``.
 
 ``main(argv) -> int``; argparse exits with status 2 on bad usage.  The library only
 logs; this module configures logging.
@@ -27,10 +27,11 @@ from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, broker_secret, expiry, issu
 from .config import BrokerConfig, OrchestratorConfig
 from .errors import ConfigError, DcpError, RemoteError
 from .systemd import Notifier
-from .views import format_pipelines, format_stats, format_status, stats_as_json
+from .views import format_pipelines, format_stats, format_status, format_warning, stats_as_json
 
 if TYPE_CHECKING:
     from ._serving import Serving
+    from .mqtt_gateway import Gateway
 
 __all__ = ["main"]
 
@@ -75,7 +76,11 @@ async def _serve(daemon: str, config: Any) -> None:
     if daemon == "broker":
         from .broker import Broker
 
-        server: Serving = Broker(config)
+        server: Serving | Gateway = Broker(config)
+    elif daemon == "mqtt":
+        from .mqtt_gateway import Gateway
+
+        server = Gateway(config)
     else:
         from .orchestrator import Orchestrator
 
@@ -185,6 +190,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"deployed {reply.pipeline}")
     for element, agents in reply.assignments.items():
         print(f"  {element}: {', '.join(agents) or '(waiting for an agent)'}")
+    for warning in reply.warnings or ():  # deployed all the same: a broker may register after its agents
+        print(format_warning(warning))
     return 0
 
 
@@ -262,17 +269,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"dcp bench: unknown figure or target: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    # quick numbers must never replace the committed full-profile results
-    out = Path(args.out or (tempfile.mkdtemp(prefix="dcp-bench-quick-") if args.quick else "bench/results"))
-    if args.quick:
-        print(f"quick profile, indicative only: writing to {out}", file=sys.stderr, flush=True)
+    profile = PROFILES["quick" if args.quick else "full"]
+    # without --out, a fresh folder outside the working tree: a run never replaces committed results by accident
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"dcp-bench-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}-"))
+    print(f"{profile.name} profile: writing to {out}", file=sys.stderr, flush=True)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    results = run(figures, PROFILES["quick" if args.quick else "full"], targets, progress)
+    results = run(figures, profile, targets, progress)
     for path in report.write(results, out):
         progress(f"wrote {path}")
+    if args.quick and results["targets"]:
+        print(report.QUICK_VERDICTS)
     for verdict in results["targets"]:
         print(f"{'met   ' if verdict['met'] else 'MISSED'}  {verdict['goal']}: {verdict['measured']}")
     return 0
@@ -411,11 +420,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("figures", nargs="*", metavar="FIGURE", help="latency, success, throughput, routing (default: all)")
     bench.add_argument("--quick", action="store_true", help="the short profile (about a minute; checks the outputs, indicative only)")
     bench.add_argument(
-        "--out", default=None, help="output folder (default: bench/results; with --quick, a new temporary folder, printed)"
+        "--out", default=None, help="output folder (default: a new timestamped folder in the temporary directory, printed)"
     )
     bench.add_argument("--targets", nargs="+", metavar="TARGET", help="targets to measure (default: all)")
     bench.add_argument("--no-external", action="store_true", help="leave out the external brokers")
     bench.set_defaults(func=cmd_bench)
+
+    from .mqtt_gateway import MqttConfig
+
+    mqtt = commands.add_parser(
+        "mqtt", help="run an MQTT gateway: MQTT devices publish and subscribe on the data plane",
+        description="Serve MQTT 3.1.1 and 5.0 clients until SIGINT/SIGTERM, as a data agent: what they publish goes to the "
+        "topic's dcp consumers, what they subscribe to is consumed for them (a/b/c <-> a.b.c, + <-> *, # <-> >).",
+    )
+    mqtt.add_argument(
+        "--config", metavar="FILE",
+        help="TOML file with an [mqtt] table; DCP_MQTT_<SETTING> environment variables override it, flags override both",
+    )
+    mqtt.add_argument("--print-config", action="store_true", help="print the effective settings as TOML, with where each came from, and exit")
+    _add_config_flags(mqtt, MqttConfig)
+    mqtt.set_defaults(func=cmd_daemon)
 
     cluster = commands.add_parser(
         "cluster",

@@ -1,6 +1,6 @@
 """The dcp client SDK: attach to a broker, publish, receive; reconnects by itself.
 
-::
+.. code-block:: python
 
     async with dcp.connect("dcp://127.0.0.1:7400", name="camera") as conn:
         await conn.publish("video", frame_bytes, route=x)
@@ -31,7 +31,15 @@ The limits a server announces in its welcome (``max_frame``, ``max_topic``,
 Small publishes are gathered into one write per event-loop iteration (or per 64 KB),
 so a fast publisher makes few system calls; a control frame, ``close()`` and the end
 of the iteration flush them.  A publish waits only while the socket's output buffer
-is over its high-water mark.
+is over its high-water mark.  ``await conn.flush()`` returns once the OS has every
+frame published so far; ``await conn.drain()`` takes no new frame, writes out the
+rest, then closes.
+
+A broker that shuts down says ``going_away`` and reads nothing more: from that frame
+on publishes wait, what was not written yet is kept, and the broker is redialled with
+the backoff (it may be restarting), the frames kept going first.  With
+``failover=True`` (:class:`dcp.DataAgent`, which has other brokers to go to) the
+connection ends at once instead.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ from .control import (
     slow_consumer_policy,
 )
 from .control import Message as ControlMessage
-from .errors import BadRequest, ConfigError, ConnectionClosed, DcpError, DcpTimeout, ProtocolError, RemoteError, RoutingError
+from .errors import AuthError, BadRequest, ConfigError, ConnectionClosed, DcpError, DcpTimeout, ProtocolError, RemoteError, RoutingError
 from .routing import KeyLayout, bitmap_of, encode
 from .tls import client_context
 from .wire import (
@@ -81,8 +89,10 @@ from .wire import (
     DataFrame,
     Decoder,
     Limits,
+    Payload,
     Rejected,
     encode_control,
+    uncopied,
 )
 
 __all__ = ["connect", "Connect", "Connection", "Message", "Status", "Backoff", "DEFAULT_URL"]
@@ -100,13 +110,34 @@ Message = DataFrame
 
 
 class Status(enum.Enum):
+    """What a connection is doing (``conn.status``): connecting for the first time, open,
+    reconnecting after a loss, closing (``drain()`` under way), or closed for good."""
+
     CONNECTING = "connecting"
     OPEN = "open"
     RECONNECTING = "reconnecting"
+    CLOSING = "closing"  # drain() under way: no new frame is taken
     CLOSED = "closed"
 
 
 _OPEN = Status.OPEN
+
+
+class _Writer(CoalescedWriter):
+    """A coalesced writer that can give back what it has not written yet: a broker
+    going away reads nothing more, so that much can still go to the next one."""
+
+    __slots__ = ()
+
+    def take(self) -> bytearray:
+        """What is queued and not yet handed to the transport; nothing is queued after."""
+        unsent, self._buf = self._buf, bytearray()
+        return unsent
+
+    @property
+    def queued(self) -> int:
+        return len(self._buf)
+
 
 def parse_url(url: str) -> tuple[str, str, int]:
     """``dcp://HOST:PORT``, ``dcps://HOST:PORT`` (TLS) or a bare ``HOST:PORT`` ->
@@ -207,6 +238,7 @@ class Connection:
         name: str = "",
         role: str = "agent",
         reconnect: bool | Backoff = True,
+        failover: bool = False,
         max_pending: int = 10_000,
         overflow: str = "pause",
         request_timeout_s: float = 5.0,
@@ -221,6 +253,7 @@ class Connection:
         on_open: Callable[[Connection], Awaitable[None]] | None = None,
         on_push: Callable[[ControlMessage], None] | None = None,
         on_message: Callable[[Message], object] | None = None,
+        intercept: Callable[[Message], bool] | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
@@ -235,12 +268,18 @@ class Connection:
         self.name = name
         self.role = role
         self.backoff: Backoff | None = Backoff() if reconnect is True else (reconnect or None)
+        #: A going_away ends the connection (the owner moves to another broker) instead of redialling.
+        self.failover = failover
         self.max_pending = max_pending
         self.overflow = "drop-newest" if overflow == "drop" else overflow
         self.on_open = on_open
         self.on_push = on_push
         #: Called with every data frame as it is decoded, instead of queueing it.
         self.on_message = on_message
+        #: Sees each data frame before it is queued, as it is decoded; True: it took the
+        #: frame (a DataAgent takes the replies to its requests there, so that a handler
+        #: awaiting one is not waiting behind itself in the queue).
+        self.intercept = intercept
         #: Exceptions the ``on_message`` callback raised (each logged; the frame is consumed).
         self.callback_errors = 0
         self.request_timeout_s = request_timeout_s
@@ -261,6 +300,8 @@ class Connection:
         self.broker_layout: KeyLayout | None = None
         #: The broker's mode, "stateless" or "stateful".
         self.broker_mode: str | None = None
+        #: The broker forwards only routes the orchestrator signed (``--verify-routes``): publish() needs a tag.
+        self.broker_verifies_routes = False
         self.status = Status.CONNECTING
         self.published = 0
         self.received = 0
@@ -268,16 +309,21 @@ class Connection:
         self.dropped = 0
         #: Connections made, the first included.
         self.connects = 0
+        #: The broker said ``going_away`` (a shutdown or a restart) on the last connection.
+        self.went_away = False
         #: The last error frame the broker sent without a request (on this connection).
         self.last_error: dict[str, Any] | None = None
         self._encoder = DataEncoder(self.limits)
         self._protocol: _ClientProtocol | None = None
         self._transport: asyncio.Transport | None = None
-        self._writer: CoalescedWriter | None = None
+        self._writer: _Writer | None = None
         self._queue: deque[Message] = deque()
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
+        self._emptied: asyncio.Future[None] | None = None  # a flush() waits for the socket buffer to empty
+        self._flushers = 0  # flush() calls waiting on _emptied
+        self._carried = bytearray()  # frames a broker going away did not get: written first at the reconnect
         self._opened: asyncio.Event | None = None
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._request_ids = itertools.count(1)
@@ -308,7 +354,7 @@ class Connection:
                 log.info("cannot reach %s:%d yet (%s); retrying", *self.address, safe(exc))
                 await asyncio.sleep(delay)
                 if self._user_closed:
-                    raise ConnectionClosed("connection closed") from None
+                    raise self._closed("is closed") from None
                 self.status = Status.CONNECTING
 
     async def _attach(self) -> None:
@@ -331,7 +377,7 @@ class Connection:
         except OSError as exc:  # the same error (ConnectionRefusedError ...), saying where: "Connection refused" alone does not
             raise type(exc)(exc.errno, f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         self._transport = transport
-        self._writer = CoalescedWriter(transport)
+        self._writer = _Writer(transport)
         self._protocol = protocol
         try:
             token = self.token() if callable(self.token) else self.token
@@ -359,13 +405,18 @@ class Connection:
         self.broker_key = welcome.key
         self.broker_layout = layout
         self.broker_mode = welcome.mode
+        self.broker_verifies_routes = bool(welcome.verify_routes)
         self.limits = _adopted(self.own_limits, welcome)
         self._encoder = DataEncoder(self.limits)
         for topic in sorted(self._subscriptions):
             await self.call(Subscribe(topic=topic))
         if self.on_open is not None:
             await self.on_open(self)
+        if self._carried:  # published before the last broker went away, ahead of what waits now
+            carried, self._carried = self._carried, bytearray()
+            self._writer.write_uncopied(carried)
         self.connects += 1
+        self.went_away = False
         self.status = Status.OPEN
         assert self._opened is not None
         self._opened.set()
@@ -383,10 +434,16 @@ class Connection:
         except asyncio.TimeoutError:
             raise DcpTimeout(f"not connected to {self.url} within {timeout} s") from None
 
+    def _closed(self, what: str) -> ConnectionClosed:
+        """The error of a connection that ``what`` ("is closed"), naming the server: a caller may hold several."""
+        return ConnectionClosed(f"the connection to {self.url} {what}")
+
     async def _until_open(self) -> None:
         while self.status is not Status.OPEN:
+            if self.status is Status.CLOSING:
+                raise self._closed("is draining (drain() was called): it takes no new frame")
             if self.status is Status.CLOSED:
-                raise ConnectionClosed("connection closed") from self._close_reason
+                raise self._closed("is closed") from self._close_reason
             assert self._opened is not None
             await self._opened.wait()
 
@@ -403,7 +460,67 @@ class Connection:
             assert self._writer is not None
             self._writer.flush()
             self._transport.close()
-        self._wake_all(ConnectionClosed("connection closed"))
+        self._wake_all(self._closed("is closed"))
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Close gracefully: take no new frame, write out what is buffered, wait until
+        the OS has it all (see :meth:`flush`), then close; idempotent.  From the call on,
+        ``publish()`` raises.  A connection that is not open (reconnecting) has nothing
+        in a socket to hand over: it just closes, and the publishes waiting for the
+        reconnect raise.
+
+        Raises:
+            DcpTimeout: not all written within ``timeout`` seconds; it is closed all the same.
+            ConnectionClosed: lost before all was written.
+        """
+        if self.status is Status.OPEN:
+            self.status = Status.CLOSING
+        elif self.status is not Status.CLOSING:  # a second drain() joins the first
+            await self.close()
+            return
+        try:
+            await self.flush(timeout)
+        finally:
+            await self.close()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every frame published so far is handed to the OS: nothing is left
+        in this process, neither in the coalescing buffer nor in the transport's.
+        Publishes wait meanwhile (a steady publisher would otherwise keep the buffer
+        from ever emptying); a connection that is reconnecting is waited for first.
+
+        Raises:
+            DcpTimeout: not all written within ``timeout`` seconds; the rest stays queued.
+            ConnectionClosed: the connection is closed, or was lost before all was written.
+        """
+        try:
+            await asyncio.wait_for(self._written(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(f"what was published to {self.url} was not all written within {timeout} s") from None
+
+    async def _written(self) -> None:
+        if self.status is not Status.CLOSING:  # a drain writes out what is there; else wait out a reconnect
+            await self._until_open()
+        transport, writer = self._transport, self._writer
+        if transport is None or writer is None:
+            raise self._closed("was lost before what was published was written")
+        writer.flush()
+        if not transport.get_write_buffer_size():
+            return
+        if self._emptied is None:
+            self._emptied = asyncio.get_running_loop().create_future()
+            # No high-water mark: the transport calls pause_writing now, and resume_writing
+            # once its buffer is empty (the low-water mark is 0 too), when _resume_writing wakes us.
+            transport.set_write_buffer_limits(high=0)
+        self._flushers += 1
+        try:
+            await asyncio.shield(self._emptied)
+        finally:
+            self._flushers -= 1
+            if not self._flushers and self._emptied is not None:  # the last waiter gave up (a timeout)
+                self._emptied = None
+                if not transport.is_closing():
+                    transport.set_write_buffer_limits(high=self.write_buffer_bytes)
 
     async def __aenter__(self) -> Connection:
         return self
@@ -416,13 +533,18 @@ class Connection:
     async def publish(
         self,
         topic: str,
-        payload: bytes | bytearray | memoryview,
+        payload: Payload,
         route: int = 0,
         *,
         hops: int | None = None,
         tag: bytes | None = None,
     ) -> int:
         """Send one data frame; return its message id.
+
+        ``payload`` is any C-contiguous buffer (bytes, bytearray, memoryview, a numpy
+        array...) or a tuple of them sent back to back (:func:`dcp.arrays.pack` makes
+        one for an array).  A payload over 8 KiB is not copied: the socket reads it
+        from where it is, so it must not change until written (``await flush()``).
 
         ``route`` is the topology number X (stateless mode); a stateful broker routes
         by ``topic``.  ``tag`` is the route tag the orchestrator signed X with, for
@@ -433,7 +555,10 @@ class Connection:
 
         Raises:
             ConnectionClosed: the connection is closed for good.
-            LocalProtocolError: the frame breaks a limit (topic, size, X bits).
+            LocalProtocolError: the frame breaks a limit (topic, size, X bits), or the
+                payload is not a C-contiguous buffer.
+            AuthError: ``route_unsigned``: no ``tag``, and the broker verifies routes; it
+                would drop the frame, telling only its log and ours.
         """
         if self.status is not _OPEN:  # a module constant: an Enum member lookup costs a publish 80 ns
             await self._until_open()
@@ -441,8 +566,16 @@ class Connection:
             await asyncio.shield(self._writable)
             if self.status is not Status.OPEN:
                 await self._until_open()
+        if tag is None and self.broker_verifies_routes:
+            raise AuthError(
+                "route_unsigned", f"{self.url} verifies routes (--verify-routes) and would drop this frame: publish it with "
+                "tag=, the orchestrator's signature of the route (a DataAgent gets it with the route)",
+            )
         msg_id = next(self._msg_ids)
-        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if type(payload) is bytes:
+            size = len(payload)
+        else:
+            payload, size = uncopied(payload)
         head, tail = self._encoder.head(topic, size, route, self.hops if hops is None else hops, msg_id, time.time_ns(), 0, tag)
         writer = self._writer
         assert writer is not None
@@ -458,6 +591,11 @@ class Connection:
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
+        emptied, self._emptied = self._emptied, None
+        if emptied is not None:  # flush() set both water marks to 0: the buffer is empty
+            emptied.set_result(None)
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.set_write_buffer_limits(high=self.write_buffer_bytes)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -498,7 +636,7 @@ class Connection:
         try:
             return await asyncio.wait_for(self._next(), timeout)
         except asyncio.TimeoutError:
-            raise DcpTimeout(f"no message within {timeout} s") from None
+            raise DcpTimeout(f"no message from {self.url} within {timeout} s") from None
 
     def route_to(self, *ports: int) -> int:
         """The topology number that sends a frame to these ports of this connection's broker
@@ -515,6 +653,14 @@ class Connection:
     def pending(self) -> int:
         """Frames received and not yet consumed."""
         return len(self._queue)
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes published (or requested) and not yet handed to the OS: what :meth:`flush` waits for."""
+        writer, transport = self._writer, self._transport
+        if writer is None or transport is None:
+            return len(self._carried)
+        return writer.queued + transport.get_write_buffer_size()
 
     async def _next(self) -> Message:
         await self._wait_queued()
@@ -535,7 +681,7 @@ class Connection:
         queue = self._queue
         while not queue:
             if self.status is Status.CLOSED:
-                raise ConnectionClosed("connection closed") from self._close_reason
+                raise self._closed("is closed") from self._close_reason
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await waiter
@@ -549,6 +695,9 @@ class Connection:
                 self._transport.resume_reading()
 
     def _deliver(self, frame: Message) -> None:
+        if self.intercept is not None and self.intercept(frame):
+            self.received += 1
+            return
         queue = self._queue
         if len(queue) >= self.max_pending:
             if self.overflow == "drop-newest":
@@ -620,7 +769,8 @@ class Connection:
 
         Raises:
             RemoteError: ``bad_link`` (bad address, no free port, stateful mode),
-                ``link_timeout`` or ``not_admin``.
+                ``link_refused`` (the peer refused it in a way that cannot heal, such as
+                a shared key: the broker no longer redials), ``link_timeout`` or ``not_admin``.
         """
         reply = await self.call(Link(peer=peer, wait=wait), timeout=None if wait is None else wait + self.request_timeout_s)
         return reply.link
@@ -660,7 +810,7 @@ class Connection:
 
     async def _request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         if self._transport is None or self._transport.is_closing():
-            raise ConnectionClosed("not connected")
+            raise self._closed("is not open")
         request_id = next(self._request_ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
@@ -670,7 +820,7 @@ class Connection:
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise DcpTimeout(f"broker did not answer {body['op']!r} within {timeout} s") from None
+            raise DcpTimeout(f"{self.url} did not answer {body['op']!r} within {timeout} s") from None
         finally:
             self._requests.pop(request_id, None)
 
@@ -697,7 +847,7 @@ class Connection:
             level = logging.ERROR if message.fatal else logging.WARNING
             log.log(level, "broker error %s: %s (x%s)", safe(message.code), safe(message.message, 1024), message.count or 1)
         elif isinstance(message, GoingAway):
-            log.info("broker %s:%d is going away", *self.address)
+            self._leave()
         elif self.on_push is not None:
             self.on_push(message)
 
@@ -709,22 +859,52 @@ class Connection:
         self._transport = None
         self._writer = None  # what it still held is lost with the connection (at most once)
         self._reading_paused = False
+        if self._emptied is not None:  # a flush() waits for bytes that will never be written
+            self._emptied.set_exception(self._closed("was lost before what was published was written"))
+            self._emptied = None
         self._resume_writing()
         for future in self._requests.values():
             if not future.done():
-                future.set_exception(ConnectionClosed("connection lost"))
+                future.set_exception(self._closed("was lost before the answer"))
         if self.status is Status.CLOSED or self.status is Status.RECONNECTING:
             return  # closed for good, or an attempt of the reconnect loop failed: the loop goes on
-        if self.backoff is None or self.status is Status.CONNECTING:
-            self.status = Status.CLOSED
-            self._close_reason = exc or ConnectionClosed("broker closed the connection")
-            self._wake_all(self._close_reason)
+        if self.backoff is None or self.status is Status.CONNECTING or self.status is Status.CLOSING:
+            self._end(exc or self._closed("was closed by the server"))
             return
         log.warning("lost %s:%d (%s); reconnecting", *self.address, exc or "closed by broker")
+        self._start_reconnecting()
+
+    def _leave(self) -> None:
+        """The broker is going away: it reads nothing after its going_away, and closes.
+        Nothing more is written to it.  With ``failover`` the connection ends here; else
+        it redials with the backoff (the broker may be restarting), and what was not
+        written yet goes first on the new connection."""
+        transport, writer = self._transport, self._writer
+        if self.status is not Status.OPEN or transport is None or writer is None:
+            return  # attaching (that attempt fails), or draining (the rest is lost with it)
+        self.went_away = True
+        unsent = writer.take()
+        transport.abort()  # nothing more comes on it; connection_lost fails the requests waiting
+        if self.failover or self.backoff is None:
+            log.info("%s:%d is going away; the connection ends", *self.address)
+            self._end(self._closed("ended: its server is going away"))
+            return
+        log.info("%s:%d is going away; redialling it with the backoff, %d bytes kept for it", *self.address, len(unsent))
+        self._carried = unsent
+        self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
         self.status = Status.RECONNECTING
         assert self._opened is not None
         self._opened.clear()
         self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _end(self, reason: BaseException) -> None:
+        """Closed for good, not by us: whoever waits is woken, and is told ``reason``."""
+        self.status = Status.CLOSED
+        self._close_reason = reason
+        self._carried = bytearray()
+        self._wake_all(reason)
 
     async def _reconnect(self) -> None:
         assert self.backoff is not None
@@ -739,13 +919,10 @@ class Connection:
             except (OSError, ProtocolError, ConnectionClosed, RemoteError, DcpTimeout) as exc:
                 if refused(exc):
                     log.error("%s:%d refused our token (%s); not reconnecting", *self.address, safe(exc))
-                    self._close_reason = exc
-                    break
+                    self._end(exc)
+                    return
                 log.debug("reconnect to %s:%d failed: %s", *self.address, safe(exc))
-        else:
-            self._close_reason = ConnectionClosed(f"gave up reconnecting to {self.url}")
-        self.status = Status.CLOSED
-        self._wake_all(self._close_reason)
+        self._end(ConnectionClosed(f"gave up reconnecting to {self.url}"))
 
     def _wake_all(self, exc: BaseException) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -848,6 +1025,7 @@ def connect(
     name: str = "",
     role: str = "agent",
     reconnect: bool | Backoff = True,
+    failover: bool = False,
     max_pending: int = 10_000,
     overflow: str = "pause",
     request_timeout_s: float = 5.0,
@@ -862,6 +1040,7 @@ def connect(
     on_open: Callable[[Connection], Awaitable[None]] | None = None,
     on_push: Callable[[ControlMessage], None] | None = None,
     on_message: Callable[[Message], object] | None = None,
+    intercept: Callable[[Message], bool] | None = None,
 ) -> Connect:
     """Attach to the broker at ``url``: ``await`` the result, or ``async with`` it.
 
@@ -873,6 +1052,17 @@ def connect(
         role: ``agent`` (takes a port: publishes and receives), ``admin`` (``stats``,
             ``link``, ``unlink``), or ``peer`` (a broker's link).
         reconnect: True (the default :class:`Backoff`), False, or a :class:`Backoff`.
+            A broker's ``going_away`` (it is shutting down) is a loss too: publishes
+            wait from that frame on, and the broker is redialled with the backoff (it
+            may be restarting) rather than at once; what had not been written to it
+            yet is written first on the new connection.  One URL only: a stateless
+            topology number names ports of one broker, so moving to another is for
+            an owner that gets new numbers (``failover``, :class:`dcp.DataAgent`).
+        failover: the owner moves to another broker by itself: a ``going_away`` ends
+            this connection at once (the iterators and waiting publishes raise
+            :class:`ConnectionClosed`), the broker that is leaving is not redialled,
+            and what had not been written to it is dropped (numbers computed for it
+            mean nothing elsewhere).
         max_pending: received frames held before ``overflow`` applies.
         overflow: when ``max_pending`` frames wait: ``pause`` (stop reading the socket),
             ``drop-newest`` (or ``drop``) or ``drop-oldest`` (counted in ``dropped``).
@@ -897,15 +1087,18 @@ def connect(
             receive.  It must not block; what it raises is logged and counted in
             ``callback_errors``.  ``max_pending`` and ``overflow`` do not apply (there
             is no queue); the broker's slow-consumer policy still does.
+        intercept: sees each data frame as it is decoded, before it is queued; when it
+            returns True it took the frame, which is not queued (a :class:`dcp.DataAgent`
+            takes the replies to its requests there).  It must not block.
 
     Raises:
         ConfigError: a bad URL, TLS setting, ``overflow``, ``max_pending`` or ``slow_consumer``.
     """
     return Connect(Connection(
-        url, name=name, role=role, reconnect=reconnect, max_pending=max_pending, overflow=overflow,
+        url, name=name, role=role, reconnect=reconnect, failover=failover, max_pending=max_pending, overflow=overflow,
         request_timeout_s=request_timeout_s, connect_timeout_s=connect_timeout_s,
         write_buffer_bytes=write_buffer_bytes, hops=hops, slow_consumer=slow_consumer, token=token,
-        ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push, on_message=on_message,
+        ssl=ssl, tls_ca=tls_ca, limits=limits, on_open=on_open, on_push=on_push, on_message=on_message, intercept=intercept,
     ))
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .control import SLOW_CONSUMER_POLICIES, slow_consumer_policy
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .logs import FORMATS
 from .routing import MAX_PORTS, KeyLayout
 from .wire import DEFAULT_LIMITS, Limits
@@ -81,13 +81,24 @@ _LOGGING = {
 }
 
 
+# The metrics port of both daemons (dcp.metrics_http).
+_METRICS = {
+    "metrics_listen": ("", _opt(
+        "HOST:PORT to serve HTTP on: /metrics (Prometheus text format), /healthz and /readyz (default: none; "
+        "port 0: any free one)", metavar="HOST:PORT",
+    )),
+}
+
+
 def _shared(name: str) -> Any:
-    default, metadata = {**_ACCESS, **_LOGGING}[name]
+    default, metadata = {**_ACCESS, **_LOGGING, **_METRICS}[name]
     return field(default=default, metadata=metadata)
 
 
 def _check_shared(config: Any) -> None:
-    """The checks of the ``_ACCESS`` and ``_LOGGING`` settings."""
+    """The checks of the ``_ACCESS``, ``_LOGGING`` and ``_METRICS`` settings."""
+    if config.metrics_listen:
+        parse_address(config.metrics_listen)
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {config.log_level!r}")
     if config.log_format not in FORMATS:
@@ -169,7 +180,7 @@ class _FromSources:
             table = _read_toml(Path(file), cls.SECTION)  # by the key users write
             unknown = sorted(set(table) - set(fields))
             if unknown:
-                raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)} (in {file})")
+                raise ConfigError(f"unknown {cls.SECTION} setting(s) in {file}: {_unknown(unknown, fields)}")
             found.update({fields[key].name: (value, str(file)) for key, value in table.items()})
         prefix = f"DCP_{cls.SECTION.upper()}_"
         for variable, text in sorted((environ or {}).items()):
@@ -177,12 +188,15 @@ class _FromSources:
                 continue
             key = variable[len(prefix) :].lower()
             if key not in fields:
-                raise ConfigError(f"{variable} names no {cls.SECTION} setting; they are {prefix}{{{', '.join(k.upper() for k in fields)}}}")
+                raise ConfigError(
+                    f"{variable} names no {cls.SECTION} setting{did_you_mean(variable, (prefix + k.upper() for k in fields))}; "
+                    f"they are {prefix}{{{', '.join(k.upper() for k in fields)}}}"
+                )
             found[fields[key].name] = (_from_text(fields[key], variable, text), variable)
         known = {f.name for f in fields.values()}
         unknown = sorted(set(overrides or {}) - known)
         if unknown:
-            raise ConfigError(f"unknown {cls.SECTION} setting(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown {cls.SECTION} setting(s): {_unknown(unknown, known)}")
         found.update({name: (value, "flag") for name, value in (overrides or {}).items()})
         return found
 
@@ -198,6 +212,11 @@ class _FromSources:
             else:
                 lines.append(f"{key} = {_toml_value(value)}  # {origin}")
         return "\n".join(lines) + "\n"
+
+
+def _unknown(keys: list[str], known: Iterable[str]) -> str:
+    """The unknown ``keys``, each with the known one nearest to it, if any."""
+    return ", ".join(key + did_you_mean(key, known) for key in keys)
 
 
 def _from_text(f: dataclasses.Field[Any], variable: str, text: str) -> Any:
@@ -306,10 +325,17 @@ class BrokerConfig(_FromSources):
     log_level: str = _shared("log_level")
     log_format: str = _shared("log_format")
     log_config: str = _shared("log_config")
+    metrics_listen: str = _shared("metrics_listen")
+    metrics_max_ports: int = field(
+        default=100,
+        metadata=_opt("per-port series on /metrics for this many ports at most, the busiest (the totals count every port)", type=int),
+    )
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
         _check_shared(self)
+        if self.metrics_max_ports < 0:
+            raise ConfigError(f"metrics_max_ports must not be negative, got {self.metrics_max_ports}")
         if self.verify_routes and not self.secret_file:
             raise ConfigError("verify_routes needs secret_file (the brokers' secret, which checks the tags)")
         if self.verify_routes and self.mode != "stateless":
@@ -403,6 +429,7 @@ class OrchestratorConfig(_FromSources):
     log_level: str = _shared("log_level")
     log_format: str = _shared("log_format")
     log_config: str = _shared("log_config")
+    metrics_listen: str = _shared("metrics_listen")
 
     def __post_init__(self) -> None:
         parse_address(self.listen)

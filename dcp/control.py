@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_args, get_origin
 
-from .errors import BadRequest, ConfigError
+from .errors import BadRequest, ConfigError, did_you_mean
 from .routing import int_from_bytes, int_to_bytes
 from .wire import ROUTE_TAG_SIZE, Limits
 
@@ -35,17 +35,17 @@ __all__ = [
     "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PORTS_CHANGED", "PIPELINES", "STATUS", "DEPLOY",
     "UNDEPLOY", "TOKEN", "ROUTE", "ASSIGN", "UNASSIGN",
     # vocabulary
-    "SLOW_CONSUMER_POLICIES", "slow_consumer_policy", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT",
+    "SLOW_CONSUMER_POLICIES", "slow_consumer_policy", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT", "ERROR_TEXT_LIMIT",
     # field kinds
     "Kind", "UINT", "PORT", "PORTS", "REMOTE_PORT", "STR", "NAME", "BOOL", "BIG_INT", "BIG_INTS", "TAG", "STRS", "MAP", "MAPS",
     "WAIT", "POSITIVE_SECONDS", "SLOW_CONSUMER_NAME", "ELEMENT_KIND", "LIMIT_FRAME", "LIMIT_TOPIC", "LIMIT_X_BITS",
-    "COUNTERS", "ASSIGNMENTS", "LINK_STATS", "LINK_REPORTS", "PORT_REPORTS",
+    "COUNTERS", "LAST_ERRORS", "ASSIGNMENTS", "LINK_STATS", "LINK_REPORTS", "PORT_REPORTS", "TAGS", "SHARE_MODE", "SHARES",
     # messages
     "Message", "Request", "Reply", "ElementPush", "Hello", "Welcome", "Ping", "Pong", "StatsRequest", "Stats",
     "SlowConsumerRequest", "SlowConsumerSet",
     "Subscribe", "Unsubscribe", "Link", "Linked", "Unlink", "Ok", "Error", "GoingAway", "Register", "Registered",
     "Report", "LinkReport", "PortReport", "BrokerState", "PortsChanged", "Pipelines", "PipelinesView", "Status", "StatusView",
-    "Deploy", "Deployed", "Undeploy", "Token", "Issued", "Route", "Assign", "Unassign",
+    "Deploy", "Deployed", "Undeploy", "Token", "Issued", "Route", "Share", "Assign", "Unassign",
     "REQUESTS", "ANSWERS", "parse_request", "parse_answer", "request_id",
     # permissions
     "Refusal", "Permissions", "BROKER", "ORCHESTRATOR", "FATAL_REFUSALS",
@@ -90,7 +90,8 @@ def slow_consumer_policy(name: object) -> str:
         ConfigError: not one of SLOW_CONSUMER_POLICIES.
     """
     if type(name) is not str or name not in SLOW_CONSUMER_POLICIES:
-        raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}")
+        near = did_you_mean(name, SLOW_CONSUMER_POLICIES) if type(name) is str else ""
+        raise ConfigError(f"slow_consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, got {name!r}{near}")
     return "drop-newest" if name == "drop" else name
 
 
@@ -100,6 +101,9 @@ ELEMENT_COUNTERS = ("in", "out", "errors", "latency_ms", "latency_max_ms")
 #: Error messages may quote what the peer sent (an op, a role): cut to this many
 #: characters, so that an error frame always fits max_control.
 MESSAGE_LIMIT = 1024
+#: The last error of an element (``Report.last_errors``) is cut to this many characters
+#: by the agent, and refused longer: one line in ``dcp pipelines``, not a traceback.
+ERROR_TEXT_LIMIT = 300
 
 
 # --------------------------------------------------------------------------- field kinds
@@ -154,6 +158,12 @@ def _counters(value: Any) -> bool:
     )
 
 
+def _last_errors(value: Any) -> bool:
+    return type(value) is dict and all(
+        type(key) is str and type(text) is str and len(text) <= ERROR_TEXT_LIMIT for key, text in value.items()
+    )
+
+
 def _assignments(value: Any) -> bool:
     return type(value) is dict and all(
         type(key) is str and type(agents) is list and all(type(a) is str for a in agents) for key, agents in value.items()
@@ -175,6 +185,11 @@ BIG_INTS = Kind(
 )
 PORTS = Kind("a list of ints in [0, 65535]", lambda v: type(v) is list and all(type(p) is int and 0 <= p <= 0xFFFF for p in v))
 TAG = Kind(f"{ROUTE_TAG_SIZE} bytes (a route tag)", lambda v: type(v) is bytes and len(v) == ROUTE_TAG_SIZE)
+TAGS = Kind(
+    f"a list of {ROUTE_TAG_SIZE}-byte route tags",
+    lambda v: type(v) is list and all(type(item) is bytes and len(item) == ROUTE_TAG_SIZE for item in v),
+)
+SHARE_MODE = _one_of(("round_robin", "key"))
 STRS = Kind("a list of strings", lambda v: type(v) is list and all(type(item) is str for item in v))
 MAP = Kind("a map", lambda v: type(v) is dict)
 MAPS = Kind("a list of maps", lambda v: type(v) is list and all(type(item) is dict for item in v))
@@ -184,6 +199,7 @@ SLOW_CONSUMER_NAME = _one_of(SLOW_CONSUMER_POLICIES)
 ELEMENT_KIND = _one_of(ELEMENT_KINDS)
 LIMIT_FRAME, LIMIT_TOPIC, LIMIT_X_BITS = _limit("max_frame"), _limit("max_topic"), _limit("max_x_bits")
 COUNTERS = Kind(f"a map of element names to maps of {', '.join(ELEMENT_COUNTERS)} (numbers)", _counters)
+LAST_ERRORS = Kind(f"a map of element names to strings of at most {ERROR_TEXT_LIMIT} characters", _last_errors)
 ASSIGNMENTS = Kind("a map of element names to lists of agent names", _assignments)
 LINK_STATS = Kind(
     "a map with port (int), state (str) and remote_port (int)",
@@ -335,7 +351,10 @@ class Error(Reply):
 class Welcome(Reply):
     """The answer to a hello.  A broker's gives its key, its mode, its limits and, to an
     agent or a peer, the port it is on; the orchestrator's only its name and mode.  A
-    broker with more than 64 ports also gives all its ``keys`` (:class:`dcp.routing.KeyLayout`)."""
+    broker with more than 64 ports also gives all its ``keys`` (:class:`dcp.routing.KeyLayout`).
+    A broker that forwards only signed topology numbers (``--verify-routes``) says so
+    (``verify_routes``), so that a client refuses an untagged publish instead of the
+    broker dropping it out of sight."""
 
     op: ClassVar[str] = WELCOME
     key: int | None = _field(BIG_INT, None)
@@ -348,6 +367,7 @@ class Welcome(Reply):
     max_topic: int | None = _field(LIMIT_TOPIC, None)
     max_x_bits: int | None = _field(LIMIT_X_BITS, None)
     slow_consumer: str | None = _field(SLOW_CONSUMER_NAME, None)
+    verify_routes: bool | None = _field(BOOL, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -469,7 +489,9 @@ class Register(Request[Registered]):
 
 @dataclass(frozen=True, kw_only=True)
 class Report(Request[Ok]):
-    """An agent's counters, sent now and then, never answered."""
+    """An agent's counters, sent now and then, never answered; ``last_errors``: the last
+    error of each element that has failed (a field apart from ``elements``, whose maps
+    hold numbers only, so that an orchestrator that does not know it still takes the report)."""
 
     op: ClassVar[str] = REPORT
     elements: dict[str, dict[str, float]] = _field(COUNTERS)
@@ -478,6 +500,7 @@ class Report(Request[Ok]):
     lost: int = _field(UINT)
     dropped: int = _field(UINT)
     pending: int = _field(UINT)
+    last_errors: dict[str, str] | None = _field(LAST_ERRORS, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -554,8 +577,11 @@ class Status(Request[StatusView]):
 
 @dataclass(frozen=True, kw_only=True)
 class Deployed(Ok):
+    """``warnings``: the routes of the pipeline that reach no consumer now, and why."""
+
     pipeline: str = _field(STR)
     assignments: dict[str, list[str]] = _field(ASSIGNMENTS)
+    warnings: list[str] | None = _field(STRS, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -591,11 +617,31 @@ class Token(Request[Issued]):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Share(Message):
+    """One share group of a route: each frame goes to one ``members`` (the digits of the
+    route's variant index, the first group the fastest), in turn or by the publisher's
+    key.  For a request stream, ``replies`` holds the number from each member back to the
+    producer, with its tag and the key of the broker it was computed for."""
+
+    group: str = _field(NAME)
+    mode: str = _field(SHARE_MODE)
+    members: list[str] = _field(STRS)
+    replies: list[int] | None = _field(BIG_INTS, None)
+    reply_tags: list[bytes] | None = _field(TAGS, None)
+    reply_keys: list[int] | None = _field(BIG_INTS, None)
+
+
+SHARES = _records(Share)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Route(Message):
     """Push: the topology number ``x`` for the producer's ``topic``, epoch ``epoch``.
 
     ``broker_key``: the broker X was computed for; ``tag``: the orchestrator's signature
-    on X, carrying its own expiry; ``refused``: why the producer may not publish.
+    on X, carrying its own expiry; ``refused``: why the producer may not publish.  With
+    share groups (``shares``), ``variants`` holds one number per choice of one member in
+    each group, ``variant_tags`` their tags, and ``x`` is the first.
     """
 
     op: ClassVar[str] = ROUTE
@@ -606,6 +652,9 @@ class Route(Message):
     refused: str | None = _field(STR, None)
     broker_key: int | None = _field(BIG_INT, None)
     tag: bytes | None = _field(TAG, None)
+    variants: list[int] | None = _field(BIG_INTS, None)
+    variant_tags: list[bytes] | None = _field(TAGS, None)
+    shares: list[Share] | None = _field(SHARES, None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -716,7 +765,7 @@ _REASONS = {
     "not_admin": "{op} needs an admin connection",
     "not_agent": "{op} needs an agent connection",
     "not_broker": "{op} needs a broker connection",
-    "unknown_op": "unknown control op {op!r} for {who} to a {daemon}",
+    "unknown_op": "unknown control op {op!r} for {who} to this {daemon}",
 }
 
 

@@ -55,7 +55,7 @@ from .views import format_pipelines
 __all__ = [
     "DEMO_SPEC", "PLACEMENT", "PATCH", "FACE_MARK", "DOG_MARK", "BACKGROUND_MAX", "AGE_BUCKETS",
     "frame_plan", "make_frame", "parse_frame", "detect_faces", "detect_dogs", "classify_age_gender",
-    "expected_counts", "run_faces", "run_demo",
+    "expected_counts", "run_faces", "run_demo", "Plane", "Deployment", "deploy", "REAL_EXAMPLES",
 ]
 
 #: The pipeline (``examples/faces.toml`` is this same spec as a TOML file).  The
@@ -250,7 +250,7 @@ class _Progress:
             self.done.set()
 
 
-class _Plane:
+class Plane:
     """A data orchestrator (state in a temporary sqlite file), two linked brokers, an admin
     connection to the orchestrator and the data agents, all in this process.
 
@@ -306,11 +306,14 @@ class _Plane:
         """A token for ``name`` in ``role``, issued with the plane's secret (valid for an hour)."""
         return issue_token(self.secret, name, role, int(time.time()) + 3600)
 
-    def add_agent(self, name: str, broker: str) -> DataAgent:
-        """A data agent attached to ``broker`` (b0 or b1), reporting its counters often."""
+    def add_agent(self, name: str, broker: str, agent_class: type[DataAgent] = DataAgent, **options: Any) -> DataAgent:
+        """A data agent (an ``agent_class``, made with ``options`` too: a
+        :class:`~dcp.storage.StorageAgent` and its ``path``...) attached to ``broker``
+        (b0 or b1), reporting its counters often."""
         url = "dcp://%s:%d" % self.brokers[broker].address
-        self.agents[name] = DataAgent(
+        self.agents[name] = agent_class(
             name, broker=url, orchestrator="dcp://%s:%d" % self.orchestrator.address, report_interval_s=0.2, token=self.token(name),
+            **options,
         )
         return self.agents[name]
 
@@ -328,7 +331,7 @@ class _Plane:
 
 
 @dataclass(frozen=True)
-class _Deployment:
+class Deployment:
     """A deployed pipeline: its spec, and the agent each element went to."""
 
     spec: PipelineSpec
@@ -380,7 +383,7 @@ def _printer(progress: _Progress, out: Callable[[str], Any]) -> Handler:
 
 # -- the run, step by step
 
-async def _start_agents(plane: _Plane, progress: _Progress, out: Callable[[str], Any]) -> None:
+async def _start_agents(plane: Plane, progress: _Progress, out: Callable[[str], Any]) -> None:
     """The agents of :data:`PLACEMENT`, each offering its capability, started."""
     handlers: dict[str, Handler] = {
         "camera": _camera(progress.go), "detect_faces": _detector(detect_faces), "detect_dogs": _detector(detect_dogs),
@@ -394,12 +397,12 @@ async def _start_agents(plane: _Plane, progress: _Progress, out: Callable[[str],
         out(f"agents on {b}: {', '.join(names)}")
 
 
-async def _deploy(plane: _Plane, spec: PipelineSpec, out: Callable[[str], Any]) -> _Deployment:
+async def deploy(plane: Plane, spec: PipelineSpec, out: Callable[[str], Any]) -> Deployment:
     """Deploy ``spec``; return once every stream it makes has its route."""
     reply = await plane.call(control.Deploy(spec=spec.to_dict()))
     assigned = reply.assignments
     out(f"deployed pipeline {reply.pipeline}: " + ", ".join(f"{e} -> {', '.join(a)}" for e, a in assigned.items()))
-    deployment = _Deployment(spec, {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}, plane.agents)
+    deployment = Deployment(spec, {e.name: (assigned.get(e.name) or ["?"])[0] for e in spec.elements}, plane.agents)
     for element in spec.elements:
         if element.emits is None:
             continue
@@ -414,7 +417,7 @@ async def _deploy(plane: _Plane, spec: PipelineSpec, out: Callable[[str], Any]) 
 
 
 async def _run_camera(
-    deployment: _Deployment, workload: _Workload, progress: _Progress, timeout_s: float, out: Callable[[str], Any]
+    deployment: Deployment, workload: _Workload, progress: _Progress, timeout_s: float, out: Callable[[str], Any]
 ) -> bool:
     """Let the camera go; whether, within ``timeout_s`` (plus the frames' time), the sink got
     every detection and every element counted what the generator implies."""
@@ -439,7 +442,7 @@ async def _run_camera(
     return await _wait_for(all_counted, 2.0 if complete else 0.0) and complete
 
 
-async def _show_orchestrator_view(plane: _Plane, deployment: _Deployment, out: Callable[[str], Any]) -> None:
+async def _show_orchestrator_view(plane: Plane, deployment: Deployment, out: Callable[[str], Any]) -> None:
     """Print the pipeline as the orchestrator sees it, once the agents' reports caught up with their counters."""
 
     async def reported() -> bool:
@@ -458,7 +461,7 @@ async def _show_orchestrator_view(plane: _Plane, deployment: _Deployment, out: C
     out(format_pipelines((await plane.call(control.Pipelines())).pipelines))
 
 
-def _summary(plane: _Plane, deployment: _Deployment, workload: _Workload, complete: bool, elapsed: float) -> dict[str, Any]:
+def _summary(plane: Plane, deployment: Deployment, workload: _Workload, complete: bool, elapsed: float) -> dict[str, Any]:
     """What :func:`run_faces` returns (see there), from the agents' and brokers' counters."""
     where = {name: broker for name, broker, _ in PLACEMENT}
     elements = {}
@@ -485,7 +488,7 @@ def _summary(plane: _Plane, deployment: _Deployment, workload: _Workload, comple
     }
 
 
-def _print_summary(summary: dict[str, Any], plane: _Plane, elapsed: float, out: Callable[[str], Any]) -> None:
+def _print_summary(summary: dict[str, Any], plane: Plane, elapsed: float, out: Callable[[str], Any]) -> None:
     """The summary table: the verdict, then per element and per broker."""
     expected = summary["expected"]
     out("")
@@ -528,11 +531,11 @@ async def run_faces(
     workload = _Workload.of(pipeline, frames, interval_s)
     progress = _Progress(workload.faces + workload.dogs)
     started = time.monotonic()
-    plane = _Plane()
+    plane = Plane()
     try:
         await plane.start(out)
         await _start_agents(plane, progress, out)
-        deployment = await _deploy(plane, pipeline, out)
+        deployment = await deploy(plane, pipeline, out)
         complete = await _run_camera(deployment, workload, progress, timeout_s, out)
         await _show_orchestrator_view(plane, deployment, out)
         elapsed = time.monotonic() - started
@@ -543,9 +546,18 @@ async def run_faces(
         await plane.close()
 
 
+#: What ``dcp demo`` ends with: where the same data plane carries real sensing and AI workloads.
+REAL_EXAMPLES = """\
+real workloads, in a checkout of dcp: pip install -e '.[examples]' (numpy, OpenCV, scikit-image), then
+  python examples/isac_radar.py     FMCW radar I/Q frames -> range and Doppler FFTs -> CA-CFAR -> clustering -> tracking
+  python examples/faces_opencv.py   this pipeline with OpenCV's Haar face detector, on scikit-image's sample images"""
+
+
 async def run_demo(count: int = 12, interval_s: float = 0.05) -> int:
     """``dcp demo``: :func:`run_faces` on :data:`DEMO_SPEC`; 0 when everything arrived and nothing dropped."""
     print("dcp demo: camera -> face detector + dog detector -> age/gender classifier -> printing sink")
     print("(synthetic frames; the detectors and the classifier are deterministic stand-ins for real models)")
     summary = await run_faces(count, interval_s)
+    print()
+    print(REAL_EXAMPLES)
     return 0 if summary["ok"] else 1

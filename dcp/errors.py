@@ -1,6 +1,6 @@
 """The one exception tree of dcp.
 
-::
+.. code-block:: text
 
     DcpError
     ├── ProtocolError                 the byte stream or a frame broke the wire contract
@@ -14,7 +14,7 @@
     ├── ConnectionClosed              the connection is gone (and will not come back)
     ├── RoutingError (ValueError)     bad keys or bitmaps given to dcp.routing
     ├── ConfigError (ValueError)      bad configuration
-    │   └── SpecError                 a pipeline spec is invalid (``field`` says where)
+    │   └── SpecError                 a pipeline spec is invalid (its .field says where)
     ├── AuthError                     a token or route tag is missing, forged or expired
     ├── LinkRefused                   a broker will not take a peer's hello as a link
     └── DcpTimeout (TimeoutError)     a request got no answer in time
@@ -25,6 +25,9 @@ code says which case: AuthError, LinkRefused, BadRequest), sent in the error fra
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 __all__ = [
     "DcpError",
@@ -43,6 +46,7 @@ __all__ = [
     "AuthError",
     "LinkRefused",
     "DcpTimeout",
+    "did_you_mean",
 ]
 
 
@@ -155,6 +159,13 @@ class AuthError(DcpError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the choice nearest to ``word``, such as ``slow_consumer``
+    for ``slow-consumer``, or ``""`` when none is near: for the errors about an unknown key."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class LinkRefused(DcpError):

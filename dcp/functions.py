@@ -2,7 +2,9 @@
 
 The article's processing functions filter, aggregate, compress and infer.  Inference
 and aggregation are application code (see ``dcp demo`` and ``examples/sensing.py``);
-these are the generic ones, parameterised from the pipeline spec::
+these are the generic ones, parameterised from the pipeline spec:
+
+.. code-block:: toml
 
     [[stage]]
     name = "shrink"

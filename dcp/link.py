@@ -2,7 +2,9 @@
 
 For the data path a link is a port like any other: frames arriving on it are
 forwarded by ``X mod key``, frames routed to it are written to it.  What makes it a
-link is its life cycle.  The dialling end redials with backoff after any failure;
+link is its life cycle.  The dialling end redials with backoff after any failure
+but a refusal that cannot heal (:data:`FINAL_REFUSALS`), which it logs once and keeps
+in the link's state (``refused``, the reason in ``last_error``) until it is unlinked;
 both ends ping to measure the round trip and to cut a link that stopped answering;
 both ends keep the link's port reserved while it is down, so the topology numbers
 that name it stay valid and delivery resumes, with no process restarted, when it
@@ -34,19 +36,25 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from ._guard import safe
-from .auth import endpoint
+from .auth import REFUSALS, endpoint
 from .backoff import Backoff
 from .config import BrokerConfig, parse_address
 from .control import WELCOME, Error, Hello, Message, Ping, Unlink, Welcome
 from .errors import BadRequest, ConnectionClosed, DcpError, DcpTimeout, LinkRefused, RemoteError
 from .routing import int_to_bytes
 
-__all__ = ["Link", "LinkHost", "LinkConnection", "LINK_COUNTERS"]
+__all__ = ["Link", "LinkHost", "LinkConnection", "LINK_COUNTERS", "FINAL_REFUSALS"]
 
 log = logging.getLogger(__name__)
 
 #: Per-link counters, summed over every connection the link has had.
 LINK_COUNTERS = ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")
+#: Refusals of a link that redialling cannot heal, so the dialler stops: the peer has one
+#: of this broker's keys, routes by a table, or will not take this broker's token (none
+#: sent, another secret, a wrong role, name or audience).  Not ``token_expired``: each
+#: dial issues a fresh token, so that one means clocks that disagree, which can be fixed
+#: while the link waits.
+FINAL_REFUSALS = frozenset({"same_key", "wrong_mode", *(REFUSALS - {"token_expired"})})
 
 
 class LinkConnection(Protocol):
@@ -147,7 +155,8 @@ class Link:
         self._expiry: asyncio.TimerHandle | None = None
         self._welcome: asyncio.Future[None] | None = None
         self._lost = asyncio.Event()
-        self._up = asyncio.Event()
+        self._settled = asyncio.Event()  # set while the link is up, or refused for good: what wait_up waits for
+        self._refusal: LinkRefused | None = None
         self._pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
 
@@ -162,13 +171,21 @@ class Link:
         self._task = asyncio.get_running_loop().create_task(self._dial_forever())
 
     async def wait_up(self, timeout: float) -> None:
+        """Return once the link is up.
+
+        Raises:
+            LinkRefused: the peer refused it in a way that cannot heal; it no longer redials.
+            DcpTimeout: not up after ``timeout`` seconds; it keeps redialling until unlinked.
+        """
         try:
-            await asyncio.wait_for(self._up.wait(), timeout)
+            await asyncio.wait_for(self._settled.wait(), timeout)
         except asyncio.TimeoutError:
             raise DcpTimeout(
-                f"link on port {self.port} not up after {timeout}s ({self.last_error or self.state}); "
-                "it keeps redialling until unlinked"
+                f"link on port {self.port} to {self.address or self._describe()} not up after {timeout}s "
+                f"({self.last_error or self.state}); it keeps redialling until unlinked"
             ) from None
+        if self._refusal is not None:
+            raise self._refusal
 
     def close(self, notify: bool) -> None:
         """Stop the link for good; ``notify``: ask the peer to free its end now."""
@@ -190,21 +207,36 @@ class Link:
         while self.state != "closed":
             try:
                 await self._dial(host, port)
-            except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError, BadRequest) as exc:
-                reason = safe(str(exc) or type(exc).__name__, 512)
-                if reason != self.last_error:
-                    log.warning("link port %d to %s: %s; redialling", self.port, self.address, reason)
-                self.last_error = reason
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, RemoteError, BadRequest, LinkRefused) as exc:
                 conn = self.conn
                 if conn is not None:
                     self._connection_gone(conn)
                     conn.abort()
+                if isinstance(exc, (RemoteError, LinkRefused)) and exc.code in FINAL_REFUSALS:
+                    self._give_up(exc.code, exc.message if isinstance(exc, RemoteError) else str(exc))
+                    return
+                reason = safe(str(exc) or type(exc).__name__, 512)
+                if reason != self.last_error:
+                    log.warning("link port %d to %s: %s; redialling", self.port, self.address, reason)
+                self.last_error = reason
                 if delays is None:
                     delays = Backoff(initial_s=0.05, max_s=config.link_retry_max_s).delays()
                 await asyncio.sleep(next(delays))
                 continue
             delays = None
             await self._supervise()
+
+    def _give_up(self, code: str, message: str) -> None:
+        """Outbound: the peer refused the link for good; stop redialling and say why, once."""
+        self.state = "refused"
+        self.last_error = safe(f"{code}: {message}", 512)
+        self._refusal = LinkRefused(code, f"link on port {self.port} to {self.address} refused: {self.last_error}")
+        self._settled.set()
+        self.broker.state_changed()
+        log.error(
+            "link port %d to %s refused: %s; not redialling, as that cannot heal by itself: fix the cause, then link "
+            "again (dcp unlink, dcp link) or restart this broker", self.port, self.address, self.last_error,
+        )
 
     async def _dial(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -275,7 +307,8 @@ class Link:
 
     def refuse(self, conn: LinkConnection, reason: DcpError) -> None:
         """Outbound: the answer to the hello refuses the link (the dialler logs ``reason``
-        and redials); nothing if ``conn`` no longer waits for one."""
+        and redials, or with one of :data:`FINAL_REFUSALS` stops); nothing if ``conn`` no
+        longer waits for one."""
         waiting = self._waiting(conn)
         if waiting is not None:
             waiting.set_exception(reason)
@@ -331,7 +364,7 @@ class Link:
             self._totals[name] += getattr(conn, name)
         self.conn = None
         self._lost.set()
-        self._up.clear()
+        self._settled.clear()
         self._pings.clear()
         if self.state == "up":
             log.warning("link port %d (%s) down", self.port, self._describe())
@@ -343,7 +376,7 @@ class Link:
             self.connects += 1
         self.state = "up"
         self.last_error = ""
-        self._up.set()
+        self._settled.set()
         self.broker.state_changed()
         log.info(
             "link up: port %d <-> %s port %d key=%d%s",

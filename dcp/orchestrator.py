@@ -60,14 +60,18 @@ from ._loop import open_file_count, raise_open_file_limit
 from ._serving import GuardedConnection, Quota, Serving, access_table, pre_hello_limits
 from .auth import DEFAULT_TOKEN_TTL_S, ISSUED_ROLES, RouteSigner, expiry, is_broker_secret, issue_token, load_secret
 from .config import OrchestratorConfig
+from .daemon_metrics import PLANNING_BUCKETS, metrics_server, orchestrator_families, orchestrator_unready
 from .errors import AuthError, BadRequest, ConfigError, DcpError, ProtocolError, RemoteProtocolError, RoutingError, SpecError
+from .metrics import Histogram
+from .metrics_http import MetricsServer
 from .orchestrator_store import Store
-from .patterns import Policy, validate_pattern, validate_topic
-from .planner import AgentView, Planner, Stream
+from .patterns import Policy, topic_matches, validate_pattern, validate_topic
+from .planner import AgentView, Planner, ShareGroup, Stream
+from .shares import REPLIES, REQUESTS, requestable
 from .routing import KeyLayout, int_to_bytes
 from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
-from .topology import Overlay, OverlayLink
+from .topology import Endpoint, Overlay, OverlayLink
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
 #: What a connection to the orchestrator may send: control frames only, before and
@@ -84,6 +88,9 @@ log = logging.getLogger(__name__)
 
 #: Planning and pushing per loop iteration, at most (about: one stream's tree is not cut).
 SLICE_S = 0.01
+#: A warning names at most this many consumers a stream misses: the pipelines view of a
+#: stream that misses thousands still fits a control frame.
+MISSES_NAMED = 3
 #: Serving requests per loop iteration, at most (about: one request is not cut).
 SERVE_S = 0.005
 #: A connection with this many requests waiting is not read until half of them are served.
@@ -183,6 +190,11 @@ class Orchestrator(Serving):
         self._sending: deque[tuple[str, dict[str, Stream]]] = deque()  # stored, to push
         self._slices = 0
         self._longest_slice_s = 0.0
+        self.round_seconds = Histogram(PLANNING_BUCKETS)  # planning rounds, for /metrics
+        self.slice_seconds = Histogram(PLANNING_BUCKETS)
+        self.route_pushes = 0  # route messages pushed to agents
+        self.push_writes = 0  # writes of them, one per agent and round
+        self.metrics: MetricsServer | None = None  # --metrics-listen, once started
         self._frozen = 0  # agents and streams at the last gc.freeze()
         self._checkpoint: asyncio.Future[None] | None = None  # running, or done at ``_checkpointed``
         self._checkpointed = 0.0
@@ -262,6 +274,18 @@ class Orchestrator(Serving):
                 self._when_grace_ends(record, partial(self._agent_grace_over, record))
         if self.signer is not None:
             loop.call_later(self.config.route_ttl_s / 4, self._resign)
+        if self.config.metrics_listen:
+            self.metrics = metrics_server(self.config.metrics_listen, "orchestrator", lambda: orchestrator_families(self), lambda: orchestrator_unready(self))
+            await self.metrics.start()
+
+    @property
+    def closing(self) -> bool:
+        return self._closed is not None and (self._closed.is_set() or self._server is None or not self._server.is_serving())
+
+    @property
+    def connections(self) -> frozenset[OrchestratorConnection]:
+        """Every open connection: brokers, agents, admins, those before their hello."""
+        return frozenset(self._connections)
 
     async def close(self) -> None:
         if self._server is None or self._closed is None or self._closed.is_set():
@@ -272,6 +296,8 @@ class Orchestrator(Serving):
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         self.store.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         log.info("dcp orchestrator stopped")
         self._closed.set()
 
@@ -342,7 +368,11 @@ class Orchestrator(Serving):
         for capability in capabilities:
             self._capable.setdefault(capability, set()).add(name)
         self.store.save_agent(name, capabilities, consumes, produces, record.broker_key, port)
-        log.info("agent %s registered at broker %s port %d", safe(name), safe(self._broker_name(record.broker_key) or "?"), port)
+        unplaced = self._unplaced(record)
+        if unplaced:
+            log.warning("agent %s (port %d) %s", safe(name), port, unplaced)
+        else:
+            log.info("agent %s registered at broker %s port %d", safe(name), safe(self._broker_name(record.broker_key) or "?"), port)
         offered = set(capabilities)
         self._assign_elements(lambda _, element: element.capability in offered)
         conn.send_all([self._assign_message(pipeline, element) for pipeline, element in self._assigned.get(name, ())])
@@ -598,7 +628,8 @@ class Orchestrator(Serving):
         self._assign_elements(lambda _, __: True)  # its policy may let other elements' candidates in too
         self.changed()
         log.info("pipeline %s deployed: %d element(s)", safe(spec.name), len(spec.elements))
-        return control.Deployed(pipeline=spec.name, assignments=self._assignments_of(spec.name))
+        warnings = [f"{element}: {warning}" for element, found in self._warnings(spec).items() for warning in found]
+        return control.Deployed(pipeline=spec.name, assignments=self._assignments_of(spec.name), warnings=warnings or None)
 
     def undeploy(self, name: str) -> None:
         """Raises BadRequest (``no_pipeline``) if no pipeline of that name is deployed."""
@@ -701,23 +732,40 @@ class Orchestrator(Serving):
     # -- planning -------------------------------------------------------------------
 
     def _effective(self, record: AgentRecord) -> tuple[list[str], list[str]]:
-        """(consumes, produces) of an agent: its own, plus its assigned elements'."""
+        """(consumes, produces) of an agent: its own, plus its assigned elements' (the
+        inputs its replicas share aside: :meth:`_shares`)."""
         consumes, produces = list(record.consumes), list(record.produces)
         for pipeline, element_name in self._assigned.get(record.name, ()):
             spec = self.pipelines.get(pipeline)
             if spec is not None:
                 element = spec.element(element_name)
-                consumes.extend(element.consumes)
+                if not element.shared:
+                    consumes.extend(element.consumes)
                 if element.emits and not element.external:
                     produces.append(element.emits)
         return consumes, produces
 
+    def _shares(self, record: AgentRecord) -> list[tuple[str, str, str]]:
+        """What an agent takes as one of a share group, (pattern, group, mode): the inputs
+        of its elements whose replicas share them, and the requests to each capability it
+        offers (its offerers share them in turn)."""
+        shares = [(REQUESTS + capability, REQUESTS + capability, "round_robin") for capability in record.capabilities if requestable(capability)]
+        for pipeline, element_name in self._assigned.get(record.name, ()):
+            spec = self.pipelines.get(pipeline)
+            element = spec.element(element_name) if spec is not None else None
+            if element is not None and element.shared:
+                shares.extend((pattern, f"{pipeline}/{element_name}", element.share) for pattern in element.consumes)
+        return shares
+
     def _view(self, record: AgentRecord) -> AgentView:
         """What the planner needs of an agent: where it counts on the data plane, if it does."""
-        broker = self._broker_at(record.broker_key)
-        endpoint = (broker.name, record.port) if broker is not None and self._alive(record) else None
         consumes, produces = self._effective(record)
-        return AgentView(endpoint, record.conn is not None, tuple(consumes), tuple(produces))
+        return AgentView(self._endpoint(record), record.conn is not None, tuple(consumes), tuple(produces), tuple(self._shares(record)))
+
+    def _endpoint(self, record: AgentRecord) -> Endpoint | None:
+        """Where an agent counts on the data plane: its port on a broker present, while it is alive."""
+        broker = self._broker_at(record.broker_key)
+        return (broker.name, record.port) if broker is not None and self._alive(record) else None
 
     def overlay(self) -> Overlay:
         """The brokers present and the links both ends report up."""
@@ -819,6 +867,7 @@ class Orchestrator(Serving):
             self._outbox = {}
         self._send_routes(deadline)
         took = time.perf_counter() - started
+        self.slice_seconds.observe(took)
         self._slices += 1
         self._longest_slice_s = max(self._longest_slice_s, took)
         if self._planning_left() or self._round_started is not None or self._sending:
@@ -855,6 +904,7 @@ class Orchestrator(Serving):
         """Store the round's routes for good: from now on they may be pushed."""
         self.store.commit()
         took = time.perf_counter() - (self._round_started or 0.0)
+        self.round_seconds.observe(took)
         self._round_started = None
         routes = sum(len(topics) for topics in self._outbox.values())
         if routes:
@@ -892,6 +942,8 @@ class Orchestrator(Serving):
             record = self.agents.get(name)
             if record is not None and record.conn is not None:
                 record.conn.send_all([self._route_message(stream) for stream in streams.values()])
+                self.route_pushes += len(streams)
+                self.push_writes += 1
             if time.perf_counter() >= deadline:
                 return
 
@@ -901,15 +953,43 @@ class Orchestrator(Serving):
         (none while that broker is not known here: X means nothing elsewhere)."""
         source = self.brokers.get(stream.broker)  # the agent uses X only while attached there
         tag = None
-        if self.signer is not None and stream.x and source is not None:
-            expires = int(time.time() + self.config.route_ttl_s)
-            tag = self.signer.sign(
-                stream.topic, stream.x, stream.epoch, expires, producer=stream.producer, broker_key=source.key
-            )
+        variant_tags = None
+        signer = self.signer if source is not None else None
+        expires = int(time.time() + self.config.route_ttl_s)
+        if signer is not None and stream.x and source is not None:
+            tag = signer.sign(stream.topic, stream.x, stream.epoch, expires, producer=stream.producer, broker_key=source.key)
+            if stream.variants:
+                variant_tags = [
+                    signer.sign(stream.topic, x, stream.epoch, expires, producer=stream.producer, broker_key=source.key)
+                    for x in stream.variants
+                ]
             self._signed_until[(stream.producer, stream.topic)] = expires
+        shares = [self._share_message(group, expires) for group in stream.groups] if stream.groups else None
         return control.Route(
             topic=stream.topic, x=stream.x, epoch=stream.epoch, consumers=stream.consumers, refused=stream.refused or None,
             broker_key=None if source is None else source.key, tag=tag,
+            variants=list(stream.variants) or None, variant_tags=variant_tags, shares=shares,
+        )
+
+    def _share_message(self, group: ShareGroup, expires: int) -> control.Share:
+        """A share group of a route push; for a request stream, each member's way back,
+        signed for that member on its broker (epoch 0: a reply route is bounded by its
+        expiry alone, the requests of many requesters sharing the member's reply topic)."""
+        if not group.replies:
+            return control.Share(group=group.name, mode=group.mode, members=list(group.members))
+        keys = []
+        for member in group.members:
+            record = self.agents.get(member)
+            keys.append(record.broker_key if record is not None else 0)
+        tags = None
+        if self.signer is not None:
+            tags = [
+                self.signer.sign(REPLIES, x, 0, expires, producer=member, broker_key=key)
+                for member, x, key in zip(group.members, group.replies, keys)
+            ]
+        return control.Share(
+            group=group.name, mode=group.mode, members=list(group.members), replies=list(group.replies), reply_tags=tags,
+            reply_keys=keys,
         )
 
     def _resign(self) -> None:
@@ -953,26 +1033,117 @@ class Orchestrator(Serving):
     # -- views ------------------------------------------------------------------------
 
     def pipelines_view(self) -> list[dict[str, Any]]:
-        """Deployed pipelines with each element's agents and their live counters."""
+        """Deployed pipelines with each element's agents, their live counters and last
+        error, and the element's warnings (:meth:`_warnings`)."""
         view = []
         for name, spec in self.pipelines.items():
             elements = []
+            warnings = self._warnings(spec)
             for element in spec.elements:
                 agents = []
+                key = f"{name}/{element.name}"
                 for agent in self.assignments.get((name, element.name), []):
                     record = self.agents.get(agent)
                     report = record.report if record else None
-                    counters = report.elements.get(f"{name}/{element.name}", {}) if report else {}
+                    counters = report.elements.get(key, {}) if report else {}
                     agents.append({
                         "agent": agent, "online": self._online(agent), **counters,
                         "dropped": report.dropped if report else 0, "unrouted": report.unrouted if report else 0,
+                        "last_error": (report.last_errors or {}).get(key, "") if report else "",
                     })
                 elements.append({
                     "name": element.name, "kind": element.kind, "capability": element.capability,
                     "consumes": list(element.consumes), "emits": element.emits, "agents": agents,
+                    "warnings": warnings.get(element.name, []),
                 })
             view.append({"name": name, "deployed_at": self.deployed_at.get(name), "elements": elements})
         return view
+
+    def _warnings(self, spec: PipelineSpec) -> dict[str, list[str]]:
+        """Why routes of ``spec`` reach nobody, per element name: an agent of it on no broker
+        of the overlay, and streams its agents emit that miss consumers.
+
+        Read from the registries as they are now, not kept: a warning goes once its cause
+        does (a broker that registers after its agents, a link that comes up)."""
+        warnings: dict[str, list[str]] = {}
+        for element in spec.elements:
+            found = []
+            assigned = self.assignments.get((spec.name, element.name), ())
+            alive = sum(1 for agent in assigned if agent in self.agents and self._alive(self.agents[agent]))
+            if not element.external and alive < element.replicas:
+                found.append(
+                    f"{alive} of {element.replicas} replicas running: no other connected agent offers {element.capability!r}"
+                    + (" (each frame goes to one of those running)" if element.shared and alive else "")
+                )
+            for agent in assigned:
+                record = self.agents.get(agent)
+                if record is None or not self._alive(record):
+                    continue  # shown offline; its element goes to another agent
+                source = self._endpoint(record)
+                if source is None:
+                    found.append(f"agent {agent} {self._unplaced(record)}")
+                elif element.emits:
+                    found.extend(self._unreached(agent, source, element.emits))
+            if found:
+                warnings[element.name] = found
+        return warnings
+
+    def _unplaced(self, record: AgentRecord) -> str:
+        """Why an agent is on no broker of the overlay, or "" if it is on one."""
+        if self._broker_at(record.broker_key) is not None:
+            return ""
+        owner = self._key_owner.get(record.broker_key)
+        if owner is not None:
+            return f"is attached to broker {owner}, gone for over {self.config.grace_s:g} s: its routes reach nobody until that broker is back"
+        return (
+            f"is attached to a broker the orchestrator does not know (key {record.broker_key}): its routes reach nobody "
+            "until that broker registers (start it with --orchestrator)"
+        )
+
+    def _unreached(self, producer: str, source: Endpoint, topic: str) -> list[str]:
+        """A warning if the stream of ``topic`` from ``producer`` (at ``source``) has no
+        consumer, or misses some, naming :data:`MISSES_NAMED` of them and why."""
+        stream = f"stream {producer}/{topic}"
+        policy = self._policy
+        if not policy.allows(producer, "publish", topic):
+            return [f"{stream} reaches nobody: {policy.why(producer, 'publish', topic)}"]
+        consumers = self._consumers_of(topic)
+        consumers.discard(producer)
+        if not consumers:
+            return [f"{stream} reaches nobody: no agent consumes {topic!r}"]
+        planned = self.streams.get((producer, topic))
+        unplanned = sorted(consumers - set(planned.consumers if planned is not None else ()))  # the others are reached
+        reachable = self.planner.reachable(source[0]) if unplanned else set()
+        misses = []
+        for name in unplanned:
+            record = self.agents[name]
+            endpoint = self._endpoint(record)
+            if endpoint is None:  # alive, so on no broker of the overlay
+                misses.append(f"{name} {self._unplaced(record)}")
+            elif endpoint[0] not in reachable:
+                misses.append(f"{name} cannot be reached: no path of links that are up leads from broker {source[0]} to broker {endpoint[0]}")
+        if not misses:
+            return []
+        named = "; ".join(misses[:MISSES_NAMED]) + (f"; and {len(misses) - MISSES_NAMED} more" if len(misses) > MISSES_NAMED else "")
+        if len(misses) == len(consumers):
+            return [f"{stream} reaches none of its {len(consumers)} consumer(s): {named}"]
+        return [f"{stream} misses {len(misses)} of its {len(consumers)} consumer(s): {named}"]
+
+    def _consumers_of(self, topic: str) -> set[str]:
+        """The alive agents the policy lets consume ``topic`` whose patterns name it: those
+        the planner indexes, those of deployed elements (assigned since its last slice
+        too), and those at brokers the orchestrator does not know, which it does not index."""
+        names = self.planner.consumers_of(topic)
+        for spec in self.pipelines.values():
+            for element in spec.elements:
+                if any(topic_matches(pattern, topic) for pattern in element.consumes):
+                    names.update(self.assignments.get((spec.name, element.name), ()))
+        unindexed = (self.agents.get(name) for key, at in self._agents_at.items() if self._broker_at(key) is None for name in at)
+        names.update(r.name for r in unindexed if r is not None and any(topic_matches(p, topic) for p in r.consumes))
+        return {
+            name for name in names
+            if name in self.agents and self._alive(self.agents[name]) and self._policy.allows(name, "consume", topic)
+        }
 
     def status(self, summary: bool = False) -> dict[str, Any]:
         """Brokers, agents and streams, and the planning counters; ``summary``: the counts
@@ -981,13 +1152,15 @@ class Orchestrator(Serving):
         listed: dict[str, Any] = {"agents": len(self.agents), "streams": len(self.streams)} if summary else {
             "agents": [
                 {"name": a.name, "online": a.conn is not None, "broker": self._broker_name(a.broker_key), "port": a.port,
-                 "capabilities": a.capabilities, "consumes": consumes, "produces": produces}
+                 "capabilities": a.capabilities, "consumes": consumes, "produces": produces,
+                 "shares": [{"pattern": pattern, "group": group, "mode": mode} for pattern, group, mode in self._shares(a)]}
                 for a in self.agents.values()
                 for consumes, produces in [self._effective(a)]
             ],
             "streams": [
                 {"producer": s.producer, "topic": s.topic, "epoch": s.epoch, "x_bytes": len(int_to_bytes(s.x)),
-                 "consumers": s.consumers, **({"refused": s.refused} if s.refused else {})}
+                 "consumers": s.consumers, **({"refused": s.refused} if s.refused else {}),
+                 **({"shares": [{"group": g.name, "mode": g.mode, "members": list(g.members)} for g in s.groups]} if s.groups else {})}
                 for s in self.streams.values()
             ],
         }

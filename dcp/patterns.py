@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .wire import DEFAULT_LIMITS
 
 __all__ = [
@@ -173,9 +173,10 @@ def rules_from_list(
         here = f"{where}[{i}]"
         if not isinstance(item, Mapping):
             raise error(here, "must be a table")
-        unknown = sorted(set(item) - {"agent", "action", *ACCESS})
+        keys = ("agent", "action", *ACCESS)
+        unknown = sorted(set(item) - set(keys))
         if unknown:
-            raise error(f"{here}.{unknown[0]}", "is not a rule key (agent, action, publish, consume)")
+            raise error(f"{here}.{unknown[0]}", f"is not a rule key ({', '.join(keys)}){did_you_mean(unknown[0], keys)}")
         lists = {}
         for access in ACCESS:
             patterns = _pattern_list(item.get(access, []))
@@ -245,9 +246,14 @@ class Policy:
 
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: must be a table")
-        unknown = sorted(set(data) - {"default", "rule"})
+        keys = ("default", "rule")
+        unknown = sorted(set(data) - set(keys))
         if unknown:
-            raise error(unknown[0], "is not a policy key (default, rule)")
+            if unknown[0] == "policy":  # a spec's [[policy]] tables are a policy file's [[rule]] ones
+                near = " (did you mean 'rule'? a policy file's rules are [[rule]] tables)"
+            else:
+                near = did_you_mean(unknown[0], keys)
+            raise error(unknown[0], f"is not a policy key ({', '.join(keys)}){near}")
         default = data.get("default", "allow")
         if default not in RULE_ACTIONS:
             raise error("default", f"must be 'allow' or 'deny', got {default!r}")

@@ -31,14 +31,16 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from itertools import product
+from typing import Generic, TypeVar
 
 from ._guard import safe
 from .errors import RoutingError
 from .patterns import Policy
+from .shares import REQUESTS
 from .topology import Endpoint, Overlay, OverlayLink, build_tree
 
-__all__ = ["AgentView", "Stream", "Planner"]
+__all__ = ["AgentView", "Stream", "ShareGroup", "Planner", "MAX_VARIANTS"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ StreamKey = tuple[str, str]  # (producer, topic)
 Edge = tuple[Endpoint, Endpoint]  # a link, its two ends in order: the same seen from either side
 K = TypeVar("K")
 V = TypeVar("V")
+M = TypeVar("M", str, tuple[str, str, str])  # an index member: an agent, or (agent, group, mode) for a share
+
+#: The numbers one stream may carry for its share groups: the product of their sizes at
+#: most; groups past it take every frame (logged), so a push stays one control frame.
+MAX_VARIANTS = 64
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,21 @@ class AgentView:
     online: bool
     consumes: tuple[str, ...] = ()
     produces: tuple[str, ...] = ()
+    #: Patterns consumed as one member of a share group: (pattern, group, mode); each
+    #: frame goes to one member of the group (mode "round_robin" or "key").
+    shares: tuple[tuple[str, str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ShareGroup:
+    """The replicas that share a stream: each frame goes to one ``members`` (in order,
+    the digits of the variant index), chosen by the producer in turn or by key.
+    ``replies``: for a request stream, the number from each member back to the producer."""
+
+    name: str
+    mode: str
+    members: tuple[str, ...]
+    replies: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,11 @@ class Stream:
     consumers: list[str]
     refused: str = ""  # why the producer may not publish, if it may not
     broker: str = ""  # the producer's broker X was computed for: X means nothing on another
+    #: With share groups: one number per choice of one member in each group (the first
+    #: group's member is the fastest digit), each also reaching every other consumer; x is
+    #: the first.  Empty: x reaches every consumer.
+    variants: tuple[int, ...] = ()
+    groups: tuple[ShareGroup, ...] = ()
 
 
 @dataclass
@@ -87,18 +114,18 @@ class _Tree:
     partial: bool  # a consumer was left out, or the source cannot be planned
 
 
-class _PatternIndex:
+class _PatternIndex(Generic[M]):
     """Consumer patterns by topic level: the consumers of a topic cost the levels of the
     topic and the wildcards on its way, not a scan of the agents."""
 
     __slots__ = ("children", "agents", "rest")
 
     def __init__(self) -> None:
-        self.children: dict[str, _PatternIndex] = {}
-        self.agents: set[str] = set()  # patterns that end at this node
-        self.rest: set[str] = set()  # patterns that end with '>' below this node
+        self.children: dict[str, _PatternIndex[M]] = {}
+        self.agents: set[M] = set()  # patterns that end at this node
+        self.rest: set[M] = set()  # patterns that end with '>' below this node
 
-    def add(self, pattern: str, agent: str) -> None:
+    def add(self, pattern: str, agent: M) -> None:
         *path, last = pattern.split(".")
         node = self
         for token in path:
@@ -108,7 +135,7 @@ class _PatternIndex:
         else:
             node.children.setdefault(last, _PatternIndex()).agents.add(agent)
 
-    def discard(self, pattern: str, agent: str) -> None:
+    def discard(self, pattern: str, agent: M) -> None:
         *path, last = pattern.split(".")
         trail = [self]
         for token in path:
@@ -129,9 +156,9 @@ class _PatternIndex:
     def empty(self) -> bool:
         return not (self.children or self.agents or self.rest)
 
-    def match(self, topic: str) -> set[str]:
+    def match(self, topic: str) -> set[M]:
         """The agents with a pattern that names ``topic``."""
-        found: set[str] = set()
+        found: set[M] = set()
         frontier = [self]
         for token in topic.split("."):
             below = []
@@ -207,7 +234,7 @@ class _TopicIndex:
                     pending.append((child, depth + 1))
 
 
-def _prune(trail: list[_PatternIndex] | list[_TopicIndex], tokens: list[str]) -> None:
+def _prune(trail: list[_PatternIndex[str]] | list[_PatternIndex[tuple[str, str, str]]] | list[_TopicIndex], tokens: list[str]) -> None:
     """Drop the nodes of ``trail`` (root first, one per token) left empty, deepest first."""
     for depth in range(len(trail) - 1, 0, -1):
         if not trail[depth].empty():
@@ -308,7 +335,8 @@ class Planner:
         self.policy = policy or Policy()
         self.counters = _Counters()
         self._dirty: dict[StreamKey, None] = {}
-        self._consumers = _PatternIndex()  # patterns of the agents with an endpoint
+        self._consumers: _PatternIndex[str] = _PatternIndex()  # patterns of the agents with an endpoint
+        self._members: _PatternIndex[tuple[str, str, str]] = _PatternIndex()  # their shared patterns: (agent, group, mode)
         self._produced = _TopicIndex()  # topics of the agents with an endpoint
         self._at: dict[Endpoint, set[str]] = {}  # endpoint -> agents there
         self._trees: dict[StreamKey, _Tree] = {}
@@ -333,6 +361,16 @@ class Planner:
         """Streams whose planning raised the last time: they keep their last route."""
         return len(self._failing)
 
+    def consumers_of(self, topic: str) -> set[str]:
+        """The agents with an endpoint whose patterns (their elements' included) name
+        ``topic``, as last told; the policy aside."""
+        return self._consumers.match(topic)
+
+    def reachable(self, source: str) -> set[str]:
+        """The brokers the overlay's links reach from broker ``source``, itself included:
+        where a tree from there can go (:func:`build_tree` walks the same links)."""
+        return set(_distances(_adjacency(_edge(link) for link in self.overlay.links), source))
+
     def topics_of(self, producer: str) -> list[str]:
         """The topics ``producer`` has a route for (withdrawn ones too)."""
         return list(self._topics_of.get(producer, ()))
@@ -352,11 +390,15 @@ class Planner:
         new_topics = set(view.produces) if now is not None else set()
         old_patterns = set(old.consumes) if old is not None and was is not None else set()
         new_patterns = set(view.consumes) if now is not None else set()
+        old_shares = set(old.shares) if old is not None and was is not None else set()
+        new_shares = set(view.shares) if now is not None else set()
         if old is None or old.online != view.online:
             self._mark((name, topic) for topic in self._topics_of.get(name, ()))  # withdrawals depend on it
         moved = was != now  # then all of it changes, else only what was added or dropped
         self._mark((name, topic) for topic in (old_topics | new_topics if moved else old_topics ^ new_topics))
         for pattern in old_patterns | new_patterns if moved else old_patterns ^ new_patterns:
+            self._mark(self._produced.streams(pattern))
+        for pattern, _, _ in old_shares | new_shares if moved else old_shares ^ new_shares:
             self._mark(self._produced.streams(pattern))
         for topic in old_topics - new_topics:
             self._produced.discard(topic, name)
@@ -366,6 +408,10 @@ class Planner:
             self._consumers.discard(pattern, name)
         for pattern in new_patterns - old_patterns:
             self._consumers.add(pattern, name)
+        for pattern, group, mode in old_shares - new_shares:
+            self._members.discard(pattern, (name, group, mode))
+        for pattern, group, mode in new_shares - old_shares:
+            self._members.add(pattern, (name, group, mode))
         if moved and was is not None:
             _unindex(self._at, was, name)
         if moved and now is not None:
@@ -417,7 +463,7 @@ class Planner:
         """Dirty everything agent ``name`` (with an endpoint) produces or consumes."""
         view = self.agents[name]
         self._mark((name, topic) for topic in view.produces)
-        for pattern in set(view.consumes):
+        for pattern in {*view.consumes, *(pattern for pattern, _, _ in view.shares)}:
             self._mark(self._produced.streams(pattern))
 
     def _mark_shortcuts(self, before: dict[str, set[str]], after: dict[str, set[str]], came: set[Edge]) -> None:
@@ -496,24 +542,100 @@ class Planner:
             return None
         policy = self.policy
         refused = "" if policy.allows(producer, "publish", topic) else policy.why(producer, "publish", topic)
-        consumers = []
+        consumers: dict[str, Endpoint] = {}  # every frame to each
+        members: dict[tuple[str, str], dict[str, Endpoint]] = {}  # (group, mode) -> its members
         if not refused:
             for agent in sorted(self._consumers.match(topic)):
-                if agent == producer:
-                    continue
-                if not policy.allows(agent, "consume", topic):
-                    log.debug("policy keeps %s from consuming %s: %s", agent, topic, policy.why(agent, "consume", topic))
-                    continue
-                at = self.agents[agent].endpoint
-                assert at is not None  # only agents with an endpoint are indexed
-                consumers.append((agent, at))
+                if self._may_consume(agent, producer, topic):
+                    consumers[agent] = self._endpoint(agent)
+            for agent, group, mode in sorted(self._members.match(topic)):
+                if agent not in consumers and self._may_consume(agent, producer, topic):
+                    members.setdefault((group, mode), {})[agent] = self._endpoint(agent)
         endpoint = view.endpoint
-        x, reached, brokers, edges, partial = _number(self.overlay, endpoint, consumers)
+        everyone = [*consumers.items(), *((agent, at) for group in members.values() for agent, at in group.items())]
+        x, reached, brokers, edges, partial = _number(self.overlay, endpoint, everyone)
+        variants: tuple[int, ...] = ()
+        groups: tuple[ShareGroup, ...] = ()
+        if members:
+            present = set(reached)
+            shared = [(name, mode, {a: at for a, at in group.items() if a in present}) for (name, mode), group in members.items()]
+            groups, variants, brokers, edges, left_out = self._shares(key, endpoint, consumers, shared, present, brokers, edges)
+            partial = partial or left_out
+            x = variants[0] if variants else x
+            reached = list(dict.fromkeys(reached))
         self._track(key, _Tree(endpoint[0], brokers, edges, partial))
         broker = endpoint[0]
-        if old is not None and old.x == x and old.consumers == reached and old.refused == refused and old.broker == broker:
+        if (
+            old is not None and old.x == x and old.consumers == reached and old.refused == refused and old.broker == broker
+            and old.variants == variants and old.groups == groups
+        ):
             return None
-        return Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused, broker)
+        return Stream(producer, topic, (old.epoch if old else 0) + 1, x, reached, refused, broker, variants, groups)
+
+    def _may_consume(self, agent: str, producer: str, topic: str) -> bool:
+        if agent == producer:
+            return False
+        if not self.policy.allows(agent, "consume", topic):
+            log.debug("policy keeps %s from consuming %s: %s", agent, topic, self.policy.why(agent, "consume", topic))
+            return False
+        return True
+
+    def _endpoint(self, agent: str) -> Endpoint:
+        at = self.agents[agent].endpoint
+        assert at is not None  # only agents with an endpoint are indexed
+        return at
+
+    def _shares(
+        self, key: StreamKey, source: Endpoint, consumers: dict[str, Endpoint], shared: list[tuple[str, str, dict[str, Endpoint]]],
+        present: set[str], brokers: frozenset[str], edges: frozenset[Edge],
+    ) -> tuple[tuple[ShareGroup, ...], tuple[int, ...], frozenset[str], frozenset[Edge], bool]:
+        """The share groups of a stream and its numbers, one per choice of one member in
+        each group (every consumer reached by each), with the trees' brokers and links
+        grown by the reply paths of a request stream.  Groups past :data:`MAX_VARIANTS`
+        choices take every frame; members no reply path reaches are left out (the last
+        value says whether one was)."""
+        everyone = [at for agent, at in consumers.items() if agent in present]
+        groups: list[tuple[str, str, dict[str, Endpoint]]] = []
+        choices = 1
+        requests = key[1].startswith(REQUESTS)
+        replies: dict[str, tuple[int, frozenset[str], frozenset[Edge]]] = {}
+        left_out = False
+        for name, mode, group in shared:
+            if requests:
+                for agent in list(group):
+                    back = self._reply(group[agent], source)
+                    if back is None:
+                        del group[agent]
+                        left_out = True
+                    else:
+                        replies[agent] = back
+            if not group:
+                continue
+            if choices * len(group) > MAX_VARIANTS:
+                log.warning("stream %s/%s: share group %s would make over %d numbers; it takes every frame", safe(key[0]), safe(key[1]), safe(name), MAX_VARIANTS)
+                everyone.extend(group.values())
+                continue
+            choices *= len(group)
+            groups.append((name, mode, group))
+        variants = []
+        for choice in product(*(list(group.values()) for _, _, group in reversed(groups))):  # the first group varies fastest
+            variants.append(build_tree(self.overlay, source, [*everyone, *choice]).x)
+        for _, reply_brokers, reply_edges in replies.values():
+            brokers, edges = brokers | reply_brokers, edges | reply_edges
+        share_groups = tuple(
+            ShareGroup(name, mode, tuple(group), tuple(replies[agent][0] for agent in group) if requests else ())
+            for name, mode, group in groups
+        )
+        return share_groups, tuple(variants), brokers, edges, left_out
+
+    def _reply(self, member: Endpoint, requester: Endpoint) -> tuple[int, frozenset[str], frozenset[Edge]] | None:
+        """The number from a request's responder back to its requester, and that tree's
+        brokers and links; None when no path of links that are up leads back."""
+        try:
+            tree = build_tree(self.overlay, member, [requester])
+        except RoutingError:
+            return None
+        return tree.x, tree.brokers, frozenset(_edge(link) for link in tree.links)
 
     def _record(self, stream: Stream) -> None:
         self.streams[(stream.producer, stream.topic)] = stream

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .control import slow_consumer_policy
-from .errors import ConfigError, SpecError
+from .errors import ConfigError, SpecError, did_you_mean
 from .patterns import Policy, Rule, read_document, rules_from_list, topic_matches, validate_pattern, validate_topic
 
 __all__ = ["SpecError", "ElementSpec", "PipelineSpec", "parse_spec", "load_spec", "check_spec"]
@@ -25,9 +25,12 @@ KINDS = ("source", "stage", "sink")
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _KEYS = {
     "source": ("name", "capability", "topic", "emits", "params", "replicas", "agent"),
-    "stage": ("name", "capability", "consumes", "emits", "params", "replicas", "agent"),
-    "sink": ("name", "capability", "consumes", "params", "replicas", "agent"),
+    "stage": ("name", "capability", "consumes", "emits", "params", "replicas", "share", "agent"),
+    "sink": ("name", "capability", "consumes", "params", "replicas", "share", "agent"),
 }
+#: How the replicas of a stage or sink take its input: each frame to one of them, in
+#: turn or by the publisher's key (the same key, the same replica), or every frame to all.
+SHARES = ("round_robin", "key", "all")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,14 @@ class ElementSpec:
     emits: str | None
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
     replicas: int = 1
+    share: str = "round_robin"
     agent: str | None = None
     field_name: str = ""
+
+    @property
+    def shared(self) -> bool:
+        """Whether each frame of its input goes to one of its replicas only."""
+        return self.replicas > 1 and self.share != "all" and bool(self.consumes)
 
     @property
     def external(self) -> bool:
@@ -62,6 +71,8 @@ class ElementSpec:
             data["params"] = copy.deepcopy(self.params)
         if self.replicas != 1:
             data["replicas"] = self.replicas
+        if self.share != "round_robin":
+            data["share"] = self.share
         if self.agent is not None:
             data["agent"] = self.agent
         return data
@@ -168,7 +179,7 @@ def _json_copy(value: object, where: str) -> Any:
         return [_json_copy(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    raise SpecError(where, f"a {type(value).__name__} cannot be stored as JSON")
+    raise SpecError(where, f"a value of type {type(value).__name__} cannot be stored as JSON")
 
 
 def _element(kind: str, index: int, item: object) -> ElementSpec:
@@ -181,7 +192,8 @@ def _element(kind: str, index: int, item: object) -> ElementSpec:
         raise SpecError(f"{here}.consumes", "a source consumes nothing; make it a [[stage]]")
     unknown = sorted(set(item) - set(_KEYS[kind]))
     if unknown:
-        raise SpecError(f"{here}.{unknown[0]}", f"unknown key; a {kind} takes {', '.join(_KEYS[kind])}")
+        near = did_you_mean(unknown[0], _KEYS[kind])
+        raise SpecError(f"{here}.{unknown[0]}", f"unknown key{near}; a {kind} takes {', '.join(_KEYS[kind])}")
     name = _name(item.get("name"), f"{here}.name")
     if kind == "source" and "topic" in item:
         if "capability" in item:
@@ -206,6 +218,9 @@ def _element(kind: str, index: int, item: object) -> ElementSpec:
     replicas = item.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise SpecError(f"{here}.replicas", f"must be an integer >= 1, got {replicas!r}")
+    share = item.get("share", "round_robin")
+    if share not in SHARES:
+        raise SpecError(f"{here}.share", f"must be one of {', '.join(SHARES)}, got {share!r}")
     return ElementSpec(
         kind,
         name,
@@ -214,6 +229,7 @@ def _element(kind: str, index: int, item: object) -> ElementSpec:
         emits,
         params=_json_copy(params, f"{here}.params"),
         replicas=replicas,
+        share=share,
         agent=_string(item, "agent", here, required=False),
         field_name=here,
     )
@@ -230,9 +246,14 @@ def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
     """
     if not isinstance(data, Mapping):
         raise SpecError(where, "must be a table")
-    unknown = sorted(set(data) - {"name", *KINDS, "policy"})
+    keys = ("name", *KINDS, "policy")
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise SpecError(unknown[0], "unknown key; a pipeline spec takes name, source, stage, sink, policy")
+        if unknown[0] == "rule":  # a policy file's [[rule]] tables are a spec's [[policy]] ones
+            near = " (did you mean 'policy'? a spec's access rules are [[policy]] tables)"
+        else:
+            near = did_you_mean(unknown[0], keys)
+        raise SpecError(unknown[0], f"unknown key{near}; a pipeline spec takes {', '.join(keys)}")
     name = _name(data.get("name"), "name")
     elements: list[ElementSpec] = []
     for kind in KINDS:

@@ -252,7 +252,10 @@ class StorageAgent(DataAgent):
         try:
             await self.wait_route(into, consumers, timeout=route_timeout_s)
         except asyncio.TimeoutError:
-            raise DcpTimeout(f"{into!r} does not route to {consumers} consumer(s) after {route_timeout_s} s") from None
+            raise DcpTimeout(
+                f"{into!r} does not route to {consumers} consumer(s) after {route_timeout_s} s "
+                f"(no such route from the orchestrator at {self.orchestrator_url})"
+            ) from None
         began = time.monotonic()  # not loop.time(): uvloop's is cached, to the millisecond
         published = 0
         for i, (_, _, _, payload) in enumerate(rows):

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._guard import safe
+from .control import ERROR_TEXT_LIMIT
 from .routing import int_from_bytes
 
-__all__ = ["format_stats", "stats_as_json", "format_pipelines"]
+__all__ = ["format_stats", "stats_as_json", "format_pipelines", "format_warning"]
+
+#: What a printed warning keeps of the orchestrator's text: a few consumers, with why.
+WARNING_LIMIT = 1024
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -28,16 +33,18 @@ def format_stats(stats: dict[str, Any]) -> str:
         )
     if stats["links"]:
         lines.append(
-            f"{'link':>5} {'dir':<3} {'peer':<22} {'state':<5} {'remote':>6} {'rtt_ms':>7} {'connects':>8} "
+            f"{'link':>5} {'dir':<3} {'peer':<22} {'state':<7} {'remote':>6} {'rtt_ms':>7} {'connects':>8} "
             f"{'frames_in':>10} {'frames_out':>10} {'undelivered':>11}"
         )
     for link in stats["links"]:
         peer = link["address"] or link["remote_name"] or str(int_from_bytes(link["remote_key"]))
         rtt = "-" if link["rtt_ms"] is None else f"{link['rtt_ms']:.2f}"
         lines.append(
-            f"{link['port']:>5} {link['direction']:<3} {peer[:22]:<22} {link['state']:<5} {link['remote_port']:>6} "
+            f"{link['port']:>5} {link['direction']:<3} {peer[:22]:<22} {link['state']:<7} {link['remote_port']:>6} "
             f"{rtt:>7} {link['connects']:>8} {link['frames_in']:>10} {link['frames_out']:>10} {link['undelivered']:>11}"
         )
+        if link["state"] != "up" and link["last_error"]:  # why it is down, or refused for good
+            lines.append(f"{'':>5} {link['state']}: {link['last_error']}")
     return "\n".join(lines)
 
 
@@ -48,22 +55,35 @@ def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
-    """The orchestrator's ``pipelines`` view as the table ``dcp pipelines`` prints."""
+    """The orchestrator's ``pipelines`` view as the table ``dcp pipelines`` prints: under
+    each agent's row its last error, if any, and under each element its warnings (the
+    routes that reach nobody, and why), escaped as log lines are: agents write them."""
     if not pipelines:
         return "no pipelines deployed"
     lines = []
     for pipeline in pipelines:
         lines.append(f"pipeline {pipeline['name']}")
-        lines.append(f"  {'element':<16} {'kind':<6} {'capability':<20} {'agent':<18} {'in':>8} {'out':>8} {'dropped':>8}")
+        lines.append(
+            f"  {'element':<16} {'kind':<6} {'capability':<20} {'agent':<18} {'in':>8} {'out':>8} {'errors':>8} {'dropped':>8}"
+        )
         for element in pipeline["elements"]:
             rows = element["agents"] or [{"agent": "(none)", "online": False}]
             for row in rows:
                 agent = row["agent"] + ("" if row["online"] else " (off)")
                 lines.append(
                     f"  {element['name'][:16]:<16} {element['kind']:<6} {str(element['capability'])[:20]:<20} {agent[:18]:<18} "
-                    f"{row.get('in', 0):>8} {row.get('out', 0):>8} {row.get('dropped', 0):>8}"
+                    f"{row.get('in', 0):>8} {row.get('out', 0):>8} {row.get('errors', 0):>8} {row.get('dropped', 0):>8}"
                 )
+                if row.get("last_error"):
+                    lines.append(f"    last error: {safe(row['last_error'], ERROR_TEXT_LIMIT)}")
+            lines.extend(f"    {format_warning(warning)}" for warning in element.get("warnings", ()))
     return "\n".join(lines)
+
+
+def format_warning(warning: str) -> str:
+    """One warning of the orchestrator (a route that reaches nobody, and why) as printed:
+    escaped as a log line is, since it quotes names that agents chose."""
+    return f"warning: {safe(warning, WARNING_LIMIT)}"
 
 
 def format_status(status: dict[str, Any], pipelines: list[dict[str, Any]]) -> str:

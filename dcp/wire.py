@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import msgpack
 
@@ -39,6 +39,9 @@ from .errors import (
     RouteTooLarge,
     TruncatedFrame,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 __all__ = [
     "VERSION",
@@ -55,6 +58,9 @@ __all__ = [
     "ControlFrame",
     "Rejected",
     "Event",
+    "Payload",
+    "Part",
+    "uncopied",
     "Decoder",
     "IN_PLACE_PAYLOAD",
     "Found",
@@ -179,12 +185,50 @@ class Rejected(NamedTuple):
 
 Event = Union[DataFrame, ControlFrame, Rejected]
 
+#: What a data frame's payload may be: any object with the buffer protocol (bytes, a
+#: bytearray, a memoryview, a numpy array, an mmap), or a tuple of them, sent back to
+#: back as one payload (a header and an array: :mod:`dcp.arrays`).
+Payload = Union["Buffer", tuple["Buffer", ...]]
+#: A payload as the writers take it (:func:`uncopied`).
+Part = Union[bytes, memoryview]
+
+
+def uncopied(payload: Payload) -> tuple[Part | tuple[Part, ...], int]:
+    """``payload`` as the writers take it without copying it, and its size in bytes.
+
+    ``bytes`` stays as it is; any other buffer becomes a flat byte view of its memory
+    (writers then see one shape: ``len()`` is its size, and ``bytearray += view``
+    appends bytes, where ``+=`` with a numpy array would add elementwise); a tuple
+    becomes a tuple of such parts.
+
+    Raises:
+        LocalProtocolError: an object without the buffer protocol, or whose memory is
+            not one C-ordered block (a strided numpy view: ``np.ascontiguousarray`` it).
+    """
+    if isinstance(payload, tuple):
+        parts = tuple(_part(p) for p in payload)
+        return parts, sum(map(len, parts))
+    part = _part(payload)
+    return part, len(part)
+
+
+def _part(buffer: Buffer) -> Part:
+    if type(buffer) is bytes:
+        return buffer
+    try:
+        return memoryview(buffer).cast("B")
+    except TypeError as exc:  # no buffer protocol, or not C-contiguous ("casts are restricted to C-contiguous views")
+        raise LocalProtocolError(
+            f"a payload is a C-contiguous buffer (bytes, bytearray, memoryview, numpy array...), "
+            f"not {type(buffer).__name__}: {exc}"
+        ) from exc
+
 
 class DataEncoder:
     """Encodes data frames, caching the X-and-topic bytes of recent (topic, route, tag)s.
 
     A payload up to ``join_limit`` bytes is joined to its head (one write, one small
-    copy); a larger one is returned as its own buffer, uncopied.
+    copy); a larger one is returned as its own buffer (or buffers), uncopied.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, cache_size: int = 1024, join_limit: int = 8192) -> None:
@@ -198,25 +242,26 @@ class DataEncoder:
     def encode(
         self,
         topic: str | bytes,
-        payload: bytes | bytearray | memoryview,
+        payload: Payload,
         route: int = 0,
         hops: int = DEFAULT_HOPS,
         msg_id: int = 0,
         timestamp_ns: int = 0,
         flags: int = 0,
         tag: bytes | None = None,
-    ) -> list[bytes | bytearray | memoryview]:
+    ) -> list[Buffer]:
         """The frame as a list of buffers to write in order; ``tag``, the route tag
         the orchestrator gave with ``route``, if any, follows X (``SIGNED_ROUTE``).
 
         Raises:
             LocalProtocolError: a field out of range or a frame over the limits.
         """
-        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        size = uncopied(payload)[1]  # and the check that each part is one C-ordered block
+        parts = payload if isinstance(payload, tuple) else (payload,)  # returned as they came
         head, tail = self.head(topic, size, route, hops, msg_id, timestamp_ns, flags, tag)
         if size <= self._join_limit:
-            return [b"".join((head, tail, payload))]
-        return [head + tail, payload]
+            return [b"".join((head, tail, *parts))]
+        return [head + tail, *parts]
 
     def head(
         self,
@@ -280,7 +325,7 @@ class DataEncoder:
 
 def encode_data(
     topic: str | bytes,
-    payload: bytes | bytearray | memoryview,
+    payload: Payload,
     route: int = 0,
     *,
     hops: int = DEFAULT_HOPS,

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -31,7 +32,7 @@ import pytest
 
 import dcp
 import dcp.auth
-from dcp.auth import MAX_TOKEN_TTL_S, Claims, RouteSigner, admit, expiry, issue_token, load_secret, verify_token
+from dcp.auth import MAX_TOKEN_TTL_S, TOKEN_ROLES, Claims, RouteSigner, admit, expiry, issue_token, load_secret, verify_token
 from dcp.broker import Broker
 from dcp.cli import main
 from dcp.config import BrokerConfig, OrchestratorConfig
@@ -347,7 +348,7 @@ async def test_linked_brokers_requiring_tokens_link_and_forward(make_broker, sec
     stranger = await make_broker(key=key_c, name="stranger", secret_file=str(other), ports=PORTS, peers=(addr_of(a),))
     (refused,) = stranger.links.values()
     await until(lambda: "token_forged" in refused.last_error, lambda: f"a refusal for the token, not {refused.last_error!r}")
-    assert refused.state == "down" and list(a.links.values()) == [back]
+    assert refused.state == "refused" and list(a.links.values()) == [back]  # another secret: it cannot heal
 
 
 # -- the orchestrator with --require-token ---------------------------------------------------
@@ -559,7 +560,7 @@ async def test_a_broker_token_captured_by_what_a_broker_dialled_is_refused_elsew
         # ... and a peer that needs a token refuses such a link.
         refused = alpha.add_link(addr_of(victim))
         await until(lambda: "token_missing" in refused.last_error, lambda: f"refused for want of a token, not {refused.last_error!r}")
-        assert refused.state == "down" and victim.links == {}
+        assert refused.state == "refused" and victim.links == {}
 
         # An admin whose token a broker checked may ask for a link: its token goes, for the address reached only.
         asked = Trap()
@@ -950,15 +951,29 @@ def test_a_hello_without_a_role_is_an_agent() -> None:
     assert admit(FIXED_SECRET, {"name": "cam", "token": agent}, NOW) == Claims("cam", "agent", NOW + 60)
     admin = issue_token(FIXED_SECRET, "ops", "admin", NOW + 60)
     assert auth_error(lambda: admit(FIXED_SECRET, {"name": "ops", "token": admin}, NOW)) == (
-        "token_role", "a agent connection needs a agent token; this one is a admin token"
+        "token_role", "a hello with role 'agent' needs a token of role 'agent'; this token's role is 'admin'"
     )
+
+
+@pytest.mark.parametrize(
+    "hello_role, token_role",
+    [(hello, token) for hello, needed in sorted(TOKEN_ROLES.items()) for token in ("agent", "admin", "broker") if token != needed],
+)
+def test_a_token_of_another_role_is_refused_in_plain_english(hello_role: str, token_role: str) -> None:
+    needed = TOKEN_ROLES[hello_role]
+    token = issue_token(FIXED_SECRET, "cam", token_role, NOW + 60, audience=["here"] if token_role == "broker" else ())
+    code, message = auth_error(lambda: admit(FIXED_SECRET, {"role": hello_role, "name": "cam", "token": token}, NOW, ["here"]))
+    assert (code, message) == (
+        "token_role", f"a hello with role {hello_role!r} needs a token of role {needed!r}; this token's role is {token_role!r}"
+    )
+    assert not re.search(r"\ba [aeiou]", message)  # never "a admin" or "a agent"
 
 
 @pytest.mark.parametrize("role", [["agent"], {"agent": 1}, 5, None])
 def test_a_hello_whose_role_is_not_a_string_needs_a_token_no_role_has(role: object) -> None:
     agent = issue_token(FIXED_SECRET, "cam", "agent", NOW + 60)
     assert auth_error(lambda: admit(FIXED_SECRET, {"role": role, "name": "cam", "token": agent}, NOW)) == (
-        "token_role", f"a {role} connection needs a None token; this one is a agent token"
+        "token_role", f"no token admits a hello with role {role!r}"
     )
 
 

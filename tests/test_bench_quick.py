@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from dcp.bench.report import QUICK_VERDICTS
+
 
 def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     out = subprocess.run(
@@ -52,30 +54,40 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     assert report.startswith("# dcp bench report\n\n**Quick profile**")
     for title in ("Figure 7", "Figure 8", "Figure 9", "### Lossless", "### Overload", "Route verification cost", "Routing cost", "Goals"):
         assert title in report
+    assert report.count(QUICK_VERDICTS) == 2  # at the top and above the goals
     for name in ("latency", "success", "throughput", "routing"):
         ET.parse(tmp_path / f"{name}.svg")
         with (tmp_path / f"{name}.csv").open(newline="") as f:
             header, *cells = list(csv.reader(f))
         assert len(cells) == len(results[name]["rows" if name == "routing" else "cells"]), name
+        assert header[-1] == "profile" and {row[-1] for row in cells} == {"quick"}, name
     # stderr: every step numbered over the whole run, with the elapsed time and an ETA
     steps = [line for line in out.stderr.splitlines() if line.startswith("[")]
     total = len(steps)
     for i, line in enumerate(steps, 1):
         assert re.fullmatch(rf"\[{i}/{total}\] .+ \(elapsed (\d+m)?\d+s, ETA (\d+m)?\d+s\)", line), line
-    # stdout: one verdict line per target of results.json, in order
-    lines = out.stdout.splitlines()
-    assert len(lines) == len(results["targets"])
+    # stdout: the warning that quick verdicts are not comparable, then one verdict line per target of results.json, in order
+    warning, *lines = out.stdout.splitlines()
+    assert warning == QUICK_VERDICTS and len(lines) == len(results["targets"])
     for line, verdict in zip(lines, results["targets"]):
         assert line == f"{'met   ' if verdict['met'] else 'MISSED'}  {verdict['goal']}: {verdict['measured']}"
 
 
-def test_quick_without_out_leaves_the_committed_results_alone(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "dcp", "bench", "routing", "--quick", "--targets", "relay"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    folder = re.search(r"writing to (\S+)", out.stderr)
-    assert folder and Path(folder.group(1)).parent == tmp_path
-    assert (Path(folder.group(1)) / "routing.csv").is_file()
-    assert "wrote bench/results" not in out.stderr
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_without_out_a_run_writes_to_a_new_timestamped_folder_outside_the_working_tree(tmp_path: Path, profile: str) -> None:
+    checkout, temp = tmp_path / "checkout", tmp_path / "temp"
+    (checkout / "bench" / "results").mkdir(parents=True)
+    temp.mkdir()
+    command = [sys.executable, "-m", "dcp", "bench", "routing", "--targets", "relay", *(["--quick"] if profile == "quick" else [])]
+    folders = []
+    for _ in range(2):  # every run gets a folder of its own
+        out = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(temp)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        folder = re.search(rf"^{profile} profile: writing to (\S+)$", out.stderr, re.M)
+        assert folder, out.stderr
+        folders.append(Path(folder.group(1)))
+    assert folders[0] != folders[1]
+    for folder in folders:
+        assert folder.parent == temp and re.fullmatch(rf"dcp-bench-{profile}-\d{{8}}-\d{{6}}-\w+", folder.name), folder
+        assert (folder / "routing.csv").is_file()
+    assert [p for p in checkout.rglob("*") if p.is_file()] == []

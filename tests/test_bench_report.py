@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dcp.bench import report
-from dcp.bench.report import csv_tables, figures, fmt_size, markdown, svg_line_chart, write
+from dcp.bench.report import QUICK_VERDICTS, csv_tables, figures, fmt_size, markdown, svg_line_chart, write
 from dcp.bench.scenarios import FIGURES, PROFILES, Steps, evaluate_targets, modes, plan
 from dcp.bench.targets import IN_TREE, QUEUES, TARGETS
 
@@ -349,11 +349,24 @@ def test_notes_of_a_run_come_under_its_run_line() -> None:
     assert "Note:" not in markdown(results())
 
 
-def test_a_quick_report_says_so_at_the_top() -> None:
+def test_a_quick_report_says_at_the_top_and_above_the_goals_that_its_verdicts_are_not_comparable() -> None:
     lines = markdown(results()).splitlines()
     assert lines[2].startswith("**Quick profile**") and "not comparable with the full profile" in lines[2]
-    assert "indicative only" in lines[2]
-    assert "Quick profile" not in markdown({**results(), "profile": "full"})
+    assert "indicative only" in lines[2] and QUICK_VERDICTS in lines[2]
+    goals = lines.index("## Goals")
+    assert lines[goals + 2].endswith("goals met.") and lines[goals + 4] == QUICK_VERDICTS
+    full = markdown({**results(), "profile": "full"})
+    assert "Quick profile" not in full and QUICK_VERDICTS not in full
+
+
+def test_every_csv_row_names_the_profile_of_its_run() -> None:
+    for profile in ("quick", "full"):
+        for name, text in csv_tables({**results(), "profile": profile}).items():
+            header, *rows = csv.reader(io.StringIO(text))
+            assert header[-1] == "profile" and rows and all(row[-1] == profile for row in rows), name
+    unnamed = results()
+    del unnamed["profile"]
+    assert all("profile" not in text for text in csv_tables(unnamed).values())
 
 
 def test_csv_one_row_per_cell_with_skipped_ones_and_their_reason() -> None:
@@ -362,7 +375,7 @@ def test_csv_one_row_per_cell_with_skipped_ones_and_their_reason() -> None:
     assert list(tables_) == ["latency.csv", "success.csv", "throughput.csv", "routing.csv"]
     for name, figure in (("latency.csv", "latency"), ("success.csv", "success"), ("throughput.csv", "throughput")):
         header, *rows = tables_[name]
-        assert header[-1] == "skipped" and len(rows) == len(doc[figure]["cells"])
+        assert header[-2:] == ["skipped", "profile"] and len(rows) == len(doc[figure]["cells"])
         assert all(len(row) == len(header) for row in rows)
     header, *rows = tables_["throughput.csv"]
     assert header[:4] == ["target", "mode", "brokers", "size"]

@@ -44,7 +44,7 @@ def test_the_policy_file_keeps_its_documented_name(tmp_path: Path) -> None:
     assert OrchestratorConfig.from_sources(path, {"policy_file": "flag.toml"}).policy_file == "flag.toml"
     assert build_parser().parse_args(["orchestrator", "--policy", "flag.toml"]).policy_file == "flag.toml"
     path.write_text('[orchestrator]\npolicy_file = "rules.toml"\n')
-    with pytest.raises(ConfigError, match=r"unknown orchestrator setting\(s\): policy_file"):
+    with pytest.raises(ConfigError, match=r"unknown orchestrator setting\(s\) in .*: policy_file \(did you mean 'policy'\?\)$"):
         OrchestratorConfig.from_sources(path)
 
 
@@ -75,7 +75,8 @@ def test_flags_then_environment_then_toml_then_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "environ, message",
     [
-        ({"DCP_BROKER_LISTN": "127.0.0.1:1"}, "DCP_BROKER_LISTN names no broker setting; they are DCP_BROKER_{LISTEN, "),
+        ({"DCP_BROKER_LISTN": "127.0.0.1:1"},
+         "DCP_BROKER_LISTN names no broker setting (did you mean 'DCP_BROKER_LISTEN'?); they are DCP_BROKER_{LISTEN, "),
         ({"DCP_BROKER_PORTS": "many"}, "DCP_BROKER_PORTS='many' is not a valid int"),
         ({"DCP_BROKER_LINK_TIMEOUT_S": "soon"}, "DCP_BROKER_LINK_TIMEOUT_S='soon' is not a valid float"),
         ({"DCP_BROKER_INSECURE": "sure"}, "DCP_BROKER_INSECURE='sure': say 1/true/yes/on or 0/false/no/off"),
@@ -83,8 +84,9 @@ def test_flags_then_environment_then_toml_then_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_environment_variable_is_named(environ: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("(", r"\(")):
+    with pytest.raises(ConfigError) as info:
         BrokerConfig.from_sources(None, None, environ)
+    assert message in str(info.value)
 
 
 @pytest.mark.parametrize("command, config_class", [("broker", BrokerConfig), ("orchestrator", OrchestratorConfig)])
@@ -113,7 +115,10 @@ def test_print_config_shows_every_setting_with_its_origin_and_reads_back(
     "text, message",
     [
         ('[broker]\nmode = "fast"\n', "mode must be one of"),
-        ("[broker]\nport = 1\n", "unknown broker setting(s): port"),
+        ("[broker]\nport = 1\n", "unknown broker setting(s) in {path}: port (did you mean 'ports'?)"),
+        ('[broker]\nslow-consumer = "pause"\nvolume = 11\n',
+         "unknown broker setting(s) in {path}: slow-consumer (did you mean 'slow_consumer'?), volume"),
+        ('[broker]\nslow_consumer = "drop_newest"\n', "got 'drop_newest' (did you mean 'drop-newest'?)"),
         ("[broker]\nports = 8\nkey = 7\n", "must be greater than 2**8 "),
         ("[broker\n", "not valid TOML"),
         ('[broker]\nlisten = "nowhere"\n', "is not HOST:PORT"),
@@ -122,8 +127,18 @@ def test_print_config_shows_every_setting_with_its_origin_and_reads_back(
 def test_bad_config_names_the_setting(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "broker.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError) as info:
         BrokerConfig.from_sources(path)
+    assert message.format(path=path) in str(info.value)
+
+
+def test_unknown_settings_of_either_daemon_suggest_the_nearest_one(tmp_path: Path) -> None:
+    path = tmp_path / "orchestrator.toml"
+    path.write_text('[orchestrator]\nhello_timeout = 2\n')
+    with pytest.raises(ConfigError, match=r"orchestrator setting\(s\) in .*: hello_timeout \(did you mean 'hello_timeout_s'\?\)$"):
+        OrchestratorConfig.from_sources(path)
+    with pytest.raises(ConfigError, match=r"unknown broker setting\(s\): slow_consumers \(did you mean 'slow_consumer'\?\)$"):
+        BrokerConfig.from_sources(None, {"slow_consumers": "pause"})
 
 
 def test_config_error_exits_1_with_its_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,11 +33,11 @@ from dcp.broker import _HANDLERS as BROKER_HANDLERS
 from dcp.broker import Broker, BrokerConnection
 from dcp.client import Connection
 from dcp.config import OrchestratorConfig
-from dcp.errors import BadRequest, ConfigError, DcpError, ProtocolError
+from dcp.errors import BadRequest, ConfigError, DcpError, LinkRefused, ProtocolError
 from dcp.link import Link
 from dcp.orchestrator import _HANDLERS as ORCHESTRATOR_HANDLERS
 from dcp.orchestrator import Orchestrator, OrchestratorConnection
-from dcp.routing import allocate_keys
+from dcp.routing import allocate_keys, int_to_bytes
 from dcp.wire import CONTROL, DATA, HEADER_SIZE, ControlFrame, Decoder, decode_control, encode_control
 from tests.purity import copy_with_import, loaded
 from tests.waiting import until
@@ -259,9 +259,13 @@ KIND_VALUES: dict[control.Kind, st.SearchStrategy[Any]] = {
     control.LIMIT_TOPIC: st.integers(1, 0xFFFF),
     control.LIMIT_X_BITS: st.integers(1, 0xFFFF * 8),
     control.COUNTERS: st.dictionaries(text, st.dictionaries(st.sampled_from(control.ELEMENT_COUNTERS), numbers), max_size=3),
+    control.LAST_ERRORS: st.dictionaries(text, st.text(max_size=control.ERROR_TEXT_LIMIT), max_size=3),
     control.ASSIGNMENTS: st.dictionaries(text, st.lists(text, max_size=3), max_size=3),
     control.LINK_STATS: st.fixed_dictionaries({"port": st.integers(0, 99), "state": text, "remote_port": st.integers(-1, 99)}),
+    control.TAGS: st.lists(st.binary(min_size=24, max_size=24), max_size=3),
+    control.SHARE_MODE: st.sampled_from(("round_robin", "key")),
 }
+RECORDS = {control.LINK_REPORTS: control.LinkReport, control.PORT_REPORTS: control.PortReport, control.SHARES: control.Share}
 MESSAGE_TYPES = sorted(
     (t for t in vars(control).values() if isinstance(t, type) and issubclass(t, control.Message)
      and t not in (control.Message, control.Request, control.Reply, control.ElementPush)),
@@ -271,8 +275,8 @@ MESSAGE_TYPES = sorted(
 
 def values_of(f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
     kind = f.metadata["kind"]
-    if kind in (control.LINK_REPORTS, control.PORT_REPORTS):
-        values: st.SearchStrategy[Any] = st.lists(messages_of(control.LinkReport if kind is control.LINK_REPORTS else control.PortReport), max_size=3)
+    if kind in RECORDS:
+        values: st.SearchStrategy[Any] = st.lists(messages_of(RECORDS[kind]), max_size=3)
     else:
         values = KIND_VALUES[kind]
     return st.none() | values if f.default is None else values
@@ -284,7 +288,7 @@ def messages_of(cls: type[control.Message]) -> st.SearchStrategy[control.Message
 
 def test_every_kind_and_message_type_is_covered() -> None:
     kinds = {f.metadata["kind"] for t in MESSAGE_TYPES for f in dataclasses.fields(t)}
-    assert kinds == {*KIND_VALUES, control.LINK_REPORTS, control.PORT_REPORTS}
+    assert kinds == {*KIND_VALUES, *RECORDS}
     assert {t.op for t in MESSAGE_TYPES if t.op} == {*control.REQUESTS, *control.ANSWERS}
 
 
@@ -408,7 +412,7 @@ def test_a_malformed_push_or_answer_reaches_no_one(caplog: pytest.LogCaptureFixt
 
 VALID_WELCOME = control.Welcome(re=0, key=FAR_KEY, port=5, name="far", mode="stateless", ports=8)
 ANSWER_KEYS = ("re", "key", "port", "name", "mode", "ports", "max_frame", "max_topic", "max_x_bits", "slow_consumer",
-               "code", "message", "fatal", "count")
+               "verify_routes", "code", "message", "fatal", "count")
 
 
 def dialling_link(loop: asyncio.AbstractEventLoop) -> tuple[Broker, Link, BrokerConnection]:
@@ -485,6 +489,23 @@ async def test_a_live_link_to_a_peer_with_a_malformed_welcome_stays_down_and_say
         await until(lambda: link.connects >= 2, "a redial after the refusal")
         assert link.last_error.startswith(f"welcome: {field} must be"), link.last_error
         assert link.state == "down" and not broker.attached >> link.port & 1
+    finally:
+        await peer.close()
+
+
+async def test_a_welcome_with_the_diallers_own_key_refuses_the_link_for_good(make_broker) -> None:  # type: ignore[no-untyped-def]
+    """A peer that does not check keys itself welcomes the link: the dialler sees the
+    shared key in the welcome, which no redial can change, and stops."""
+    peer = MalformedPeer("key", int_to_bytes(KEY))
+    address = await peer.start()
+    try:
+        broker = await make_broker(key=KEY, ports=PORTS, link_retry_max_s=0.05)
+        link = broker.add_link(address)
+        with pytest.raises(LinkRefused) as refused:
+            await link.wait_up(30)
+        assert refused.value.code == "same_key" and address in str(refused.value)
+        assert (link.state, link.connects) == ("refused", 1) and link.last_error.startswith(f"same_key: the peer has this broker's key {KEY}")
+        assert not broker.attached >> link.port & 1
     finally:
         await peer.close()
 
@@ -736,6 +757,17 @@ def test_counters_are_element_names_to_maps_of_known_counters_to_numbers() -> No
         assert not accepts(bad), bad
 
 
+def test_last_errors_are_element_names_to_strings_no_longer_than_the_limit() -> None:
+    accepts = control.LAST_ERRORS.accepts
+    assert accepts({}) and accepts({"p/e": ""}) and accepts({"p/e": "x" * control.ERROR_TEXT_LIMIT})
+    bads: list[Any] = [[], "", {"p/e": "x" * (control.ERROR_TEXT_LIMIT + 1)}, {"p/e": 5}, {"p/e": b"x"}, {1: "x"}]
+    for bad in bads:
+        assert accepts(bad) is False, bad
+    with pytest.raises(BadRequest, match="last_errors must be a map of element names to strings of at most"):
+        control.parse_request({**control.Report(elements={}, published=0, unrouted=0, lost=0, dropped=0, pending=0).to_body(),
+                               "last_errors": {"p/e": "x" * (control.ERROR_TEXT_LIMIT + 1)}})
+
+
 def test_assignments_are_element_names_to_lists_of_agent_names() -> None:
     accepts = control.ASSIGNMENTS.accepts
     assert accepts({}) and accepts({"e": []}) and accepts({"e": ["a", "b"]})
@@ -863,7 +895,7 @@ def test_a_permission_table_must_have_a_cell_per_role_and_known_codes_only() -> 
 
 def test_a_refusal_says_the_op_the_role_and_the_daemon() -> None:
     assert control.BROKER.refusal("agent", "launch") == control.Refusal(
-        "unknown_op", "unknown control op 'launch' for an agent connection to a broker", False
+        "unknown_op", "unknown control op 'launch' for an agent connection to this broker", False
     )
     assert control.ORCHESTRATOR.refusal("", "token") == control.Refusal("hello_first", "send hello before token", False)
     assert control.BROKER.requiring_token().refusal("", "ping") == control.Refusal(

@@ -12,6 +12,7 @@ from dcp.demo import (
     DEMO_SPEC,
     FACE_MARK,
     PATCH,
+    REAL_EXAMPLES,
     classify_age_gender,
     detect_dogs,
     detect_faces,
@@ -98,6 +99,7 @@ def test_dcp_demo_runs_the_pipeline() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     _check_summary(out.stdout, 8)
     assert "pipeline faces" in out.stdout  # the DO's view (dcp.views.format_pipelines)
+    assert out.stdout.rstrip().endswith(REAL_EXAMPLES)  # where the real workloads are
 
 
 def test_examples_faces_script() -> None:

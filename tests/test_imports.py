@@ -7,6 +7,8 @@ interface the lower one declares (a ``typing.Protocol``) breaks it.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import dcp
@@ -96,3 +98,19 @@ def test_the_checker_finds_a_cycle_and_a_lazy_import() -> None:
 
 def test_dcp_has_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
+
+
+def test_dcp_imports_none_of_the_examples_extra() -> None:
+    """numpy, OpenCV and scikit-image are the ``examples`` extra: every dcp module imports
+    without them (``dcp.arrays`` imports numpy when called), so ``dcp demo`` runs on the core install."""
+    modules = sorted(set(import_graph()) - {"dcp.__main__"})  # it runs the CLI
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in ('numpy', 'cv2', 'skimage') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert "dcp.arrays" in modules and "dcp.demo" in modules

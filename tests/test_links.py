@@ -18,7 +18,7 @@ import pytest
 import dcp
 from dcp.broker import Broker
 from dcp.views import format_stats, stats_as_json
-from dcp.errors import ConfigError, RemoteError
+from dcp.errors import ConfigError, LinkRefused, RemoteError
 from dcp.config import BrokerConfig
 from dcp.routing import KeyLayout, allocate_keys, encode, int_from_bytes, int_to_bytes
 from dcp.wire import DEFAULT_HOPS, ControlFrame, Decoder, encode_control
@@ -102,17 +102,32 @@ async def test_peers_in_config_link_at_start_and_carry_frames(make_broker) -> No
 # -- refusals ---------------------------------------------------------------------------
 
 
-async def test_a_peer_with_the_same_key_is_refused(make_broker) -> None:  # type: ignore[no-untyped-def]
+async def test_a_peer_with_the_same_key_is_refused_for_good_and_reported(make_broker, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A shared key cannot heal by redialling: the dialler stops, logs it once as an error,
+    answers the admin at once, and shows the link as refused, with why, until it is unlinked."""
+    caplog.set_level("WARNING", logger="dcp.link")
     (key,) = allocate_keys(1, PORTS)
     a = await make_broker(key=key, ports=PORTS, name="alpha")
-    b = await make_broker(key=key, ports=PORTS, name="beta")
+    b = await make_broker(key=key, ports=PORTS, name="beta", link_retry_max_s=0.05)
     async with dcp.connect(url_of(b), role="admin", reconnect=False) as admin:
         with pytest.raises(RemoteError) as info:
-            await admin.link(addr_of(a), wait=1)
-    assert info.value.code == "link_timeout"
-    link = only_link(b)
-    assert link.state == "down"
-    assert "same_key" in link.last_error and str(key) in link.last_error
+            await admin.link(addr_of(a), wait=30)  # answered on the refusal, not after the wait
+        assert info.value.code == "link_refused"
+        assert "same_key" in info.value.message and str(key) in info.value.message and addr_of(a) in info.value.message
+        link = only_link(b)
+        await asyncio.wait_for(link._task, 5)  # the dialling task ended: nothing will redial
+        assert (link.state, link.connects) == ("refused", 1)
+        assert link.last_error.startswith("same_key: ") and str(key) in link.last_error
+        (record,) = [r for r in caplog.records if r.name == "dcp.link"]
+        assert record.levelname == "ERROR" and "same_key" in record.getMessage() and "not redialling" in record.getMessage()
+
+        (row,) = (await admin.stats())["links"]
+        assert (row["state"], row["last_error"]) == ("refused", link.last_error)
+        text = format_stats(await admin.stats())
+        assert f"refused: {link.last_error}" in text.splitlines()[-1]
+
+        await admin.unlink(link.port)  # the way out: unlink, give a broker its own key, link again
+    assert b.links == {} and b.reserved == 0
     assert a.links == {} and a.reserved == 0 and a.attached == 0
 
 
@@ -128,8 +143,9 @@ async def test_a_peer_sharing_a_bank_key_is_refused_whichever_end_dials(make_bro
         a, b = (many, few) if dialler == "many" else (few, many)
         async with dcp.connect(url_of(a), role="admin", reconnect=False) as admin:
             with pytest.raises(RemoteError) as info:
-                await admin.link(addr_of(b), wait=1)
-        assert info.value.code == "link_timeout"
+                await admin.link(addr_of(b), wait=30)
+        assert info.value.code == "link_refused"
+        assert only_link(a).state == "refused"
         assert "same_key" in only_link(a).last_error and str(few.key) in only_link(a).last_error
         assert b.links == {} and b.attached == 0
     finally:
@@ -149,8 +165,10 @@ async def test_a_stateful_broker_takes_no_links(make_broker) -> None:  # type: i
 
     stateless = await make_broker(key=key_l, ports=PORTS, link_retry_max_s=0.05)
     link = stateless.add_link(addr_of(stateful))
-    await until(lambda: link.connects >= 2 and link.last_error != "", "the refused link to be redialled")
-    assert link.state == "down" and link.remote_port == -1
+    with pytest.raises(LinkRefused) as refused:
+        await link.wait_up(30)
+    assert refused.value.code == "wrong_mode" and addr_of(stateful) in str(refused.value)
+    assert (link.state, link.connects, link.remote_port) == ("refused", 1, -1)  # not redialled: a mode does not heal
     assert "wrong_mode" in link.last_error and "stateless" in link.last_error
     assert stateful.links == {} and stateful.reserved == 0 and stateful.attached == 0
 

@@ -10,6 +10,7 @@ publish with it, and a producer cannot go back to an older epoch.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,9 +23,10 @@ from hypothesis import strategies as st
 import dcp
 from dcp.auth import RouteSigner, RouteVerifier, issue_token, load_secret
 from dcp.broker import Broker
+from dcp.errors import AuthError
 from dcp.config import BrokerConfig
 from dcp.routing import encode
-from dcp.wire import DATA, HEADER, HEADER_SIZE, ROUTE_TAG_SIZE, SIGNED_ROUTE, DataFrame, Decoder, Rejected, encode_data
+from dcp.wire import DATA, HEADER, HEADER_SIZE, ROUTE_TAG_SIZE, SIGNED_ROUTE, DataFrame, Decoder, Rejected, encode_control, encode_data
 
 from .conftest import url_of
 from .test_orchestrator import Plane
@@ -207,7 +209,7 @@ async def test_a_verifying_broker_forwards_genuine_numbers_only(make_broker, sec
         both = encode({broker.key: 1 << sub.port | 1 << other.port})
         later = int(time.time()) + 60
         tag = sign("t", x, 1, later, producer="pub", broker_key=broker.key)
-        await pub.publish("t", b"unsigned", route=x)
+        await publish_unchecked(broker, "pub", "t", b"unsigned", x)  # the SDK refuses to (see below)
         await pub.publish("t", b"stretched", route=both, tag=tag)  # X changed to reach other too
         await pub.publish("u", b"other topic", route=x, tag=tag)
         await pub.publish("t", b"another broker's", route=x, tag=sign("t", x, 1, later, producer="pub", broker_key=broker.key + 2))
@@ -229,6 +231,37 @@ async def test_a_verifying_broker_forwards_genuine_numbers_only(make_broker, sec
         got = [(await sub.next_message(timeout=10)).payload for _ in range(1000)]
         assert got == [b"%d" % i for i in range(1000)]
         assert other.pending == 0
+
+
+async def publish_unchecked(broker: Broker, name: str, topic: str, payload: bytes, x: int) -> None:
+    """What a client that does not check the welcome can do: an untagged frame, written by hand."""
+    reader, writer = await asyncio.open_connection(*broker.address)
+    writer.write(encode_control({"op": "hello", "id": 1, "name": name}) + encode_data(topic, payload, x))
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_an_sdk_publish_without_a_tag_to_a_verifying_broker_fails_naming_the_broker(make_broker, secret_file: str) -> None:  # type: ignore[no-untyped-def]
+    """The broker would drop it and say so only in the logs: the welcome says it verifies
+    routes, so publish() refuses at once, and nothing goes out."""
+    verifying: Broker = await make_broker(verify_routes=True, secret_file=secret_file)
+    plain: Broker = await make_broker(secret_file=secret_file)
+    async with dcp.connect(url_of(verifying), name="pub") as pub, dcp.connect(url_of(verifying), name="sub") as sub:
+        assert pub.broker_verifies_routes
+        x = encode({verifying.key: 1 << sub.port})
+        with pytest.raises(AuthError) as refused:
+            await pub.publish("t", b"untagged", route=x)
+        assert refused.value.code == "route_unsigned"
+        assert url_of(verifying) in str(refused.value) and "tag=" in str(refused.value)
+        await pub.ping()  # answered once the broker has read all pub sent: nothing
+        assert (pub.published, verifying.frames_in, verifying.drops["route_unsigned"]) == (0, 0, 0)
+        await pub.publish("t", b"tagged", route=x, tag=sign("t", x, 1, int(time.time()) + 60, producer="pub", broker_key=verifying.key))
+        assert (await sub.next_message(timeout=10)).payload == b"tagged"
+    async with dcp.connect(url_of(plain), name="pub") as pub, dcp.connect(url_of(plain), name="sub") as sub:
+        assert not pub.broker_verifies_routes
+        await pub.publish("t", b"untagged", route=encode({plain.key: 1 << sub.port}))
+        assert (await sub.next_message(timeout=10)).payload == b"untagged"
 
 
 def test_verify_routes_needs_a_secret_and_stateless_mode(secret_file: str) -> None:
@@ -267,7 +300,7 @@ async def test_signed_numbers_flow_across_verifying_brokers_and_a_forged_one_rea
     (link_port,) = brokers[0].links
     forged = encode({brokers[0].key: 1 << link_port, brokers[1].key: 1 << outsider.broker.port})
     await producer.broker.publish("private", b"forged", route=forged, tag=producer.route_tags["t"])
-    await producer.broker.publish("private", b"unsigned", route=forged)
+    await publish_unchecked(brokers[0], "producer", "private", b"unsigned", forged)
     await until(lambda: brokers[0].drops["route_forged"] + brokers[0].drops["route_unsigned"] == 2, "both refused at b0")
     assert await producer.publish("t", b"after")
     await until(lambda: got[-1:] == [b"after"], "genuine frames still flow")

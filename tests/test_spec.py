@@ -245,7 +245,10 @@ def test_rules_dict_round_trip() -> None:
     ("data", "message"),
     [
         ({"default": "maybe"}, "policy: default must be 'allow' or 'deny'"),
-        ({"rules": []}, "policy: rules is not a policy key"),
+        ({"rules": []}, "policy: rules is not a policy key (default, rule) (did you mean 'rule'?)"),
+        ({"policy": []}, "policy: policy is not a policy key (default, rule) (did you mean 'rule'? a policy file's rules are [[rule]] tables)"),
+        ({"rule": [{"agent": "a", "action": "deny", "consumes": ["x"]}]},
+         "policy: rule[0].consumes is not a rule key (agent, action, publish, consume) (did you mean 'consume'?)"),
         ({"rule": {"agent": "a"}}, "policy: rule must be an array of tables"),
         ({"rule": ["x"]}, "policy: rule[0] must be a table"),
         ({"rule": [{"agent": "a", "action": "allow", "consume": ["x"]}, {"agent": "a", "action": "maybe", "consume": ["x"]}]},
@@ -398,6 +401,8 @@ def test_single_string_consumes_and_defaults() -> None:
         (with_element("stage", 0, replicas=0), "stage[0].replicas", ">= 1"),
         (with_element("stage", 0, replicas=True), "stage[0].replicas", ">= 1"),
         (with_element("stage", 0, replicas="2"), "stage[0].replicas", ">= 1"),
+        (with_element("stage", 0, replicas=2, share="random"), "stage[0].share", "round_robin, key, all"),
+        (with_element("source", 0, share="key"), "source[0].share", "unknown key"),
         (with_element("stage", 0, emits="video"), "stage[0].emits", "already emitted by source[0] (camera)"),
         (doc(source=[{"name": "c", "capability": "camera", "emits": "v"}, {"name": "d", "topic": "v"}]), "source[1].topic", "already emitted"),
         (with_element("source", 0, params=[1]), "source[0].params", "must be a table"),
@@ -564,13 +569,24 @@ def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
     [
         ([1], "spec: must be a table"),
         (doc(colour="red"), "colour: unknown key; a pipeline spec takes name, source, stage, sink, policy"),
+        (doc(stages=[]), "stages: unknown key (did you mean 'stage'?); a pipeline spec takes name, source, stage, sink, policy"),
+        (
+            doc(rule=[]),
+            "rule: unknown key (did you mean 'policy'? a spec's access rules are [[policy]] tables); "
+            "a pipeline spec takes name, source, stage, sink, policy",
+        ),
+        (
+            with_element("source", 0, capabilty="camera"),
+            "source[0].capabilty: unknown key (did you mean 'capability'?); a source takes name, capability, topic, emits, params, "
+            "replicas, agent",
+        ),
         (doc(name=None), "name: is required"),
         (doc(sink=["x"]), "sink[0]: must be a table"),
         (with_element("sink", 0, emits="x"), "sink[0].emits: a sink emits nothing; make it a [[stage]]"),
         (with_element("source", 0, consumes=["x"]), "source[0].consumes: a source consumes nothing; make it a [[stage]]"),
         (
             with_element("stage", 0, colour="red"),
-            "stage[0].colour: unknown key; a stage takes name, capability, consumes, emits, params, replicas, agent",
+            "stage[0].colour: unknown key; a stage takes name, capability, consumes, emits, params, replicas, share, agent",
         ),
         (with_element("source", 0, emits=None), "source[0].emits: is required"),
         (with_element("stage", 0, consumes=None), "stage[0].consumes: is required: list the topic patterns this element reads"),
@@ -581,7 +597,7 @@ def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
         ),
         (with_element("source", 0, capability=None), "source[0]: needs a capability to run, or the topic of an external source"),
         (doc(source=[{"name": "c", "topic": "video", "emits": "video"}]), "source[0].emits: an external source (topic) takes only name and topic"),
-        (with_element("source", 0, params={"a": [1, {2, 3}]}), "source[0].params.a[1]: a set cannot be stored as JSON"),
+        (with_element("source", 0, params={"a": [1, {2, 3}]}), "source[0].params.a[1]: a value of type set cannot be stored as JSON"),
         (
             doc(sink=[{"name": "out", "capability": "print", "consumes": "faces"}] * 2),
             "sink[1].name: duplicate element name 'out' (also sink[0])",
@@ -608,6 +624,16 @@ def test_replicas_are_kept_and_written_only_when_not_one() -> None:
     assert spec.element("faces").to_dict()["replicas"] == 3
     assert parse_spec(spec.to_dict()) == spec
     assert "replicas" not in parse_spec(EXAMPLE).element("faces").to_dict()
+
+
+def test_share_is_kept_written_only_when_not_round_robin_and_shares_only_with_replicas() -> None:
+    spec = parse_spec(with_element("stage", 0, replicas=3, share="key"))
+    faces = spec.element("faces")
+    assert (faces.share, faces.shared, faces.to_dict()["share"]) == ("key", True, "key")
+    assert parse_spec(spec.to_dict()) == spec
+    assert not parse_spec(with_element("stage", 0, replicas=3, share="all")).element("faces").shared
+    assert not parse_spec(with_element("stage", 0, replicas=1)).element("faces").shared
+    assert "share" not in parse_spec(with_element("stage", 0, replicas=3)).element("faces").to_dict()
 
 
 def test_element_lookup_names_the_missing_element() -> None:

@@ -32,7 +32,7 @@ from typing import Any, TypeGuard
 
 from .targets import PUBSUB, QUEUES
 
-__all__ = ["markdown", "svg_line_chart", "figures", "csv_tables", "write", "fmt_size", "PALETTE", "DASHES"]
+__all__ = ["markdown", "svg_line_chart", "figures", "csv_tables", "write", "fmt_size", "PALETTE", "DASHES", "QUICK_VERDICTS"]
 
 PRIMARY = "dcp-stateless"
 LOSSLESS, OVERLOAD, BEST_EFFORT = "lossless", "overload", "best-effort"  # a throughput cell's mode
@@ -47,6 +47,11 @@ ROLES = {
     **{name: "reference queue: an established persistent queue" for name in QUEUES},
 }
 DASH = "\u2014"  # a cell with nothing measured
+#: Said by a quick run's report and by ``dcp bench --quick`` above its verdicts.
+QUICK_VERDICTS = (
+    "Quick-profile numbers are not comparable with the full profile's, and so neither are these verdicts: "
+    "the goals are set for the full profile."
+)
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
@@ -448,10 +453,12 @@ def _routing_md(section: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _goals_md(verdicts: list[Any]) -> list[str]:
+def _goals_md(verdicts: list[Any], quick: bool) -> list[str]:
     items = [v for v in verdicts if isinstance(v, Mapping)]
     met = sum(1 for v in items if v.get("met") is True)
     lines = ["## Goals", "", f"{met} of {len(items)} goals met.", ""]
+    if quick:  # said again where the verdicts are, for a reader who skipped the top
+        lines += [QUICK_VERDICTS, ""]
     rows = [
         [v.get("goal", DASH), v.get("measured", DASH), "met" if v.get("met") is True else "missed" if v.get("met") is False else DASH]
         for v in items
@@ -461,12 +468,10 @@ def _goals_md(verdicts: list[Any]) -> list[str]:
 
 def markdown(results: Mapping[str, Any]) -> str:
     """The report of a results document as Markdown; sections that are missing are left out."""
+    quick = results.get("profile") == "quick"
     lines = ["# dcp bench report", ""]
-    if results.get("profile") == "quick":
-        lines += [
-            "**Quick profile**: few and short cells. Its numbers are not comparable with the full profile's, "
-            "and the goals' verdicts are indicative only.", "",
-        ]
+    if quick:
+        lines += [f"**Quick profile**: few and short cells, indicative only. {QUICK_VERDICTS}", ""]
     facts = []
     if results.get("profile") is not None:
         facts.append(f"profile `{_md(results['profile'])}`")
@@ -489,7 +494,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     if routing is not None:
         lines += _routing_md(routing) + [""]
     if isinstance(results.get("targets"), list):
-        lines += _goals_md(results["targets"]) + [""]
+        lines += _goals_md(results["targets"], quick) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -911,12 +916,15 @@ def _csv(rows: Sequence[Mapping[str, Any]], last: Sequence[str]) -> str:
 def csv_tables(results: Mapping[str, Any]) -> dict[str, str]:
     """File name -> CSV text, one per section there (``latency.csv``, ``success.csv``,
     ``throughput.csv``, ``routing.csv``): one row per cell, skipped ones too, with their reason
-    under ``skipped``; for routing, one row per tree size."""
+    under ``skipped``; for routing, one row per tree size.  A run's profile is the last column,
+    so that a table copied away from its report still says that quick numbers are not full ones."""
+    profile = {"profile": results["profile"]} if results.get("profile") is not None else {}
     out: dict[str, str] = {}
     for name, file in CSV_FILES.items():
         section = _section(results, name)
         if section is not None:
-            out[file] = _csv(_routing_rows(section), ()) if name == "routing" else _csv(_cells(section), ("skipped",))
+            rows, last = (_routing_rows(section), ()) if name == "routing" else (_cells(section), ("skipped",))
+            out[file] = _csv([{**row, **profile} for row in rows], (*last, *profile))
     return out
 
 

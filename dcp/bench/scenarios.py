@@ -68,6 +68,10 @@ _NATURAL = {
     "zenoh": (LOSSLESS, "puts with congestion control BLOCK on a reliable link: a full queue on the way makes the "
               "publisher wait"),
     **{queue: (LOSSLESS, "a persistent queue: lossless by acks") for queue in QUEUES},
+    "mqtt-gateway": (BEST_EFFORT, "MQTT QoS 0 into dcp mqtt and out to an MQTT subscriber of the same gateway: at most "
+                     "once, a subscriber past its queue (client_queue) loses its oldest messages, counted"),
+    "mqtt-gateway-dcp": (BEST_EFFORT, "MQTT QoS 0 into dcp mqtt, then the broker to a DataAgent: at most once (the "
+                         "broker's default policy drops for a port that falls behind)"),
 }
 _PAUSE = ("--slow-consumer", "pause")  # dcp's and the relay's subscribers: lossless
 

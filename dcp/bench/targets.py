@@ -12,6 +12,11 @@
   through their usual Python clients (the ``bench`` extra); zenoh's is a router-mode
   session in a process of its own (:mod:`dcp.bench.zenoh_router`), the workers its
   clients;
+* ``mqtt-gateway``, ``mqtt-gateway-dcp``: ``dcp mqtt`` on an orchestrator and a broker
+  (:mod:`dcp.bench.mqtt_stack`, three processes), an MQTT publisher (aiomqtt, QoS 0)
+  sending through the gateway to an MQTT subscriber of the same gateway, or to a
+  :class:`dcp.DataAgent` consuming the topic on the broker; compare them with ``mqtt``
+  (Mosquitto, the same clients) in the same run;
 * ``nats-jetstream``, ``rabbitmq-quorum``, ``redis-streams``: the established
   persistent queues on the same servers: a JetStream stream in file storage with acked
   publishes (nats-server with JetStream on), a quorum queue with persistent messages
@@ -47,15 +52,18 @@ from pathlib import Path
 
 from .. import __version__
 
-__all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "PUBSUB", "QUEUES", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
+__all__ = ["TARGETS", "IN_TREE", "EXTERNAL", "GATEWAYS", "PUBSUB", "QUEUES", "DEFAULT_ADDRESSES", "Server", "start_server", "availability"]
 
 TARGETS = (
     "dcp-stateless", "dcp-stateful", "dcp-verified", "dcp-commitlog", "relay",
     "nats", "redis", "mqtt", "rabbitmq", "zenoh",
     "nats-jetstream", "rabbitmq-quorum", "redis-streams",
+    "mqtt-gateway", "mqtt-gateway-dcp",
 )
 IN_TREE = TARGETS[:5]
-EXTERNAL = TARGETS[5:]
+EXTERNAL = TARGETS[5:13]
+#: dcp's MQTT gateway, in tree but measured with an external client: run with --targets.
+GATEWAYS = TARGETS[13:]
 #: Brokers that deliver without storing: what dcp competes with on its own terms.
 PUBSUB = ("nats", "redis", "mqtt", "rabbitmq", "zenoh")
 #: Established persistent queues: the article's reference (RocketMQ with persistence).
@@ -86,6 +94,7 @@ _SERVER_OF = {"nats-jetstream": "nats", "rabbitmq-quorum": "rabbitmq", "redis-st
 
 _DCP_LISTENING = re.compile(r"dcp broker listening on (\S+):(\d+) ")
 _RELAY_LISTENING = re.compile(r"relay listening on (\S+):(\d+)")
+_STACK_LISTENING = re.compile(r"dcp mqtt stack listening on (\S+):(\d+) broker=(\S+) orchestrator=(\S+)")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -150,6 +159,8 @@ def _command(target: str, workdir: Path, extra_args: Sequence[str]) -> tuple[lis
         return argv, _DCP_LISTENING, log_dir
     if target == "relay":
         return [*python, "dcp.bench.relay", "--listen", "127.0.0.1:0", *extra_args], _RELAY_LISTENING, None
+    if target in GATEWAYS:
+        return [*python, "dcp.bench.mqtt_stack", *extra_args], _STACK_LISTENING, None
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
@@ -203,6 +214,8 @@ def start_server(target: str, workdir: Path, extra_args: Sequence[str] = ()) -> 
         if match:
             listening_seen.set()
             server.address = f"{match.group(1)}:{match.group(2)}"
+            if target in GATEWAYS:  # the dcp subscriber attaches to the broker and registers with the orchestrator
+                server.client_args = ("--dcp-broker", match.group(3), "--dcp-orchestrator", match.group(4))
             return server
 
 
@@ -323,6 +336,9 @@ def availability(target: str) -> tuple[bool, str]:
     try:
         if target in IN_TREE:
             return True, f"dcp {__version__}"
+        if target in GATEWAYS:
+            ok, client = _client_version("mqtt")
+            return (True, f"dcp {__version__} (dcp mqtt), client {client}") if ok else (False, client)
         if target not in EXTERNAL:
             return False, f"unknown target {target!r}"
         ok, client = _client_version(target)

@@ -62,6 +62,7 @@ FAMILIES = {
     "dcp-stateless": "dcp", "dcp-stateful": "dcp", "dcp-verified": "dcp", "dcp-commitlog": "dcp", "relay": "relay",
     "nats": "nats", "redis": "redis", "mqtt": "mqtt", "rabbitmq": "rabbitmq", "zenoh": "zenoh",
     "nats-jetstream": "nats-jetstream", "rabbitmq-quorum": "rabbitmq-quorum", "redis-streams": "redis-streams",
+    "mqtt-gateway": "mqtt", "mqtt-gateway-dcp": "mqtt-gateway-dcp",
 }
 ROUTED = ("dcp-stateless", "dcp-verified")  # publishers route by the X their subscriber reports
 # What a publisher needs from its subscriber's ready line ("route"), checked before anything else.
@@ -589,6 +590,29 @@ async def _pub_mqtt(args: argparse.Namespace) -> Any:
     return send, finish
 
 
+async def _sub_gateway_dcp(args: argparse.Namespace, rec: Recorder, ready: Ready, stop: asyncio.Event) -> None:
+    """dcp mqtt's other side: a DataAgent consuming the topic, which the orchestrator routes
+    to it from the gateway (ready once registered: the gateway's first message waits for
+    that route).  The publisher is the MQTT one (aiomqtt) to the gateway."""
+    from ..agent import DataAgent
+
+    agent = DataAgent("bench-sub", broker=args.dcp_broker, orchestrator=args.dcp_orchestrator)
+    record = rec.record
+
+    @agent.consume(args.topic)
+    async def take(msg: Any) -> None:
+        now = time.time_ns()
+        payload = msg.payload
+        record(payload, 0, len(payload), now)
+
+    await agent.start(timeout=CONNECT_TIMEOUT_S)
+    try:
+        ready("")
+        await stop.wait()
+    finally:
+        await agent.stop()
+
+
 # -- RabbitMQ (aio-pika, AMQP 0-9-1) ------------------------------------------------------------------------
 
 
@@ -1046,10 +1070,12 @@ async def _pub_redis_streams(args: argparse.Namespace) -> Any:
 SUBSCRIBERS = {
     "dcp": _sub_dcp, "relay": _sub_relay, "nats": _sub_nats, "redis": _sub_redis, "mqtt": _sub_mqtt, "rabbitmq": _sub_rabbitmq,
     "zenoh": _sub_zenoh, "nats-jetstream": _sub_jetstream, "rabbitmq-quorum": _sub_rabbitmq_quorum, "redis-streams": _sub_redis_streams,
+    "mqtt-gateway-dcp": _sub_gateway_dcp,
 }
 PUBLISHERS = {
     "dcp": _pub_dcp, "relay": _pub_relay, "nats": _pub_nats, "redis": _pub_redis, "mqtt": _pub_mqtt, "rabbitmq": _pub_rabbitmq,
     "zenoh": _pub_zenoh, "nats-jetstream": _pub_jetstream, "rabbitmq-quorum": _pub_rabbitmq_quorum, "redis-streams": _pub_redis_streams,
+    "mqtt-gateway-dcp": _pub_mqtt,
 }
 
 
@@ -1170,6 +1196,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", required=True, help="HOST:PORT of the server")
         p.add_argument("--topic", default="bench")
         p.add_argument("--secret-file", default=None, help="dcp-verified: the secret the broker verifies route tags with")
+        p.add_argument("--dcp-broker", default=None, help="mqtt-gateway-dcp: the broker the dcp subscriber attaches to")
+        p.add_argument("--dcp-orchestrator", default=None, help="mqtt-gateway-dcp: the orchestrator it registers with")
     sub = roles.choices["sub"]
     sub.add_argument("--expect", type=int, default=None, help="stop after this many messages")
     sub.add_argument("--idle-timeout", type=float, default=2.0, help="stop after this long without a message, once one came (s)")

@@ -556,7 +556,7 @@ class DataAgent:
             if element is not None and element.task is not None:
                 element.task.cancel()
         else:
-            log.warning("%s: ignoring a %s the orchestrator sent unasked", safe(self.name), safe(push.op))
+            log.warning("%s: ignoring the orchestrator's unasked %s push", safe(self.name), safe(push.op))
 
     def _route(self, route: Route) -> None:
         topic = route.topic
@@ -878,13 +878,23 @@ class DataAgent:
             waiting.set_exception(RemoteError("request_failed", bytes(body).decode(errors="replace")))
 
     async def wait_route(self, topic: str, consumers: int = 1, timeout: float | None = 10.0) -> None:
-        """Wait until ``topic`` routes to at least ``consumers`` agents (``timeout`` None: no limit)."""
+        """Wait until ``topic`` routes to at least ``consumers`` agents (``timeout`` None: no limit).
+
+        Raises:
+            DcpTimeout: (a TimeoutError) not within ``timeout`` seconds; it says how far it got.
+        """
 
         async def until() -> None:
             while len(self.consumers.get(topic, [])) < consumers or not self.routes.get(topic, (0, 0))[1]:
                 await self.route_changed.wait()
 
-        await asyncio.wait_for(until(), timeout)
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except asyncio.TimeoutError:
+            raise DcpTimeout(
+                f"{self.name}: {topic!r} routes to {len(self.consumers.get(topic, []))} agent(s), not {consumers}, "
+                f"{timeout} s after asking (the orchestrator at {self.orchestrator_url} routes it once consumers register)"
+            ) from None
 
     def counters(self) -> dict[str, Any]:
         broker = self.broker

@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure dcp against the raw relay, the pub/sub brokers and the reference queues that are "
         "running (see bench/peers); write results.json, report.md, a CSV and an SVG plot per figure.",
     )
-    bench.add_argument("figures", nargs="*", metavar="FIGURE", help="latency, success, throughput, routing (default: all)")
+    bench.add_argument("figures", nargs="*", metavar="FIGURE", help="latency, success, throughput, routing, requests (default: all)")
     bench.add_argument("--quick", action="store_true", help="the short profile (about a minute; checks the outputs, indicative only)")
     bench.add_argument(
         "--out", default=None, help="output folder (default: a new timestamped folder in the temporary directory, printed)"

@@ -194,7 +194,8 @@ class Outcome(enum.Enum):
     """What became of a message handed to the data plane."""
 
     HANDED = "handed"  # written to the broker connection
-    UNROUTED = "unrouted"  # nobody in dcp consumes the topic (or the policy keeps the gateway from publishing it)
+    UNROUTED = "unrouted"  # nobody in dcp consumes the topic
+    FORBIDDEN = "forbidden"  # the orchestrator's policy keeps the gateway from publishing the topic
     LOST = "lost"  # routed, but the broker connection was gone
     REFUSED = "refused"  # one topic more than max_topics
 
@@ -517,6 +518,8 @@ class MqttConnection(asyncio.Protocol):
         outcome, delivered = await self.gateway.publish(topic, dcp_topic, publish.payload, publish.qos, publish.retain, properties, self)
         if outcome is Outcome.REFUSED:
             self._refuse_publish(publish, Reason.QUOTA_EXCEEDED, f"one topic more than max_topics={self.config.max_topics}")
+        elif outcome is Outcome.FORBIDDEN:
+            self._refuse_publish(publish, Reason.NOT_AUTHORIZED, f"the orchestrator's policy refuses publishing {dcp_topic}")
         elif outcome is Outcome.LOST and not delivered and publish.qos:  # at QoS 0 only counted: no fault of the client's
             self._refuse_publish(publish, Reason.UNSPECIFIED_ERROR, "the broker connection is gone")
         elif publish.qos:
@@ -909,6 +912,8 @@ class Gateway:
             pending = self.topics[dcp_topic]
             if pending is not None:  # another message declared it and waits: so does this one, behind it
                 await asyncio.shield(pending)
+        if dcp_topic in agent.refusals:  # counted with the refused publishes, by reason
+            return Outcome.FORBIDDEN
         route = agent.routes.get(dcp_topic)
         if route is None or not route[1]:
             self.counters["unrouted"] += 1

@@ -49,14 +49,20 @@ def test_quick_profile_writes_a_complete_report(tmp_path: Path) -> None:
     }
     assert set(results["throughput"]["modes"]) == targets
     assert [row["brokers"] for row in results["routing"]["rows"]] == [1, 2, 5]
+    requests = results["requests"]["cells"]  # request/reply: dcp on one broker and across two (NATS is external)
+    assert [(c["target"], c["brokers"], c["size"]) for c in requests] == [
+        ("dcp-stateless", brokers, size) for brokers in (1, 2) for size in (100, 100 * 1024)
+    ]
+    assert all(0 < c["p50_us"] <= c["p99_us"] <= c["max_us"] and c["count"] == 50 for c in requests), requests
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# dcp bench report\n\n**Quick profile**")
-    for title in ("Figure 7", "Figure 8", "Figure 9", "### Lossless", "### Overload", "Route verification cost", "Routing cost", "Goals"):
+    for title in ("Figure 7", "Figure 8", "Figure 9", "### Lossless", "### Overload", "Route verification cost", "Routing cost", "Request/reply", "Goals"):
         assert title in report
     assert report.count(QUICK_VERDICTS) == 2  # at the top and above the goals
-    for name in ("latency", "success", "throughput", "routing"):
-        ET.parse(tmp_path / f"{name}.svg")
+    for name in ("latency", "success", "throughput", "routing", "requests"):
+        if name != "requests":  # a table, no figure
+            ET.parse(tmp_path / f"{name}.svg")
         with (tmp_path / f"{name}.csv").open(newline="") as f:
             header, *cells = list(csv.reader(f))
         assert len(cells) == len(results[name]["rows" if name == "routing" else "cells"]), name

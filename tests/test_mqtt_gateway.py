@@ -417,6 +417,26 @@ async def test_mqtt5_reason_codes_on_refusals(gateway: Gateway, clients) -> None
     writer.close()
 
 
+async def test_a_publish_the_policy_refuses_gets_not_authorized(make_broker, tmp_path: Path, clients) -> None:  # type: ignore[no-untyped-def]
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rule]]\nagent = "mqtt-gateway"\naction = "deny"\npublish = ["secret.>"]\n')
+    do = Orchestrator(OrchestratorConfig(listen="127.0.0.1:0", db=":memory:", insecure=True, policy_file=str(policy)))
+    await do.start()
+    host, port = do.address
+    broker = await make_broker(orchestrator=f"{host}:{port}")
+    gateway = Gateway(MqttConfig(listen="127.0.0.1:0", broker=(url_of(broker),), orchestrator=f"dcp://{host}:{port}"))
+    await gateway.start()
+    try:
+        client = clients(gateway.address, "spy")
+        await client.start()
+        assert await client.publish("secret/plans", b"1", qos=1) == Reason.NOT_AUTHORIZED
+        assert await client.publish("open/news", b"1", qos=1) in (0, Reason.NO_MATCHING_SUBSCRIBERS)  # the connection stays
+        assert gateway.refused_publishes["not_authorized"] == 1
+    finally:
+        await gateway.close()
+        await do.close()
+
+
 async def test_a_malformed_packet_closes_that_connection_with_its_reason_and_nothing_else(gateway: Gateway, clients) -> None:  # type: ignore[no-untyped-def]
     bystander = clients(gateway.address, "bystander")
     await bystander.start()

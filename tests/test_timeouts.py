@@ -91,3 +91,9 @@ async def test_a_link_not_up_in_time_names_the_peer_it_dials(make_broker, silent
     link = (await make_broker(link_timeout_s=0.1)).add_link(peer)
     with pytest.raises(DcpTimeout, match=f"^link on port {link.port} to {peer} not up after 0.2s .*; it keeps redialling until unlinked$"):
         await link.wait_up(0.2)
+
+
+async def test_wait_route_says_how_far_the_route_got() -> None:
+    agent = dcp.DataAgent("camera", broker="dcp://127.0.0.1:1", orchestrator="dcp://127.0.0.1:2")  # never started: no route comes
+    with pytest.raises(dcp.DcpTimeout, match=r"camera: 'video' routes to 0 agent\(s\), not 2, 0.05 s after asking \(the orchestrator at dcp://127.0.0.1:2"):
+        await agent.wait_route("video", consumers=2, timeout=0.05)

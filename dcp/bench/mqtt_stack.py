@@ -21,30 +21,34 @@ import sys
 import threading
 from types import FrameType
 
-__all__ = ["main"]
+__all__ = ["main", "start_daemon", "stop_daemons"]
 
-_DAEMONS: tuple[tuple[str, list[str], re.Pattern[str]], ...] = (
-    ("orchestrator", ["--db", ":memory:", "--insecure"], re.compile(r"dcp orchestrator listening on (\S+):(\d+) ")),
-    ("broker", ["--insecure"], re.compile(r"dcp broker listening on (\S+):(\d+) ")),
+_LISTENING = re.compile(r"dcp \w+ listening on (\S+):(\d+)")
+_DAEMONS: tuple[tuple[str, list[str]], ...] = (
+    ("orchestrator", ["--db", ":memory:", "--insecure"]),
+    ("broker", ["--insecure"]),
     # the largest MQTT packet the gateway takes: the benchmark sends 1 MiB payloads
-    ("mqtt", ["--max-packet", str(4 * 1024 * 1024)], re.compile(r"dcp mqtt listening on (\S+):(\d+)")),
+    ("mqtt", ["--max-packet", str(4 * 1024 * 1024)]),
 )
 
 
-def _start(command: str, args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def start_daemon(command: str, args: list[str], started: list[subprocess.Popen[str]]) -> str:
+    """Run ``dcp COMMAND --listen 127.0.0.1:0 ARGS`` (appended to ``started``) and return its
+    ``HOST:PORT`` once it listens; its stderr is drained from then on, so its pipe never fills.
+
+    Raises:
+        RuntimeError: it exited before listening (its last lines in the message).
+    """
+    process = subprocess.Popen(
         [sys.executable, "-m", "dcp", command, "--listen", "127.0.0.1:0", "--log-level", "info", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-
-
-def _listening(command: str, process: subprocess.Popen[str], pattern: re.Pattern[str]) -> str:
-    """``HOST:PORT`` from the daemon's listening line; then its stderr is drained, so its pipe never fills."""
+    started.append(process)
     assert process.stderr is not None
     seen = []
     for line in process.stderr:
         seen.append(line)
-        match = pattern.search(line)
+        match = _LISTENING.search(line)
         if match:
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return f"{match[1]}:{match[2]}"
@@ -58,7 +62,7 @@ def main() -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
         if not listening.is_set():  # still starting: stop now, the daemons with us
-            _stop(started)
+            stop_daemons(started)
             sys.exit(0)
 
     listening = threading.Event()
@@ -66,16 +70,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         addresses: dict[str, str] = {}
-        for command, args, pattern in _DAEMONS:
+        for command, args in _DAEMONS:
             if command == "broker":
                 args = [*args, "--orchestrator", addresses["orchestrator"]]
             elif command == "mqtt":
                 args = [*args, "--broker", f"dcp://{addresses['broker']}", "--orchestrator", f"dcp://{addresses['orchestrator']}"]
-            started.append(_start(command, args))
-            addresses[command] = _listening(command, started[-1], pattern)
+            addresses[command] = start_daemon(command, args, started)
     except RuntimeError as exc:
         print(exc, file=sys.stderr, flush=True)
-        _stop(started)
+        stop_daemons(started)
         return 1
     listening.set()
     print(
@@ -86,10 +89,10 @@ def main() -> int:
         if any(process.poll() is not None for process in started):
             print("dcp mqtt stack: a daemon exited; stopping the others", file=sys.stderr, flush=True)
             break
-    return _stop(started)
+    return stop_daemons(started)
 
 
-def _stop(started: list[subprocess.Popen[str]]) -> int:
+def stop_daemons(started: list[subprocess.Popen[str]]) -> int:
     """SIGTERM each, the last started first; kill what is still up after 10 s.  0 if all exited 0."""
     codes = []
     for process in reversed(started):

@@ -2,8 +2,8 @@
 
 The input is the results document the driver builds (and saves as ``results.json``):
 ``profile``, ``started_at``, ``duration_s``, ``environment`` and the sections
-``latency`` (Figure 7), ``success`` (Figure 8), ``throughput`` (Figure 9), ``routing``
-and ``targets`` (the goals' verdicts).  Any section may be missing and any cell may be
+``latency`` (Figure 7), ``success`` (Figure 8), ``throughput`` (Figure 9), ``routing``,
+``requests`` (request/reply round trips) and ``targets`` (the goals' verdicts).  Any section may be missing and any cell may be
 skipped (a cell with a ``skipped`` reason instead of numbers); the report shows what is
 there.  A throughput cell has a ``mode``: ``lossless`` (nothing may be lost), ``overload``
 (dcp's default policy, which drops) or ``best-effort`` (an at-most-once broker); the
@@ -60,7 +60,10 @@ DASHES = ["", "7 4", "2 3", "9 3 2 3", "14 4", "4 2 1 2"]
 MARKERS = ["circle", "square", "triangle", "diamond"]
 
 FIGURE_FILES = {"latency": "latency.svg", "success": "success.svg", "throughput": "throughput.svg", "routing": "routing.svg"}
-CSV_FILES = {"latency": "latency.csv", "success": "success.csv", "throughput": "throughput.csv", "routing": "routing.csv"}
+CSV_FILES = {
+    "latency": "latency.csv", "success": "success.csv", "throughput": "throughput.csv", "routing": "routing.csv",
+    "requests": "requests.csv",
+}
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -453,6 +456,27 @@ def _routing_md(section: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _requests_md(section: Mapping[str, Any]) -> list[str]:
+    cells = _cells(section)
+    lines = ["## Request/reply", ""]
+    if _isnum(section.get("count")):
+        lines += [
+            f"{section['count']} requests per cell, one after another, after {section.get('warmup', 0)} warm-up ones; "
+            "the round trip in µs. dcp: `agent.request` to a responder agent on the same broker (1) or on a linked one "
+            "(2: the request and the reply each cross the link); nats: `nc.request` to a responder on the server.",
+            "",
+        ]
+    rows = [
+        [str(c.get("target", DASH)), str(c.get("brokers", DASH)), "skipped", DASH, DASH, DASH] if "skipped" in c else
+        [str(c.get("target", DASH)), str(c.get("brokers", DASH)), fmt_size(c["size"]) if _isnum(c.get("size")) else DASH,
+         _us(c.get("p50_us")), _us(c.get("p99_us")), _us(c.get("max_us"))]
+        for c in cells
+    ]
+    lines += _table(["target", "brokers", "size", "p50 µs", "p99 µs", "max µs"], rows, left=1)
+    notes = _skip_notes(cells, sorted({str(c.get("target")) for c in cells}))
+    return lines + ([""] + notes if notes else [])
+
+
 def _goals_md(verdicts: list[Any], quick: bool) -> list[str]:
     items = [v for v in verdicts if isinstance(v, Mapping)]
     met = sum(1 for v in items if v.get("met") is True)
@@ -493,6 +517,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     routing = _section(results, "routing")
     if routing is not None:
         lines += _routing_md(routing) + [""]
+    requests = _section(results, "requests")
+    if requests is not None:
+        lines += _requests_md(requests) + [""]
     if isinstance(results.get("targets"), list):
         lines += _goals_md(results["targets"], quick) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -915,7 +942,7 @@ def _csv(rows: Sequence[Mapping[str, Any]], last: Sequence[str]) -> str:
 
 def csv_tables(results: Mapping[str, Any]) -> dict[str, str]:
     """File name -> CSV text, one per section there (``latency.csv``, ``success.csv``,
-    ``throughput.csv``, ``routing.csv``): one row per cell, skipped ones too, with their reason
+    ``throughput.csv``, ``routing.csv``, ``requests.csv``): one row per cell, skipped ones too, with their reason
     under ``skipped``; for routing, one row per tree size.  A run's profile is the last column,
     so that a table copied away from its report still says that quick numbers are not full ones."""
     profile = {"profile": results["profile"]} if results.get("profile") is not None else {}

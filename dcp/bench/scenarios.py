@@ -22,6 +22,8 @@ Cells run one after another, never side by side, so they do not share the CPUs.
   ``overload`` (the broker's default policy, which drops); every other target runs
   once, in its own natural mode.  dcp-stateless sweeps the broker counts lossless.
 * routing: the forwarding decision per tree size (``dcp.bench.routing_cost``).
+* requests: request/reply round trips, dcp on one broker and across two, beside NATS
+  (``dcp.bench.requests``).
 
 Progress goes out as numbered lines with an ETA (:class:`Steps`).
 """
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from . import requests
 from .report import BEST_EFFORT, LOSSLESS, OVERLOAD, PRIMARY, fmt_size
 from .targets import IN_TREE, PUBSUB, QUEUES, Server, availability, start_server
 
@@ -49,7 +52,7 @@ __all__ = ["Profile", "PROFILES", "FIGURES", "Steps", "modes", "plan", "run", "e
 
 KB = 1024
 MB = 1024 * 1024
-FIGURES = ("latency", "success", "throughput", "routing")
+FIGURES = ("latency", "success", "throughput", "routing", "requests")
 DCP = tuple(t for t in IN_TREE if t.startswith("dcp-"))  # measured in both modes
 _DCP_MODES = {
     LOSSLESS: "the subscriber asks for --slow-consumer pause: the broker stops reading the publisher while the "
@@ -103,6 +106,9 @@ class Profile:
     throughput_idle_s: float  # a subscriber is done this long after its last message
     routing_sizes: tuple[int, ...]
     routing_repeat: int
+    requests_sizes: tuple[int, ...]
+    requests_count: int
+    requests_warmup: int
 
 
 PROFILES = {
@@ -124,6 +130,9 @@ PROFILES = {
         throughput_idle_s=1.0,
         routing_sizes=(1, 2, 5, 10, 30, 100),
         routing_repeat=11,
+        requests_sizes=(100, 100 * KB),
+        requests_count=2000,
+        requests_warmup=200,
     ),
     "quick": Profile(
         "quick",
@@ -143,6 +152,9 @@ PROFILES = {
         throughput_idle_s=0.3,
         routing_sizes=(1, 2, 5),
         routing_repeat=3,
+        requests_sizes=(100, 100 * KB),
+        requests_count=50,
+        requests_warmup=5,
     ),
 }
 
@@ -177,6 +189,10 @@ def plan(figures: Sequence[str], profile: Profile, measured: Sequence[str]) -> d
             p.throughput_runs * (STARTUP_S + p.throughput_duration_s + p.throughput_idle_s),
         ),
         "routing": (len(p.routing_sizes), 0.1 * p.routing_repeat),
+        "requests": (
+            2 * ("dcp-stateless" in measured) + ("nats" in measured),
+            STARTUP_S * 2 + (p.requests_warmup + p.requests_count) * len(p.requests_sizes) * 0.0005,
+        ),
     }
     return {figure: counts[figure] for figure in figures}
 
@@ -531,6 +547,10 @@ def run(
             steps.begin(figure)
             if figure == "routing":
                 results["routing"] = routing(profile, steps)
+            elif figure == "requests":
+                results["requests"] = requests.measure(
+                    profile.requests_sizes, profile.requests_count, profile.requests_warmup, targets, skipped, workdir, steps,
+                )
             else:
                 scenario = {"latency": latency, "success": success, "throughput": throughput}[figure]
                 results[figure] = scenario(profile, targets, skipped, workdir, steps)

@@ -815,7 +815,7 @@ class DataAgent:
             tags = self.variant_tags.get(topic)
             if broker is None or self.route_brokers.get(topic, broker.broker_key) != broker.broker_key:
                 raise ConnectionClosed(f"{self.name}: not attached to the broker the route to {capability!r} is for")
-            await broker.publish(topic, envelope + bytes(payload), route=choices.variants[index], tag=tags[index] if tags else None)
+            await broker.publish(topic, (envelope, payload), route=choices.variants[index], tag=tags[index] if tags else None)
             self.requests_sent += 1
             remaining = deadline - asyncio.get_running_loop().time()
             try:
@@ -835,14 +835,14 @@ class DataAgent:
             return
         capability = msg.topic[len(REQUESTS):]
         handler = self.capabilities.get(capability)
-        status, answer = REPLY_OK, b""
+        status, answer = REPLY_OK, memoryview(b"")
         try:
             if handler is None:
                 raise LookupError(f"{self.name} does not offer {capability!r}")
             result = await handler(msg._replace(payload=bytes(body)), {})
-            answer = b"" if result is None else bytes(result)
+            answer = memoryview(b"" if result is None else result).cast("B")  # sent as it is: no copy
         except Exception as exc:
-            status, answer = REPLY_ERROR, _error_text(exc)[:ERROR_TEXT_LIMIT].encode()
+            status, answer = REPLY_ERROR, memoryview(_error_text(exc)[:ERROR_TEXT_LIMIT].encode())
             log.warning("%s: a request to %s failed: %s", safe(self.name), safe(capability), safe(_error_text(exc)))
         self.requests_served += 1
         broker = self.broker
@@ -850,7 +850,7 @@ class DataAgent:
             self.replies_unroutable += 1  # its way back was computed for a broker we are not on
             return
         try:
-            await broker.publish(REPLIES, pack_reply(envelope.correlation, status) + answer, route=envelope.reply_x, tag=envelope.reply_tag)
+            await broker.publish(REPLIES, (pack_reply(envelope.correlation, status), answer), route=envelope.reply_x, tag=envelope.reply_tag)
         except ConnectionClosed:
             self.lost += 1
 

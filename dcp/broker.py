@@ -84,6 +84,16 @@ _OWN_TOKEN_TTL_S = 300
 REPORT_FRAME_BYTES = DEFAULT_LIMITS.max_control
 #: Attach/detach reports are coalesced: at most one PortsChanged flush per this interval.
 REPORT_INTERVAL_S = 0.05
+#: Every this many seconds a broker reports its links' and attachments' load (Load), only
+#: the figures that changed by more than LOAD_CHANGE of themselves and their floor.
+LOAD_INTERVAL_S = 1.0
+LOAD_CHANGE = 0.25
+#: Floors of a significant change: round trip (ms), throughput (bytes/s), queue (bytes).
+_LINK_FLOORS = (1.0, 10_000.0, 16_384.0)
+_PORT_FLOORS = (16_384.0,)
+#: Entries in one Load frame at most (about 60 bytes each: within REPORT_FRAME_BYTES);
+#: the rest go in the next interval.
+LOAD_ENTRIES = 800
 # targets(): a mask with more bits than this is read from its binary string, not bit by bit.
 _SPARSE_MASK_BITS = 16
 
@@ -127,6 +137,10 @@ class Broker(Serving):
         self._changes: dict[int, tuple[str | None, str | None]] = {}
         self._ports_flush: asyncio.Handle | None = None  # the next PortsChanged flush, when scheduled
         self._ports_flushed_at = float("-inf")  # loop time of the last one
+        self._load_timer: asyncio.TimerHandle | None = None  # the next Load report
+        self._load_at = 0.0  # monotonic time of the last one
+        self._load_sent: dict[tuple[bool, int], tuple[float, ...]] = {}  # (is a link, port) -> figures last reported
+        self._link_bytes: dict[int, int] = {}  # link port -> its sent_bytes at the last report
         self.table: dict[bytes, int] = {}  # stateful mode: topic -> bitmap of ports
         self.frames_in = 0
         self.bytes_in = 0
@@ -201,6 +215,8 @@ class Broker(Serving):
         self._server.close()
         if self._ports_flush is not None:
             self._ports_flush.cancel()
+        if self._load_timer is not None:
+            self._load_timer.cancel()
         going_away = encode_control(control.GoingAway().to_body())
         for conn in list(self._connections):
             conn.close(going_away)
@@ -298,7 +314,11 @@ class Broker(Serving):
         return conn is not None and not self._closing and conn.status is Status.OPEN
 
     def _registered(self) -> None:
-        """What changed while registering goes now."""
+        """What changed while registering goes now; load reports start, or start over."""
+        self._load_sent.clear()
+        if self._load_timer is None:
+            self._load_at = time.monotonic()
+            self._load_timer = asyncio.get_running_loop().call_later(LOAD_INTERVAL_S, self._report_load)
         if self._links_dirty:
             self.state_changed()
         if self._changes and self._ports_flush is None:
@@ -362,6 +382,41 @@ class Broker(Serving):
                 replaced.append(control.PortReport(port=port, name=after))
         for frame in _ports_changed(attached, detached) + _ports_changed(replaced, []):
             self._orchestrator.send(frame.to_body())
+
+    def _report_load(self) -> None:
+        """Report the links (round trip, throughput, output queue) and attachments (output
+        queue) whose figures changed much since last reported, in one Load frame.
+
+        Computed from counters once per :data:`LOAD_INTERVAL_S`, never per frame; what is
+        remembered is one entry per port.
+        """
+        self._load_timer = asyncio.get_running_loop().call_later(LOAD_INTERVAL_S, self._report_load)
+        now = time.monotonic()
+        elapsed, self._load_at = max(now - self._load_at, 1e-3), now
+        before, self._link_bytes = self._link_bytes, {port: link.sent_bytes for port, link in self.links.items()}
+        if not self._reporting():
+            return
+        links: list[control.LinkLoad] = []
+        for port, link in sorted(self.links.items()):
+            conn, rtt_s = self._ports[port], link.rtt_now_s(now)
+            if link.state != "up" or conn is None or rtt_s is None:
+                continue
+            sent = self._link_bytes[port]
+            figures = (rtt_s * 1000, max(0, sent - before.get(port, sent)) / elapsed, float(conn.buffered_bytes + conn.queued_bytes))
+            if len(links) < LOAD_ENTRIES and _changed_much(self._load_sent.get((True, port)), figures, _LINK_FLOORS):
+                self._load_sent[(True, port)] = figures
+                rtt_ms, rate, queue = figures
+                links.append(control.LinkLoad(port=port, rtt_ms=round(rtt_ms, 3), bytes_per_s=round(rate), queue_bytes=int(queue)))
+        ports: list[control.PortLoad] = []
+        for conn in self._connections:
+            if conn.link is not None or conn.port < 0 or len(links) + len(ports) >= LOAD_ENTRIES:
+                continue
+            waiting = (float(conn.buffered_bytes + conn.queued_bytes),)
+            if _changed_much(self._load_sent.get((False, conn.port), (0.0,)), waiting, _PORT_FLOORS):
+                self._load_sent[(False, conn.port)] = waiting
+                ports.append(control.PortLoad(port=conn.port, queue_bytes=int(waiting[0])))
+        if links or ports:
+            self._orchestrator.send(control.Load(links=links, ports=ports).to_body())
 
     def _full_report(self) -> tuple[control.BrokerState, list[control.PortsChanged]]:
         """Everything, for a (re)registration: a BrokerState with as many attachments as fit
@@ -616,6 +671,12 @@ class Broker(Serving):
         self._connections.discard(conn)
         if not self._connections and self._no_connections is not None:
             self._no_connections.set()
+
+
+def _changed_much(before: tuple[float, ...] | None, after: tuple[float, ...], floors: tuple[float, ...]) -> bool:
+    """Whether figures are worth a report: none sent yet, or one moved by more than
+    :data:`LOAD_CHANGE` of what was sent and more than its floor."""
+    return before is None or any(abs(a - b) > max(LOAD_CHANGE * b, floor) for a, b, floor in zip(after, before, floors))
 
 
 def _bits(mask: int) -> list[int]:

@@ -32,7 +32,7 @@ from .wire import ROUTE_TAG_SIZE, Limits
 __all__ = [
     # op names
     "HELLO", "WELCOME", "PING", "PONG", "STATS", "POLICY", "SUBSCRIBE", "UNSUBSCRIBE", "LINK", "UNLINK",
-    "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PORTS_CHANGED", "PIPELINES", "STATUS", "DEPLOY",
+    "OK", "ERROR", "GOING_AWAY", "REGISTER", "REPORT", "BROKER_STATE", "PORTS_CHANGED", "LOAD", "PIPELINES", "STATUS", "DEPLOY",
     "UNDEPLOY", "TOKEN", "ROUTE", "ASSIGN", "UNASSIGN",
     # vocabulary
     "SLOW_CONSUMER_POLICIES", "slow_consumer_policy", "ELEMENT_KINDS", "ELEMENT_COUNTERS", "MESSAGE_LIMIT", "ERROR_TEXT_LIMIT",
@@ -40,11 +40,12 @@ __all__ = [
     "Kind", "UINT", "PORT", "PORTS", "REMOTE_PORT", "STR", "NAME", "BOOL", "BIG_INT", "BIG_INTS", "TAG", "STRS", "MAP", "MAPS",
     "WAIT", "POSITIVE_SECONDS", "SLOW_CONSUMER_NAME", "ELEMENT_KIND", "LIMIT_FRAME", "LIMIT_TOPIC", "LIMIT_X_BITS",
     "COUNTERS", "LAST_ERRORS", "ASSIGNMENTS", "LINK_STATS", "LINK_REPORTS", "PORT_REPORTS", "TAGS", "SHARE_MODE", "SHARES",
+    "MS", "RATE", "LINK_LOADS", "PORT_LOADS",
     # messages
     "Message", "Request", "Reply", "ElementPush", "Hello", "Welcome", "Ping", "Pong", "StatsRequest", "Stats",
     "SlowConsumerRequest", "SlowConsumerSet",
     "Subscribe", "Unsubscribe", "Link", "Linked", "Unlink", "Ok", "Error", "GoingAway", "Register", "Registered",
-    "Report", "LinkReport", "PortReport", "BrokerState", "PortsChanged", "Pipelines", "PipelinesView", "Status", "StatusView",
+    "Report", "LinkReport", "PortReport", "BrokerState", "PortsChanged", "LinkLoad", "PortLoad", "Load", "Pipelines", "PipelinesView", "Status", "StatusView",
     "Deploy", "Deployed", "Undeploy", "Token", "Issued", "Route", "Share", "Assign", "Unassign",
     "REQUESTS", "ANSWERS", "parse_request", "parse_answer", "request_id",
     # permissions
@@ -68,6 +69,7 @@ REGISTER = "register"
 REPORT = "report"
 BROKER_STATE = "broker_state"
 PORTS_CHANGED = "ports_changed"
+LOAD = "load"
 PIPELINES = "pipelines"
 STATUS = "status"
 DEPLOY = "deploy"
@@ -201,6 +203,10 @@ LIMIT_FRAME, LIMIT_TOPIC, LIMIT_X_BITS = _limit("max_frame"), _limit("max_topic"
 COUNTERS = Kind(f"a map of element names to maps of {', '.join(ELEMENT_COUNTERS)} (numbers)", _counters)
 LAST_ERRORS = Kind(f"a map of element names to strings of at most {ERROR_TEXT_LIMIT} characters", _last_errors)
 ASSIGNMENTS = Kind("a map of element names to lists of agent names", _assignments)
+#: A latency: at most an hour, in milliseconds.
+MS = Kind("a number of milliseconds in [0, 3600000]", lambda v: _number(v) and 0 <= v <= 3_600_000)
+#: A throughput: at most 10**12 bytes per second.
+RATE = Kind("a number of bytes per second in [0, 1e12]", lambda v: _number(v) and 0 <= v <= 1e12)
 LINK_STATS = Kind(
     "a map with port (int), state (str) and remote_port (int)",
     lambda v: type(v) is dict and type(v.get("port")) is int and type(v.get("state")) is str and type(v.get("remote_port")) is int,
@@ -550,6 +556,39 @@ class PortsChanged(Request[Ok]):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LinkLoad(Message):
+    """One link in a load report: the round trip its pings measure, the bytes it sent
+    per second over the last interval, and the bytes waiting in its output queue."""
+
+    port: int = _field(PORT)
+    rtt_ms: float = _field(MS)
+    bytes_per_s: float = _field(RATE)
+    queue_bytes: int = _field(UINT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortLoad(Message):
+    """One attachment in a load report: the bytes waiting in its output queue."""
+
+    port: int = _field(PORT)
+    queue_bytes: int = _field(UINT)
+
+
+LINK_LOADS = _records(LinkLoad)
+PORT_LOADS = _records(PortLoad)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Load(Request[Ok]):
+    """What a broker's links and attachments carry, sent periodically and only for those
+    whose figures changed much since they were last sent (never answered)."""
+
+    op: ClassVar[str] = LOAD
+    links: list[LinkLoad] = _field(LINK_LOADS)
+    ports: list[PortLoad] = _field(PORT_LOADS)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelinesView(Ok):
     pipelines: list[dict[str, Any]] = _field(MAPS)
 
@@ -696,7 +735,7 @@ def _registry(*types: type[Message]) -> dict[str, type[Message]]:
 #: What daemons receive: requests, and from a peer link the answers to a broker's hello and pings.
 REQUESTS = _registry(
     Hello, Ping, StatsRequest, SlowConsumerRequest, Subscribe, Unsubscribe, Link, Unlink, Register, Report, BrokerState, PortsChanged,
-    Pipelines, Status, Deploy, Undeploy, Token, Error, GoingAway, Welcome, Pong,
+    Load, Pipelines, Status, Deploy, Undeploy, Token, Error, GoingAway, Welcome, Pong,
 )
 #: What clients receive: replies (``ok`` as the plain :class:`Ok`) and pushes.
 ANSWERS = _registry(Welcome, Ok, Error, Pong, Stats, GoingAway, Route, Assign, Unassign)
@@ -871,6 +910,7 @@ ORCHESTRATOR = Permissions(
         REPORT:       (_HF, "", "not_agent", "not_agent"),
         BROKER_STATE: (_HF, "not_broker", "", "not_broker"),
         PORTS_CHANGED: (_HF, "not_broker", "", "not_broker"),
+        LOAD:         (_HF, "not_broker", "", "not_broker"),
         PIPELINES:    (_HF, _NA, _NA, ""),
         STATUS:       (_HF, _NA, _NA, ""),
         DEPLOY:       (_HF, _NA, _NA, ""),

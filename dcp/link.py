@@ -424,7 +424,19 @@ class Link:
             self.rtt_s = time.monotonic() - sent
             self._pings = {i: t for i, t in self._pings.items() if i > ping_id}
 
+    def rtt_now_s(self, now: float) -> float | None:
+        """The last round trip, or longer while a ping has waited longer for its pong: a
+        link whose queues grow shows it before the pong comes back.  None: none measured."""
+        if not self._pings:
+            return self.rtt_s
+        return max(self.rtt_s or 0.0, now - min(self._pings.values()))
+
     # -- counters ---------------------------------------------------------------
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes sent on the link since it was made, over every connection it had."""
+        return self._totals["bytes_out"] + (self.conn.bytes_out if self.conn is not None else 0)
 
     def stats(self) -> dict[str, Any]:
         counters = Counter(self._totals)

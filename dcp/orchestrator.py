@@ -49,7 +49,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from math import gcd
 from typing import Any, cast
@@ -71,7 +71,7 @@ from .shares import REPLIES, REQUESTS, requestable
 from .routing import KeyLayout, int_to_bytes
 from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
-from .topology import Endpoint, Overlay, OverlayLink
+from .topology import Endpoint, Overlay, OverlayLink, distances, link_cost_us, settled_cost
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
 #: What a connection to the orchestrator may send: control frames only, before and
@@ -117,6 +117,12 @@ class BrokerRecord:
     gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
     attached: dict[int, str] | None = None  # port -> the agent on it, as last reported; None: not known
     keys: list[int] | None = None  # its whole key layout (root first), when it has more keys than ``key``
+    # From its load reports, one entry per port at most: each link's last figures
+    # (rtt_ms, bytes_per_s, queue_bytes) and the cost planned with (settled_cost), and
+    # each attachment's output queue in bytes (left out: none waiting).
+    link_load: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    costs: dict[int, int] = field(default_factory=dict)
+    queues: dict[int, int] = field(default_factory=dict)
 
     @property
     def all_keys(self) -> list[int]:
@@ -510,6 +516,11 @@ class Orchestrator(Serving):
         attached = {port.port: port.name for port in state.attached} if state.attached is not None else old.attached if old else None
         links = [asdict(link) for link in state.links]
         record = BrokerRecord(name, state.key, state.address, state.ports, links, conn, attached=attached, keys=state.keys)
+        if old is not None and old.all_keys == keys:  # the load of the links that are still the same links
+            same = {link["port"] for link in old.links if _same_link(link, links)}
+            record.link_load = {port: load for port, load in old.link_load.items() if port in same}
+            record.costs = {port: cost for port, cost in old.costs.items() if port in same}
+            record.queues = {port: queue for port, queue in old.queues.items() if port < record.ports}
         self.brokers[name] = record
         conn.broker = record
         for key in keys:
@@ -542,6 +553,37 @@ class Orchestrator(Serving):
             attached[report.port] = report.name
             touched.add(report.name)
         self._gone(touched)
+
+    def load(self, conn: OrchestratorConnection, report: control.Load) -> None:
+        """A broker's load report: a link's cost is planned with once it moved past the
+        hysteresis (:func:`dcp.topology.settled_cost`), which replans the trees it
+        changes; attachment queues are kept for placement.  Entries on ports the broker
+        has no link on, or out of its range, are ignored: what is kept is one entry per
+        port.  Ignored (logged) from a connection whose ``broker_state`` was not taken."""
+        record = conn.broker
+        if record is None or self.brokers.get(record.name) is not record:
+            log.warning("broker %s sent load without a broker_state that was taken: ignored", safe(conn.name or conn.peer))
+            return
+        link_ports = {link["port"] for link in record.links}
+        for entry in report.links:
+            if entry.port not in link_ports:
+                continue
+            record.link_load[entry.port] = (entry.rtt_ms, entry.bytes_per_s, entry.queue_bytes)
+            cost = settled_cost(record.costs.get(entry.port), link_cost_us(entry.rtt_ms, entry.queue_bytes, entry.bytes_per_s))
+            if cost != record.costs.get(entry.port):
+                log.info("link %s port %d now costs %d us (rtt %.1f ms, %d B/s, %d B queued)", safe(record.name), entry.port, cost,
+                         entry.rtt_ms, entry.bytes_per_s, entry.queue_bytes)
+                record.costs[entry.port] = cost
+                self._overlay_dirty = True
+        for port_load in report.ports:
+            if port_load.port >= record.ports:
+                continue
+            if port_load.queue_bytes:
+                record.queues[port_load.port] = port_load.queue_bytes
+            else:
+                record.queues.pop(port_load.port, None)
+        if self._overlay_dirty:
+            self.changed()
 
     def _drop_broker(self, record: BrokerRecord) -> None:
         """Forget ``record`` (its keys now name another broker, or it took new ones)."""
@@ -788,8 +830,9 @@ class Orchestrator(Serving):
                 continue
             edge = frozenset({(name, port), (other, link["remote_port"])})
             links.setdefault(edge, OverlayLink(name, port, other, link["remote_port"]))
+        costs = {(name, port): cost for name in layouts for port, cost in self.brokers[name].costs.items()}
         try:
-            return Overlay(layouts, links.values())
+            return Overlay(layouts, links.values(), costs)
         except RoutingError as exc:
             kept = _routable(layouts)
             log.error(
@@ -797,7 +840,7 @@ class Orchestrator(Serving):
             )
         usable = [link for link in links.values() if link.a in kept and link.b in kept]
         try:
-            return Overlay(kept, usable)
+            return Overlay(kept, usable, costs)
         except RoutingError as exc:
             log.error("their links are inconsistent too (%s); planning without links", safe(exc))
             return Overlay(kept)
@@ -1039,6 +1082,7 @@ class Orchestrator(Serving):
         for name, spec in self.pipelines.items():
             elements = []
             warnings = self._warnings(spec)
+            latencies = self._latencies(spec)
             for element in spec.elements:
                 agents = []
                 key = f"{name}/{element.name}"
@@ -1051,13 +1095,54 @@ class Orchestrator(Serving):
                         "dropped": report.dropped if report else 0, "unrouted": report.unrouted if report else 0,
                         "last_error": (report.last_errors or {}).get(key, "") if report else "",
                     })
+                latency = latencies[element.name]
                 elements.append({
                     "name": element.name, "kind": element.kind, "capability": element.capability,
                     "consumes": list(element.consumes), "emits": element.emits, "agents": agents,
-                    "warnings": warnings.get(element.name, []),
+                    "warnings": warnings.get(element.name, []) + _unmet(latency), "latency": latency,
                 })
-            view.append({"name": name, "deployed_at": self.deployed_at.get(name), "elements": elements})
+            whole = _chain_latency(spec, latencies)
+            view.append({
+                "name": name, "deployed_at": self.deployed_at.get(name), "elements": elements, "latency": whole, "warnings": _unmet(whole),
+            })
         return view
+
+    def _latencies(self, spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+        """Per element, the latency into it: its budget, the estimate of the paths planned
+        from its producers' agents to its own (the costs of the overlay planned with: the
+        least there is, as trees are least-cost), and the largest mean publish-to-handle
+        delay its agents report (None: nothing to estimate, or not reported yet)."""
+        overlay = self.planner.overlay
+        reach: dict[Endpoint, dict[str, int]] = {}  # producer endpoint -> costs from there, computed once
+        emitted = spec.emitted()
+        found: dict[str, dict[str, Any]] = {}
+        for element in spec.elements:
+            estimate: float | None = None
+            producers = {emitted[topic] for topic in emitted if any(topic_matches(p, topic) for p in element.consumes)}
+            for producer in producers:
+                for source_agent in self.assignments.get((spec.name, producer.name), []):
+                    source = self._endpoint(self.agents[source_agent]) if source_agent in self.agents else None
+                    if source is None or source[0] not in overlay.keys:
+                        continue
+                    costs = reach.get(source)
+                    if costs is None:
+                        costs = reach[source] = distances(overlay, source)
+                    for agent in self.assignments.get((spec.name, element.name), []):
+                        at = self._endpoint(self.agents[agent]) if agent in self.agents else None
+                        if at is not None and at[0] in costs:
+                            estimate = max(estimate or 0.0, costs[at[0]] / 1000)
+            measured = [
+                report.elements[f"{spec.name}/{element.name}"].get("latency_ms", 0.0)
+                for agent in self.assignments.get((spec.name, element.name), [])
+                for report in [self.agents[agent].report if agent in self.agents else None]
+                if report is not None and f"{spec.name}/{element.name}" in report.elements
+            ] if element.consumes else []
+            found[element.name] = {
+                "budget_ms": element.max_latency_ms, "estimate_ms": None if estimate is None else round(estimate, 3),
+                "measured_ms": round(max(measured), 3) if measured else None,
+                "producers": sorted(p.name for p in producers),
+            }
+        return found
 
     def _warnings(self, spec: PipelineSpec) -> dict[str, list[str]]:
         """Why routes of ``spec`` reach nobody, per element name: an agent of it on no broker
@@ -1167,7 +1252,7 @@ class Orchestrator(Serving):
         return {
             "brokers": [
                 {"name": b.name, "key": str(b.key), "address": b.address, "online": b.conn is not None, "routing": self.present(b),
-                 "links": [{**link, "remote_key": str(link["remote_key"])} for link in b.links]}
+                 "links": [{**link, "remote_key": str(link["remote_key"]), **_load_view(b, link["port"])} for link in b.links]}
                 for b in self.brokers.values()
             ],
             **listed,
@@ -1185,6 +1270,52 @@ class Orchestrator(Serving):
                 "failing": self.planner.failing,
             },
         }
+
+
+def _chain_latency(spec: PipelineSpec, latencies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline's latency: its budget, and the estimate and measure of its slowest
+    chain from a source to a sink (the sums of the edges' along the chain; the spec has
+    no cycle)."""
+    totals: dict[str, tuple[float, float]] = {}
+
+    def total(name: str) -> tuple[float, float]:
+        if name not in totals:
+            own = latencies[name]
+            before = [total(producer) for producer in own["producers"] if producer != name]
+            totals[name] = (
+                (own["estimate_ms"] or 0.0) + max((b[0] for b in before), default=0.0),
+                (own["measured_ms"] or 0.0) + max((b[1] for b in before), default=0.0),
+            )
+        return totals[name]
+
+    worst = [total(element.name) for element in spec.elements]
+    return {
+        "budget_ms": spec.max_latency_ms, "estimate_ms": round(max(w[0] for w in worst), 3),
+        "measured_ms": round(max(w[1] for w in worst), 3),
+    }
+
+
+def _unmet(latency: dict[str, Any]) -> list[str]:
+    """The warning that a latency budget is not met, by the estimate or by the measure."""
+    budget = latency["budget_ms"]
+    if budget is None:
+        return []
+    over = [f"{what} {latency[key]} ms" for what, key in (("estimated", "estimate_ms"), ("measured", "measured_ms"))
+            if latency[key] is not None and latency[key] > budget]
+    return [f"latency budget of {budget:g} ms unmet: {', '.join(over)}"] if over else []
+
+
+def _load_view(record: BrokerRecord, port: int) -> dict[str, Any]:
+    """A link's last reported load and the cost planned with, for ``status``."""
+    if port not in record.link_load:
+        return {}
+    rtt_ms, rate, queue = record.link_load[port]
+    return {"rtt_ms": rtt_ms, "bytes_per_s": rate, "queue_bytes": queue, "cost_us": record.costs.get(port)}
+
+
+def _same_link(link: dict[str, Any], links: list[dict[str, Any]]) -> bool:
+    """Whether ``links`` has the link ``link`` is (same port and peer end), in any state."""
+    return any((other["port"], other["remote_key"], other["remote_port"]) == (link["port"], link["remote_key"], link["remote_port"]) for other in links)
 
 
 @contextmanager
@@ -1402,6 +1533,9 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
         self.orchestrator.ports_changed(self, change)
         return control.Ok()
 
+    def _on_load(self, report: control.Load) -> None:
+        self.orchestrator.load(self, report)
+
     def _on_pipelines(self, _: control.Pipelines) -> control.PipelinesView:
         return control.PipelinesView(pipelines=self.orchestrator.pipelines_view())
 
@@ -1463,6 +1597,7 @@ _HANDLERS: dict[type[control.Message], Callable[[OrchestratorConnection, Any], c
     control.Report: OrchestratorConnection._on_report,
     control.BrokerState: OrchestratorConnection._on_broker_state,
     control.PortsChanged: OrchestratorConnection._on_ports_changed,
+    control.Load: OrchestratorConnection._on_load,
     control.Pipelines: OrchestratorConnection._on_pipelines,
     control.Status: OrchestratorConnection._on_status,
     control.Deploy: OrchestratorConnection._on_deploy,

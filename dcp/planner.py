@@ -26,9 +26,9 @@ logged once, the stream keeps its last route, and the others are planned.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import product
@@ -247,25 +247,34 @@ def _edge(link: OverlayLink) -> Edge:
     return (a, b) if a <= b else (b, a)
 
 
-def _adjacency(edges: Iterable[Edge]) -> dict[str, set[str]]:
-    """Broker -> its neighbours over ``edges``."""
-    adjacent: dict[str, set[str]] = {}
-    for (a, _), (b, _) in edges:
-        adjacent.setdefault(a, set()).add(b)
-        adjacent.setdefault(b, set()).add(a)
+def _adjacency(overlay: Overlay, edges: Iterable[Edge], dearer: dict[Endpoint, int] | None = None) -> dict[str, dict[str, int]]:
+    """Broker -> its neighbours over ``edges``, with the least cost of sending to each
+    (costs of ``overlay``, or of ``dearer`` where it has the end)."""
+    dearer = dearer or {}
+    adjacent: dict[str, dict[str, int]] = {}
+    for ends in edges:
+        for (a, port), (b, _) in (ends, ends[::-1]):
+            cost = dearer.get((a, port)) or overlay.cost(a, port)
+            out = adjacent.setdefault(a, {})
+            out[b] = min(cost, out.get(b, cost))
     return adjacent
 
 
-def _distances(adjacent: dict[str, set[str]], source: str) -> dict[str, int]:
-    """Hops from ``source`` to every broker it reaches (breadth first, as build_tree)."""
+def _distances(adjacent: dict[str, dict[str, int]], source: str) -> dict[str, int]:
+    """Least cost from ``source`` to every broker it reaches (Dijkstra, as build_tree)."""
     distance = {source: 0}
-    queue = deque([source])
-    while queue:
-        broker = queue.popleft()
-        for other in adjacent.get(broker, ()):
-            if other not in distance:
-                distance[other] = distance[broker] + 1
-                queue.append(other)
+    done: set[str] = set()
+    heap = [(0, source)]
+    while heap:
+        cost, broker = heapq.heappop(heap)
+        if broker in done:
+            continue
+        done.add(broker)
+        for other, step in adjacent.get(broker, {}).items():
+            through = cost + step
+            if through < distance.get(other, through + 1):
+                distance[other] = through
+                heapq.heappush(heap, (through, other))
     return distance
 
 
@@ -369,7 +378,7 @@ class Planner:
     def reachable(self, source: str) -> set[str]:
         """The brokers the overlay's links reach from broker ``source``, itself included:
         where a tree from there can go (:func:`build_tree` walks the same links)."""
-        return set(_distances(_adjacency(_edge(link) for link in self.overlay.links), source))
+        return set(_distances(_adjacency(self.overlay, (_edge(link) for link in self.overlay.links)), source))
 
     def topics_of(self, producer: str) -> list[str]:
         """The topics ``producer`` has a route for (withdrawn ones too)."""
@@ -436,8 +445,9 @@ class Planner:
                 self._mark((name, topic) for topic in view.produces)
 
     def set_overlay(self, overlay: Overlay) -> None:
-        """A new overlay: dirty the streams over a broker whose keys changed or a link
-        that went, the sources for which a new link may shorten a path, and the partial."""
+        """A new overlay: dirty the streams over a broker whose keys changed, a link that
+        went or got dearer, the sources for which a new or cheaper link may shorten a
+        path, and the partial."""
         old = self.overlay
         self.overlay = overlay
         for name in old.layouts.keys() | overlay.layouts.keys():
@@ -447,10 +457,24 @@ class Planner:
         new_edges = {_edge(link): link for link in overlay.links}
         gone = old_edges.keys() - new_edges.keys()
         came = new_edges.keys() - old_edges.keys()
+        kept = old_edges.keys() & new_edges.keys()
+        dearer: dict[Endpoint, int] = {}  # kept ends whose cost went up: their new cost
+        cheaper = set()
+        for edge in kept:
+            for end in edge:
+                before, after = old.cost(*end), overlay.cost(*end)
+                if after > before:
+                    dearer[end] = after
+                    self._mark(self._by_edge.get(edge, ()))
+                elif after < before:
+                    cheaper.add(edge)
         for edge in gone:
             self._mark(self._by_edge.get(edge, ()))
-        if came:
-            self._mark_shortcuts(_adjacency(old_edges.keys() - gone), _adjacency(new_edges), came)
+        if came or cheaper:
+            # From the old links at their new costs where dearer (the trees over those are
+            # dirty already; no other tree changes for them) to the new overlay, costs only
+            # fall: the shortcut rules find what that changes.
+            self._mark_shortcuts(_adjacency(old, kept, dearer), _adjacency(overlay, new_edges), came | cheaper)
         # An agent on a link's port: build_tree treats it apart (ingress, or not a subscriber).
         ends = {end for edge in gone | came for end in edge} | {end for edge in new_edges for end in edge}
         for end in ends & self._at.keys():
@@ -466,24 +490,27 @@ class Planner:
         for pattern in {*view.consumes, *(pattern for pattern, _, _ in view.shares)}:
             self._mark(self._produced.streams(pattern))
 
-    def _mark_shortcuts(self, before: dict[str, set[str]], after: dict[str, set[str]], came: set[Edge]) -> None:
-        """Dirty the trees that new links (``came``) may change.
+    def _mark_shortcuts(self, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], came: set[Edge]) -> None:
+        """Dirty the trees that new or cheaper links (``came``) may change, where costs
+        only fell from ``before`` to ``after``.
 
-        build_tree hangs each broker on a neighbour one hop closer to the source, so a
-        tree can change only where a broker got closer, where a broker one hop further
-        than such a broker can now hang on it, or at the far end of a new link.  Every
-        other tree, from every source, stays as it is.
+        build_tree hangs each broker on a neighbour on a least-cost path from the source,
+        so a tree can change only where a broker got closer, where a broker further on
+        from such a broker can now hang on it, or at an end of a link in ``came`` that
+        can now hang on the other.
+        Every other tree, from every source, stays as it is.
         """
         for source, keys in self._by_source.items():
             old = _distances(before, source)
             new = _distances(after, source)
-            closer = {broker for broker, hops in new.items() if old.get(broker) != hops}
+            closer = {broker for broker, cost in new.items() if old.get(broker) != cost}
             touched = set(closer)
             for broker in closer:
-                touched.update(other for other in after[broker] if new.get(other) == new[broker] + 1)
-            for (a, _), (b, _) in came:
-                if a in new and new[a] != new[b]:
-                    touched.add(b if new[a] < new[b] else a)
+                touched.update(other for other, step in after[broker].items() if new.get(other) == new[broker] + step)
+            for ends in came:  # a broker that can hang on the other end now
+                for (a, _), (b, _) in (ends, ends[::-1]):
+                    if a in new and b in new and new[a] + after[a][b] == new[b]:
+                        touched.add(b)
             touched.discard(source)  # never hung on anything
             for broker in touched:
                 self._mark(keys & self._by_broker.get(broker, set()))

@@ -25,9 +25,11 @@ KINDS = ("source", "stage", "sink")
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _KEYS = {
     "source": ("name", "capability", "topic", "emits", "params", "replicas", "agent"),
-    "stage": ("name", "capability", "consumes", "emits", "params", "replicas", "share", "agent"),
-    "sink": ("name", "capability", "consumes", "params", "replicas", "share", "agent"),
+    "stage": ("name", "capability", "consumes", "emits", "params", "replicas", "share", "agent", "max_latency_ms"),
+    "sink": ("name", "capability", "consumes", "params", "replicas", "share", "agent", "max_latency_ms"),
 }
+#: The longest latency budget a spec may give, in milliseconds (an hour).
+MAX_LATENCY_MS = 3_600_000
 #: How the replicas of a stage or sink take its input: each frame to one of them, in
 #: turn or by the publisher's key (the same key, the same replica), or every frame to all.
 SHARES = ("round_robin", "key", "all")
@@ -47,6 +49,8 @@ class ElementSpec:
     replicas: int = 1
     share: str = "round_robin"
     agent: str | None = None
+    #: The budget of the edges into this element: from a producer of what it consumes to it.
+    max_latency_ms: float | None = None
     field_name: str = ""
 
     @property
@@ -75,6 +79,8 @@ class ElementSpec:
             data["share"] = self.share
         if self.agent is not None:
             data["agent"] = self.agent
+        if self.max_latency_ms is not None:
+            data["max_latency_ms"] = self.max_latency_ms
         return data
 
 
@@ -86,6 +92,8 @@ class PipelineSpec:
     name: str
     elements: tuple[ElementSpec, ...]
     access_rules: tuple[Rule, ...] = ()
+    #: The budget from a source to a sink, along any chain of the pipeline's elements.
+    max_latency_ms: float | None = None
 
     def element(self, name: str) -> ElementSpec:
         for element in self.elements:
@@ -117,6 +125,8 @@ class PipelineSpec:
                 data[kind] = items
         if self.access_rules:
             data["policy"] = [rule.to_dict() for rule in self.access_rules]
+        if self.max_latency_ms is not None:
+            data["max_latency_ms"] = self.max_latency_ms
         return data
 
 
@@ -231,8 +241,18 @@ def _element(kind: str, index: int, item: object) -> ElementSpec:
         replicas=replicas,
         share=share,
         agent=_string(item, "agent", here, required=False),
+        max_latency_ms=_budget(item.get("max_latency_ms"), f"{here}.max_latency_ms"),
         field_name=here,
     )
+
+
+def _budget(value: object, where: str) -> float | None:
+    """A latency budget: None, or a number of milliseconds in (0, MAX_LATENCY_MS]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_LATENCY_MS:
+        raise SpecError(where, f"must be a number of milliseconds in (0, {MAX_LATENCY_MS}], got {value!r}")
+    return float(value)
 
 
 def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
@@ -246,7 +266,7 @@ def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
     """
     if not isinstance(data, Mapping):
         raise SpecError(where, "must be a table")
-    keys = ("name", *KINDS, "policy")
+    keys = ("name", *KINDS, "policy", "max_latency_ms")
     unknown = sorted(set(data) - set(keys))
     if unknown:
         if unknown[0] == "rule":  # a policy file's [[rule]] tables are a spec's [[policy]] ones
@@ -276,7 +296,10 @@ def parse_spec(data: Mapping[str, Any], where: str = "spec") -> PipelineSpec:
             key = "topic" if element.external else "emits"
             raise SpecError(f"{element.field_name}.{key}", f"topic {element.emits!r} is already emitted by {other.field_name} ({other.name})")
         emitters[element.emits] = element
-    return PipelineSpec(name, tuple(elements), rules_from_list(data.get("policy", []), "policy", SpecError))
+    return PipelineSpec(
+        name, tuple(elements), rules_from_list(data.get("policy", []), "policy", SpecError),
+        _budget(data.get("max_latency_ms"), "max_latency_ms"),
+    )
 
 
 def load_spec(path: str | Path) -> PipelineSpec:

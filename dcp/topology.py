@@ -1,8 +1,9 @@
 """Delivery trees over a broker overlay, and a simulation of the data plane (pure, no I/O).
 
 The orchestrator knows the overlay (brokers, their prime keys, the links between their
-ports) and, per stream, the source endpoint and the subscriber endpoints.
-:func:`build_tree` turns that into a delivery tree and its topology number ``X``
+ports, what sending on each link costs) and, per stream, the source endpoint and the
+subscriber endpoints. :func:`build_tree` turns that into a delivery tree of least cost
+to each subscriber and its topology number ``X``
 (:func:`dcp.routing.encode` of the tree's port bitmaps).  :func:`simulate` replays what
 the brokers would do with ``X`` using :func:`dcp.routing.forward` alone, so the routing
 invariants of docs/design.md (delivery contract: one copy per subscriber, none
@@ -16,6 +17,7 @@ can use it without an event loop.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,13 @@ __all__ = [
     "Overlay",
     "Tree",
     "build_tree",
+    "distances",
+    "link_cost_us",
+    "settled_cost",
+    "HOP_COST_US",
+    "COST_HYSTERESIS",
+    "COST_STEP_US",
+    "MAX_COST_US",
     "Delivery",
     "simulate",
     "shape_edges",
@@ -43,6 +52,46 @@ Endpoint = tuple[str, int]
 SHAPES = ("line", "ring", "star", "mesh")
 
 _MAX_SIMULATION_STEPS = 10**6
+
+#: What one hop costs on a link nothing has measured, and on top of what was measured on
+#: one (forwarding, the local network), in microseconds: with no measurements every link
+#: costs the same, and the least-cost tree is the fewest-hops tree.
+HOP_COST_US = 200
+#: A link cost is capped (a stalled link costs this), so that sums stay small ints.
+MAX_COST_US = 60_000_000
+#: The queueing term divides the bytes waiting by the link's throughput, at least this
+#: (bytes/s): an idle link with a few bytes queued is not taken for a stalled one.
+_MIN_RATE = 100_000
+#: A planned cost follows a measurement only when they differ by more than this share of
+#: the planned cost and by more than COST_STEP_US (:func:`settled_cost`).
+COST_HYSTERESIS = 0.5
+COST_STEP_US = 2_000
+
+
+def link_cost_us(rtt_ms: float, queue_bytes: int, bytes_per_s: float) -> int:
+    """What sending one frame on a link costs, in microseconds: a hop, half the measured
+    round trip (one way), and the time to drain what waits in its output queue.
+
+    The round trip is measured by pings on the link's own connection, so it already
+    grows when the link's queues do; the queue term sees a congested link before the
+    next pong comes back.
+    """
+    drain_s = queue_bytes / max(bytes_per_s, _MIN_RATE)
+    cost = HOP_COST_US + rtt_ms * 500 + drain_s * 1_000_000
+    return int(min(cost, MAX_COST_US))
+
+
+def settled_cost(planned: int | None, measured: int) -> int:
+    """The cost to plan with, given the one planned with so far and a new measurement.
+
+    Hysteresis: the planned cost moves only on a change of more than
+    :data:`COST_HYSTERESIS` of itself and :data:`COST_STEP_US`, so that noise around a
+    level never changes a tree, and routes do not flap between near-equal paths; a
+    congested link (its cost many times higher) or one that recovered moves at once.
+    """
+    if planned is None or abs(measured - planned) > max(planned * COST_HYSTERESIS, COST_STEP_US):
+        return measured
+    return planned
 
 
 @dataclass(frozen=True)
@@ -67,15 +116,20 @@ class Overlay:
     then it has ports ``0 .. k.bit_length()-2`` (so that any bitmap of them is below
     ``k``; a key from ``allocate_keys(n, P)`` gives ports ``0 .. P-1``).  Overlays need
     not be connected; :func:`build_tree` raises when a subscriber is unreachable.
+    ``costs`` maps a link end ``(broker, port)`` to what sending out of it costs
+    (microseconds, >= 1; :func:`link_cost_us`); an end left out costs
+    :data:`HOP_COST_US`, and costs of ends no link uses are dropped.
 
     Raises:
         RoutingError: a key below 3, not an int, owned by two brokers, or (a root key)
             sharing a factor with another root key; a link naming an unknown broker,
             joining a broker to itself, using a port out of range, or using a port that
-            another link already uses.
+            another link already uses; a cost that is not an int >= 1.
     """
 
-    def __init__(self, keys: Mapping[str, int | KeyLayout], links: Iterable[OverlayLink] = ()) -> None:
+    def __init__(
+        self, keys: Mapping[str, int | KeyLayout], links: Iterable[OverlayLink] = (), costs: Mapping[Endpoint, int] | None = None,
+    ) -> None:
         self.layouts: dict[str, KeyLayout] = {}
         self.links: tuple[OverlayLink, ...] = tuple(links)
         owner: dict[int, str] = {}
@@ -124,6 +178,16 @@ class Overlay:
         self._link_ports: dict[str, int] = {name: 0 for name in self.keys}
         for name, port in self._link_at:
             self._link_ports[name] |= 1 << port
+        self.costs: dict[Endpoint, int] = {}
+        for end, cost in (costs or {}).items():
+            if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+                raise RoutingError(f"cost of link end {end!r} must be an int >= 1, got {cost!r}")
+            if end in self._link_at and cost != HOP_COST_US:
+                self.costs[end] = cost
+
+    def cost(self, broker: str, port: int) -> int:
+        """What sending out of ``port`` of ``broker`` (a link end) costs, microseconds."""
+        return self.costs.get((broker, port), HOP_COST_US)
 
     def _check_port(self, broker: str, port: object, what: str) -> None:
         limit = self.layouts[broker].ports
@@ -196,7 +260,7 @@ class Overlay:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Overlay):
             return NotImplemented
-        return self.layouts == other.layouts and self.links == other.links
+        return self.layouts == other.layouts and self.links == other.links and self.costs == other.costs
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -244,11 +308,12 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
     """The delivery tree from ``source`` to ``subscribers`` over ``overlay``, with its ``X``.
 
     The frame enters the source broker on the source port.  Each subscriber broker
-    hangs on a shortest path from the source broker: breadth-first distances first,
-    then the subscriber brokers in order of (distance, name), each walked back toward
-    the root, at each step to a predecessor one step closer that is already in the
-    tree if there is one, else the smallest by (name, port), until a broker already in
-    the tree.  Among parallel links the lowest (parent port, child port) is used.  A
+    hangs on a least-cost path from the source broker (:func:`distances`, costs of
+    :meth:`Overlay.cost`; with no costs given, a fewest-hops path): the subscriber
+    brokers in order of (distance, name), each walked back toward the root, at each
+    step to a predecessor on a least-cost path that is already in the tree if there is
+    one, else the smallest by (name, port), until a broker already in the tree.  Among
+    parallel links of equal cost the lowest (parent port, child port) is used.  A
     source port that is a link port is allowed (a frame injected from a link); that
     link is then never used by the tree, since a broker never sends back on the port
     the frame came in on.  Deterministic: the same inputs give the same tree.
@@ -281,18 +346,7 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
     if not wanted:
         return Tree(source, frozenset(), {}, (), 0)
 
-    def usable(broker: str) -> list[tuple[int, str, int]]:
-        # The link on the source's ingress port can never carry the frame onward.
-        return [n for n in overlay._adjacent[broker] if not (broker == src and n[0] == src_port)]
-
-    distance = {src: 0}
-    queue = deque([src])
-    while queue:
-        broker = queue.popleft()
-        for _, other, _ in usable(broker):
-            if other not in distance:
-                distance[other] = distance[broker] + 1
-                queue.append(other)
+    distance = distances(overlay, source)
 
     for broker in sorted(local):
         if broker not in distance:
@@ -305,8 +359,8 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
         while child not in in_tree:
             closer = [
                 (other, other_port, port)
-                for port, other, other_port in usable(child)
-                if distance.get(other) == distance[child] - 1
+                for port, other, other_port in overlay._adjacent[child]
+                if other in distance and distance[other] + overlay.cost(other, other_port) == distance[child]
                 and not (other == src and other_port == src_port)
             ]
             # min over (name, parent port, child port): among parallel links to the
@@ -327,6 +381,29 @@ def build_tree(overlay: Overlay, source: Endpoint, subscribers: Iterable[Endpoin
         residues.update(overlay.layouts[broker].residues(bitmap))
     x = encode(residues)
     return Tree(source, frozenset(wanted), bitmaps, links, x)
+
+
+def distances(overlay: Overlay, source: Endpoint) -> dict[str, int]:
+    """The least cost (microseconds, :meth:`Overlay.cost` per link) from ``source``'s
+    broker to every broker it reaches (Dijkstra).  The link on the source port is not
+    used: a broker never sends back on the port a frame came in on."""
+    src, src_port = source
+    distance = {src: 0}
+    done: set[str] = set()
+    heap = [(0, src)]
+    while heap:
+        cost, broker = heapq.heappop(heap)
+        if broker in done:
+            continue
+        done.add(broker)
+        for port, other, _ in overlay._adjacent[broker]:
+            if broker == src and port == src_port:
+                continue
+            through = cost + overlay.cost(broker, port)
+            if through < distance.get(other, through + 1):
+                distance[other] = through
+                heapq.heappush(heap, (through, other))
+    return distance
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
     lines = []
     for pipeline in pipelines:
         lines.append(f"pipeline {pipeline['name']}")
+        if "latency" in pipeline:
+            lines.append(f"  latency {_latency(pipeline['latency'])}")
+        lines.extend(f"  {format_warning(warning)}" for warning in pipeline.get("warnings", ()))
         lines.append(
             f"  {'element':<16} {'kind':<6} {'capability':<20} {'agent':<18} {'in':>8} {'out':>8} {'errors':>8} {'dropped':>8}"
         )
@@ -76,8 +79,20 @@ def format_pipelines(pipelines: list[dict[str, Any]]) -> str:
                 )
                 if row.get("last_error"):
                     lines.append(f"    last error: {safe(row['last_error'], ERROR_TEXT_LIMIT)}")
+            latency = element.get("latency") or {}
+            if latency.get("budget_ms") is not None or latency.get("estimate_ms") is not None:
+                lines.append(f"    latency in {_latency(latency)}")
             lines.extend(f"    {format_warning(warning)}" for warning in element.get("warnings", ()))
     return "\n".join(lines)
+
+
+def _latency(latency: dict[str, Any]) -> str:
+    """Budget, estimate and measure of a latency, in ms ("-": none)."""
+    def ms(key: str) -> str:
+        value = latency.get(key)
+        return "-" if value is None else f"{value:g} ms"
+
+    return f"budget {ms('budget_ms')}, estimate {ms('estimate_ms')}, measured {ms('measured_ms')}"
 
 
 def format_warning(warning: str) -> str:

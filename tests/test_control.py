@@ -86,6 +86,7 @@ EXAMPLES: dict[str, control.Message] = {message.op: message for message in (
     control.Report(elements={"p/out": {"in": 1, "latency_ms": 0.5}}, published=1, unrouted=0, lost=0, dropped=0, pending=0),
     control.BrokerState(id=ID, key=KEY, address="127.0.0.1:1", ports=8, links=[], attached=[]),
     control.PortsChanged(id=ID, attached=[], detached=[]),
+    control.Load(links=[control.LinkLoad(port=1, rtt_ms=0.5, bytes_per_s=1000, queue_bytes=0)], ports=[]),
     control.Pipelines(id=ID), control.Status(id=ID), control.Deploy(id=ID, spec=SPEC), control.Undeploy(id=ID, name="p"),
     control.Token(id=ID, name="cam"), control.Route(topic="t", x=5, epoch=1, consumers=["b"]),
     control.Assign(pipeline="p", element="e", kind="stage", capability="c", params={}, consumes=["t"]),
@@ -264,8 +265,13 @@ KIND_VALUES: dict[control.Kind, st.SearchStrategy[Any]] = {
     control.LINK_STATS: st.fixed_dictionaries({"port": st.integers(0, 99), "state": text, "remote_port": st.integers(-1, 99)}),
     control.TAGS: st.lists(st.binary(min_size=24, max_size=24), max_size=3),
     control.SHARE_MODE: st.sampled_from(("round_robin", "key")),
+    control.MS: st.integers(0, 3_600_000) | st.floats(0, 3_600_000),
+    control.RATE: st.integers(0, 10**12) | st.floats(0, 1e12),
 }
-RECORDS = {control.LINK_REPORTS: control.LinkReport, control.PORT_REPORTS: control.PortReport, control.SHARES: control.Share}
+RECORDS = {
+    control.LINK_REPORTS: control.LinkReport, control.PORT_REPORTS: control.PortReport, control.SHARES: control.Share,
+    control.LINK_LOADS: control.LinkLoad, control.PORT_LOADS: control.PortLoad,
+}
 MESSAGE_TYPES = sorted(
     (t for t in vars(control).values() if isinstance(t, type) and issubclass(t, control.Message)
      and t not in (control.Message, control.Request, control.Reply, control.ElementPush)),

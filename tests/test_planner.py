@@ -27,11 +27,13 @@ from dcp.orchestrator import Orchestrator
 from dcp.patterns import Policy, Rule, topic_matches
 from dcp.planner import AgentView, Planner, Stream
 from dcp.routing import allocate_keys, int_to_bytes
-from dcp.topology import Endpoint, Overlay, OverlayLink, build_tree
+from dcp.topology import HOP_COST_US, Endpoint, Overlay, OverlayLink, build_tree
 from tests.purity import copy_with_import, loaded
 from tests.waiting import until
 
 KEYS = allocate_keys(6, 8)  # ports 0..7 on every broker
+#: Link costs to draw: ties with the default, cheaper, dearer, congested.
+COSTS = [HOP_COST_US, 1, 150, 300, 5_000, 1_000_000]
 BROKERS = ["b0", "b1", "b2", "b3"]
 AGENTS = ["a0", "a1", "a2", "a3", "a4", "a5"]
 TOPICS = ["t.a", "t.b", "t.a.b", "u.a.b", "u.b"]
@@ -116,6 +118,7 @@ class PlanningMachine(RuleBasedStateMachine):
         self.planner = Planner(recovered)
         self.keys: dict[str, int] = {}
         self.links: dict[tuple[Endpoint, Endpoint], OverlayLink] = {}
+        self.costs: dict[Endpoint, int] = {}  # link end -> what sending out of it costs
         self.before = dict(self.planner.streams)
         self.changed: list[Stream] = []
 
@@ -131,7 +134,7 @@ class PlanningMachine(RuleBasedStateMachine):
         self.links[(a, b) if a < b else (b, a)] = OverlayLink(a[0], a[1], b[0], b[1])
 
     def overlay(self) -> Overlay:
-        return Overlay(self.keys, self.links.values())
+        return Overlay(self.keys, self.links.values(), self.costs)
 
     def plan(self, budget: float | None) -> None:
         """Run the planner to the end, in one step or in many."""
@@ -201,6 +204,15 @@ class PlanningMachine(RuleBasedStateMachine):
         self.planner.set_overlay(self.overlay())
         self.plan(None)
 
+    @precondition(lambda self: self.links)
+    @rule(data=st.data(), cost=st.sampled_from(COSTS))
+    def link_cost(self, data: st.DataObject, cost: int) -> None:
+        """A link end congests or recovers."""
+        edge = data.draw(st.sampled_from(sorted(self.links)))
+        self.costs[data.draw(st.sampled_from(edge))] = cost
+        self.planner.set_overlay(self.overlay())
+        self.plan(data.draw(st.sampled_from([None, 0.0])))
+
     @rule(policy=st.sampled_from(POLICIES))
     def policy(self, policy: Policy) -> None:
         self.planner.set_policy(policy)
@@ -239,8 +251,9 @@ def linked_overlays(draw: st.DrawFn, brokers: int = 6) -> tuple[dict[str, int], 
 @settings(max_examples=300, deadline=None)
 @given(overlay=linked_overlays(), data=st.data())
 def test_links_that_come_and_go_replan_as_from_scratch(overlay: tuple[dict[str, int], list[OverlayLink]], data: st.DataObject) -> None:
-    """Agents on ports no link uses, then links added and removed: the trees a new link
-    shortens (or gives a new parent) are found, and only through the shortcut rules."""
+    """Agents on ports no link uses, then links added and removed and costs changed: the
+    trees a new or cheaper link shortens (or gives a new parent) are found, and only
+    through the shortcut rules."""
     keys, links = overlay
     names = sorted(keys)
     agents = {
@@ -248,9 +261,11 @@ def test_links_that_come_and_go_replan_as_from_scratch(overlay: tuple[dict[str, 
         for i in range(8)
     }
     before_links = data.draw(st.lists(st.sampled_from(links), unique=True)) if links else []
-    planner = settled(Overlay(keys, before_links), agents)
+    ends = [end for link in links for end in ((link.a, link.a_port), (link.b, link.b_port))]
+    costs = st.dictionaries(st.sampled_from(ends), st.sampled_from(COSTS)) if ends else st.just({})
+    planner = settled(Overlay(keys, before_links, data.draw(costs)), agents)
     before = dict(planner.streams)
-    after = Overlay(keys, links)
+    after = Overlay(keys, links, data.draw(costs))
     planner.set_overlay(after)
     planner.step()
     assert planner.streams == from_scratch(planner.agents, after, planner.policy, before)

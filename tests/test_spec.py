@@ -568,12 +568,12 @@ def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
     ("data", "message"),
     [
         ([1], "spec: must be a table"),
-        (doc(colour="red"), "colour: unknown key; a pipeline spec takes name, source, stage, sink, policy"),
-        (doc(stages=[]), "stages: unknown key (did you mean 'stage'?); a pipeline spec takes name, source, stage, sink, policy"),
+        (doc(colour="red"), "colour: unknown key; a pipeline spec takes name, source, stage, sink, policy, max_latency_ms"),
+        (doc(stages=[]), "stages: unknown key (did you mean 'stage'?); a pipeline spec takes name, source, stage, sink, policy, max_latency_ms"),
         (
             doc(rule=[]),
             "rule: unknown key (did you mean 'policy'? a spec's access rules are [[policy]] tables); "
-            "a pipeline spec takes name, source, stage, sink, policy",
+            "a pipeline spec takes name, source, stage, sink, policy, max_latency_ms",
         ),
         (
             with_element("source", 0, capabilty="camera"),
@@ -586,7 +586,7 @@ def test_patterns_and_spec_import_no_io_modules(tmp_path: Path) -> None:
         (with_element("source", 0, consumes=["x"]), "source[0].consumes: a source consumes nothing; make it a [[stage]]"),
         (
             with_element("stage", 0, colour="red"),
-            "stage[0].colour: unknown key; a stage takes name, capability, consumes, emits, params, replicas, share, agent",
+            "stage[0].colour: unknown key; a stage takes name, capability, consumes, emits, params, replicas, share, agent, max_latency_ms",
         ),
         (with_element("source", 0, emits=None), "source[0].emits: is required"),
         (with_element("stage", 0, consumes=None), "stage[0].consumes: is required: list the topic patterns this element reads"),
@@ -703,3 +703,21 @@ def test_an_element_may_set_any_slow_consumer_policy_in_its_params(policy: str) 
     spec = parse_spec(data)
     [stage] = [e for e in spec.elements if e.name == data["stage"][0]["name"]]
     assert stage.params == {"slow_consumer": policy}
+
+
+def test_latency_budgets_per_pipeline_and_per_edge_are_checked_and_kept() -> None:
+    doc = {
+        "name": "p", "max_latency_ms": 40,
+        "source": [{"name": "s", "capability": "c", "emits": "t"}],
+        "sink": [{"name": "k", "capability": "c", "consumes": ["t"], "max_latency_ms": 2.5}],
+    }
+    spec = parse_spec(doc)
+    assert (spec.max_latency_ms, spec.element("k").max_latency_ms, spec.element("s").max_latency_ms) == (40.0, 2.5, None)
+    assert parse_spec(spec.to_dict()) == spec
+    for bad in (0, -1, True, "5", float("nan"), float("inf"), 3_600_001):
+        with pytest.raises(SpecError, match=r"^sink\[0\]\.max_latency_ms"):
+            parse_spec({**doc, "sink": [{**doc["sink"][0], "max_latency_ms": bad}]})
+        with pytest.raises(SpecError, match=r"^max_latency_ms"):
+            parse_spec({**doc, "max_latency_ms": bad})
+    with pytest.raises(SpecError, match=r"^source\[0\]\.max_latency_ms"):  # a source has no edge into it
+        parse_spec({**doc, "source": [{**doc["source"][0], "max_latency_ms": 5}]})

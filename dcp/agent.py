@@ -165,6 +165,9 @@ class Element:
     runnable: bool = True  # False: its handler has the wrong form for its kind (last_error says the right one)
     latency_s: float = 0.0  # sum of publish-to-handle delays, for the mean
     latency_max_s: float = 0.0
+    busy_s: float = 0.0  # the time its handler has run, in all
+    busy_mark_s: float = 0.0  # busy_s at the last report tick
+    busy: float = 0.0  # the share of the last report interval its handler ran: its load, for placement
     pending: list[Message] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
@@ -178,7 +181,15 @@ class Element:
         return {
             "in": self.received, "out": self.emitted, "errors": self.errors,
             "latency_ms": round(mean * 1000, 3), "latency_max_ms": round(self.latency_max_s * 1000, 3),
+            "busy": self.busy,
         }
+
+    def tick(self, interval_s: float) -> None:
+        """A report interval of ``interval_s`` ended: ``busy`` is the share of it the handler
+        ran (to 0.01, so that noise alone sends no report)."""
+        ran = self.busy_s - self.busy_mark_s
+        self.busy_mark_s = self.busy_s
+        self.busy = round(min(ran / interval_s, 1.0), 2) if interval_s > 0 else 0.0
 
 
 class DataAgent:
@@ -679,12 +690,15 @@ class DataAgent:
             await self._call(element, batch)
 
     async def _call(self, element: Element, arg: Any) -> None:
+        started = time.perf_counter()
         try:
             result = await (element.handler(arg, element.params) if element.params is not None else element.handler(arg))
         except Exception as exc:
             element.failed(_error_text(exc))
             log.exception("%s: handler of %s failed", safe(self.name), safe(element.key))
             return
+        finally:
+            element.busy_s += time.perf_counter() - started
         await self._emit(element, result)
 
     async def _emit(self, element: Element, result: Any) -> None:
@@ -912,11 +926,16 @@ class DataAgent:
         """Every ``report_interval_s``, the counters, if they changed since the last report
         (or the agent registered again since); unchanged, every :data:`REPORT_KEEPALIVE_S`
         anyway.  Thousands of idle agents cost the orchestrator little."""
+        ticked = time.monotonic()
         while True:
             await asyncio.sleep(self.report_interval_s)
+            now = time.monotonic()
+            for element in self.elements.values():
+                element.tick(now - ticked)
+            ticked = now
             if self.orchestrator is None:
                 continue
-            counters, now = self.counters(), time.monotonic()
+            counters = self.counters()
             if counters == self._reported and now - self._reported_at < REPORT_KEEPALIVE_S:
                 continue
             self.orchestrator.send(Report(**counters).to_body())

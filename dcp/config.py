@@ -409,6 +409,13 @@ class OrchestratorConfig(_FromSources):
         default=3600.0,
         metadata=_opt("how long a signed topology number stays valid; it is re-signed when half of it is left, seconds", type=float),
     )
+    plan_by_hops: bool = field(
+        default=False,
+        metadata=_opt(
+            "plan fewest-hops trees: the links' measured cost (load reports) is shown in status but never changes a "
+            "tree, so a congested link is not routed around (for comparison; bench/congestion.py)", action="store_true",
+        ),
+    )
     require_token: bool = _shared("require_token")
     insecure: bool = _shared("insecure")
     tls_cert: str = _shared("tls_cert")

@@ -98,8 +98,10 @@ def slow_consumer_policy(name: object) -> str:
 
 
 ELEMENT_KINDS = ("source", "stage", "sink")
-#: The counters an agent reports of each element (``Report.elements``).
-ELEMENT_COUNTERS = ("in", "out", "errors", "latency_ms", "latency_max_ms")
+#: The counters an agent reports of each element (``Report.elements``); ``busy``, the
+#: share of the last report interval its handler ran, is its load for placement
+#: (:mod:`dcp.placement`), so it is refused outside [0, 1].
+ELEMENT_COUNTERS = ("in", "out", "errors", "latency_ms", "latency_max_ms", "busy")
 #: Error messages may quote what the peer sent (an op, a role): cut to this many
 #: characters, so that an error frame always fits max_control.
 MESSAGE_LIMIT = 1024
@@ -155,7 +157,7 @@ def _limit(name: str) -> Kind:
 def _counters(value: Any) -> bool:
     return type(value) is dict and all(
         type(key) is str and type(counts) is dict
-        and all(k in ELEMENT_COUNTERS and _number(n) for k, n in counts.items())
+        and all(k in ELEMENT_COUNTERS and _number(n) and (k != "busy" or 0 <= n <= 1) for k, n in counts.items())
         for key, counts in value.items()
     )
 
@@ -200,7 +202,7 @@ POSITIVE_SECONDS = Kind("a positive number of seconds", lambda v: _number(v) and
 SLOW_CONSUMER_NAME = _one_of(SLOW_CONSUMER_POLICIES)
 ELEMENT_KIND = _one_of(ELEMENT_KINDS)
 LIMIT_FRAME, LIMIT_TOPIC, LIMIT_X_BITS = _limit("max_frame"), _limit("max_topic"), _limit("max_x_bits")
-COUNTERS = Kind(f"a map of element names to maps of {', '.join(ELEMENT_COUNTERS)} (numbers)", _counters)
+COUNTERS = Kind(f"a map of element names to maps of {', '.join(ELEMENT_COUNTERS)} (numbers; busy in [0, 1])", _counters)
 LAST_ERRORS = Kind(f"a map of element names to strings of at most {ERROR_TEXT_LIMIT} characters", _last_errors)
 ASSIGNMENTS = Kind("a map of element names to lists of agent names", _assignments)
 #: A latency: at most an hour, in milliseconds.

@@ -467,7 +467,7 @@ def _summary(plane: Plane, deployment: Deployment, workload: _Workload, complete
     elements = {}
     for element in deployment.spec.elements:
         counted = deployment.counted(element)
-        counters = counted.counters() if counted is not None else {"in": 0, "out": 0, "errors": 0, "latency_ms": 0.0, "latency_max_ms": 0.0}
+        counters = counted.counters() if counted is not None else {"in": 0, "out": 0, "errors": 0, "latency_ms": 0.0, "latency_max_ms": 0.0, "busy": 0.0}
         name = deployment.agent_of[element.name]
         elements[element.name] = {"agent": name, "broker": where.get(name, "?"), "capability": element.capability, **counters}
     agents = {}

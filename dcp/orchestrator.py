@@ -66,12 +66,13 @@ from .metrics import Histogram
 from .metrics_http import MetricsServer
 from .orchestrator_store import Store
 from .patterns import Policy, topic_matches, validate_pattern, validate_topic
+from .placement import Load, pick_move
 from .planner import AgentView, Planner, ShareGroup, Stream
 from .shares import REPLIES, REQUESTS, requestable
 from .routing import KeyLayout, int_to_bytes
 from .spec import ElementSpec, PipelineSpec, check_spec, parse_spec
 from .tls import server_context
-from .topology import Endpoint, Overlay, OverlayLink, distances, link_cost_us, settled_cost
+from .topology import Endpoint, LinkCost, Overlay, OverlayLink, distances, link_cost_us
 from .wire import ControlFrame, Decoder, Limits, encode_control
 
 #: What a connection to the orchestrator may send: control frames only, before and
@@ -118,10 +119,12 @@ class BrokerRecord:
     attached: dict[int, str] | None = None  # port -> the agent on it, as last reported; None: not known
     keys: list[int] | None = None  # its whole key layout (root first), when it has more keys than ``key``
     # From its load reports, one entry per port at most: each link's last figures
-    # (rtt_ms, bytes_per_s, queue_bytes) and the cost planned with (settled_cost), and
-    # each attachment's output queue in bytes (left out: none waiting).
+    # (rtt_ms, bytes_per_s, queue_bytes) and the cost planned with (a LinkCost, and its
+    # planned value), and each attachment's output queue in bytes (left out: none waiting).
     link_load: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    link_costs: dict[int, LinkCost] = field(default_factory=dict)
     costs: dict[int, int] = field(default_factory=dict)
+    releasing: set[int] = field(default_factory=set)  # link ports with a hold-down release scheduled
     queues: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -139,6 +142,7 @@ class AgentRecord:
     port: int
     conn: OrchestratorConnection | None = None
     report: control.Report | None = None  # the agent's last report
+    load: Load = field(default_factory=Load)  # from its reports and its port's queue at its broker
     registered_at: float = 0.0
     gone_at: float = 0.0  # monotonic time its connection to us ended (or we started, if recovered)
 
@@ -161,6 +165,7 @@ class Orchestrator(Serving):
         self._agents_at: dict[int, set[str]] = {}  # broker key -> the agents registered at it
         self._assigned: dict[str, dict[ElementKey, None]] = {}  # agent -> its elements
         self._load: Counter[str] = Counter()  # agent -> how many elements it has
+        self._moved_at: dict[ElementKey, float] = {}  # element -> when it last moved for load (monotonic)
         self._capable: dict[str, set[str]] = {}  # capability -> the connected agents offering it
         # The orchestrator's secret (--secret-file): route tags and tokens; the brokers hold one derived from it
         self.secret = load_secret(self.config.secret_file) if self.config.secret_file else None
@@ -520,6 +525,7 @@ class Orchestrator(Serving):
             same = {link["port"] for link in old.links if _same_link(link, links)}
             record.link_load = {port: load for port, load in old.link_load.items() if port in same}
             record.costs = {port: cost for port, cost in old.costs.items() if port in same}
+            record.link_costs = {port: cost for port, cost in old.link_costs.items() if port in same}
             record.queues = {port: queue for port, queue in old.queues.items() if port < record.ports}
         self.brokers[name] = record
         conn.broker = record
@@ -556,25 +562,31 @@ class Orchestrator(Serving):
 
     def load(self, conn: OrchestratorConnection, report: control.Load) -> None:
         """A broker's load report: a link's cost is planned with once it moved past the
-        hysteresis (:func:`dcp.topology.settled_cost`), which replans the trees it
-        changes; attachment queues are kept for placement.  Entries on ports the broker
+        hysteresis, and a cost that rose falls only after its hold-down
+        (:class:`dcp.topology.LinkCost`), which replans the trees it changes; attachment
+        queues are kept for placement.  Entries on ports the broker
         has no link on, or out of its range, are ignored: what is kept is one entry per
-        port.  Ignored (logged) from a connection whose ``broker_state`` was not taken."""
+        port.  Ignored (logged) from a connection whose ``broker_state`` was not taken.
+        With ``plan_by_hops`` the link figures are kept for ``status`` only."""
         record = conn.broker
         if record is None or self.brokers.get(record.name) is not record:
             log.warning("broker %s sent load without a broker_state that was taken: ignored", safe(conn.name or conn.peer))
             return
         link_ports = {link["port"] for link in record.links}
+        now = time.monotonic()
         for entry in report.links:
             if entry.port not in link_ports:
                 continue
             record.link_load[entry.port] = (entry.rtt_ms, entry.bytes_per_s, entry.queue_bytes)
-            cost = settled_cost(record.costs.get(entry.port), link_cost_us(entry.rtt_ms, entry.queue_bytes, entry.bytes_per_s))
-            if cost != record.costs.get(entry.port):
-                log.info("link %s port %d now costs %d us (rtt %.1f ms, %d B/s, %d B queued)", safe(record.name), entry.port, cost,
-                         entry.rtt_ms, entry.bytes_per_s, entry.queue_bytes)
-                record.costs[entry.port] = cost
-                self._overlay_dirty = True
+            if self.config.plan_by_hops:
+                continue  # shown in status, never planned with
+            cost = record.link_costs.setdefault(entry.port, LinkCost())
+            if cost.measure(link_cost_us(entry.rtt_ms, entry.queue_bytes, entry.bytes_per_s), now):
+                self._plan_cost(record, entry.port, cost)
+            elif cost.pending is not None and entry.port not in record.releasing:
+                record.releasing.add(entry.port)
+                assert self._loop is not None
+                self._loop.call_later(cost.held_until - now, self._release_cost, record, entry.port, cost)
         for port_load in report.ports:
             if port_load.port >= record.ports:
                 continue
@@ -582,8 +594,35 @@ class Orchestrator(Serving):
                 record.queues[port_load.port] = port_load.queue_bytes
             else:
                 record.queues.pop(port_load.port, None)
+            agent = self.agents.get((record.attached or {}).get(port_load.port, ""))
+            if agent is not None and agent.broker_key == record.key and agent.port == port_load.port:
+                agent.load.queued(port_load.queue_bytes, now)
+                self._relieve(agent, now)
         if self._overlay_dirty:
             self.changed()
+
+    def _plan_cost(self, record: BrokerRecord, port: int, cost: LinkCost) -> None:
+        assert cost.planned is not None
+        rtt_ms, bytes_per_s, queue_bytes = record.link_load[port]
+        log.info("link %s port %d now costs %d us (rtt %.1f ms, %d B/s, %d B queued)", safe(record.name), port, cost.planned,
+                 rtt_ms, bytes_per_s, queue_bytes)
+        record.costs[port] = cost.planned
+        self._overlay_dirty = True
+
+    def _release_cost(self, record: BrokerRecord, port: int, cost: LinkCost) -> None:
+        """A link's hold-down is over: the fall measured during it is planned with, if the
+        link is still the same one of a broker still registered."""
+        record.releasing.discard(port)
+        if self.brokers.get(record.name) is not record or record.link_costs.get(port) is not cost:
+            return
+        now = time.monotonic()
+        if cost.release(now):
+            self._plan_cost(record, port, cost)
+            self.changed()
+        elif cost.pending is not None:  # it rose and fell again meanwhile: a longer hold
+            record.releasing.add(port)
+            assert self._loop is not None
+            self._loop.call_later(cost.held_until - now, self._release_cost, record, port, cost)
 
     def _drop_broker(self, record: BrokerRecord) -> None:
         """Forget ``record`` (its keys now name another broker, or it took new ones)."""
@@ -684,6 +723,7 @@ class Orchestrator(Serving):
                 self._drop_assignment(key, agent)
                 self._send_to_agent(agent, control.Unassign(pipeline=spec.name, element=element.name))
             self.assignments.pop(key, None)
+            self._moved_at.pop(key, None)
         self.deployed_at.pop(spec.name, None)
         self.store.delete_pipeline(spec.name)
         self._policy_changed()
@@ -710,10 +750,14 @@ class Orchestrator(Serving):
                 for candidate in self._candidates(element, exclude=current):
                     if len(current) >= element.replicas:
                         break
-                    self._add_assignment(key, candidate)
-                    self.store.save_assignment(spec.name, element.name, candidate)
-                    self._send_to_agent(candidate, self._assign_message(spec.name, element.name))
-                    log.info("%s/%s assigned to %s", safe(spec.name), safe(element.name), safe(candidate))
+                    self._assign(key, candidate)
+
+    def _assign(self, key: ElementKey, agent: str) -> None:
+        """Give ``agent`` the element ``key``: stored, and pushed to it."""
+        self._add_assignment(key, agent)
+        self.store.save_assignment(key[0], key[1], agent)
+        self._send_to_agent(agent, self._assign_message(*key))
+        log.info("%s/%s assigned to %s", safe(key[0]), safe(key[1]), safe(agent))
 
     def _add_assignment(self, key: ElementKey, agent: str) -> None:
         self.assignments.setdefault(key, []).append(agent)
@@ -728,15 +772,62 @@ class Orchestrator(Serving):
         self._touch([agent])
 
     def _candidates(self, element: ElementSpec, exclude: list[str]) -> list[str]:
-        """Connected agents that may run ``element``, least loaded first, then by name."""
+        """Connected agents that may run ``element``, least loaded first (by reported load,
+        then by how many elements they have), then by name."""
+        return sorted(self._eligible(element, exclude), key=self._placement_order)
+
+    def _eligible(self, element: ElementSpec, exclude: list[str]) -> Iterator[str]:
         pool = self._capable.get(element.capability or "", set())
         if element.agent is not None:
             pool = pool & {element.agent}
-        found = [
+        return (
             name for name in pool
             if name not in exclude and (not element.emits or self._policy.allows(name, "publish", element.emits))
-        ]
-        return sorted(found, key=lambda name: (self._load[name], name))
+        )
+
+    def _placement_order(self, name: str) -> tuple[int, int, str]:
+        return self.agents[name].load.step, self._load[name], name
+
+    # -- placement by load ---------------------------------------------------------------
+
+    def report(self, record: AgentRecord, report: control.Report) -> None:
+        """An agent's report: its counters for ``pipelines``, and its load (O(its elements));
+        an agent saturated for a while gets one of its elements moved off (:mod:`dcp.placement`)."""
+        record.report = report
+        now = time.monotonic()
+        record.load.report(report, now)
+        self._relieve(record, now)
+
+    def _relieve(self, record: AgentRecord, now: float) -> None:
+        """If ``record`` has been saturated long enough, move one of its elements to a
+        candidate with clearly more room (:func:`dcp.placement.pick_move`).  Looked at once
+        per MOVE_GAP_S at most: that look costs its elements' candidates; a report does not."""
+        if not record.load.due(now) or self.agents.get(record.name) is not record:
+            return
+        record.load.looked_at = now
+        held = {key: f"{key[0]}/{key[1]}" for key in self._assigned.get(record.name, ())}
+        move = pick_move(record.load, held, self._least_loaded, self._moved_at, now)
+        if move is not None:
+            self._move(move[0], record.name, move[1], now)
+
+    def _least_loaded(self, key: ElementKey) -> tuple[str, float] | None:
+        """The candidate (and its load) that would get element ``key`` now, its holders aside."""
+        name = min(self._eligible(self.pipelines[key[0]].element(key[1]), self.assignments[key]), key=self._placement_order, default=None)
+        return None if name is None else (name, self.agents[name].load.value)
+
+    def _move(self, key: ElementKey, source: str, target: str, now: float) -> None:
+        """Move element ``key`` from ``source`` to ``target``: the new assignment first, then
+        the old one dropped.  Both agents' views change in the same planning round, so the
+        element's consumers get new routes, and a share group of its replicas a new epoch
+        with the new member in place of the old: each frame still goes to one of them."""
+        log.info("%s/%s moves from %s (load %.2f) to %s (load %.2f)", safe(key[0]), safe(key[1]), safe(source),
+                 self.agents[source].load.value, safe(target), self.agents[target].load.value)
+        self._assign(key, target)
+        self._drop_assignment(key, source)
+        self.store.delete_assignment(key[0], key[1], source)
+        self._send_to_agent(source, control.Unassign(pipeline=key[0], element=key[1]))
+        self._moved_at[key] = now
+        self.changed()
 
     def _online(self, agent: str) -> bool:
         record = self.agents.get(agent)
@@ -1523,7 +1614,7 @@ class OrchestratorConnection(GuardedConnection, asyncio.Protocol):
 
     def _on_report(self, report: control.Report) -> None:
         if self.agent is not None:  # else, not registered yet: nothing to count it for
-            self.agent.report = report
+            self.orchestrator.report(self.agent, report)
 
     def _on_broker_state(self, state: control.BrokerState) -> control.Ok:
         self.orchestrator.broker_state(self, state)

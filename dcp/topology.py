@@ -36,6 +36,9 @@ __all__ = [
     "distances",
     "link_cost_us",
     "settled_cost",
+    "LinkCost",
+    "HOLD_DOWN_S",
+    "MAX_HOLD_DOWN_S",
     "HOP_COST_US",
     "COST_HYSTERESIS",
     "COST_STEP_US",
@@ -66,6 +69,10 @@ _MIN_RATE = 100_000
 #: the planned cost and by more than COST_STEP_US (:func:`settled_cost`).
 COST_HYSTERESIS = 0.5
 COST_STEP_US = 2_000
+#: After a link's cost rose, it may fall again only this long after (:class:`LinkCost`),
+#: doubled each time it rises again within a hold of falling, up to MAX_HOLD_DOWN_S.
+HOLD_DOWN_S = 5.0
+MAX_HOLD_DOWN_S = 60.0
 
 
 def link_cost_us(rtt_ms: float, queue_bytes: int, bytes_per_s: float) -> int:
@@ -92,6 +99,54 @@ def settled_cost(planned: int | None, measured: int) -> int:
     if planned is None or abs(measured - planned) > max(planned * COST_HYSTERESIS, COST_STEP_US):
         return measured
     return planned
+
+
+class LinkCost:
+    """The cost planned with for one link end, moved by measurements.
+
+    :func:`settled_cost` keeps noise out.  A congested link's cost rises at once; but
+    once its streams have left it, its queue drains and it measures cheap again, and
+    planning by that alone would bring them back to congest it again, and so on.  So a
+    cost that rose may fall only after a hold-down (:data:`HOLD_DOWN_S`), which doubles
+    each time it rises again within a hold of falling, up to :data:`MAX_HOLD_DOWN_S`
+    (route flap dampening).  A fall measured during the hold waits in ``pending``; the
+    owner calls :meth:`release` at ``held_until``.
+    """
+
+    __slots__ = ("planned", "pending", "held_until", "hold_s", "fell_at")
+
+    def __init__(self) -> None:
+        self.planned: int | None = None
+        self.pending: int | None = None  # a fall measured during the hold
+        self.held_until = float("-inf")
+        self.hold_s = HOLD_DOWN_S
+        self.fell_at = float("-inf")
+
+    def measure(self, measured: int, now: float) -> bool:
+        """Take a measurement at ``now`` (monotonic seconds); whether ``planned`` changed."""
+        settled = settled_cost(self.planned, measured)
+        if self.planned is None or settled > self.planned:
+            if self.planned is not None:  # a rise: at once, and held
+                if now >= self.held_until:  # not a further rise during a hold: held longer if it keeps flapping
+                    self.hold_s = min(self.hold_s * 2, MAX_HOLD_DOWN_S) if now < self.fell_at + self.hold_s else HOLD_DOWN_S
+                self.held_until = max(self.held_until, now + self.hold_s)
+            self.planned, self.pending = settled, None
+            return True
+        if settled == self.planned:
+            self.pending = None
+            return False
+        if now < self.held_until:
+            self.pending = settled
+            return False
+        self.planned, self.pending, self.fell_at = settled, None, now
+        return True
+
+    def release(self, now: float) -> bool:
+        """The hold is over at ``now``: a fall that waited is planned with; whether it was."""
+        if self.pending is None or now < self.held_until:
+            return False
+        self.planned, self.pending, self.fell_at = self.pending, None, now
+        return True
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,8 @@ KIND_VALUES: dict[control.Kind, st.SearchStrategy[Any]] = {
     control.LIMIT_FRAME: st.integers(HEADER_SIZE + 1, 2**32 - 1),
     control.LIMIT_TOPIC: st.integers(1, 0xFFFF),
     control.LIMIT_X_BITS: st.integers(1, 0xFFFF * 8),
-    control.COUNTERS: st.dictionaries(text, st.dictionaries(st.sampled_from(control.ELEMENT_COUNTERS), numbers), max_size=3),
+    control.COUNTERS: st.dictionaries(text, st.dictionaries(st.sampled_from(control.ELEMENT_COUNTERS), st.floats(0, 1)), max_size=3)
+    | st.dictionaries(text, st.dictionaries(st.sampled_from([c for c in control.ELEMENT_COUNTERS if c != "busy"]), numbers), max_size=3),
     control.LAST_ERRORS: st.dictionaries(text, st.text(max_size=control.ERROR_TEXT_LIMIT), max_size=3),
     control.ASSIGNMENTS: st.dictionaries(text, st.lists(text, max_size=3), max_size=3),
     control.LINK_STATS: st.fixed_dictionaries({"port": st.integers(0, 99), "state": text, "remote_port": st.integers(-1, 99)}),
@@ -758,7 +759,11 @@ def test_a_wait_of_true_is_not_a_number_of_seconds() -> None:
 def test_counters_are_element_names_to_maps_of_known_counters_to_numbers() -> None:
     accepts = control.COUNTERS.accepts
     assert accepts({}) and accepts({"e": {}}) and accepts({"e": {"in": 1, "latency_ms": 2.5}})
-    bads: list[Any] = [[], {"e": 5}, {1: {"in": 1}}, {"e": {"bogus": 1}}, {"e": {"in": "x"}}, {"e": {"in": float("nan")}}]
+    assert accepts({"e": {"busy": 0}}) and accepts({"e": {"busy": 1.0}})
+    bads: list[Any] = [
+        [], {"e": 5}, {1: {"in": 1}}, {"e": {"bogus": 1}}, {"e": {"in": "x"}}, {"e": {"in": float("nan")}},
+        {"e": {"busy": 1.01}}, {"e": {"busy": -0.1}},
+    ]
     for bad in bads:
         assert not accepts(bad), bad
 

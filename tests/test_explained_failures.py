@@ -243,6 +243,8 @@ async def test_handler_and_source_errors_are_counted_per_element_and_shown_with_
     do = plane.do
     await until(lambda: rows_of(do.pipelines_view())["det"].get("errors") == 3, lambda: f"3 errors of det: {rows_of(do.pipelines_view())}")
     await until(lambda: rows_of(do.pipelines_view())["cam"].get("errors") == 1, lambda: f"the source's error: {rows_of(do.pipelines_view())}")
+    # busy is the share of the last report interval: once nothing runs, 0, and the view stands still
+    await until(lambda: rows_of(do.pipelines_view())["det"].get("busy") == 0, lambda: f"det idle: {rows_of(do.pipelines_view())}")
 
     view = (await plane.admin({"op": "pipelines"}))["pipelines"]
     last = "ValueError: no face in frame 2\n"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import dcp
-from dcp import broker as broker_module
+from dcp import broker as broker_module, topology
 from dcp.broker import _changed_much
 from dcp.routing import allocate_keys, int_to_bytes
 from dcp.topology import HOP_COST_US, simulate
@@ -62,10 +62,11 @@ def test_only_a_significant_change_is_reported() -> None:
     assert _changed_much((0.2, 0.0, 0.0), (0.2, 0.0, 100_000.0), floors)  # a queue builds up
 
 
-async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Plane) -> None:
+async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
     """Brokers as clients: b0's direct link to b1 congests, then recovers.  Noise under
-    the hysteresis changes nothing; each move is a new epoch; a report on a port with no
-    link is ignored."""
+    the hysteresis changes nothing; each move is a new epoch; the way back waits for the
+    hold-down; a report on a port with no link is ignored."""
+    monkeypatch.setattr(topology, "HOLD_DOWN_S", 2.0)
     do = plane.do
     assert do is not None
     reg = {"op": "register", "capabilities": [], "port": 5}
@@ -105,7 +106,9 @@ async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Pla
             assert (direct["rtt_ms"], direct["queue_bytes"], direct["cost_us"]) == (400.0, 1_000_000, do.brokers["b0"].costs[0])
 
             b0.send(load(0, 0.4))  # recovered
-            await until(lambda: visits() == {"b0", "b1"}, "the direct link again")
+            await b0.request({"op": "ping"})
+            assert visits() == {"b0", "b1", "b2"} and do.brokers["b0"].link_costs[0].pending is not None  # held down
+            await until(lambda: visits() == {"b0", "b1"}, "the direct link again, once the hold-down is over")
             assert do.streams[("producer", "t")].epoch == epoch + 2
     finally:
         for conn in conns.values():

@@ -102,3 +102,51 @@ def test_without_costs_the_tree_is_the_fewest_hops_tree() -> None:
     even = triangle(HOP_COST_US, HOP_COST_US)
     assert even.costs == {}  # the default cost is not stored
     assert build_tree(even, ("b0", 5), [("b1", 5)]).brokers == {"b0", "b1"}
+
+
+def test_a_cost_rises_at_once_and_falls_only_after_its_hold_down_which_grows_while_it_flaps() -> None:
+    from dcp.topology import HOLD_DOWN_S, MAX_HOLD_DOWN_S, LinkCost
+
+    cost = LinkCost()
+    assert cost.measure(HOP_COST_US, 0.0) and cost.planned == HOP_COST_US
+    assert not cost.measure(HOP_COST_US + 500, 0.5)  # noise: within the hysteresis
+    assert cost.measure(400_000, 1.0) and cost.planned == 400_000  # congested: at once
+    assert not cost.measure(HOP_COST_US, 2.0) and cost.planned == 400_000  # its streams left, it drained: held
+    assert cost.pending == HOP_COST_US and cost.held_until == 1.0 + HOLD_DOWN_S
+    assert not cost.release(1.0 + HOLD_DOWN_S - 0.1)
+    assert cost.release(1.0 + HOLD_DOWN_S) and cost.planned == HOP_COST_US and cost.pending is None
+    # back on it, congested again within a hold of falling: held twice as long, and so on up to the cap
+    held = HOLD_DOWN_S
+    at = 1.0 + HOLD_DOWN_S
+    for _ in range(6):
+        at += 1.0
+        assert cost.measure(400_000, at)
+        held = min(held * 2, MAX_HOLD_DOWN_S)
+        assert cost.held_until == at + held
+        assert not cost.measure(HOP_COST_US, at + 0.5)  # held
+        at = cost.held_until
+        assert cost.release(at)
+    assert held == MAX_HOLD_DOWN_S
+    # a rise long after the last fall starts again from the base hold
+    assert cost.measure(400_000, at + 10 * MAX_HOLD_DOWN_S) and cost.held_until == at + 10 * MAX_HOLD_DOWN_S + HOLD_DOWN_S
+
+
+def test_a_rise_during_the_hold_cancels_the_fall_that_waited() -> None:
+    from dcp.topology import LinkCost
+
+    cost = LinkCost()
+    cost.measure(HOP_COST_US, 0.0)
+    cost.measure(400_000, 1.0)
+    assert not cost.measure(HOP_COST_US, 2.0) and cost.pending == HOP_COST_US
+    assert not cost.measure(400_000, 3.0) and cost.pending is None  # as planned: nothing waits any more
+    assert not cost.release(100.0) and cost.planned == 400_000
+
+
+def test_a_further_rise_during_the_hold_holds_on_without_doubling() -> None:
+    from dcp.topology import HOLD_DOWN_S, LinkCost
+
+    cost = LinkCost()
+    cost.measure(HOP_COST_US, 0.0)
+    assert cost.measure(100_000, 1.0) and cost.held_until == 1.0 + HOLD_DOWN_S
+    assert cost.measure(400_000, 2.0) and cost.planned == 400_000  # congested worse: at once
+    assert cost.held_until == 2.0 + HOLD_DOWN_S and cost.hold_s == HOLD_DOWN_S  # from the latest rise, not doubled

@@ -26,7 +26,6 @@ logged once, the stream keeps its last route, and the others are planned.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -38,7 +37,7 @@ from ._guard import safe
 from .errors import RoutingError
 from .patterns import Policy
 from .shares import REQUESTS
-from .topology import Endpoint, Overlay, OverlayLink, build_tree
+from .topology import Endpoint, Overlay, OverlayLink, build_tree, least_costs
 
 __all__ = ["AgentView", "Stream", "ShareGroup", "Planner", "MAX_VARIANTS"]
 
@@ -261,21 +260,8 @@ def _adjacency(overlay: Overlay, edges: Iterable[Edge], dearer: dict[Endpoint, i
 
 
 def _distances(adjacent: dict[str, dict[str, int]], source: str) -> dict[str, int]:
-    """Least cost from ``source`` to every broker it reaches (Dijkstra, as build_tree)."""
-    distance = {source: 0}
-    done: set[str] = set()
-    heap = [(0, source)]
-    while heap:
-        cost, broker = heapq.heappop(heap)
-        if broker in done:
-            continue
-        done.add(broker)
-        for other, step in adjacent.get(broker, {}).items():
-            through = cost + step
-            if through < distance.get(other, through + 1):
-                distance[other] = through
-                heapq.heappush(heap, (through, other))
-    return distance
+    """Least cost from ``source`` to every broker it reaches over ``adjacent`` (as build_tree)."""
+    return least_costs(source, lambda broker: adjacent.get(broker, {}).items())
 
 
 def _number(

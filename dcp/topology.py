@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import gcd
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "Tree",
     "build_tree",
     "distances",
+    "least_costs",
     "link_cost_us",
     "settled_cost",
     "LinkCost",
@@ -443,18 +444,28 @@ def distances(overlay: Overlay, source: Endpoint) -> dict[str, int]:
     broker to every broker it reaches (Dijkstra).  The link on the source port is not
     used: a broker never sends back on the port a frame came in on."""
     src, src_port = source
-    distance = {src: 0}
+
+    def steps(broker: str) -> Iterator[tuple[str, int]]:
+        for port, other, _ in overlay._adjacent[broker]:
+            if broker != src or port != src_port:
+                yield other, overlay.cost(broker, port)
+
+    return least_costs(src, steps)
+
+
+def least_costs(source: str, steps: Callable[[str], Iterable[tuple[str, int]]]) -> dict[str, int]:
+    """The least cost from ``source`` to every broker it reaches (Dijkstra), where
+    ``steps(broker)`` gives each neighbour of a broker and what the step there costs."""
+    distance = {source: 0}
     done: set[str] = set()
-    heap = [(0, src)]
+    heap = [(0, source)]
     while heap:
         cost, broker = heapq.heappop(heap)
         if broker in done:
             continue
         done.add(broker)
-        for port, other, _ in overlay._adjacent[broker]:
-            if broker == src and port == src_port:
-                continue
-            through = cost + overlay.cost(broker, port)
+        for other, step in steps(broker):
+            through = cost + step
             if through < distance.get(other, through + 1):
                 distance[other] = through
                 heapq.heappush(heap, (through, other))

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from math import gcd
+from math import gcd, inf
 from typing import Any, cast
 
 from . import control
@@ -747,7 +747,7 @@ class Orchestrator(Serving):
                             self.store.delete_assignment(spec.name, element.name, agent)
                 if sum(1 for a in current if a in self.agents and self._alive(self.agents[a])) >= element.replicas:
                     continue
-                for candidate in self._candidates(element, exclude=current):
+                for candidate in self._candidates(element, exclude=current, spec=spec):
                     if len(current) >= element.replicas:
                         break
                     self._assign(key, candidate)
@@ -771,10 +771,35 @@ class Orchestrator(Serving):
         self._load[agent] -= 1
         self._touch([agent])
 
-    def _candidates(self, element: ElementSpec, exclude: list[str]) -> list[str]:
+    def _candidates(self, element: ElementSpec, exclude: list[str], spec: PipelineSpec | None = None) -> list[str]:
         """Connected agents that may run ``element``, least loaded first (by reported load,
-        then by how many elements they have), then by name."""
-        return sorted(self._eligible(element, exclude), key=self._placement_order)
+        then by how many elements they have), then by name; for an element of ``spec``
+        with a latency budget, first those whose broker the agents of its producers in
+        the pipeline reach within the budget (by the costs planned with)."""
+        eligible = self._eligible(element, exclude)
+        if spec is None or element.max_latency_ms is None:
+            return sorted(eligible, key=self._placement_order)
+        reach = [distances(self.planner.overlay, source) for source in self._producer_endpoints(spec, element)]
+        budget_us = element.max_latency_ms * 1000
+
+        def order(name: str) -> tuple[bool, int, int, str]:
+            at = self._endpoint(self.agents[name])
+            worst = max((costs.get(at[0], inf) for costs in reach), default=0) if at is not None else inf
+            return (worst > budget_us, *self._placement_order(name))
+
+        return sorted(eligible, key=order)
+
+    def _producer_endpoints(self, spec: PipelineSpec, element: ElementSpec) -> set[Endpoint]:
+        """Where the agents run that produce, in ``spec``, what ``element`` consumes (on brokers of the overlay)."""
+        keys = self.planner.overlay.keys
+        found = set()
+        for topic, producer in spec.emitted().items():
+            if any(topic_matches(pattern, topic) for pattern in element.consumes):
+                for agent in self.assignments.get((spec.name, producer.name), []):
+                    at = self._endpoint(self.agents[agent]) if agent in self.agents else None
+                    if at is not None and at[0] in keys:
+                        found.add(at)
+        return found
 
     def _eligible(self, element: ElementSpec, exclude: list[str]) -> Iterator[str]:
         pool = self._capable.get(element.capability or "", set())
@@ -1210,18 +1235,14 @@ class Orchestrator(Serving):
         for element in spec.elements:
             estimate: float | None = None
             producers = {emitted[topic] for topic in emitted if any(topic_matches(p, topic) for p in element.consumes)}
-            for producer in producers:
-                for source_agent in self.assignments.get((spec.name, producer.name), []):
-                    source = self._endpoint(self.agents[source_agent]) if source_agent in self.agents else None
-                    if source is None or source[0] not in overlay.keys:
-                        continue
-                    costs = reach.get(source)
-                    if costs is None:
-                        costs = reach[source] = distances(overlay, source)
-                    for agent in self.assignments.get((spec.name, element.name), []):
-                        at = self._endpoint(self.agents[agent]) if agent in self.agents else None
-                        if at is not None and at[0] in costs:
-                            estimate = max(estimate or 0.0, costs[at[0]] / 1000)
+            for source in self._producer_endpoints(spec, element):
+                costs = reach.get(source)
+                if costs is None:
+                    costs = reach[source] = distances(overlay, source)
+                for agent in self.assignments.get((spec.name, element.name), []):
+                    at = self._endpoint(self.agents[agent]) if agent in self.agents else None
+                    if at is not None and at[0] in costs:
+                        estimate = max(estimate or 0.0, costs[at[0]] / 1000)
             measured = [
                 report.elements[f"{spec.name}/{element.name}"].get("latency_ms", 0.0)
                 for agent in self.assignments.get((spec.name, element.name), [])

@@ -172,3 +172,35 @@ async def test_pipelines_show_budget_estimate_and_measure_and_an_unmet_budget(pl
     finally:
         for conn in conns.values():
             await conn.__aexit__(None, None, None)
+
+
+async def test_an_element_with_a_budget_goes_first_to_an_agent_its_producers_reach_within_it(plane: Plane) -> None:
+    """Two agents offer ``keep``: "a-far" on b1, one hop from the camera's b0, and "z-near"
+    on b0.  With a budget under a hop's cost, the one the camera reaches within it gets the
+    sink, though it comes later by name; then, without a budget, the other one (it holds
+    fewer elements)."""
+    do = plane.do
+    assert do is not None
+    conns = {name: dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) for name in TRIANGLE}
+    opened = {name: await conn.__aenter__() for name, conn in conns.items()}
+    try:
+        for name, conn in opened.items():
+            await conn.request(state(name))
+        reg = {"op": "register", "consumes": [], "produces": []}
+        async with dcp.connect(plane.do_url, role="agent", name="cam", reconnect=False) as cam, \
+                dcp.connect(plane.do_url, role="agent", name="a-far", reconnect=False) as far, \
+                dcp.connect(plane.do_url, role="agent", name="z-near", reconnect=False) as near:
+            await cam.request({**reg, "capabilities": ["camera"], "broker_key": int_to_bytes(KEYS[0]), "port": 5})
+            await far.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[1]), "port": 5})
+            await near.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[0]), "port": 6})
+            await until(lambda: do.planner.overlay.keys.keys() >= {"b0", "b1"}, "the overlay planned with")
+            for name, budget in (("tight", HOP_COST_US / 1000 / 2), ("plain", None)):  # both hold nothing at first: the budget decides
+                sink: dict[str, Any] = {"name": "out", "capability": "keep", "consumes": [f"{name}.video"]}
+                if budget is not None:
+                    sink["max_latency_ms"] = budget
+                spec = {"name": name, "source": [{"name": "cam", "capability": "camera", "emits": f"{name}.video"}], "sink": [sink]}
+                deployed = await plane.admin({"op": "deploy", "id": 1, "spec": spec})
+                assert deployed["assignments"]["out"] == (["a-far"] if budget is None else ["z-near"]), (name, deployed)
+    finally:
+        for conn in conns.values():
+            await conn.__aexit__(None, None, None)

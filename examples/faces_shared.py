@@ -156,6 +156,7 @@ async def _drive(replicas: int, frames: int, window: int, urls: list[str], do_ur
             spec = load_spec(SPEC).to_dict()
             spec["stage"][0]["replicas"] = replicas
             await admin.request({"op": "deploy", "spec": spec})
+            await _until_streams(admin, replicas)
         await camera.wait_route("video", consumers=replicas, timeout=20)
         started = time.perf_counter()
         for number in range(frames):
@@ -167,6 +168,19 @@ async def _drive(replicas: int, frames: int, window: int, urls: list[str], do_ur
     expected = expected_counts(SEED, frames, WIDTH, HEIGHT)["faces"]
     ok = set(handled) == set(range(frames)) and set(handled.values()) == {1} and people == expected
     return {"replicas": replicas, "frames_s": frames / elapsed, "per_detector": dict(sorted(per_detector.items())), "people": people, "expected": expected, "ok": ok}
+
+
+async def _until_streams(admin: dcp.Connection, detectors: int, timeout: float = 20) -> None:
+    """Until every detector's ``people`` reaches the sink: a result published before its
+    route would go nowhere (counted as unrouted by the detector)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        streams = (await admin.request({"op": "status"}))["status"]["streams"]
+        routed = {s["producer"] for s in streams if s["topic"] == "people" and "sink" in s["consumers"]}
+        if len(routed) >= detectors:
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"the detectors' results were not routed to the sink within {timeout} s")
 
 
 async def _until_registered(admin: dcp.Connection, detectors: int, timeout: float = 20) -> None:

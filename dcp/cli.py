@@ -46,6 +46,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type = Brok
         help_text = meta.pop("help")
         key = meta.pop("key", field.name)
         flag = meta.pop("flag", "--" + key.replace("_", "-"))
+        meta.pop("secret", None)  # how --print-config shows it, not how it parses
         # a default worth saying: not an empty string or list, nor None (the help says what happens then)
         shown = "" if field.default in (None, "", ()) else f" (default: {field.default})"
         parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=help_text + shown, **meta)

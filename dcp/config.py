@@ -201,7 +201,8 @@ class _FromSources:
         return found
 
     def as_toml(self, layers: Mapping[str, tuple[Any, str]]) -> str:
-        """The effective settings as a TOML table, each with where it came from (``--print-config``)."""
+        """The effective settings as a TOML table, each with where it came from (``--print-config``);
+        a credential (a field marked ``secret``) only as a comment saying it is set."""
         lines = [f"[{self.SECTION}]"]
         for f in dataclasses.fields(self):
             key = f.metadata.get("key", f.name)
@@ -209,6 +210,8 @@ class _FromSources:
             origin = layers[f.name][1] if f.name in layers else "default"
             if value is None:
                 lines.append(f"# {key} is unset ({origin})")
+            elif value and f.metadata.get("secret"):  # a credential: said to be there, never printed
+                lines.append(f"# {key} is set, not shown ({origin})")
             else:
                 lines.append(f"{key} = {_toml_value(value)}  # {origin}")
         return "\n".join(lines) + "\n"

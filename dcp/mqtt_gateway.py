@@ -127,7 +127,9 @@ class MqttConfig(_FromSources):
     )
     orchestrator: str = field(default="dcp://127.0.0.1:7300", metadata=_opt("the orchestrator's URL (dcp:// or dcps://)"))
     name: str = field(default="mqtt-gateway", metadata=_opt("the gateway's name as a data agent (policies and tokens name it)"))
-    token: str = field(default="", metadata=_opt("the gateway's own dcp token, for an orchestrator and brokers that require one"))
+    token: str = field(
+        default="", metadata=_opt("the gateway's own dcp token, for an orchestrator and brokers that require one", secret=True),
+    )
     tls_ca: str = field(default="", metadata=_opt("CA file to verify dcps:// brokers and the orchestrator with", metavar="FILE"))
     tls_cert: str = field(default="", metadata=_opt("PEM certificate (chain) to serve MQTT over TLS with (with --tls-key)", metavar="FILE"))
     tls_key: str = field(default="", metadata=_opt("PEM private key of --tls-cert", metavar="FILE"))

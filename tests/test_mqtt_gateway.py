@@ -660,3 +660,14 @@ def test_fuzz_hostile_bytes_close_only_their_connection(caplog, data: st.DataObj
         assert transport.closed
     assert not gateway.connections and not gateway.clients and not gateway.filters and not gateway.patterns
 
+
+
+def test_print_config_says_a_token_is_set_without_printing_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from dcp.cli import main
+
+    token = "agent-token-that-must-not-be-printed"
+    assert main(["mqtt", "--print-config", "--token", token, "--broker", "dcp://127.0.0.1:7400"]) == 0
+    printed = capsys.readouterr().out
+    assert token not in printed and "# token is set, not shown (flag)" in printed
+    assert main(["mqtt", "--print-config", "--broker", "dcp://127.0.0.1:7400"]) == 0
+    assert 'token = ""  # default' in capsys.readouterr().out  # none set: shown as it is

@@ -95,14 +95,19 @@ def _shared(name: str) -> Any:
     return field(default=default, metadata=metadata)
 
 
-def _check_shared(config: Any) -> None:
-    """The checks of the ``_ACCESS``, ``_LOGGING`` and ``_METRICS`` settings."""
+def check_logs_and_metrics(config: Any) -> None:
+    """The checks of the ``_LOGGING`` and ``_METRICS`` settings, which every daemon has."""
     if config.metrics_listen:
         parse_address(config.metrics_listen)
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {config.log_level!r}")
     if config.log_format not in FORMATS:
         raise ConfigError(f"log_format must be one of {FORMATS}, got {config.log_format!r}")
+
+
+def _check_shared(config: Any) -> None:
+    """The checks of the ``_ACCESS``, ``_LOGGING`` and ``_METRICS`` settings."""
+    check_logs_and_metrics(config)
     if config.hello_timeout_s < 0:
         raise ConfigError("hello_timeout_s must not be negative (0: no deadline)")
     for name in ("max_connections", "max_connections_per_address", "max_connections_per_name"):

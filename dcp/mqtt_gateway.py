@@ -55,9 +55,8 @@ from ._guard import safe
 from ._loop import no_delay
 from .agent import DataAgent
 from .client import Message, Status, connect, refused
-from .config import _FromSources, _opt, _shared, parse_address
+from .config import _FromSources, _opt, _shared, check_logs_and_metrics, parse_address
 from .errors import AuthError, ConfigError, DcpError, RemoteError
-from .logs import FORMATS
 from .metrics import Family, ProcessMetrics, build_info
 from .metrics_http import MetricsServer
 from .mqtt_codec import (
@@ -166,14 +165,11 @@ class MqttConfig(_FromSources):
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
-        if self.metrics_listen:
-            parse_address(self.metrics_listen)
+        check_logs_and_metrics(self)
         brokers = _url_list(self.broker) if isinstance(self.broker, str) else self.broker
         if not isinstance(brokers, (tuple, list)) or not brokers or not all(isinstance(url, str) for url in brokers):
             raise ConfigError(f"broker must be one or more dcp URLs, got {self.broker!r}")
         object.__setattr__(self, "broker", tuple(brokers))
-        if self.log_format not in FORMATS:
-            raise ConfigError(f"log_format must be one of {FORMATS}, got {self.log_format!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both to serve MQTT over TLS, or neither")
         for name in ("max_clients", "client_queue", "client_buffer_bytes", "max_inflight", "max_subscriptions", "max_patterns",

@@ -8,6 +8,7 @@ cost changes are planned again with a new epoch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,19 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     await plane.close()
 
 
+@pytest.fixture
+async def opened(plane: Plane) -> AsyncIterator[dict[str, dcp.Connection]]:
+    """The triangle's brokers as clients of the orchestrator, each registered with its state."""
+    async with contextlib.AsyncExitStack() as stack:
+        conns = {
+            name: await stack.enter_async_context(dcp.connect(plane.do_url, role="broker", name=name, reconnect=False))
+            for name in TRIANGLE
+        }
+        for name, conn in conns.items():
+            await conn.request(state(name))
+        yield conns
+
+
 def test_only_a_significant_change_is_reported() -> None:
     floors = (1.0, 10_000.0, 16_384.0)
     assert _changed_much(None, (0.2, 0.0, 0.0), floors)  # first figures: always
@@ -62,7 +76,7 @@ def test_only_a_significant_change_is_reported() -> None:
     assert _changed_much((0.2, 0.0, 0.0), (0.2, 0.0, 100_000.0), floors)  # a queue builds up
 
 
-async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Plane, opened: dict[str, dcp.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
     """Brokers as clients: b0's direct link to b1 congests, then recovers.  Noise under
     the hysteresis changes nothing; each move is a new epoch; the way back waits for the
     hold-down; a report on a port with no link is ignored."""
@@ -70,49 +84,41 @@ async def test_a_congested_link_moves_the_tree_to_the_detour_and_back(plane: Pla
     do = plane.do
     assert do is not None
     reg = {"op": "register", "capabilities": [], "port": 5}
-    conns = {name: dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) for name in TRIANGLE}
-    opened = {name: await conn.__aenter__() for name, conn in conns.items()}
-    try:
-        for name, conn in opened.items():
-            await conn.request(state(name))
-        async with dcp.connect(plane.do_url, role="agent", name="producer", reconnect=False) as producer, \
-                dcp.connect(plane.do_url, role="agent", name="consumer", reconnect=False) as consumer:
-            await producer.request({**reg, "broker_key": int_to_bytes(KEYS[0]), "consumes": [], "produces": ["t"]})
-            await consumer.request({**reg, "broker_key": int_to_bytes(KEYS[1]), "consumes": ["t"], "produces": []})
-            await until(lambda: do.streams.get(("producer", "t")) is not None and do.streams[("producer", "t")].consumers == ["consumer"], "the route")
+    async with dcp.connect(plane.do_url, role="agent", name="producer", reconnect=False) as producer, \
+            dcp.connect(plane.do_url, role="agent", name="consumer", reconnect=False) as consumer:
+        await producer.request({**reg, "broker_key": int_to_bytes(KEYS[0]), "consumes": [], "produces": ["t"]})
+        await consumer.request({**reg, "broker_key": int_to_bytes(KEYS[1]), "consumes": ["t"], "produces": []})
+        await until(lambda: do.streams.get(("producer", "t")) is not None and do.streams[("producer", "t")].consumers == ["consumer"], "the route")
 
-            def visits() -> set[str]:
-                stream = do.streams[("producer", "t")]
-                return {b for b, n in simulate(do.overlay(), stream.x, ("b0", 5)).visits.items() if n}
+        def visits() -> set[str]:
+            stream = do.streams[("producer", "t")]
+            return {b for b, n in simulate(do.overlay(), stream.x, ("b0", 5)).visits.items() if n}
 
-            assert visits() == {"b0", "b1"}
-            epoch = do.streams[("producer", "t")].epoch
-            b0 = opened["b0"]
-            for rtt in (0.3, 0.5, 0.2, 0.6):  # noise: under the hysteresis
-                b0.send(load(0, rtt))
-                await b0.request({"op": "ping"})
-            assert do.brokers["b0"].costs[0] == HOP_COST_US + 150  # the first figures; the rest within the hysteresis
-            b0.send(load(9, 900.0))  # no link on port 9: ignored
-            b0.send({"op": "load", "links": [], "ports": [{"port": 5, "queue_bytes": 70_000}, {"port": 99, "queue_bytes": 1}]})
+        assert visits() == {"b0", "b1"}
+        epoch = do.streams[("producer", "t")].epoch
+        b0 = opened["b0"]
+        for rtt in (0.3, 0.5, 0.2, 0.6):  # noise: under the hysteresis
+            b0.send(load(0, rtt))
             await b0.request({"op": "ping"})
-            assert 9 not in do.brokers["b0"].costs and do.streams[("producer", "t")].epoch == epoch
-            assert do.brokers["b0"].queues == {5: 70_000}  # port 99 is out of the broker's range
+        assert do.brokers["b0"].costs[0] == HOP_COST_US + 150  # the first figures; the rest within the hysteresis
+        b0.send(load(9, 900.0))  # no link on port 9: ignored
+        b0.send({"op": "load", "links": [], "ports": [{"port": 5, "queue_bytes": 70_000}, {"port": 99, "queue_bytes": 1}]})
+        await b0.request({"op": "ping"})
+        assert 9 not in do.brokers["b0"].costs and do.streams[("producer", "t")].epoch == epoch
+        assert do.brokers["b0"].queues == {5: 70_000}  # port 99 is out of the broker's range
 
-            b0.send(load(0, 400.0, queue=1_000_000))  # congested
-            await until(lambda: visits() == {"b0", "b1", "b2"}, "the detour")
-            assert do.streams[("producer", "t")].epoch == epoch + 1
-            status = await plane.admin({"op": "status", "id": 1})
-            [direct] = [link for b in status["status"]["brokers"] if b["name"] == "b0" for link in b["links"] if link["port"] == 0]
-            assert (direct["rtt_ms"], direct["queue_bytes"], direct["cost_us"]) == (400.0, 1_000_000, do.brokers["b0"].costs[0])
+        b0.send(load(0, 400.0, queue=1_000_000))  # congested
+        await until(lambda: visits() == {"b0", "b1", "b2"}, "the detour")
+        assert do.streams[("producer", "t")].epoch == epoch + 1
+        status = await plane.admin({"op": "status", "id": 1})
+        [direct] = [link for b in status["status"]["brokers"] if b["name"] == "b0" for link in b["links"] if link["port"] == 0]
+        assert (direct["rtt_ms"], direct["queue_bytes"], direct["cost_us"]) == (400.0, 1_000_000, do.brokers["b0"].costs[0])
 
-            b0.send(load(0, 0.4))  # recovered
-            await b0.request({"op": "ping"})
-            assert visits() == {"b0", "b1", "b2"} and do.brokers["b0"].link_costs[0].pending is not None  # held down
-            await until(lambda: visits() == {"b0", "b1"}, "the direct link again, once the hold-down is over")
-            assert do.streams[("producer", "t")].epoch == epoch + 2
-    finally:
-        for conn in conns.values():
-            await conn.__aexit__(None, None, None)
+        b0.send(load(0, 0.4))  # recovered
+        await b0.request({"op": "ping"})
+        assert visits() == {"b0", "b1", "b2"} and do.brokers["b0"].link_costs[0].pending is not None  # held down
+        await until(lambda: visits() == {"b0", "b1"}, "the direct link again, once the hold-down is over")
+        assert do.streams[("producer", "t")].epoch == epoch + 2
 
 
 async def test_brokers_report_their_links_load(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,79 +134,65 @@ async def test_brokers_report_their_links_load(plane: Plane, monkeypatch: pytest
         assert do.overlay().cost(name, port) == do.brokers[name].costs[port] >= HOP_COST_US
 
 
-async def test_pipelines_show_budget_estimate_and_measure_and_an_unmet_budget(plane: Plane) -> None:
+async def test_pipelines_show_budget_estimate_and_measure_and_an_unmet_budget(plane: Plane, opened: dict[str, dcp.Connection]) -> None:
     """Budgets per pipeline and per edge: the estimate is the planned path's cost; when
     every path is over the budget, the view says so."""
     do = plane.do
     assert do is not None
-    conns = {name: dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) for name in TRIANGLE}
-    opened = {name: await conn.__aenter__() for name, conn in conns.items()}
-    try:
-        for name, conn in opened.items():
-            await conn.request(state(name))
-        reg = {"op": "register", "consumes": [], "produces": [], "port": 5}
-        async with dcp.connect(plane.do_url, role="agent", name="cam", reconnect=False) as cam, \
-                dcp.connect(plane.do_url, role="agent", name="store", reconnect=False) as store:
-            await cam.request({**reg, "capabilities": ["camera"], "broker_key": int_to_bytes(KEYS[0])})
-            await store.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[1])})
-            spec = {
-                "name": "p", "max_latency_ms": 50,
-                "source": [{"name": "cam", "capability": "camera", "emits": "video"}],
-                "sink": [{"name": "out", "capability": "keep", "consumes": ["video"], "max_latency_ms": 5}],
-            }
-            await plane.admin({"op": "deploy", "id": 1, "spec": spec})
-            store.send({"op": "report", "elements": {"p/out": {"in": 3, "latency_ms": 0.7}}, "published": 0, "unrouted": 0,
-                        "lost": 0, "dropped": 0, "pending": 0})
-            await store.request({"op": "ping"})
-            [view] = (await plane.admin({"op": "pipelines", "id": 2}))["pipelines"]
-            out = view["elements"][1]
-            assert out["latency"]["budget_ms"] == 5 and out["latency"]["estimate_ms"] == HOP_COST_US / 1000
-            assert out["latency"]["measured_ms"] == 0.7 and not out["warnings"]
-            assert (view["latency"]["budget_ms"], view["latency"]["estimate_ms"], view["latency"]["measured_ms"]) == (50, 0.2, 0.7)
-            opened["b0"].send({"op": "load", "ports": [], "links": [
-                {"port": port, "rtt_ms": 20.0, "bytes_per_s": 1e6, "queue_bytes": 0} for port in (0, 1)
-            ]})
-            await opened["b0"].request({"op": "ping"})
-            await until(lambda: do.planner.overlay.cost("b0", 0) > HOP_COST_US, "the costs planned with")
-            [view] = (await plane.admin({"op": "pipelines", "id": 3}))["pipelines"]
-            out = view["elements"][1]
-            assert out["latency"]["estimate_ms"] == 10.2
-            assert out["warnings"] == ["latency budget of 5 ms unmet: estimated 10.2 ms"] and not view["warnings"]
-            text = format_pipelines([view])
-            assert "latency budget 50 ms, estimate 10.2 ms, measured 0.7 ms" in text
-            assert "latency in budget 5 ms, estimate 10.2 ms, measured 0.7 ms" in text
-    finally:
-        for conn in conns.values():
-            await conn.__aexit__(None, None, None)
+    reg = {"op": "register", "consumes": [], "produces": [], "port": 5}
+    async with dcp.connect(plane.do_url, role="agent", name="cam", reconnect=False) as cam, \
+            dcp.connect(plane.do_url, role="agent", name="store", reconnect=False) as store:
+        await cam.request({**reg, "capabilities": ["camera"], "broker_key": int_to_bytes(KEYS[0])})
+        await store.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[1])})
+        spec = {
+            "name": "p", "max_latency_ms": 50,
+            "source": [{"name": "cam", "capability": "camera", "emits": "video"}],
+            "sink": [{"name": "out", "capability": "keep", "consumes": ["video"], "max_latency_ms": 5}],
+        }
+        await plane.admin({"op": "deploy", "id": 1, "spec": spec})
+        store.send({"op": "report", "elements": {"p/out": {"in": 3, "latency_ms": 0.7}}, "published": 0, "unrouted": 0,
+                    "lost": 0, "dropped": 0, "pending": 0})
+        await store.request({"op": "ping"})
+        [view] = (await plane.admin({"op": "pipelines", "id": 2}))["pipelines"]
+        out = view["elements"][1]
+        assert out["latency"]["budget_ms"] == 5 and out["latency"]["estimate_ms"] == HOP_COST_US / 1000
+        assert out["latency"]["measured_ms"] == 0.7 and not out["warnings"]
+        assert (view["latency"]["budget_ms"], view["latency"]["estimate_ms"], view["latency"]["measured_ms"]) == (50, 0.2, 0.7)
+        opened["b0"].send({"op": "load", "ports": [], "links": [
+            {"port": port, "rtt_ms": 20.0, "bytes_per_s": 1e6, "queue_bytes": 0} for port in (0, 1)
+        ]})
+        await opened["b0"].request({"op": "ping"})
+        await until(lambda: do.planner.overlay.cost("b0", 0) > HOP_COST_US, "the costs planned with")
+        [view] = (await plane.admin({"op": "pipelines", "id": 3}))["pipelines"]
+        out = view["elements"][1]
+        assert out["latency"]["estimate_ms"] == 10.2
+        assert out["warnings"] == ["latency budget of 5 ms unmet: estimated 10.2 ms"] and not view["warnings"]
+        text = format_pipelines([view])
+        assert "latency budget 50 ms, estimate 10.2 ms, measured 0.7 ms" in text
+        assert "latency in budget 5 ms, estimate 10.2 ms, measured 0.7 ms" in text
 
 
-async def test_an_element_with_a_budget_goes_first_to_an_agent_its_producers_reach_within_it(plane: Plane) -> None:
+async def test_an_element_with_a_budget_goes_first_to_an_agent_its_producers_reach_within_it(
+    plane: Plane, opened: dict[str, dcp.Connection]
+) -> None:
     """Two agents offer ``keep``: "a-far" on b1, one hop from the camera's b0, and "z-near"
     on b0.  With a budget under a hop's cost, the one the camera reaches within it gets the
     sink, though it comes later by name; then, without a budget, the other one (it holds
     fewer elements)."""
     do = plane.do
     assert do is not None
-    conns = {name: dcp.connect(plane.do_url, role="broker", name=name, reconnect=False) for name in TRIANGLE}
-    opened = {name: await conn.__aenter__() for name, conn in conns.items()}
-    try:
-        for name, conn in opened.items():
-            await conn.request(state(name))
-        reg = {"op": "register", "consumes": [], "produces": []}
-        async with dcp.connect(plane.do_url, role="agent", name="cam", reconnect=False) as cam, \
-                dcp.connect(plane.do_url, role="agent", name="a-far", reconnect=False) as far, \
-                dcp.connect(plane.do_url, role="agent", name="z-near", reconnect=False) as near:
-            await cam.request({**reg, "capabilities": ["camera"], "broker_key": int_to_bytes(KEYS[0]), "port": 5})
-            await far.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[1]), "port": 5})
-            await near.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[0]), "port": 6})
-            await until(lambda: do.planner.overlay.keys.keys() >= {"b0", "b1"}, "the overlay planned with")
-            for name, budget in (("tight", HOP_COST_US / 1000 / 2), ("plain", None)):  # both hold nothing at first: the budget decides
-                sink: dict[str, Any] = {"name": "out", "capability": "keep", "consumes": [f"{name}.video"]}
-                if budget is not None:
-                    sink["max_latency_ms"] = budget
-                spec = {"name": name, "source": [{"name": "cam", "capability": "camera", "emits": f"{name}.video"}], "sink": [sink]}
-                deployed = await plane.admin({"op": "deploy", "id": 1, "spec": spec})
-                assert deployed["assignments"]["out"] == (["a-far"] if budget is None else ["z-near"]), (name, deployed)
-    finally:
-        for conn in conns.values():
-            await conn.__aexit__(None, None, None)
+    reg = {"op": "register", "consumes": [], "produces": []}
+    async with dcp.connect(plane.do_url, role="agent", name="cam", reconnect=False) as cam, \
+            dcp.connect(plane.do_url, role="agent", name="a-far", reconnect=False) as far, \
+            dcp.connect(plane.do_url, role="agent", name="z-near", reconnect=False) as near:
+        await cam.request({**reg, "capabilities": ["camera"], "broker_key": int_to_bytes(KEYS[0]), "port": 5})
+        await far.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[1]), "port": 5})
+        await near.request({**reg, "capabilities": ["keep"], "broker_key": int_to_bytes(KEYS[0]), "port": 6})
+        await until(lambda: do.planner.overlay.keys.keys() >= {"b0", "b1"}, "the overlay planned with")
+        for name, budget in (("tight", HOP_COST_US / 1000 / 2), ("plain", None)):  # both hold nothing at first: the budget decides
+            sink: dict[str, Any] = {"name": "out", "capability": "keep", "consumes": [f"{name}.video"]}
+            if budget is not None:
+                sink["max_latency_ms"] = budget
+            spec = {"name": name, "source": [{"name": "cam", "capability": "camera", "emits": f"{name}.video"}], "sink": [sink]}
+            deployed = await plane.admin({"op": "deploy", "id": 1, "spec": spec})
+            assert deployed["assignments"]["out"] == (["a-far"] if budget is None else ["z-near"]), (name, deployed)
